@@ -1,0 +1,7 @@
+/* Library version string. */
+#include "vfiomig.h"
+
+const char *vfm_version(void)
+{
+	return VFM_VERSION;
+}

@@ -1,0 +1,161 @@
+/*
+ * A small test runner: TEST(name) { ... } registers a test; main() runs each
+ * in its own forked process with a timeout and prints TAP, so meson counts
+ * every case. CHECK* macros report the failing expression and exit the child.
+ * Set VFM_TEST_NOFORK=1 to run in-process (for gdb), pass names to filter.
+ */
+#ifndef VFM_TESTS_HARNESS_H
+#define VFM_TESTS_HARNESS_H
+
+#include <errno.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+typedef void (*vfm_test_fn)(void);
+
+struct vfm_test_case {
+	const char *name;
+	vfm_test_fn fn;
+	unsigned timeout_s;
+};
+
+#define VFM_TEST_MAX 512
+static struct vfm_test_case vfm_tests[VFM_TEST_MAX];
+static unsigned vfm_ntests;
+static unsigned vfm_default_timeout_s = 30;
+
+static inline void vfm_test_register(const char *name, vfm_test_fn fn, unsigned timeout_s)
+{
+	if (vfm_ntests >= VFM_TEST_MAX) {
+		fprintf(stderr, "too many tests\n");
+		abort();
+	}
+	vfm_tests[vfm_ntests++] = (struct vfm_test_case){ name, fn, timeout_s };
+}
+
+#define TEST_TIMEOUT(name, secs)                                              \
+	static void test_##name(void);                                        \
+	__attribute__((constructor)) static void register_##name(void)       \
+	{                                                                     \
+		vfm_test_register(#name, test_##name, secs);                  \
+	}                                                                     \
+	static void test_##name(void)
+#define TEST(name) TEST_TIMEOUT(name, 0)
+
+#define FAIL(...)                                                             \
+	do {                                                                  \
+		fprintf(stderr, "%s:%d: ", __FILE__, __LINE__);               \
+		fprintf(stderr, __VA_ARGS__);                                 \
+		fprintf(stderr, "\n");                                        \
+		exit(1);                                                      \
+	} while (0)
+
+/* Skip the running test with a reason (exit code 77, as automake does). */
+#define SKIP(...)                                                             \
+	do {                                                                  \
+		fprintf(stderr, "# SKIP: ");                                  \
+		fprintf(stderr, __VA_ARGS__);                                 \
+		fprintf(stderr, "\n");                                        \
+		fflush(NULL);                                                 \
+		_exit(77);                                                    \
+	} while (0)
+
+#define CHECK(cond)                                                           \
+	do {                                                                  \
+		if (!(cond))                                                  \
+			FAIL("CHECK(%s) failed", #cond);                      \
+	} while (0)
+
+#define CHECK_EQ(a, b)                                                        \
+	do {                                                                  \
+		long long va_ = (long long)(a), vb_ = (long long)(b);         \
+		if (va_ != vb_)                                               \
+			FAIL("CHECK_EQ(%s, %s): %lld != %lld", #a, #b, va_, vb_); \
+	} while (0)
+
+#define CHECK_STR(a, b)                                                       \
+	do {                                                                  \
+		const char *sa_ = (a), *sb_ = (b);                            \
+		if (!sa_ || !sb_ || strcmp(sa_, sb_))                         \
+			FAIL("CHECK_STR(%s, %s): '%s' != '%s'", #a, #b,       \
+			     sa_ ? sa_ : "(null)", sb_ ? sb_ : "(null)");     \
+	} while (0)
+
+static inline int vfm_test_selected(int argc, char **argv, const char *name)
+{
+	if (argc < 2)
+		return 1;
+	for (int i = 1; i < argc; i++)
+		if (!strcmp(argv[i], name))
+			return 1;
+	return 0;
+}
+
+static inline int vfm_test_run_one(const struct vfm_test_case *t)
+{
+	unsigned timeout = t->timeout_s ? t->timeout_s : vfm_default_timeout_s;
+	int status;
+	pid_t pid;
+
+	fflush(NULL);
+	pid = fork();
+	if (pid < 0) {
+		perror("fork");
+		return -1;
+	}
+	if (pid == 0) {
+		alarm(timeout);  /* SIGALRM kills a hung test */
+		t->fn();
+		fflush(NULL);
+		_exit(0);
+	}
+	while (waitpid(pid, &status, 0) < 0) {
+		if (errno != EINTR)
+			return -1;
+	}
+	if (WIFSIGNALED(status)) {
+		fprintf(stderr, "# %s: killed by signal %d%s\n", t->name, WTERMSIG(status),
+			WTERMSIG(status) == SIGALRM ? " (timeout)" : "");
+		return -1;
+	}
+	if (WEXITSTATUS(status) == 77)
+		return 1;
+	return WEXITSTATUS(status) == 0 ? 0 : -1;
+}
+
+int main(int argc, char **argv)
+{
+	unsigned n = 0, failed = 0, idx = 0;
+	int nofork = getenv("VFM_TEST_NOFORK") != NULL;
+
+	signal(SIGPIPE, SIG_IGN);
+	for (unsigned i = 0; i < vfm_ntests; i++)
+		n += (unsigned)vfm_test_selected(argc, argv, vfm_tests[i].name);
+	printf("TAP version 13\n1..%u\n", n);
+	for (unsigned i = 0; i < vfm_ntests; i++) {
+		const struct vfm_test_case *t = &vfm_tests[i];
+		int ok, r = 0;
+
+		if (!vfm_test_selected(argc, argv, t->name))
+			continue;
+		if (nofork) {
+			t->fn();
+			ok = 1;
+		} else {
+			r = vfm_test_run_one(t);
+			ok = r >= 0;
+		}
+		printf("%sok %u - %s%s\n", ok ? "" : "not ", ++idx, t->name,
+		       r == 1 ? " # SKIP" : "");
+		fflush(stdout);
+		failed += !ok;
+	}
+	return failed ? 1 : 0;
+}
+
+#endif

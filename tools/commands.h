@@ -1,0 +1,18 @@
+/* The vfiomig subcommands: one file each, dispatched from vfiomig.c. */
+#ifndef VFM_TOOLS_COMMANDS_H
+#define VFM_TOOLS_COMMANDS_H
+
+/* Exit status contract: 0 success, 1 failure, 2 usage error. */
+#define VFM_EXIT_OK 0
+#define VFM_EXIT_FAIL 1
+#define VFM_EXIT_USAGE 2
+
+struct vfm_command {
+	const char *name;
+	const char *summary;
+	int (*run)(int argc, char **argv);  /* argv[0] is the command name */
+};
+
+int cmd_demo(int argc, char **argv);
+
+#endif

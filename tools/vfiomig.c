@@ -1,0 +1,43 @@
+/* The vfiomig multi-command binary: a table of subcommands. */
+#include <stdio.h>
+#include <string.h>
+
+#include "commands.h"
+#include "vfiomig.h"
+
+static const struct vfm_command commands[] = {
+	{ "demo", "start devices and two VMs, migrate live, verify", cmd_demo },
+};
+
+static void usage(FILE *out)
+{
+	fprintf(out, "usage: vfiomig COMMAND [ARGS...]\n\n"
+		     "Live migration of VFIO devices and the VMs that own them.\n\n"
+		     "commands:\n");
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		fprintf(out, "  %-8s %s\n", commands[i].name, commands[i].summary);
+	fprintf(out, "\n'vfiomig COMMAND --help' describes a command.\n"
+		     "Environment: VFIOMIG_LOG=error|warn|info|debug|trace, VFIOMIG_TRACE=1.\n");
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2) {
+		usage(stderr);
+		return VFM_EXIT_USAGE;
+	}
+	if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+		usage(stdout);
+		return VFM_EXIT_OK;
+	}
+	if (!strcmp(argv[1], "--version")) {
+		printf("vfiomig %s\n", vfm_version());
+		return VFM_EXIT_OK;
+	}
+	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+		if (!strcmp(argv[1], commands[i].name))
+			return commands[i].run(argc - 1, argv + 1);
+	fprintf(stderr, "vfiomig: unknown command '%s'\n", argv[1]);
+	usage(stderr);
+	return VFM_EXIT_USAGE;
+}
