@@ -25,7 +25,7 @@ TEST(size_bad)
 	static const char *const bad[] = {
 		"", "M", "-1", "+5", "1.5G", "64X", "64MM", "64 M", " 64", "64M ",
 		"18446744073709551616", "16777216T", "99999999999999999999999", "0x10",
-		"1Gi", "64M/s",
+		"64M/s", "1iB",
 	};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		uint64_t v = 12345;
