@@ -23,16 +23,17 @@ const char *vfm_strerror(int code)
 
 int vfm_error_setv(struct vfm_error *err, int code, const char *fmt, va_list ap)
 {
-	char old[VFM_ERROR_MSG_MAX];
 	char now[VFM_ERROR_MSG_MAX];
+	char both[2 * VFM_ERROR_MSG_MAX + 2];
 
 	if (!err)
 		return code;
 	vsnprintf(now, sizeof(now), fmt, ap);
 	if (err->msg[0] && err->code) {
-		/* Keep the deeper cause: "outer: inner". */
-		snprintf(old, sizeof(old), "%s", err->msg);
-		snprintf(err->msg, sizeof(err->msg), "%s: %s", now, old);
+		/* Keep the deeper cause: "outer: inner", truncated to fit. */
+		snprintf(both, sizeof(both), "%s: %s", now, err->msg);
+		memcpy(err->msg, both, sizeof(err->msg) - 1);
+		err->msg[sizeof(err->msg) - 1] = '\0';
 	} else {
 		snprintf(err->msg, sizeof(err->msg), "%s", now);
 	}

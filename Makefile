@@ -1,0 +1,43 @@
+# Thin front end to meson. `make demo` and `make check` are the README's two
+# commands; everything else is for developers.
+BUILD      ?= build
+MESON      ?= meson
+ifeq ($(CI),true)
+WERROR     := --werror
+endif
+MESON_OPTS ?=
+TEST_OPTS  ?= --print-errorlogs
+
+.PHONY: all deps demo check check-asan check-tsan clean install
+
+all: $(BUILD)/build.ninja
+	ninja -C $(BUILD)
+
+$(BUILD)/build.ninja:
+	$(MESON) setup $(BUILD) $(WERROR) $(MESON_OPTS)
+
+deps:
+	./scripts/deps.sh
+
+demo: deps all
+	./$(BUILD)/tools/vfiomig demo
+
+# Runs every test, then prints the closing 'N passed, N failed' line.
+check: all
+	-$(MESON) test -C $(BUILD) --logbase testlog $(TEST_OPTS)
+	./scripts/test-summary.py $(BUILD)/meson-logs/testlog.json
+
+check-asan:
+	$(MAKE) check BUILD=build-asan \
+		MESON_OPTS="-Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug"
+
+# TSan needs a fixed address layout on kernels with high mmap randomness.
+check-tsan:
+	$(MAKE) check BUILD=build-tsan MESON_OPTS="-Db_sanitize=thread -Db_lundef=false" \
+		TEST_OPTS="$(TEST_OPTS) --wrapper 'setarch $(shell uname -m) -R'"
+
+install: all
+	$(MESON) install -C $(BUILD)
+
+clean:
+	rm -rf build build-asan build-tsan

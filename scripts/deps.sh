@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vfiomig's build, tests and demo need, when any
+# is missing. Idempotent. As root it runs apt-get; otherwise it prints the
+# command to run and exits non-zero.
+set -euo pipefail
+
+packages=(
+	build-essential    # gcc, make, libc headers
+	meson
+	ninja-build
+	pkg-config
+	python3            # meson, and scripts/test-summary.py
+	libjson-c-dev      # vfio-user VERSION capabilities, control socket
+	linux-libc-dev     # linux/vfio.h (6.1; lib/compat adds what it lacks)
+	clang              # fuzz targets and the clang build
+	libclang-rt-dev    # sanitizer and libFuzzer runtimes for clang
+	valgrind
+)
+
+missing=()
+for p in "${packages[@]}"; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+		missing+=("$p")
+	fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+	echo "deps: all ${#packages[@]} packages present"
+	exit 0
+fi
+
+cmd="apt-get install -y --no-install-recommends ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+	echo "deps: missing packages: ${missing[*]}" >&2
+	echo "deps: run as root: apt-get update && $cmd" >&2
+	exit 1
+fi
+echo "deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
