@@ -24,8 +24,8 @@ demo: deps all
 
 # Runs every test, then prints the closing 'N passed, N failed' line.
 check: all
-	-$(MESON) test -C $(BUILD) --logbase testlog $(TEST_OPTS)
-	./scripts/test-summary.py $(BUILD)/meson-logs/testlog.json
+	-$(MESON) test -C $(BUILD) $(TEST_OPTS)
+	./scripts/test-summary.py $(BUILD)/meson-logs
 
 check-asan:
 	$(MAKE) check BUILD=build-asan \

@@ -5,11 +5,17 @@ Counts TAP cases inside each test executable (every TEST() of
 tests/harness.h is one case); a test whose process failed without reporting
 a failing case (crash, timeout) counts as one failure. Exit status: 1 when
 anything failed."""
+import glob
 import json
+import os
 import re
 import sys
 
-log = sys.argv[1] if len(sys.argv) > 1 else "build/meson-logs/testlog.json"
+log = sys.argv[1] if len(sys.argv) > 1 else "build/meson-logs"
+if os.path.isdir(log):
+    # meson names the log after a --wrapper ("testlog-setarch.json"): newest wins.
+    logs = sorted(glob.glob(os.path.join(log, "testlog*.json")), key=os.path.getmtime)
+    log = logs[-1] if logs else os.path.join(log, "testlog.json")
 passed = failed = skipped = 0
 try:
     lines = open(log, encoding="utf-8", errors="replace").read().splitlines()
