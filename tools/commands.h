@@ -15,4 +15,10 @@ struct vfm_command {
 
 int cmd_demo(int argc, char **argv);
 
+/*
+ * Removes -v/-vv/-vvv/--verbose from argv[1..] (argv[0] is kept), raising the
+ * log level for each; returns the new argc.
+ */
+int tool_take_verbose(int argc, char **argv);
+
 #endif

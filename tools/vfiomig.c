@@ -17,11 +17,14 @@ static void usage(FILE *out)
 	for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
 		fprintf(out, "  %-8s %s\n", commands[i].name, commands[i].summary);
 	fprintf(out, "\n'vfiomig COMMAND --help' describes a command.\n"
+		     "-v anywhere raises the log level (-v info, -vv debug, -vvv trace: every\n"
+		     "device state change and data block).\n"
 		     "Environment: VFIOMIG_LOG=error|warn|info|debug|trace, VFIOMIG_TRACE=1.\n");
 }
 
 int main(int argc, char **argv)
 {
+	argc = tool_take_verbose(argc, argv);
 	if (argc < 2) {
 		usage(stderr);
 		return VFM_EXIT_USAGE;
