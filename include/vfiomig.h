@@ -7,6 +7,7 @@
 #include "vfiomig/parse.h"
 #include "vfiomig/fsm.h"
 #include "vfiomig/device.h"
+#include "vfiomig/memory.h"
 
 #define VFIOMIG_VERSION_MAJOR 0
 #define VFIOMIG_VERSION_MINOR 1
