@@ -176,7 +176,8 @@ const char *vfm_mig_flags_str(uint64_t flags, char *buf, size_t len)
 	for (unsigned i = 0; i < 3; i++) {
 		if (!(flags & (1ull << i)))
 			continue;
-		int n = snprintf(buf + off, len > off ? len - off : 0, "%s%s",
+		size_t at = off < len ? off : len;
+		int n = snprintf(len ? buf + at : buf, len > off ? len - off : 0, "%s%s",
 				 off ? "|" : "", names[i]);
 		if (n > 0)
 			off += (size_t)n;

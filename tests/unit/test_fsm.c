@@ -786,3 +786,35 @@ TEST(mig_flags_str)
 	for (size_t i = 8; i < sizeof(small); i++)
 		CHECK_EQ(small[i], 'Z');
 }
+
+/* Without STOP_COPY only RUNNING is valid: only RUNNING->RUNNING succeeds. */
+TEST(flags_without_stop_copy)
+{
+	static const uint64_t sets[] = { 0, VFM_MIG_P2P, VFM_MIG_PRE_COPY,
+					 VFM_MIG_P2P | VFM_MIG_PRE_COPY };
+	unsigned bad = 0;
+
+	for (size_t i = 0; i < sizeof(sets) / sizeof(sets[0]); i++) {
+		for (int f = 0; f < NS; f++) {
+			for (int g = 0; g < NS; g++) {
+				enum vfm_state path[NS], next = VFM_STATE_ERROR;
+				size_t len = 99;
+				bool ok = f == VFM_STATE_RUNNING && g == VFM_STATE_RUNNING;
+				int rp = vfm_fsm_path(sets[i], (enum vfm_state)f, (enum vfm_state)g,
+						      path, &len);
+				int rn = vfm_fsm_next(sets[i], (enum vfm_state)f, (enum vfm_state)g,
+						      &next);
+
+				if (ok ? (rp || len || rn || next != VFM_STATE_RUNNING)
+				       : (rp != -EINVAL || rn != -EINVAL)) {
+					fprintf(stderr, "# flags=0x%" PRIx64 " %s->%s: path rc=%d, next rc=%d\n",
+						sets[i], sname((enum vfm_state)f),
+						sname((enum vfm_state)g), rp, rn);
+					bad++;
+				}
+			}
+		}
+	}
+	if (bad)
+		FAIL("%u wrong", bad);
+}
