@@ -13,6 +13,9 @@
 #include "util/logging.h"
 #include "vfiomig/device.h"
 
+/* VFIO_DEVICE_FEATURE_DMA_LOGGING_START takes 1..256 ranges (one 4 KiB page). */
+#define VFM_DMA_LOG_MAX_RANGES 256u
+
 struct vfm_device {
 	/* Never change after vfm_device_new(). */
 	char id[64];
@@ -113,6 +116,11 @@ int vfm_device_probe_migration(struct vfm_device *dev, struct vfm_error *err)
 		vfm_error_set(err, ret, "%s: reading device state", dev->id);
 		goto out;
 	}
+	if ((unsigned)st >= VFM_STATE_COUNT) {
+		ret = vfm_error_set(err, VFM_EPROTOCOL, "%s: device reported state %u",
+				    dev->id, (unsigned)st);
+		goto out;
+	}
 	dev->mig_flags = flags;
 	dev->probed = true;
 	dev->state = st;
@@ -196,6 +204,8 @@ static int reset_locked(struct vfm_device *dev, struct vfm_error *err)
 	int ret;
 
 	if (!dev->ops->reset) {
+		/* Stuck in ERROR: whatever session there was is of no use now. */
+		drop_session(dev);
 		dev->state = VFM_STATE_ERROR;
 		return vfm_error_set(err, -ENOTSUP, "%s: device cannot be reset", dev->id);
 	}
@@ -229,8 +239,8 @@ static int try_set_locked(struct vfm_device *dev, enum vfm_state new_state,
 			  struct vfm_error *err)
 {
 	enum vfm_state path[VFM_STATE_COUNT];
-	enum vfm_state from = dev->state;
-	bool opened = false;
+	enum vfm_state from = dev->state, last_from;
+	bool opened = false, should_open;
 	size_t len;
 	int ret;
 
@@ -239,6 +249,8 @@ static int try_set_locked(struct vfm_device *dev, enum vfm_state new_state,
 				     dev->id, vfm_state_name(from), vfm_state_name(new_state));
 	if (len == 0)
 		return 0;
+	last_from = len > 1 ? path[len - 2] : from;
+	should_open = vfm_arc_opens_session(last_from, new_state);
 	ret = mig_ops(dev)->set_state(dev, new_state, &opened, err);
 	if (ret)
 		return ret;
@@ -253,10 +265,15 @@ static int try_set_locked(struct vfm_device *dev, enum vfm_state new_state,
 		if (dev->session_open)
 			return vfm_error_set(err, VFM_ESESSION,
 					     "%s: new data session while one is open", dev->id);
+		/* Only the final arc may open one, and only an opening arc. */
+		if (!should_open)
+			return vfm_error_set(err, VFM_ESESSION,
+					     "%s: %s -> %s handed out a data session", dev->id,
+					     vfm_state_name(last_from), vfm_state_name(new_state));
 		dev->session_open = true;
 		dev->bytes_read = dev->bytes_written = 0;
 		vfm_trace(dev->id, "data session opened");
-	} else if (len && vfm_arc_opens_session(len > 1 ? path[len - 2] : from, new_state)) {
+	} else if (should_open) {
 		/* The final arc should have opened one: the backend disagrees. */
 		return vfm_error_set(err, VFM_ESESSION,
 				     "%s: %s -> %s opened no data session", dev->id,
@@ -269,13 +286,14 @@ static int try_set_locked(struct vfm_device *dev, enum vfm_state new_state,
 int vfm_device_set_state(struct vfm_device *dev, enum vfm_state new_state,
 			 enum vfm_state recover, struct vfm_error *err)
 {
-	enum vfm_state now;
+	enum vfm_state from, now;
 	int ret, ret2;
 
 	if (!dev->probed)
 		return vfm_error_set(err, -EINVAL, "%s: migration not probed", dev->id);
 	pthread_mutex_lock(&dev->lock);
-	if (dev->state == VFM_STATE_ERROR && new_state != VFM_STATE_ERROR) {
+	from = dev->state;
+	if (from == VFM_STATE_ERROR && new_state != VFM_STATE_ERROR) {
 		ret = vfm_error_set(err, VFM_EFORBIDDEN,
 				    "%s: device is in ERROR; only a reset leaves it", dev->id);
 		goto out;
@@ -285,7 +303,7 @@ int vfm_device_set_state(struct vfm_device *dev, enum vfm_state new_state,
 		goto out;
 
 	/* The kernel copies back the requested state on failure: ask. */
-	vfm_warn(dev->id, "%s -> %s failed: %s", vfm_state_name(dev->state),
+	vfm_warn(dev->id, "%s -> %s failed: %s", vfm_state_name(from),
 		 vfm_state_name(new_state), err && err->msg[0] ? err->msg : vfm_strerror(ret));
 	ret2 = query_state_locked(dev, &now, NULL);
 	if (ret2) {
@@ -326,6 +344,9 @@ ssize_t vfm_device_read_data(struct vfm_device *dev, void *buf, size_t len,
 
 	/* Without the lock: reads may block and only one thread reads. */
 	n = mig_ops(dev)->read_data(dev, buf, len, err);
+	if (n > 0 && (size_t)n > len)
+		return vfm_error_set(err, -EIO, "%s: device returned %zd bytes for a %zu-byte read",
+				     dev->id, n, len);
 	if (n > 0) {
 		pthread_mutex_lock(&dev->lock);
 		dev->bytes_read += (uint64_t)n;
@@ -478,14 +499,23 @@ int vfm_device_log_start(struct vfm_device *dev, const struct vfm_iova_range *ra
 {
 	if (!vfm_device_has_dma_logging(dev))
 		return vfm_error_set(err, -ENOTSUP, "%s: no DMA logging", dev->id);
-	if (num_ranges == 0 || !page_size || *page_size < 4096 ||
-	    (*page_size & (*page_size - 1)))
+	if (!ranges || num_ranges == 0 || num_ranges > VFM_DMA_LOG_MAX_RANGES ||
+	    !page_size || *page_size < 4096 || (*page_size & (*page_size - 1)))
 		return vfm_error_set(err, -EINVAL, "%s: bad DMA logging request", dev->id);
 	for (uint32_t i = 0; i < num_ranges; i++) {
-		if (!ranges[i].length || (ranges[i].iova | ranges[i].length) & (*page_size - 1) ||
-		    ranges[i].iova + ranges[i].length < ranges[i].iova)
+		const struct vfm_iova_range *r = &ranges[i];
+
+		if (!r->length || (r->iova | r->length) & (*page_size - 1) ||
+		    r->iova + r->length < r->iova)
 			return vfm_error_set(err, -EINVAL, "%s: DMA logging range %u unaligned",
 					     dev->id, i);
+		/* The kernel refuses overlaps; at most 256 ranges, so pairwise is cheap. */
+		for (uint32_t j = 0; j < i; j++)
+			if (r->iova < ranges[j].iova + ranges[j].length &&
+			    ranges[j].iova < r->iova + r->length)
+				return vfm_error_set(err, -EINVAL,
+						     "%s: DMA logging ranges %u and %u overlap",
+						     dev->id, j, i);
 	}
 	return dev->ops->log->start(dev, ranges, num_ranges, page_size, err);
 }
@@ -502,7 +532,8 @@ int vfm_device_log_report(struct vfm_device *dev, uint64_t iova, uint64_t length
 {
 	if (!vfm_device_has_dma_logging(dev))
 		return vfm_error_set(err, -ENOTSUP, "%s: no DMA logging", dev->id);
-	if (!page_size || (page_size & (page_size - 1)) || !length)
+	if (page_size < 4096 || (page_size & (page_size - 1)) || !length ||
+	    iova + length < iova || !bitmap)
 		return vfm_error_set(err, -EINVAL, "%s: bad DMA logging report", dev->id);
 	return dev->ops->log->report(dev, iova, length, page_size, bitmap, err);
 }
