@@ -11,6 +11,7 @@ packages=(
 	pkg-config
 	python3            # meson, and scripts/test-summary.py
 	libjson-c-dev      # vfio-user VERSION capabilities, control socket
+	libxxhash-dev      # XXH3 record checksums in the migration stream
 	linux-libc-dev     # linux/vfio.h (6.1; lib/compat adds what it lacks)
 	clang              # fuzz targets and the clang build
 	libclang-rt-dev    # sanitizer and libFuzzer runtimes for clang
