@@ -4,6 +4,7 @@
  * tests switch on to drive every branch of the device layer's policy.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +41,9 @@ struct op_fault {
 
 struct testdev {
 	struct vfm_device *dev;
+	/* Held by every op and by the test-side mutators, so a test thread can
+	 * dirty the device while the migration thread reads it. */
+	pthread_mutex_t lock;
 	/* Per-device copies, so that options can leave ops out. */
 	struct vfm_device_ops ops;
 	struct vfm_migration_ops mig;
@@ -78,6 +82,7 @@ struct testdev {
 	uint64_t log_page_size, log_forced_page_size;
 	uint64_t log_dirty[MAX_LOG_DIRTY];
 	unsigned num_log_dirty;
+	bool log_overflow;         /* more writes than log_dirty holds: all dirty */
 
 	unsigned char region0[TESTDEV_REGION0_SIZE];
 	unsigned char region1[TESTDEV_REGION1_SIZE];
@@ -379,7 +384,7 @@ static int td_get_state(struct vfm_device *dev, enum vfm_state *state, struct vf
 }
 
 /* Like the kernel: one arc at a time along vfm_fsm_next, stopping at a failure. */
-static int td_set_state(struct vfm_device *dev, enum vfm_state new_state,
+static int td_set_state_unlocked(struct vfm_device *dev, enum vfm_state new_state,
 			bool *session_opened, struct vfm_error *err)
 {
 	struct testdev *td = to_td(dev);
@@ -433,7 +438,7 @@ static void td_end_session(struct vfm_device *dev)
 	to_td(dev)->calls[TESTDEV_OP_END_SESSION]++;
 }
 
-static ssize_t td_read_data(struct vfm_device *dev, void *buf, size_t len,
+static ssize_t td_read_data_unlocked(struct vfm_device *dev, void *buf, size_t len,
 			    struct vfm_error *err)
 {
 	struct testdev *td = to_td(dev);
@@ -476,7 +481,7 @@ static ssize_t td_write_data(struct vfm_device *dev, const void *buf, size_t len
 	return (ssize_t)len + td->lie[TESTDEV_OP_WRITE];
 }
 
-static int td_precopy_info(struct vfm_device *dev, uint64_t *initial_bytes,
+static int td_precopy_info_unlocked(struct vfm_device *dev, uint64_t *initial_bytes,
 			   uint64_t *dirty_bytes, struct vfm_error *err)
 {
 	struct testdev *td = to_td(dev);
@@ -495,7 +500,7 @@ static int td_precopy_info(struct vfm_device *dev, uint64_t *initial_bytes,
 	return 0;
 }
 
-static int td_stop_copy_size(struct vfm_device *dev, uint64_t *bytes, struct vfm_error *err)
+static int td_stop_copy_size_unlocked(struct vfm_device *dev, uint64_t *bytes, struct vfm_error *err)
 {
 	struct testdev *td = to_td(dev);
 	int ret = injected(td, TESTDEV_OP_STOP_COPY_SIZE, err);
@@ -612,7 +617,7 @@ static int td_dma_unmap(struct vfm_device *dev, uint64_t iova, uint64_t size,
 
 /* ---- DMA logging ---- */
 
-static int td_log_start(struct vfm_device *dev, const struct vfm_iova_range *ranges,
+static int td_log_start_unlocked(struct vfm_device *dev, const struct vfm_iova_range *ranges,
 			uint32_t num_ranges, uint64_t *page_size, struct vfm_error *err)
 {
 	struct testdev *td = to_td(dev);
@@ -630,11 +635,12 @@ static int td_log_start(struct vfm_device *dev, const struct vfm_iova_range *ran
 		*page_size = td->log_forced_page_size;
 	td->log_page_size = *page_size;
 	td->num_log_dirty = 0;
+	td->log_overflow = false;
 	td->logging = true;
 	return 0;
 }
 
-static int td_log_stop(struct vfm_device *dev, struct vfm_error *err)
+static int td_log_stop_unlocked(struct vfm_device *dev, struct vfm_error *err)
 {
 	struct testdev *td = to_td(dev);
 	int ret = injected(td, TESTDEV_OP_LOG_STOP, err);
@@ -646,7 +652,7 @@ static int td_log_stop(struct vfm_device *dev, struct vfm_error *err)
 	return 0;
 }
 
-static int td_log_report(struct vfm_device *dev, uint64_t iova, uint64_t length,
+static int td_log_report_unlocked(struct vfm_device *dev, uint64_t iova, uint64_t length,
 			 uint64_t page_size, uint64_t *bitmap, struct vfm_error *err)
 {
 	struct testdev *td = to_td(dev);
@@ -657,6 +663,12 @@ static int td_log_report(struct vfm_device *dev, uint64_t iova, uint64_t length,
 		return ret;
 	if (!td->logging)
 		return vfm_error_set(err, -EINVAL, "testdev: logging not started");
+	if (td->log_overflow) {
+		for (uint64_t bit = 0; bit < (length + page_size - 1) / page_size; bit++)
+			bitmap[bit / 64] |= 1ull << (bit % 64);
+		/* Sticky until the next start: over-reporting is safe, losing is not. */
+		return 0;
+	}
 	while (i < td->num_log_dirty) {
 		uint64_t a = td->log_dirty[i], bit;
 
@@ -679,6 +691,84 @@ static void td_close(struct vfm_device *dev)
 	session_end(td);
 	free(td->data);
 	free(td);
+}
+
+/* ---- Locked entry points ---- */
+static int td_set_state(struct vfm_device *dev, enum vfm_state new_state, bool *session_opened, struct vfm_error *err)
+{
+	struct testdev *td = to_td(dev);
+	int ret;
+
+	pthread_mutex_lock(&td->lock);
+	ret = td_set_state_unlocked(dev, new_state, session_opened, err);
+	pthread_mutex_unlock(&td->lock);
+	return ret;
+}
+
+static ssize_t td_read_data(struct vfm_device *dev, void *buf, size_t len, struct vfm_error *err)
+{
+	struct testdev *td = to_td(dev);
+	ssize_t ret;
+
+	pthread_mutex_lock(&td->lock);
+	ret = td_read_data_unlocked(dev, buf, len, err);
+	pthread_mutex_unlock(&td->lock);
+	return ret;
+}
+
+static int td_precopy_info(struct vfm_device *dev, uint64_t *initial_bytes, uint64_t *dirty_bytes, struct vfm_error *err)
+{
+	struct testdev *td = to_td(dev);
+	int ret;
+
+	pthread_mutex_lock(&td->lock);
+	ret = td_precopy_info_unlocked(dev, initial_bytes, dirty_bytes, err);
+	pthread_mutex_unlock(&td->lock);
+	return ret;
+}
+
+static int td_stop_copy_size(struct vfm_device *dev, uint64_t *bytes, struct vfm_error *err)
+{
+	struct testdev *td = to_td(dev);
+	int ret;
+
+	pthread_mutex_lock(&td->lock);
+	ret = td_stop_copy_size_unlocked(dev, bytes, err);
+	pthread_mutex_unlock(&td->lock);
+	return ret;
+}
+
+static int td_log_start(struct vfm_device *dev, const struct vfm_iova_range *ranges, uint32_t num_ranges, uint64_t *page_size, struct vfm_error *err)
+{
+	struct testdev *td = to_td(dev);
+	int ret;
+
+	pthread_mutex_lock(&td->lock);
+	ret = td_log_start_unlocked(dev, ranges, num_ranges, page_size, err);
+	pthread_mutex_unlock(&td->lock);
+	return ret;
+}
+
+static int td_log_stop(struct vfm_device *dev, struct vfm_error *err)
+{
+	struct testdev *td = to_td(dev);
+	int ret;
+
+	pthread_mutex_lock(&td->lock);
+	ret = td_log_stop_unlocked(dev, err);
+	pthread_mutex_unlock(&td->lock);
+	return ret;
+}
+
+static int td_log_report(struct vfm_device *dev, uint64_t iova, uint64_t length, uint64_t page_size, uint64_t *bitmap, struct vfm_error *err)
+{
+	struct testdev *td = to_td(dev);
+	int ret;
+
+	pthread_mutex_lock(&td->lock);
+	ret = td_log_report_unlocked(dev, iova, length, page_size, bitmap, err);
+	pthread_mutex_unlock(&td->lock);
+	return ret;
 }
 
 static const struct vfm_migration_ops td_mig_ops = {
@@ -718,6 +808,7 @@ struct testdev *testdev_new(const char *id, uint64_t mig_flags, size_t state_siz
 	struct testdev *td = xcalloc(sizeof(*td));
 	uint32_t x = seed * 2654435761u + 1;
 
+	pthread_mutex_init(&td->lock, NULL);
 	td->flags = mig_flags;
 	td->state = VFM_STATE_RUNNING;
 	td->size = state_size;
@@ -790,7 +881,19 @@ uint64_t testdev_generation(const struct testdev *td)
 	return td->generation;
 }
 
+static int testdev_dirty_unlocked(struct testdev *td, size_t off, size_t len);
+
 int testdev_dirty(struct testdev *td, size_t off, size_t len)
+{
+	int ret;
+
+	pthread_mutex_lock(&td->lock);
+	ret = testdev_dirty_unlocked(td, off, len);
+	pthread_mutex_unlock(&td->lock);
+	return ret;
+}
+
+static int testdev_dirty_unlocked(struct testdev *td, size_t off, size_t len)
 {
 	unsigned char x;
 
@@ -915,8 +1018,18 @@ const struct vfm_iova_range *testdev_log_ranges(const struct testdev *td, uint32
 
 void testdev_log_dirty(struct testdev *td, uint64_t iova)
 {
+	pthread_mutex_lock(&td->lock);
+	for (unsigned i = 0; i < td->num_log_dirty; i++) {
+		if (td->log_dirty[i] == iova) {
+			pthread_mutex_unlock(&td->lock);
+			return;
+		}
+	}
 	if (td->num_log_dirty < MAX_LOG_DIRTY)
 		td->log_dirty[td->num_log_dirty++] = iova;
+	else
+		td->log_overflow = true;  /* like a device whose log overflows */
+	pthread_mutex_unlock(&td->lock);
 }
 
 void testdev_log_force_page_size(struct testdev *td, uint64_t page_size)
