@@ -8,6 +8,8 @@
 #include "vfiomig/fsm.h"
 #include "vfiomig/device.h"
 #include "vfiomig/memory.h"
+#include "vfiomig/vfu_server.h"
+#include "vfiomig/vfio_user.h"
 
 #define VFIOMIG_VERSION_MAJOR 0
 #define VFIOMIG_VERSION_MINOR 1

@@ -14,6 +14,7 @@ struct vfm_command {
 };
 
 int cmd_demo(int argc, char **argv);
+int cmd_device(int argc, char **argv);
 
 /*
  * Removes -v/-vv/-vvv/--verbose from argv[1..] (argv[0] is kept), raising the

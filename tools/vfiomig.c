@@ -7,6 +7,7 @@
 
 static const struct vfm_command commands[] = {
 	{ "demo", "start devices and two VMs, migrate live, verify", cmd_demo },
+	{ "device", "run a sample vfio-user device server (dma)", cmd_device },
 };
 
 static void usage(FILE *out)

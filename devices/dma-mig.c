@@ -1,0 +1,442 @@
+/*
+ * The dma device's migration stream: saving (every page once, then the pages
+ * changed since they were sent, then registers and a trailer with the state
+ * checksum) and loading (each record checked as it arrives, the state staged
+ * in a copy that replaces the device's only when the whole stream proved
+ * valid). Format: docs/devices/dma.md.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include <xxhash.h>
+
+#include "dma-priv.h"
+#include "util/bitmap.h"
+#include "util/logging.h"
+#include "vfiomig/vfu_server.h"
+
+void *dmadev_mem_alloc(uint64_t size)
+{
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	return p == MAP_FAILED ? NULL : p;
+}
+
+void dmadev_mem_free(void *p, uint64_t size)
+{
+	if (p)
+		munmap(p, size);
+}
+
+_Static_assert(sizeof(((struct dmadev_load *)0)->small) >= sizeof(struct dmadev_regs) &&
+	       sizeof(((struct dmadev_load *)0)->small) >= sizeof(struct dmadev_rec_header) &&
+	       sizeof(((struct dmadev_load *)0)->small) >= sizeof(struct dmadev_rec_end),
+	       "every non-page payload fits the small buffer");
+
+uint64_t dmadev_state_hash(const uint8_t *mem, uint64_t size, const struct dmadev_regs *regs)
+{
+	return XXH3_64bits_withSeed(regs, sizeof(*regs), XXH3_64bits(mem, size));
+}
+
+static uint64_t rec_csum(const struct dmadev_rec *h, const void *payload)
+{
+	return XXH3_64bits_withSeed(payload, h->len, XXH3_64bits(h, offsetof(struct dmadev_rec, csum)));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Saving                                                                    */
+
+/*
+ * Pages not sent yet go out with their latest contents anyway; only pages
+ * already sent need to be sent again.
+ */
+void dmadev_mem_dirty_locked(struct vfm_dmadev *dev, uint64_t off, uint64_t len)
+{
+	struct dmadev_save *s = &dev->save;
+	uint64_t first, last;
+
+	if (!s->active || !len)
+		return;
+	first = off / DMADEV_PAGE;
+	last = (off + len - 1) / DMADEV_PAGE;
+	if (last >= s->cursor)
+		last = s->cursor ? s->cursor - 1 : 0;
+	for (uint64_t p = first; p <= last && p < s->cursor; p++) {
+		if (!vfm_bitmap_test(s->dirty, p)) {
+			vfm_bitmap_set_atomic(s->dirty, p);
+			s->ndirty++;
+		}
+	}
+}
+
+int dmadev_save_open_locked(struct vfm_dmadev *dev)
+{
+	struct dmadev_save *s = &dev->save;
+	uint64_t *dirty = calloc(VFM_BITMAP_WORDS(dev->npages), sizeof(uint64_t));
+
+	if (!dirty)
+		return -ENOMEM;
+	free(s->dirty);
+	*s = (struct dmadev_save){ .active = true, .dirty = dirty };
+	return 0;
+}
+
+void dmadev_save_close_locked(struct vfm_dmadev *dev)
+{
+	free(dev->save.dirty);
+	dev->save = (struct dmadev_save){ 0 };
+}
+
+static void rec_build(struct dmadev_save *s, uint16_t type, uint64_t arg, const void *payload,
+		      uint32_t len, enum dmadev_rec_kind kind)
+{
+	struct dmadev_rec h = {
+		.magic = DMADEV_REC_MAGIC, .type = type, .version = DMADEV_STREAM_VERSION,
+		.len = len, .seq = s->seq++, .arg = arg,
+	};
+
+	h.csum = rec_csum(&h, payload);
+	memcpy(s->rec, &h, sizeof(h));
+	memcpy(s->rec + sizeof(h), payload, len);
+	s->rec_len = sizeof(h) + len;
+	s->rec_off = 0;
+	s->rec_kind = kind;
+}
+
+/* The next record in stream order; false when there is none for now. */
+static bool next_record_locked(struct vfm_dmadev *dev)
+{
+	struct dmadev_save *s = &dev->save;
+
+	if (!s->header_done) {
+		struct dmadev_rec_header h = { .mem_size = dev->mem_size,
+					       .page_size = DMADEV_PAGE, .source = dev->instance };
+
+		rec_build(s, DMADEV_REC_HEADER, 0, &h, sizeof(h), KIND_INITIAL);
+		s->header_done = true;
+		return true;
+	}
+	if (s->cursor < dev->npages) {
+		rec_build(s, DMADEV_REC_PAGE, s->cursor, dev->mem + s->cursor * DMADEV_PAGE,
+			  DMADEV_PAGE, KIND_INITIAL);
+		s->cursor++;
+		return true;
+	}
+	if (s->ndirty) {
+		uint64_t p = s->scan;
+
+		/* ndirty > 0 guarantees a set bit; scan round from where we were. */
+		while (!vfm_bitmap_test(s->dirty, p))
+			p = p + 1 == dev->npages ? 0 : p + 1;
+		__atomic_fetch_and(&s->dirty[p / 64], ~(1ull << (p % 64)), __ATOMIC_RELAXED);
+		s->ndirty--;
+		s->scan = p + 1 == dev->npages ? 0 : p + 1;
+		rec_build(s, DMADEV_REC_PAGE, p, dev->mem + p * DMADEV_PAGE, DMADEV_PAGE, KIND_DIRTY);
+		return true;
+	}
+	if (!s->stop)
+		return false;
+	if (!s->regs_done) {
+		rec_build(s, DMADEV_REC_REGS, 0, &dev->regs, sizeof(dev->regs), KIND_FINAL);
+		s->regs_done = true;
+		return true;
+	}
+	if (!s->end_done) {
+		struct dmadev_rec_end e = {
+			.records = s->seq,
+			.checksum = dmadev_state_hash(dev->mem, dev->mem_size, &dev->regs),
+		};
+
+		rec_build(s, DMADEV_REC_END, 0, &e, sizeof(e), KIND_FINAL);
+		s->end_done = true;
+		return true;
+	}
+	return false;
+}
+
+/* Emulated firmware: save_latency_us per MiB read, paid as we go. */
+static void save_delay(struct vfm_dmadev *dev, size_t n)
+{
+	struct timespec ts;
+	uint64_t us;
+
+	if (!dev->save_latency_us || !n)
+		return;
+	dev->save.latency_acc += (uint64_t)n * dev->save_latency_us;
+	us = dev->save.latency_acc >> 20;
+	dev->save.latency_acc &= (1u << 20) - 1;
+	if (!us)
+		return;
+	ts.tv_sec = (time_t)(us / 1000000);
+	ts.tv_nsec = (long)(us % 1000000) * 1000;
+	while (nanosleep(&ts, &ts) && errno == EINTR)
+		;
+}
+
+ssize_t dmadev_read_data(struct vfm_vfu_ctx *ctx, void *buf, size_t len)
+{
+	struct vfm_dmadev *dev = vfm_vfu_priv(ctx);
+	struct dmadev_save *s = &dev->save;
+	size_t n = 0;
+
+	pthread_mutex_lock(&dev->lock);
+	if (!s->active) {
+		pthread_mutex_unlock(&dev->lock);
+		return -EINVAL;
+	}
+	while (n < len) {
+		size_t take;
+
+		if (s->rec_off == s->rec_len && !next_record_locked(dev))
+			break;
+		take = s->rec_len - s->rec_off < len - n ? s->rec_len - s->rec_off : len - n;
+		memcpy((uint8_t *)buf + n, s->rec + s->rec_off, take);
+		s->rec_off += take;
+		n += take;
+	}
+	pthread_mutex_unlock(&dev->lock);
+	save_delay(dev, n);
+	return (ssize_t)n;
+}
+
+static uint64_t rec_left(const struct dmadev_save *s, enum dmadev_rec_kind kind)
+{
+	return s->rec_kind == kind ? s->rec_len - s->rec_off : 0;
+}
+
+static uint64_t initial_left_locked(const struct vfm_dmadev *dev)
+{
+	const struct dmadev_save *s = &dev->save;
+
+	return (s->header_done ? 0 : DMADEV_HEADER_REC) +
+	       (dev->npages - s->cursor) * DMADEV_PAGE_REC + rec_left(s, KIND_INITIAL);
+}
+
+static uint64_t dirty_left_locked(const struct vfm_dmadev *dev)
+{
+	return dev->save.ndirty * DMADEV_PAGE_REC + rec_left(&dev->save, KIND_DIRTY);
+}
+
+int dmadev_precopy_info(struct vfm_vfu_ctx *ctx, uint64_t *initial, uint64_t *dirty)
+{
+	struct vfm_dmadev *dev = vfm_vfu_priv(ctx);
+
+	pthread_mutex_lock(&dev->lock);
+	*initial = initial_left_locked(dev);
+	*dirty = dirty_left_locked(dev);
+	pthread_mutex_unlock(&dev->lock);
+	return 0;
+}
+
+/* Exact: what STOP_COPY would read if the device stopped now. */
+int dmadev_stop_copy_size(struct vfm_vfu_ctx *ctx, uint64_t *bytes)
+{
+	struct vfm_dmadev *dev = vfm_vfu_priv(ctx);
+	const struct dmadev_save *s = &dev->save;
+
+	pthread_mutex_lock(&dev->lock);
+	if (s->active)
+		*bytes = initial_left_locked(dev) + dirty_left_locked(dev) +
+			 (s->regs_done ? 0 : DMADEV_REGS_REC) + (s->end_done ? 0 : DMADEV_END_REC) +
+			 rec_left(s, KIND_FINAL);
+	else
+		*bytes = DMADEV_HEADER_REC + dev->npages * DMADEV_PAGE_REC + DMADEV_REGS_REC +
+			 DMADEV_END_REC;
+	pthread_mutex_unlock(&dev->lock);
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Loading                                                                   */
+
+int dmadev_load_open(struct vfm_dmadev *dev)
+{
+	struct dmadev_load *l = &dev->load;
+
+	dmadev_load_close(dev);
+	l->stage = dmadev_mem_alloc(dev->mem_size);
+	if (!l->stage)
+		return -ENOMEM;
+	l->active = true;
+	return 0;
+}
+
+void dmadev_load_close(struct vfm_dmadev *dev)
+{
+	dmadev_mem_free(dev->load.stage, dev->mem_size);
+	dev->load = (struct dmadev_load){ 0 };
+}
+
+/* Forgets what arrived so far; the stage is reused for a fresh stream. */
+static void load_restart(struct vfm_dmadev *dev)
+{
+	uint8_t *stage = dev->load.stage;
+
+	dev->load = (struct dmadev_load){ .active = true, .stage = stage };
+}
+
+static int load_fail(struct vfm_dmadev *dev, const char *fmt, ...) VFM_PRINTF(2, 3);
+
+/* Records the first reason the stream is bad; returns VFM_ESTREAM. */
+static int load_fail(struct vfm_dmadev *dev, const char *fmt, ...)
+{
+	struct dmadev_load *l = &dev->load;
+	va_list ap;
+
+	if (l->error)
+		return l->error;
+	l->error = VFM_ESTREAM;
+	va_start(ap, fmt);
+	vsnprintf(l->why, sizeof(l->why), fmt, ap);
+	va_end(ap);
+	vfm_warn(dev->id, "bad migration stream at byte %" PRIu64 ": %s", l->bytes, l->why);
+	return l->error;
+}
+
+/* A record header is complete: check it and say where its payload goes. */
+static int load_header(struct vfm_dmadev *dev)
+{
+	struct dmadev_load *l = &dev->load;
+	const struct dmadev_rec *h = &l->hdr;
+	static const uint32_t sizes[] = {
+		[DMADEV_REC_HEADER] = sizeof(struct dmadev_rec_header),
+		[DMADEV_REC_PAGE] = DMADEV_PAGE,
+		[DMADEV_REC_REGS] = sizeof(struct dmadev_regs),
+		[DMADEV_REC_END] = sizeof(struct dmadev_rec_end),
+	};
+
+	if (h->magic != DMADEV_REC_MAGIC || h->version != DMADEV_STREAM_VERSION)
+		return load_fail(dev, "record %" PRIu32 ": magic %#" PRIx32 " version %u",
+				 l->seq, h->magic, (unsigned)h->version);
+	if (h->type < DMADEV_REC_HEADER || h->type > DMADEV_REC_END || h->len != sizes[h->type])
+		return load_fail(dev, "record %" PRIu32 ": type %u with %" PRIu32 " bytes", l->seq,
+				 (unsigned)h->type, h->len);
+	if (h->seq != l->seq)
+		return load_fail(dev, "record %" PRIu32 " arrived as number %" PRIu32, h->seq, l->seq);
+	if (l->have_end)
+		return load_fail(dev, "record %" PRIu32 " after the end", h->seq);
+	if ((h->type == DMADEV_REC_HEADER) != (l->seq == 0))
+		return load_fail(dev, "record %" PRIu32 ": the stream must start with one HEADER",
+				 h->seq);
+	if (h->type == DMADEV_REC_PAGE) {
+		if (h->arg >= dev->npages)
+			return load_fail(dev, "page %" PRIu64 " beyond %" PRIu64, h->arg, dev->npages);
+		l->dst = l->stage + h->arg * DMADEV_PAGE;
+	} else {
+		l->dst = l->small;
+	}
+	l->need = h->len;
+	l->got = 0;
+	return 0;
+}
+
+/* A payload is complete: check its checksum and apply it to the stage. */
+static int load_record(struct vfm_dmadev *dev)
+{
+	struct dmadev_load *l = &dev->load;
+	const struct dmadev_rec *h = &l->hdr;
+	struct dmadev_rec_header sh;
+	struct dmadev_rec_end e;
+
+	if (rec_csum(h, l->dst) != h->csum)
+		return load_fail(dev, "record %" PRIu32 " (type %u): checksum mismatch", h->seq,
+				 (unsigned)h->type);
+	l->seq++;
+	switch (h->type) {
+	case DMADEV_REC_HEADER:
+		memcpy(&sh, l->small, sizeof(sh));
+		if (sh.mem_size != dev->mem_size || sh.page_size != DMADEV_PAGE)
+			return load_fail(dev, "state of %" PRIu64 " bytes in %" PRIu32
+					 "-byte pages, this device has %" PRIu64, sh.mem_size,
+					 sh.page_size, dev->mem_size);
+		l->have_header = true;
+		break;
+	case DMADEV_REC_REGS:
+		memcpy(&l->regs, l->small, sizeof(l->regs));
+		l->have_regs = true;
+		break;
+	case DMADEV_REC_END:
+		memcpy(&e, l->small, sizeof(e));
+		if (!l->have_regs || e.records != h->seq)
+			return load_fail(dev, "end after %" PRIu32 " records claims %" PRIu64
+					 "%s", h->seq, e.records, l->have_regs ? "" : ", no registers");
+		if (dmadev_state_hash(l->stage, dev->mem_size, &l->regs) != e.checksum)
+			return load_fail(dev, "state checksum mismatch: pages missing or stale");
+		l->have_end = true;
+		break;
+	}
+	return 0;
+}
+
+/* Takes every byte (the protocol wants that); errors wait for RESUMING -> STOP. */
+ssize_t dmadev_write_data(struct vfm_vfu_ctx *ctx, const void *buf, size_t len)
+{
+	struct vfm_dmadev *dev = vfm_vfu_priv(ctx);
+	struct dmadev_load *l = &dev->load;
+	const uint8_t *p = buf;
+	size_t left = len;
+
+	if (!l->active)
+		return -EINVAL;
+	while (left && !l->error) {
+		size_t take;
+
+		if (l->hdr_got < sizeof(l->hdr)) {
+			take = sizeof(l->hdr) - l->hdr_got < left ? sizeof(l->hdr) - l->hdr_got : left;
+			memcpy((uint8_t *)&l->hdr + l->hdr_got, p, take);
+			l->hdr_got += take;
+			if (l->hdr_got == sizeof(l->hdr))
+				load_header(dev);
+		} else {
+			take = l->need - l->got < left ? l->need - l->got : left;
+			memcpy(l->dst + l->got, p, take);
+			l->got += take;
+			if (l->got == l->need) {
+				load_record(dev);
+				l->hdr_got = 0;
+			}
+		}
+		p += take;
+		left -= take;
+		l->bytes += take;
+	}
+	return (ssize_t)len;
+}
+
+/*
+ * RESUMING -> STOP: the staged state replaces the device's only if the
+ * stream was whole and valid; otherwise nothing changes and the device waits
+ * for a fresh stream.
+ */
+int dmadev_load_commit(struct vfm_dmadev *dev)
+{
+	struct dmadev_load *l = &dev->load;
+	uint8_t *old;
+
+	if (!l->active)
+		return 0;
+	if (l->error || !l->have_end) {
+		if (!l->error)
+			vfm_warn(dev->id, "migration stream incomplete: %" PRIu32 " records, %" PRIu64
+				 " bytes, no end", l->seq, l->bytes);
+		load_restart(dev);
+		return -EINVAL;
+	}
+	pthread_mutex_lock(&dev->lock);
+	old = dev->mem;
+	dev->mem = l->stage;
+	dev->regs = l->regs;
+	dev->regs.status &= DMADEV_STATUS_HALTED;
+	pthread_mutex_unlock(&dev->lock);
+	vfm_info(dev->id, "loaded %" PRIu32 " records (%" PRIu64 " bytes)", l->seq, l->bytes);
+	l->stage = old;
+	dmadev_load_close(dev);
+	return 0;
+}

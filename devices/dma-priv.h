@@ -1,0 +1,96 @@
+/* Internals of the dma sample device shared by dma.c and dma-mig.c. */
+#ifndef VFM_DEVICES_DMA_PRIV_H
+#define VFM_DEVICES_DMA_PRIV_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <sys/types.h>
+
+#include "dma.h"
+
+#define DMADEV_PAGE_REC   (sizeof(struct dmadev_rec) + DMADEV_PAGE)
+#define DMADEV_HEADER_REC (sizeof(struct dmadev_rec) + sizeof(struct dmadev_rec_header))
+#define DMADEV_REGS_REC   (sizeof(struct dmadev_rec) + sizeof(struct dmadev_regs))
+#define DMADEV_END_REC    (sizeof(struct dmadev_rec) + sizeof(struct dmadev_rec_end))
+
+enum dmadev_rec_kind { KIND_NONE, KIND_INITIAL, KIND_DIRTY, KIND_FINAL };
+
+/* A save session (PRE_COPY*, STOP_COPY). */
+struct dmadev_save {
+	bool active;
+	bool stop;                    /* STOP_COPY: finish with REGS and END */
+	bool header_done, regs_done, end_done;
+	uint64_t cursor;              /* next page of the initial pass */
+	uint64_t *dirty;              /* pages sent, then changed */
+	uint64_t ndirty;
+	uint64_t scan;                /* next dirty page to look at */
+	uint32_t seq;
+	uint8_t rec[sizeof(struct dmadev_rec) + DMADEV_PAGE]; /* record being read out */
+	size_t rec_len, rec_off;
+	enum dmadev_rec_kind rec_kind;
+	uint64_t latency_acc;         /* bytes * us not yet slept, in 1/MiB units */
+};
+
+/* A load session (RESUMING): the stream is staged, committed only when valid. */
+struct dmadev_load {
+	bool active;
+	uint8_t *stage;               /* mem_size bytes */
+	struct dmadev_regs regs;
+	struct dmadev_rec hdr;
+	size_t hdr_got;
+	uint8_t *dst;                 /* where the current payload goes */
+	size_t need, got;
+	uint8_t small[128];           /* payloads other than pages */
+	uint32_t seq;
+	bool have_header, have_regs, have_end;
+	int error;                    /* sticky: the stream is bad */
+	char why[192];
+	uint64_t bytes;
+};
+
+struct vfm_dmadev {
+	/* Never change after creation. */
+	char id[64];
+	struct vfm_vfu_ctx *ctx;
+	uint64_t mem_size, npages;
+	uint64_t churn_rate;
+	uint64_t save_latency_us;
+	uint64_t instance;
+
+	/*
+	 * lock guards mem contents, regs, churn_count, running, dma_ok and
+	 * save (the churn thread marks pages dirty in it). load belongs to
+	 * the loop thread alone.
+	 */
+	pthread_mutex_t lock;
+	pthread_cond_t cond;          /* wakes the churn thread */
+	uint8_t *mem;
+	struct dmadev_regs regs;
+	uint64_t churn_count;
+	bool running;                 /* internal activity (churn) allowed */
+	bool dma_ok;                  /* may initiate DMA: RUNNING, PRE_COPY */
+	bool stopping;
+	uint64_t rng;
+	struct dmadev_save save;
+	struct dmadev_load load;
+
+	pthread_t churn_thread;
+	bool churn_started;
+};
+
+/* dma-mig.c. Functions named _locked want dev->lock held. */
+uint64_t dmadev_state_hash(const uint8_t *mem, uint64_t size, const struct dmadev_regs *regs);
+void dmadev_mem_dirty_locked(struct vfm_dmadev *dev, uint64_t off, uint64_t len);
+int dmadev_save_open_locked(struct vfm_dmadev *dev);
+void dmadev_save_close_locked(struct vfm_dmadev *dev);
+int dmadev_load_open(struct vfm_dmadev *dev);
+int dmadev_load_commit(struct vfm_dmadev *dev);
+void dmadev_load_close(struct vfm_dmadev *dev);
+ssize_t dmadev_read_data(struct vfm_vfu_ctx *ctx, void *buf, size_t len);
+ssize_t dmadev_write_data(struct vfm_vfu_ctx *ctx, const void *buf, size_t len);
+int dmadev_precopy_info(struct vfm_vfu_ctx *ctx, uint64_t *initial, uint64_t *dirty);
+int dmadev_stop_copy_size(struct vfm_vfu_ctx *ctx, uint64_t *bytes);
+void *dmadev_mem_alloc(uint64_t size);
+void dmadev_mem_free(void *p, uint64_t size);
+
+#endif

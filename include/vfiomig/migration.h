@@ -1,0 +1,166 @@
+/*
+ * The migration engine: a registry of savable state (RAM, VFIO devices, the
+ * VM's own), a source engine that runs in its own thread (setup, iterative
+ * pre-copy, switchover, stop-and-copy) and a destination engine that loads
+ * a stream and resumes the guest. Design: QEMU's VFIO migration.
+ */
+#ifndef VFIOMIG_MIGRATION_H
+#define VFIOMIG_MIGRATION_H
+
+#include "vfiomig/common.h"
+#include "vfiomig/device.h"
+#include "vfiomig/memory.h"
+#include "vfiomig/parse.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct vfm_migration;
+struct vfm_stream;
+
+/* Per-device properties, named after QEMU's. */
+struct vfm_device_props {
+	char id[64];
+	enum vfm_onoff enable_migration;      /* auto: migrate if the device can */
+	bool allow_pre_copy;                  /* false: never use PRE_COPY */
+	bool pre_copy_dirty_page_tracking;    /* false: no dirty sync in pre-copy */
+	bool device_dirty_page_tracking;      /* false: do not use DMA logging */
+	enum vfm_onoff multifd_transfer;
+};
+VFM_EXPORT void vfm_device_props_default(struct vfm_device_props *p);
+
+/*
+ * "vfio-user:PATH,id=x,allow-pre-copy=off,..." → backend ("vfio-user" or
+ * "vfio"), path (into path_buf) and props. Unknown keys are errors.
+ */
+VFM_EXPORT int vfm_device_spec_parse(const char *spec, char *backend, size_t backend_len,
+				     char *path, size_t path_len, struct vfm_device_props *props,
+				     struct vfm_error *err);
+
+enum vfm_mig_status {
+	VFM_MIG_NONE, VFM_MIG_SETUP, VFM_MIG_ACTIVE, VFM_MIG_PRE_SWITCHOVER,
+	VFM_MIG_DEVICE, VFM_MIG_COMPLETED, VFM_MIG_FAILED, VFM_MIG_CANCELLING,
+	VFM_MIG_CANCELLED,
+};
+/* "none", "setup", "active", "pre-switchover", "device", "completed", ... */
+VFM_EXPORT const char *vfm_mig_status_name(enum vfm_mig_status s);
+
+struct vfm_migration_params {
+	uint64_t downtime_limit_ms;     /* default 300 */
+	uint64_t max_bandwidth;         /* bytes/s, 0 = unlimited */
+	bool switchover_ack;            /* default on (needs a return path) */
+	bool pre_copy_dirty_page_tracking; /* default on; per device too */
+	unsigned multifd_channels;      /* default 2 */
+	enum vfm_onoff multifd_transfer;/* default auto */
+	bool postcopy;                  /* always refused with VFIO devices */
+	uint64_t timeout_ms;            /* stall bound for any network wait, default 10000 */
+};
+VFM_EXPORT void vfm_migration_params_default(struct vfm_migration_params *p);
+
+struct vfm_migration_stats {
+	enum vfm_mig_status status;
+	char error[VFM_ERROR_MSG_MAX];
+	uint64_t total_time_ms, setup_time_ms;
+	double downtime_ms, expected_downtime_ms;
+	uint64_t downtime_limit_ms;
+	uint64_t precopy_iterations;
+	uint64_t transferred_bytes, ram_transferred_bytes, device_transferred_bytes;
+	uint64_t pending_bytes;
+	double bandwidth_bps;           /* measured, bytes per second */
+	double throughput_mbps;         /* transferred over total time, Mbit/s */
+	unsigned multifd_channels;
+	bool downtime_from_same_clock;  /* false: corrected by RTT (other host) */
+};
+
+/*
+ * What the engine needs from the VM: stop and start its guest (vCPUs). Called
+ * from the migration thread.
+ */
+struct vfm_vm_ops {
+	int (*stop)(void *opaque);
+	int (*start)(void *opaque);
+};
+
+/*
+ * Handlers of one piece of savable state, like QEMU's SaveVMHandlers. Source
+ * callbacks run in the migration thread; destination callbacks in the
+ * incoming thread. Every callback is optional except where noted.
+ */
+struct vfm_savable_ops {
+	/* Source. */
+	int (*save_setup)(void *opaque, struct vfm_stream *s, struct vfm_error *err);
+	bool (*is_active_iterate)(void *opaque);
+	/* Send up to about budget bytes; returns 0, or 1 when nothing is left now. */
+	int (*save_iterate)(void *opaque, struct vfm_stream *s, uint64_t budget,
+			    struct vfm_error *err);
+	/* Cheap: cached figures. */
+	uint64_t (*pending_estimate)(void *opaque);
+	/* Expensive: asks the device (may sync). */
+	int (*pending_exact)(void *opaque, uint64_t *pending, struct vfm_error *err);
+	/* Whether the destination must ack this section before switchover. */
+	bool (*switchover_ack_needed)(void *opaque);
+	/* Guest stopped: send everything that remains. */
+	int (*save_complete)(void *opaque, struct vfm_stream *s, struct vfm_error *err);
+	/* Config state, after all data. */
+	int (*save_state)(void *opaque, struct vfm_stream *s, struct vfm_error *err);
+	/* succeeded: the destination took over; else roll back (device RUNNING). */
+	void (*save_cleanup)(void *opaque, bool succeeded);
+
+	/* Destination. */
+	int (*load_setup)(void *opaque, uint32_t version, struct vfm_error *err);
+	/* type: VFM_REC_DATA or VFM_REC_CONFIG; flags: the record's flags. */
+	int (*load_state)(void *opaque, uint16_t type, uint16_t flags, const void *buf,
+			  size_t len, struct vfm_error *err);
+	/* All data in: validate and get ready to run (devices to STOP / P2P). */
+	int (*load_finish)(void *opaque, struct vfm_error *err);
+	void (*load_cleanup)(void *opaque, bool succeeded);
+};
+
+#define VFM_SAVABLE_NAME_MAX 64
+
+VFM_EXPORT int vfm_migration_new(struct vfm_guest_mem *mem, const struct vfm_vm_ops *vm,
+				 void *vm_opaque, struct vfm_migration **out,
+				 struct vfm_error *err);
+/* Stops a running migration (cancel + join) and frees. Devices stay the caller's. */
+VFM_EXPORT void vfm_migration_free(struct vfm_migration *m);
+
+/* The VM's own state: name must be unique; version is checked on load. */
+VFM_EXPORT int vfm_migration_register(struct vfm_migration *m, const char *name,
+				      uint32_t version, const struct vfm_savable_ops *ops,
+				      void *opaque, struct vfm_error *err);
+/* A VFIO device (probed here); its guest memory mappings are the caller's. */
+VFM_EXPORT int vfm_migration_add_device(struct vfm_migration *m, struct vfm_device *dev,
+					const struct vfm_device_props *props,
+					struct vfm_error *err);
+
+/* Source: start migrating to uri in a new thread. -EBUSY if one runs. */
+VFM_EXPORT int vfm_migration_start(struct vfm_migration *m, const char *uri,
+				   const struct vfm_migration_params *params,
+				   struct vfm_error *err);
+VFM_EXPORT void vfm_migration_cancel(struct vfm_migration *m);
+/* Waits until the migration thread ends (timeout_ms -1 = forever);
+ * -ETIMEDOUT if still running. */
+VFM_EXPORT int vfm_migration_wait(struct vfm_migration *m, int timeout_ms);
+VFM_EXPORT void vfm_migration_get_stats(struct vfm_migration *m,
+					struct vfm_migration_stats *st);
+
+/*
+ * Destination: listen on uri, load one incoming migration, resume the guest
+ * (vm->start). Blocking; returns 0 once the guest runs. ready (optional) is
+ * called once the listener is up (e.g. to tell a parent which port).
+ */
+VFM_EXPORT int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
+				      const struct vfm_migration_params *params,
+				      void (*ready)(void *opaque, const char *uri),
+				      void *ready_opaque, struct vfm_error *err);
+
+/* Event callback for status changes (the control socket's MIGRATION event). */
+VFM_EXPORT void vfm_migration_set_event_cb(struct vfm_migration *m,
+					   void (*cb)(void *opaque, enum vfm_mig_status st),
+					   void *opaque);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,49 @@
+/*
+ * Migration channels from QEMU-style URIs: tcp:HOST:PORT, unix:PATH,
+ * file:PATH, fd:N. A listener is created by the destination before the
+ * source connects; sockets are bidirectional (the return path rides on the
+ * main channel), files and fds have no return path.
+ */
+#ifndef VFM_MIGRATION_CHANNEL_H
+#define VFM_MIGRATION_CHANNEL_H
+
+#include <stdbool.h>
+
+#include "vfiomig/common.h"
+
+enum vfm_uri_kind { VFM_URI_TCP, VFM_URI_UNIX, VFM_URI_FILE, VFM_URI_FD };
+
+struct vfm_uri {
+	enum vfm_uri_kind kind;
+	char host[256];   /* tcp: host name or address ("[::1]" given as ::1) */
+	unsigned port;    /* tcp: 1..65535 (0 allowed for a listener: any port) */
+	char path[108];   /* unix (sun_path limit) / file */
+	int fd;           /* fd: */
+};
+
+/* Parses a URI; clear errors for unknown schemes, bad ports, long paths. */
+int vfm_uri_parse(const char *text, struct vfm_uri *uri, struct vfm_error *err);
+/* Canonical text form into buf. */
+const char *vfm_uri_str(const struct vfm_uri *uri, char *buf, size_t len);
+/* tcp and unix have a return path; file and fd do not. */
+bool vfm_uri_has_return_path(const struct vfm_uri *uri);
+
+/*
+ * Destination side: listen (tcp/unix: socket bound and listening, unix socket
+ * file mode 0600, a stale socket file replaced only if it is a socket; file:
+ * opened for reading; fd: used as is). For tcp with port 0 the chosen port is
+ * written back into uri->port.
+ */
+struct vfm_listener;
+int vfm_listen(struct vfm_uri *uri, struct vfm_listener **out, struct vfm_error *err);
+/* Accept one connection (file/fd: returns the fd once). timeout_ms -1 = forever. */
+int vfm_accept(struct vfm_listener *l, int timeout_ms, int *fd, struct vfm_error *err);
+/* A fd to poll for an incoming connection, or -1 for file/fd. */
+int vfm_listener_fd(const struct vfm_listener *l);
+void vfm_listener_close(struct vfm_listener *l);   /* removes the unix socket file */
+
+/* Source side: connect (tcp/unix, bounded by timeout_ms), or create/truncate the
+ * file (mode 0600), or dup the fd. Sets TCP_NODELAY on tcp. */
+int vfm_connect(const struct vfm_uri *uri, int timeout_ms, int *fd, struct vfm_error *err);
+
+#endif

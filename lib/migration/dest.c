@@ -1,0 +1,262 @@
+/*
+ * The destination engine: accept one migration, load every section, then
+ * commit with the source (LOADED, wait for GO), bring devices to RUNNING
+ * (all to RUNNING_P2P first) and start the guest. It never runs a guest whose
+ * state did not load completely.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "migration/channel.h"
+#include "migration/engine.h"
+#include "util/logging.h"
+
+#define LOG "incoming"
+
+struct dest {
+	struct vfm_migration *m;
+	struct vfm_migration_params p;
+	struct vfm_stream *in;
+	struct vfm_stream *rp;        /* NULL without a return path */
+	struct vfm_savable *by_section[256];
+	bool saw_eos;
+};
+
+static struct vfm_savable *lookup(struct dest *d, uint32_t section, struct vfm_error *err)
+{
+	struct vfm_savable *sv = section < 256 ? d->by_section[section] : NULL;
+
+	if (!sv)
+		vfm_error_set(err, VFM_ESTREAM, "record for unannounced section %u", section);
+	return sv;
+}
+
+static int on_section(struct dest *d, const struct vfm_rec_hdr *h, const unsigned char *pl,
+		      struct vfm_error *err)
+{
+	struct vfm_migration *m = d->m;
+	char name[VFM_SAVABLE_NAME_MAX];
+	uint32_t section, version;
+	size_t nl;
+
+	if (h->length < 9 || h->length - 8 >= sizeof(name))
+		return vfm_error_set(err, VFM_ESTREAM, "bad section record (%u bytes)", h->length);
+	section = vfm_get_le32(pl);
+	version = vfm_get_le32(pl + 4);
+	nl = h->length - 8;
+	memcpy(name, pl + 8, nl);
+	name[nl] = '\0';
+	if (section != h->section || section >= 256 || d->by_section[section])
+		return vfm_error_set(err, VFM_ESTREAM, "bad or duplicate section id %u", section);
+	for (unsigned i = 0; i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+		int ret;
+
+		if (strcmp(sv->name, name))
+			continue;
+		if (sv->loaded_setup)
+			return vfm_error_set(err, VFM_ESTREAM, "section '%s' announced twice", name);
+		if (sv->ops->load_setup && (ret = sv->ops->load_setup(sv->opaque, version, err)))
+			return vfm_error_set(err, ret, "setting up '%s'", name);
+		sv->loaded_setup = true;
+		d->by_section[section] = sv;
+		return 0;
+	}
+	return vfm_error_set(err, VFM_ESTREAM, "the source sends '%s', which this VM does not have "
+			     "(start the destination with the same devices)", name);
+}
+
+static void send_rp(struct dest *d, uint16_t type, uint32_t section, const void *pl, size_t len)
+{
+	if (!d->rp)
+		return;
+	vfm_stream_put_record(d->rp, type, 0, section, pl, len);
+	vfm_stream_flush(d->rp);
+}
+
+static int load_records(struct dest *d, struct vfm_error *err)
+{
+	struct vfm_rec_hdr h;
+	const void *pl;
+	int ret;
+
+	while (!d->saw_eos) {
+		ret = vfm_stream_get_record(d->in, &h, &pl, VFM_STREAM_MAX_RECORD, err);
+		if (ret)
+			return ret;
+		switch (h.type) {
+		case VFM_REC_SECTION:
+			ret = on_section(d, &h, pl, err);
+			break;
+		case VFM_REC_DATA:
+		case VFM_REC_CONFIG: {
+			struct vfm_savable *sv = lookup(d, h.section, err);
+			if (!sv)
+				return VFM_ESTREAM;
+			if (!sv->ops->load_state)
+				return vfm_error_set(err, VFM_ESTREAM, "'%s' takes no data", sv->name);
+			ret = sv->ops->load_state(sv->opaque, h.type, h.flags, pl, h.length, err);
+			if (ret)
+				vfm_error_set(err, ret, "loading '%s'", sv->name);
+			break;
+		}
+		case VFM_REC_INIT_DATA_SENT:
+			/* Loaded synchronously above, so it is in the device: ack now. */
+			if (!lookup(d, h.section, err))
+				return VFM_ESTREAM;
+			send_rp(d, VFM_REC_RP_ACK, h.section, NULL, 0);
+			break;
+		case VFM_REC_PING: {
+			unsigned char pong[16];
+			if (h.length != 8)
+				return vfm_error_set(err, VFM_ESTREAM, "bad ping");
+			memcpy(pong, pl, 8);
+			vfm_put_le64(pong + 8, vfm__now_ns());
+			send_rp(d, VFM_REC_RP_PONG, 0, pong, sizeof(pong));
+			break;
+		}
+		case VFM_REC_SWITCHOVER:
+			vfm__mig_set_status(d->m, VFM_MIG_DEVICE);
+			break;
+		case VFM_REC_SECTION_END:
+			if (!lookup(d, h.section, err))
+				return VFM_ESTREAM;
+			break;
+		case VFM_REC_EOS:
+			d->saw_eos = true;
+			break;
+		default:
+			return vfm_error_set(err, VFM_ESTREAM, "unexpected record type %u", h.type);
+		}
+		if (ret)
+			return ret;
+		if (d->rp && vfm_stream_error(d->rp, err))
+			return vfm_error_set(err, err ? err->code : -EIO, "return path");
+	}
+	return 0;
+}
+
+static int finish_load(struct dest *d, struct vfm_error *err)
+{
+	struct vfm_migration *m = d->m;
+	struct vfm_rec_hdr h;
+	const void *pl;
+	int ret;
+
+	for (unsigned i = 0; i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+
+		if (!sv->loaded_setup)
+			return vfm_error_set(err, VFM_ESTREAM, "the stream has no state for '%s'",
+					     sv->name);
+		if (sv->ops->load_finish && (ret = sv->ops->load_finish(sv->opaque, err)))
+			return ret;
+	}
+	if (d->rp) {
+		send_rp(d, VFM_REC_RP_LOADED, 0, NULL, 0);
+		if (vfm_stream_error(d->rp, err))
+			return vfm_error_set(err, err ? err->code : -EIO, "return path");
+		/* Run nothing until the source commits. */
+		ret = vfm_stream_get_record(d->in, &h, &pl, 0, err);
+		if (ret)
+			return vfm_error_set(err, ret, "waiting for the source to commit");
+		if (h.type != VFM_REC_GO)
+			return vfm_error_set(err, VFM_ESTREAM, "expected GO, got record %u", h.type);
+	}
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct vfm_device *dev = m->devs[i]->dev;
+		ret = vfm_device_set_state(dev, VFM_STATE_RUNNING, VFM_STATE_ERROR, err);
+		if (ret)
+			return vfm_error_set(err, ret, "%s: to RUNNING", vfm_device_id(dev));
+	}
+	if (m->vm && m->vm->start && (ret = m->vm->start(m->vm_opaque)))
+		return vfm_error_set(err, ret, "starting the guest");
+	{
+		unsigned char msg[8 + 36];
+		char boot[37];
+
+		vfm_put_le64(msg, vfm__now_ns());
+		vfm__boot_id(boot);
+		memset(msg + 8, 0, 36);
+		memcpy(msg + 8, boot, strlen(boot));
+		send_rp(d, VFM_REC_RP_RESUMED, 0, msg, sizeof(msg));
+	}
+	return 0;
+}
+
+int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
+			   const struct vfm_migration_params *params,
+			   void (*ready)(void *opaque, const char *uri), void *ready_opaque,
+			   struct vfm_error *err)
+{
+	struct vfm_listener *l = NULL;
+	struct dest d = { .m = m };
+	struct vfm_uri u;
+	char ubuf[600];
+	uint64_t t0;
+	int fd = -1, ret;
+
+	if (params)
+		d.p = *params;
+	else
+		vfm_migration_params_default(&d.p);
+	ret = vfm_uri_parse(uri, &u, err);
+	if (ret)
+		return ret;
+	ret = vfm_listen(&u, &l, err);
+	if (ret)
+		return ret;
+	if (ready)
+		ready(ready_opaque, vfm_uri_str(&u, ubuf, sizeof(ubuf)));
+	ret = vfm_accept(l, -1, &fd, err);
+	if (ret)
+		goto out;
+	t0 = vfm__now_ns();
+	vfm__mig_set_status(m, VFM_MIG_ACTIVE);
+	ret = vfm_stream_open(fd, (int)d.p.timeout_ms, &d.in, err);
+	if (!ret && vfm_uri_has_return_path(&u))
+		ret = vfm_stream_open(fd, (int)d.p.timeout_ms, &d.rp, err);
+	if (!ret)
+		ret = vfm_stream_read_header(d.in, err);
+	if (!ret)
+		ret = load_records(&d, err);
+	if (!ret)
+		ret = finish_load(&d, err);
+	if (ret && d.rp) {
+		/* Tell the source why, so it can roll back with a clear message. */
+		unsigned char msg[4 + VFM_ERROR_MSG_MAX];
+		size_t n = err ? strlen(err->msg) : 0;
+		vfm_put_le32(msg, (uint32_t)ret);
+		if (n)
+			memcpy(msg + 4, err->msg, n);
+		send_rp(&d, VFM_REC_RP_ERROR, 0, msg, 4 + n);
+	}
+	for (unsigned i = 0; i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+		if (sv->loaded_setup && sv->ops->load_cleanup)
+			sv->ops->load_cleanup(sv->opaque, ret == 0);
+		sv->loaded_setup = false;
+	}
+	pthread_mutex_lock(&m->lock);
+	m->stats.total_time_ms = (vfm__now_ns() - t0) / 1000000ull;
+	m->stats.transferred_bytes = d.in ? vfm_stream_bytes(d.in) : 0;
+	m->stats.ram_transferred_bytes = vfm__ram_transferred(m->ram);
+	pthread_mutex_unlock(&m->lock);
+	if (ret) {
+		vfm__mig_set_error(m, err);
+		vfm__mig_set_status(m, VFM_MIG_FAILED);
+	} else {
+		vfm__mig_set_status(m, VFM_MIG_COMPLETED);
+	}
+	vfm_stream_free(d.rp);
+	vfm_stream_free(d.in);
+out:
+	if (fd >= 0)
+		close(fd);
+	vfm_listener_close(l);
+	return ret;
+}

@@ -1,0 +1,343 @@
+/*
+ * The RAM savable: sends dirty guest pages in batches of contiguous pages,
+ * zero runs compactly, and loads them into the destination's guest memory.
+ *
+ * DATA payload: u64 gpa, u32 npages, u32 flags, then npages pages unless
+ * flags has RAM_ZERO. The first DATA record (RAM_LAYOUT) lists the regions
+ * so the destination can refuse a guest of another shape.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "migration/engine.h"
+#include "util/bitmap.h"
+#include "util/logging.h"
+
+#define RAM_ZERO   (1u << 0)
+#define RAM_LAYOUT (1u << 1)
+#define RAM_HDR 16
+/* Pages per record: 1 MiB of 4 KiB pages, the size device data uses too. */
+#define RAM_BATCH_PAGES 256
+
+struct vfm_ram {
+	struct vfm_migration *m;
+	struct vfm_guest_mem *mem;
+	uint64_t page_size;
+	/* Migration thread only: pages to send, collected from the dirty bitmaps. */
+	uint64_t *send[VFM_MEM_MAX_REGIONS];
+	uint64_t send_pages;
+	unsigned cur_region;
+	uint64_t cur_page;
+	/* The pages of one record, copied out of guest memory first: the guest
+	 * may write them while they are checksummed and sent. */
+	unsigned char *bounce;
+	_Atomic uint64_t transferred;
+};
+
+int vfm__register_ram(struct vfm_migration *m, const struct vfm_savable_ops *ops, void *opaque,
+		      struct vfm_error *err);
+
+static bool page_is_zero(const void *p, uint64_t size)
+{
+	const uint64_t *w = p;
+
+	for (uint64_t i = 0; i < size / 8; i += 4)
+		if (w[i] | w[i + 1] | w[i + 2] | w[i + 3])
+			return false;
+	return true;
+}
+
+void vfm__ram_sync(struct vfm_ram *ram)
+{
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(ram->mem); i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+		uint64_t before = vfm_bitmap_weight(ram->send[i], VFM_BITMAP_WORDS(r->npages));
+
+		vfm_dirty_collect(ram->mem, i, ram->send[i]);
+		ram->send_pages += vfm_bitmap_weight(ram->send[i], VFM_BITMAP_WORDS(r->npages)) - before;
+	}
+}
+
+uint64_t vfm__ram_transferred(struct vfm_ram *ram)
+{
+	return ram ? atomic_load(&ram->transferred) : 0;
+}
+
+static int ram_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error *err)
+{
+	struct vfm_ram *ram = opaque;
+	unsigned n = vfm_guest_mem_num_regions(ram->mem);
+	unsigned char buf[RAM_HDR + 8 + VFM_MEM_MAX_REGIONS * 16];
+	size_t len = RAM_HDR + 8;
+
+	vfm_put_le64(buf, 0);
+	vfm_put_le32(buf + 8, n);
+	vfm_put_le32(buf + 12, RAM_LAYOUT);
+	vfm_put_le64(buf + 16, ram->page_size);
+	for (unsigned i = 0; i < n; i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+		vfm_put_le64(buf + len, r->gpa);
+		vfm_put_le64(buf + len + 8, r->size);
+		len += 16;
+	}
+	vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, buf, len);
+	ram->cur_region = 0;
+	ram->cur_page = 0;
+	return vfm_stream_error(s, err);
+}
+
+/* Sends one run of up to RAM_BATCH_PAGES pages from the send set; returns
+ * bytes put on the stream, 0 when the set is empty. */
+static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
+{
+	unsigned n = vfm_guest_mem_num_regions(ram->mem);
+
+	while (ram->send_pages && ram->cur_region < n) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, ram->cur_region);
+		uint64_t *set = ram->send[ram->cur_region];
+		uint64_t p = ram->cur_page, first, count = 0;
+		unsigned char hdr[RAM_HDR];
+		const char *host;
+		bool zero;
+
+		/* Find the next set bit from p. */
+		while (p < r->npages && !(set[p / 64] >> (p % 64) & 1)) {
+			if ((p % 64) == 0 && !set[p / 64])
+				p += 64;
+			else
+				p++;
+		}
+		if (p >= r->npages) {
+			ram->cur_region++;
+			ram->cur_page = 0;
+			if (ram->cur_region >= n)
+				ram->cur_region = 0;  /* wrap: new bits may sit behind us */
+			continue;
+		}
+		first = p;
+		host = (const char *)r->host + first * ram->page_size;
+		zero = page_is_zero(host, ram->page_size);
+		/* Extend the run over set bits of the same kind (zero or data). */
+		while (p < r->npages && count < RAM_BATCH_PAGES && (set[p / 64] >> (p % 64) & 1) &&
+		       page_is_zero((const char *)r->host + p * ram->page_size, ram->page_size) == zero) {
+			set[p / 64] &= ~(1ull << (p % 64));
+			count++;
+			p++;
+		}
+		ram->send_pages -= count;
+		ram->cur_page = p;
+		vfm_put_le64(hdr, r->gpa + first * ram->page_size);
+		vfm_put_le32(hdr + 8, (uint32_t)count);
+		vfm_put_le32(hdr + 12, zero ? RAM_ZERO : 0);
+		if (zero) {
+			vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, hdr, sizeof(hdr));
+			atomic_fetch_add(&ram->transferred, RAM_HDR + sizeof(struct vfm_rec_hdr));
+			return RAM_HDR + sizeof(struct vfm_rec_hdr);
+		}
+		/* A page the guest writes after this copy is dirty again, and resent. */
+		memcpy(ram->bounce, host, count * ram->page_size);
+		struct iovec iov[2] = {
+			{ .iov_base = hdr, .iov_len = sizeof(hdr) },
+			{ .iov_base = ram->bounce, .iov_len = count * ram->page_size },
+		};
+		vfm_stream_put_recordv(s, VFM_REC_DATA, 0, 1, iov, 2);
+		atomic_fetch_add(&ram->transferred,
+				 RAM_HDR + count * ram->page_size + sizeof(struct vfm_rec_hdr));
+		return RAM_HDR + count * ram->page_size + sizeof(struct vfm_rec_hdr);
+	}
+	return 0;
+}
+
+static int ram_save_iterate(void *opaque, struct vfm_stream *s, uint64_t budget,
+			    struct vfm_error *err)
+{
+	struct vfm_ram *ram = opaque;
+	uint64_t sent = 0, n;
+
+	while (sent < budget && (n = send_one_run(ram, s)) > 0) {
+		sent += n;
+		if (vfm_stream_error(s, NULL))
+			break;
+	}
+	if (vfm_stream_error(s, err))
+		return err ? err->code : -EIO;
+	return ram->send_pages == 0 ? 1 : 0;
+}
+
+static bool ram_is_active(void *opaque)
+{
+	return true;
+}
+
+static uint64_t ram_pending_estimate(void *opaque)
+{
+	struct vfm_ram *ram = opaque;
+
+	return (ram->send_pages + vfm_dirty_count(ram->mem)) * ram->page_size;
+}
+
+static int ram_pending_exact(void *opaque, uint64_t *pending, struct vfm_error *err)
+{
+	struct vfm_ram *ram = opaque;
+
+	vfm__ram_sync(ram);
+	*pending = ram->send_pages * ram->page_size;
+	return 0;
+}
+
+static int ram_save_complete(void *opaque, struct vfm_stream *s, struct vfm_error *err)
+{
+	struct vfm_ram *ram = opaque;
+	int ret;
+
+	vfm__ram_sync(ram);
+	ram->cur_region = 0;
+	ram->cur_page = 0;
+	do {
+		ret = ram_save_iterate(ram, s, UINT64_MAX, err);
+	} while (ret == 0);
+	return ret < 0 ? ret : 0;
+}
+
+static void ram_save_cleanup(void *opaque, bool succeeded)
+{
+	struct vfm_ram *ram = opaque;
+
+	if (!succeeded) {
+		/* What was collected but not sent must go next time: back to dirty. */
+		vfm_dirty_mark_all(ram->mem);
+	}
+	for (unsigned i = 0; i < VFM_MEM_MAX_REGIONS && ram->send[i]; i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+		memset(ram->send[i], 0, VFM_BITMAP_WORDS(r->npages) * sizeof(uint64_t));
+	}
+	ram->send_pages = 0;
+}
+
+static int ram_load_setup(void *opaque, uint32_t version, struct vfm_error *err)
+{
+	if (version != 1)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: unsupported version %u", version);
+	return 0;
+}
+
+static int load_layout(struct vfm_ram *ram, const unsigned char *p, size_t len, uint32_t n,
+		       struct vfm_error *err)
+{
+	if (len != RAM_HDR + 8 + (size_t)n * 16 || n > VFM_MEM_MAX_REGIONS)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: bad layout record");
+	if (vfm_get_le64(p + RAM_HDR) != ram->page_size)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: page size %" PRIu64 " != ours %" PRIu64,
+				     vfm_get_le64(p + RAM_HDR), ram->page_size);
+	if (n != vfm_guest_mem_num_regions(ram->mem))
+		return vfm_error_set(err, VFM_ESTREAM, "ram: source has %u memory regions, we have %u",
+				     n, vfm_guest_mem_num_regions(ram->mem));
+	for (uint32_t i = 0; i < n; i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+		uint64_t gpa = vfm_get_le64(p + RAM_HDR + 8 + i * 16);
+		uint64_t size = vfm_get_le64(p + RAM_HDR + 16 + i * 16);
+		if (gpa != r->gpa || size != r->size)
+			return vfm_error_set(err, VFM_ESTREAM, "ram: source region %u is 0x%" PRIx64
+					     "+0x%" PRIx64 ", ours 0x%" PRIx64 "+0x%" PRIx64
+					     " (start the destination with the same --mem)",
+					     i, gpa, size, r->gpa, r->size);
+	}
+	return 0;
+}
+
+static int ram_load_state(void *opaque, uint16_t type, uint16_t rflags, const void *buf,
+			  size_t len, struct vfm_error *err)
+{
+	struct vfm_ram *ram = opaque;
+	const unsigned char *p = buf;
+	uint64_t gpa, bytes;
+	uint32_t npages, flags;
+	void *dst;
+
+	if (type != VFM_REC_DATA || len < RAM_HDR)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: bad record (type %u, %zu bytes)",
+				     type, len);
+	gpa = vfm_get_le64(p);
+	npages = vfm_get_le32(p + 8);
+	flags = vfm_get_le32(p + 12);
+	if (flags & RAM_LAYOUT)
+		return load_layout(ram, p, len, npages, err);
+	if (flags & ~RAM_ZERO || !npages || npages > RAM_BATCH_PAGES)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: bad batch (flags 0x%x, %u pages)",
+				     flags, npages);
+	bytes = (uint64_t)npages * ram->page_size;
+	if (len != (flags & RAM_ZERO ? RAM_HDR : RAM_HDR + bytes) || gpa % ram->page_size)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: batch at 0x%" PRIx64 " has %zu bytes "
+				     "for %u pages", gpa, len, npages);
+	dst = vfm_guest_mem_ptr(ram->mem, gpa, bytes);
+	if (!dst)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: pages 0x%" PRIx64 "+0x%" PRIx64
+				     " outside guest memory", gpa, bytes);
+	if (flags & RAM_ZERO)
+		memset(dst, 0, bytes);
+	else
+		memcpy(dst, p + RAM_HDR, bytes);
+	atomic_fetch_add(&ram->transferred, len + sizeof(struct vfm_rec_hdr));
+	return 0;
+}
+
+static const struct vfm_savable_ops ram_ops = {
+	.save_setup = ram_save_setup,
+	.is_active_iterate = ram_is_active,
+	.save_iterate = ram_save_iterate,
+	.pending_estimate = ram_pending_estimate,
+	.pending_exact = ram_pending_exact,
+	.save_complete = ram_save_complete,
+	.save_cleanup = ram_save_cleanup,
+	.load_setup = ram_load_setup,
+	.load_state = ram_load_state,
+};
+
+int vfm__ram_create(struct vfm_migration *m, struct vfm_error *err)
+{
+	struct vfm_ram *ram = calloc(1, sizeof(*ram));
+	int ret;
+
+	if (!ram)
+		return vfm_error_set(err, -ENOMEM, "out of memory");
+	ram->m = m;
+	ram->mem = m->mem;
+	ram->page_size = vfm_guest_mem_page_size(m->mem);
+	if (ram->page_size * RAM_BATCH_PAGES + RAM_HDR > VFM_STREAM_MAX_RECORD) {
+		uint64_t ps = ram->page_size;
+		free(ram);
+		return vfm_error_set(err, -EINVAL, "ram: page size %" PRIu64 " too large", ps);
+	}
+	ram->bounce = malloc(ram->page_size * RAM_BATCH_PAGES);
+	if (!ram->bounce) {
+		free(ram);
+		return vfm_error_set(err, -ENOMEM, "out of memory");
+	}
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(m->mem); i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(m->mem, i);
+		ram->send[i] = calloc(VFM_BITMAP_WORDS(r->npages), sizeof(uint64_t));
+		if (!ram->send[i]) {
+			vfm__ram_destroy(ram);
+			return vfm_error_set(err, -ENOMEM, "out of memory for RAM send bitmaps");
+		}
+	}
+	ret = vfm__register_ram(m, &ram_ops, ram, err);
+	if (ret) {
+		vfm__ram_destroy(ram);
+		return ret;
+	}
+	m->ram = ram;
+	return 0;
+}
+
+void vfm__ram_destroy(struct vfm_ram *ram)
+{
+	if (!ram)
+		return;
+	for (unsigned i = 0; i < VFM_MEM_MAX_REGIONS; i++)
+		free(ram->send[i]);
+	free(ram->bounce);
+	free(ram);
+}

@@ -1,0 +1,613 @@
+/*
+ * The source engine: one thread per migration. Setup, iterative pre-copy
+ * until the pending data fits in the downtime limit at the measured
+ * bandwidth (and every switchover-ack has come), then switchover: stop the
+ * guest, quiesce devices (P2P first), STOP_COPY, final dirty sync, send the
+ * rest, commit with the destination. Any failure before the commit puts every
+ * device back to RUNNING and restarts the guest.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "migration/channel.h"
+#include "migration/engine.h"
+#include "util/logging.h"
+
+#define LOG "migration"
+/* Bytes one savable may send before the loop looks at acks, cancel, rate. */
+#define ITER_BUDGET (8ull << 20)
+#define BW_WINDOW_NS 100000000ull   /* bandwidth recomputed every 100 ms */
+
+struct source {
+	struct vfm_migration *m;
+	struct vfm_migration_params p;
+	struct vfm_uri uri;
+	int fd;
+	struct vfm_stream *out;
+	struct vfm_stream *rp;
+	bool guest_stopped;
+	bool committed;              /* GO sent (or file written): no way back */
+	uint64_t t_start, t_stop, rtt_ns;
+	/* Bandwidth window. */
+	uint64_t win_start, win_bytes0;
+	bool win_busy;
+	double bw;                   /* bytes per second */
+	uint64_t ping_token;
+};
+
+static uint64_t out_bytes(struct source *src)
+{
+	return vfm_stream_bytes(src->out);
+}
+
+static void update_stats(struct source *src, uint64_t pending)
+{
+	struct vfm_migration *m = src->m;
+	uint64_t dev = 0, now = vfm__now_ns();
+	struct vfm_migration_stats *st = &m->stats;
+
+	for (unsigned i = 0; i < m->ndevs; i++)
+		dev += atomic_load(&m->devs[i]->transferred);
+	pthread_mutex_lock(&m->lock);
+	st->transferred_bytes = out_bytes(src);
+	st->ram_transferred_bytes = vfm__ram_transferred(m->ram);
+	st->device_transferred_bytes = dev;
+	st->pending_bytes = pending;
+	st->bandwidth_bps = src->bw;
+	st->expected_downtime_ms = src->bw > 0 ? (double)pending * 1000.0 / src->bw : 0;
+	st->total_time_ms = (now - src->t_start) / 1000000ull;
+	if (st->total_time_ms)
+		st->throughput_mbps = (double)st->transferred_bytes * 8.0 / 1000.0 /
+				      (double)st->total_time_ms;
+	pthread_mutex_unlock(&m->lock);
+}
+
+static int read_rp_record(struct source *src, struct vfm_rec_hdr *h, const void **pl,
+			  struct vfm_error *err)
+{
+	int ret = vfm_stream_get_record(src->rp, h, pl, 4096, err);
+
+	if (ret)
+		return vfm_error_set(err, ret, "return path");
+	if (h->type == VFM_REC_RP_ERROR) {
+		char msg[VFM_ERROR_MSG_MAX];
+		size_t n = h->length > 4 ? h->length - 4 : 0;
+		if (n >= sizeof(msg))
+			n = sizeof(msg) - 1;
+		memcpy(msg, (const char *)*pl + (h->length >= 4 ? 4 : 0), n);
+		msg[n] = '\0';
+		return vfm_error_set(err, VFM_ESTREAM, "destination failed: %s", msg);
+	}
+	return 0;
+}
+
+/* Handles return-path records that are ready now (acks). */
+static int poll_return_path(struct source *src, struct vfm_error *err)
+{
+	struct vfm_rec_hdr h;
+	const void *pl;
+	int ret;
+
+	while (src->rp && vfm_stream_readable(src->rp, 0)) {
+		ret = read_rp_record(src, &h, &pl, err);
+		if (ret)
+			return ret;
+		if (h.type == VFM_REC_RP_ACK) {
+			for (unsigned i = 0; i < src->m->nsv; i++)
+				if (src->m->sv[i].section == h.section)
+					atomic_store(&src->m->sv[i].acked, true);
+			vfm_debug(LOG, "switchover-ack for section %u", h.section);
+		} else if (h.type != VFM_REC_RP_PONG) {
+			return vfm_error_set(err, VFM_EPROTOCOL, "unexpected return-path record %u",
+					     h.type);
+		}
+	}
+	return 0;
+}
+
+/* Waits (bounded) for one return-path record of the given type. */
+static int wait_rp(struct source *src, uint16_t type, struct vfm_rec_hdr *h, const void **pl,
+		   struct vfm_error *err)
+{
+	uint64_t deadline = vfm__now_ns() + src->p.timeout_ms * 1000000ull;
+	int ret;
+
+	for (;;) {
+		if (atomic_load(&src->m->cancel) && !src->committed)
+			return vfm_error_set(err, VFM_ECANCELED, "migration cancelled");
+		if (vfm__now_ns() > deadline)
+			return vfm_error_set(err, -ETIMEDOUT, "no answer from the destination in %" PRIu64
+					     " ms", src->p.timeout_ms);
+		if (!vfm_stream_readable(src->rp, 50))
+			continue;
+		ret = read_rp_record(src, h, pl, err);
+		if (ret)
+			return ret;
+		if (h->type == type)
+			return 0;
+		if (h->type == VFM_REC_RP_ACK)
+			continue;  /* late ack: harmless */
+		return vfm_error_set(err, VFM_EPROTOCOL, "expected return-path record %u, got %u",
+				     type, h->type);
+	}
+}
+
+static int measure_rtt(struct source *src, struct vfm_error *err)
+{
+	unsigned char tok[8];
+	struct vfm_rec_hdr h;
+	const void *pl;
+	uint64_t t0 = vfm__now_ns();
+	int ret;
+
+	vfm_put_le64(tok, ++src->ping_token);
+	vfm_stream_put_record(src->out, VFM_REC_PING, 0, 0, tok, sizeof(tok));
+	vfm_stream_flush(src->out);
+	if (vfm_stream_error(src->out, err))
+		return err ? err->code : -EIO;
+	ret = wait_rp(src, VFM_REC_RP_PONG, &h, &pl, err);
+	if (ret)
+		return ret;
+	src->rtt_ns = vfm__now_ns() - t0;
+	vfm_debug(LOG, "round trip %.3f ms", (double)src->rtt_ns / 1e6);
+	return 0;
+}
+
+static void bandwidth_tick(struct source *src)
+{
+	uint64_t now = vfm__now_ns(), el = now - src->win_start;
+	uint64_t bytes = out_bytes(src) - src->win_bytes0;
+
+	if (el < BW_WINDOW_NS)
+		return;
+	/* An idle window (nothing left to send) says nothing about the link. */
+	if (src->win_busy || src->bw == 0)
+		if (bytes)
+			src->bw = (double)bytes * 1e9 / (double)el;
+	src->win_start = now;
+	src->win_bytes0 = out_bytes(src);
+	src->win_busy = false;
+}
+
+static void rate_limit(struct source *src)
+{
+	uint64_t limit = src->p.max_bandwidth, sent, now, allowed_ns;
+
+	if (!limit)
+		return;
+	now = vfm__now_ns();
+	sent = out_bytes(src) - src->win_bytes0;
+	allowed_ns = (uint64_t)((double)sent * 1e9 / (double)limit);
+	if (allowed_ns > now - src->win_start) {
+		uint64_t wait = allowed_ns - (now - src->win_start);
+		struct timespec ts = { (time_t)(wait / 1000000000ull), (long)(wait % 1000000000ull) };
+		nanosleep(&ts, NULL);
+	}
+}
+
+static uint64_t pending_estimate(struct vfm_migration *m)
+{
+	uint64_t sum = 0;
+
+	for (unsigned i = 0; i < m->nsv; i++)
+		if (m->sv[i].ops->pending_estimate)
+			sum += m->sv[i].ops->pending_estimate(m->sv[i].opaque);
+	return sum;
+}
+
+static int pending_exact(struct vfm_migration *m, uint64_t *out, struct vfm_error *err)
+{
+	uint64_t sum = 0, v;
+	int ret;
+
+	for (unsigned i = 0; i < m->nsv; i++) {
+		const struct vfm_savable *sv = &m->sv[i];
+		if (sv->ops->pending_exact) {
+			ret = sv->ops->pending_exact(sv->opaque, &v, err);
+			if (ret)
+				return ret;
+		} else {
+			v = sv->ops->pending_estimate ? sv->ops->pending_estimate(sv->opaque) : 0;
+		}
+		sum += v;
+	}
+	*out = sum;
+	return 0;
+}
+
+static bool all_acked(struct vfm_migration *m)
+{
+	for (unsigned i = 0; i < m->nsv; i++)
+		if (m->sv[i].ack_needed && !atomic_load(&m->sv[i].acked))
+			return false;
+	return true;
+}
+
+static int do_setup(struct source *src, struct vfm_error *err)
+{
+	struct vfm_migration *m = src->m;
+	int ret;
+
+	ret = vfm_connect(&src->uri, (int)src->p.timeout_ms, &src->fd, err);
+	if (ret)
+		return ret;
+	atomic_store(&m->sock_fd, src->fd);
+	ret = vfm_stream_open(src->fd, (int)src->p.timeout_ms, &src->out, err);
+	if (!ret && vfm_uri_has_return_path(&src->uri))
+		ret = vfm_stream_open(src->fd, (int)src->p.timeout_ms, &src->rp, err);
+	if (ret)
+		return ret;
+	vfm_stream_write_header(src->out);
+	for (unsigned i = 0; i < m->nsv; i++) {
+		const struct vfm_savable *sv = &m->sv[i];
+		unsigned char buf[8 + VFM_SAVABLE_NAME_MAX];
+		size_t nl = strlen(sv->name);
+
+		vfm_put_le32(buf, sv->section);
+		vfm_put_le32(buf + 4, sv->version);
+		memcpy(buf + 8, sv->name, nl);
+		vfm_stream_put_record(src->out, VFM_REC_SECTION, 0, sv->section, buf, 8 + nl);
+	}
+	if (src->rp && (ret = measure_rtt(src, err)))
+		return ret;
+	vfm__dirty_tracking_start(m, err);
+	for (unsigned i = 0; i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+
+		atomic_store(&sv->acked, false);
+		if (sv->ops->save_setup && (ret = sv->ops->save_setup(sv->opaque, src->out, err)))
+			return vfm_error_set(err, ret, "setup of %s", sv->name);
+		sv->ack_needed = src->rp && src->p.switchover_ack && sv->ops->switchover_ack_needed &&
+				 sv->ops->switchover_ack_needed(sv->opaque);
+	}
+	vfm_stream_flush(src->out);
+	return vfm_stream_error(src->out, err);
+}
+
+/* Pre-copy until the rest fits the downtime limit. */
+static int do_iterate(struct source *src, struct vfm_error *err)
+{
+	struct vfm_migration *m = src->m;
+	uint64_t pending = 0, iterations = 0;
+	int ret;
+
+	src->win_start = vfm__now_ns();
+	src->win_bytes0 = out_bytes(src);
+	for (;;) {
+		double threshold;
+		bool all_done = true;
+
+		if (atomic_load(&m->cancel))
+			return vfm_error_set(err, VFM_ECANCELED, "migration cancelled");
+		if ((ret = poll_return_path(src, err)))
+			return ret;
+		bandwidth_tick(src);
+		threshold = src->bw * (double)src->p.downtime_limit_ms / 1000.0;
+		pending = pending_estimate(m);
+		if (src->bw > 0 && (double)pending <= threshold) {
+			vfm__log_sync(m, true);
+			iterations++;
+			if ((ret = pending_exact(m, &pending, err)))
+				return ret;
+			update_stats(src, pending);
+			if ((double)pending <= threshold && all_acked(m))
+				break;
+		}
+		for (unsigned i = 0; i < m->nsv; i++) {
+			struct vfm_savable *sv = &m->sv[i];
+
+			if (!sv->ops->save_iterate ||
+			    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
+				continue;
+			ret = sv->ops->save_iterate(sv->opaque, src->out, ITER_BUDGET, err);
+			if (ret < 0)
+				return vfm_error_set(err, ret, "pre-copy of %s", sv->name);
+			if (ret == 0)
+				all_done = false;
+		}
+		if (all_done) {
+			/* A pass over everything dirty: sync for the next one. */
+			vfm_stream_flush(src->out);
+			vfm__log_sync(m, true);
+			iterations++;
+			if (pending_estimate(m) == 0) {
+				/* Idle: wait for the guest or for acks rather than spin. */
+				struct timespec ts = { 0, 5000000 };
+				nanosleep(&ts, NULL);
+			}
+		} else {
+			src->win_busy = true;
+		}
+		pthread_mutex_lock(&m->lock);
+		m->stats.precopy_iterations = iterations;
+		pthread_mutex_unlock(&m->lock);
+		update_stats(src, pending);
+		rate_limit(src);
+		if (vfm_stream_error(src->out, err))
+			return err ? err->code : -EIO;
+	}
+	pthread_mutex_lock(&m->lock);
+	m->stats.precopy_iterations = iterations;
+	pthread_mutex_unlock(&m->lock);
+	update_stats(src, pending);
+	return 0;
+}
+
+/* Quiesce then stop every device: all to P2P states first, then STOP_COPY. */
+static int stop_devices(struct vfm_migration *m, struct vfm_error *err)
+{
+	int ret;
+
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct vfm_mig_device *md = m->devs[i];
+		enum vfm_state st = vfm_device_state(md->dev), to;
+
+		if (!(md->flags & VFM_MIG_P2P))
+			continue;
+		to = st == VFM_STATE_PRE_COPY ? VFM_STATE_PRE_COPY_P2P : VFM_STATE_RUNNING_P2P;
+		ret = vfm_device_set_state(md->dev, to, st, err);
+		if (ret)
+			return vfm_error_set(err, ret, "%s: quiescing (P2P)", vfm_device_id(md->dev));
+	}
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct vfm_mig_device *md = m->devs[i];
+		enum vfm_state st = vfm_device_state(md->dev);
+
+		ret = vfm_device_set_state(md->dev, VFM_STATE_STOP_COPY, st, err);
+		if (ret)
+			return vfm_error_set(err, ret, "%s: to STOP_COPY", vfm_device_id(md->dev));
+	}
+	return 0;
+}
+
+static int do_switchover(struct source *src, struct vfm_error *err)
+{
+	struct vfm_migration *m = src->m;
+	struct vfm_rec_hdr h;
+	const void *pl;
+	uint64_t t_resumed_rx;
+	int ret;
+
+	vfm__mig_set_status(m, VFM_MIG_DEVICE);
+	src->t_stop = vfm__now_ns();
+	if (m->vm && m->vm->stop && (ret = m->vm->stop(m->vm_opaque)))
+		return vfm_error_set(err, ret, "stopping the guest");
+	src->guest_stopped = true;
+	if ((ret = stop_devices(m, err)))
+		return ret;
+	{
+		unsigned char ts[8];
+		vfm_put_le64(ts, src->t_stop);
+		vfm_stream_put_record(src->out, VFM_REC_SWITCHOVER, 0, 0, ts, sizeof(ts));
+	}
+	vfm__log_sync(m, false);
+	for (unsigned i = 0; i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+
+		if (sv->ops->save_complete && (ret = sv->ops->save_complete(sv->opaque, src->out, err)))
+			return vfm_error_set(err, ret, "stop-copy of %s", sv->name);
+		if (sv->ops->save_state && (ret = sv->ops->save_state(sv->opaque, src->out, err)))
+			return vfm_error_set(err, ret, "config of %s", sv->name);
+		vfm_stream_put_record(src->out, VFM_REC_SECTION_END, 0, sv->section, NULL, 0);
+	}
+	vfm_stream_put_record(src->out, VFM_REC_EOS, 0, 0, NULL, 0);
+	vfm_stream_flush(src->out);
+	if (vfm_stream_error(src->out, err))
+		return err ? err->code : -EIO;
+
+	if (!src->rp) {
+		/* file: / fd: the stream is the whole result. */
+		src->committed = true;
+		pthread_mutex_lock(&m->lock);
+		m->stats.downtime_ms = (double)(vfm__now_ns() - src->t_stop) / 1e6;
+		m->stats.downtime_from_same_clock = true;
+		pthread_mutex_unlock(&m->lock);
+		return 0;
+	}
+	if ((ret = wait_rp(src, VFM_REC_RP_LOADED, &h, &pl, err)))
+		return ret;
+	/* Commit point: once GO is on the wire the destination may run. A
+	 * cancel that got here first wins; one that comes later is too late. */
+	pthread_mutex_lock(&m->lock);
+	if (atomic_load(&m->cancel)) {
+		pthread_mutex_unlock(&m->lock);
+		return vfm_error_set(err, VFM_ECANCELED, "migration cancelled");
+	}
+	m->committed = src->committed = true;
+	pthread_mutex_unlock(&m->lock);
+	vfm_stream_put_record(src->out, VFM_REC_GO, 0, 0, NULL, 0);
+	vfm_stream_flush(src->out);
+	if (vfm_stream_error(src->out, err))
+		return err ? err->code : -EIO;
+	ret = wait_rp(src, VFM_REC_RP_RESUMED, &h, &pl, err);
+	t_resumed_rx = vfm__now_ns();
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&m->lock);
+	if (h.length >= 8 + 36 && vfm__same_boot((const char *)pl + 8)) {
+		/* Same host: both timestamps are CLOCK_MONOTONIC of one machine. */
+		m->stats.downtime_ms = (double)(vfm_get_le64(pl) - src->t_stop) / 1e6;
+		m->stats.downtime_from_same_clock = true;
+	} else {
+		/* Another host: the resume happened about half a round trip ago. */
+		m->stats.downtime_ms = (double)(t_resumed_rx - src->t_stop - src->rtt_ns / 2) / 1e6;
+		m->stats.downtime_from_same_clock = false;
+	}
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
+static void finish(struct source *src, int ret, const struct vfm_error *err)
+{
+	struct vfm_migration *m = src->m;
+	bool ok = ret == 0;
+	bool rollback = !ok && !src->committed;
+
+	for (unsigned i = 0; i < m->nsv; i++)
+		if (m->sv[i].ops->save_cleanup)
+			m->sv[i].ops->save_cleanup(m->sv[i].opaque, !rollback);
+	vfm__dirty_tracking_stop(m);
+	if (rollback && src->guest_stopped && m->vm && m->vm->start) {
+		if (m->vm->start(m->vm_opaque))
+			vfm_err(LOG, "could not restart the guest after a failed migration");
+		else
+			vfm_info(LOG, "guest resumed on the source");
+	}
+	if (!ok) {
+		vfm__mig_set_error(m, err);
+		if (src->committed)
+			vfm_err(LOG, "failed after the commit point: the destination may be running, "
+				"so the source stays stopped");
+		vfm_err(LOG, "migration failed: %s", err->msg);
+	}
+	atomic_store(&m->sock_fd, -1);
+	vfm_stream_free(src->rp);
+	vfm_stream_free(src->out);
+	if (src->fd >= 0)
+		close(src->fd);
+	update_stats(src, ok ? 0 : m->stats.pending_bytes);
+	if (ok)
+		vfm__mig_set_status(m, VFM_MIG_COMPLETED);
+	else if (err->code == VFM_ECANCELED)
+		vfm__mig_set_status(m, VFM_MIG_CANCELLED);
+	else
+		vfm__mig_set_status(m, VFM_MIG_FAILED);
+}
+
+void *vfm__source_thread(void *arg)
+{
+	struct source *src = arg;
+	struct vfm_migration *m = src->m;
+	struct vfm_error err = { 0 };
+	int ret;
+
+	src->t_start = vfm__now_ns();
+	ret = do_setup(src, &err);
+	pthread_mutex_lock(&m->lock);
+	m->stats.setup_time_ms = (vfm__now_ns() - src->t_start) / 1000000ull;
+	pthread_mutex_unlock(&m->lock);
+	if (!ret) {
+		vfm__mig_set_status(m, VFM_MIG_ACTIVE);
+		ret = do_iterate(src, &err);
+	}
+	if (!ret)
+		ret = do_switchover(src, &err);
+	if (ret && !err.code)
+		vfm_error_set(&err, ret, "%s", vfm_strerror(ret));
+	finish(src, ret, &err);
+	free(src);
+	return NULL;
+}
+
+int vfm_migration_start(struct vfm_migration *m, const char *uri,
+			const struct vfm_migration_params *params, struct vfm_error *err)
+{
+	struct source *src;
+	unsigned p2p = 0;
+	int ret;
+
+	if (params && params->postcopy)
+		return vfm_error_set(err, -ENOTSUP, "postcopy is not supported with VFIO devices: "
+				     "their DMA cannot fault on missing pages");
+	for (unsigned i = 0; i < m->ndevs; i++)
+		p2p += !!(m->devs[i]->flags & VFM_MIG_P2P);
+	if (m->ndevs > 1 && p2p != m->ndevs)
+		return vfm_error_set(err, -EOPNOTSUPP, "%u devices but only %u support P2P: several "
+				     "devices can migrate only if all support P2P", m->ndevs, p2p);
+	src = calloc(1, sizeof(*src));
+	if (!src)
+		return vfm_error_set(err, -ENOMEM, "out of memory");
+	src->m = m;
+	src->fd = -1;
+	if (params)
+		src->p = *params;
+	else
+		vfm_migration_params_default(&src->p);
+	ret = vfm_uri_parse(uri, &src->uri, err);
+	if (ret) {
+		free(src);
+		return ret;
+	}
+	pthread_mutex_lock(&m->lock);
+	if (m->thread_running || (m->stats.status != VFM_MIG_NONE &&
+				  m->stats.status != VFM_MIG_FAILED &&
+				  m->stats.status != VFM_MIG_CANCELLED)) {
+		pthread_mutex_unlock(&m->lock);
+		free(src);
+		return vfm_error_set(err, -EBUSY, "a migration is already %s",
+				     vfm_mig_status_name(m->stats.status));
+	}
+	m->params = src->p;
+	memset(&m->stats, 0, sizeof(m->stats));
+	m->stats.downtime_limit_ms = src->p.downtime_limit_ms;
+	m->stats.multifd_channels = 0;
+	snprintf(m->uri, sizeof(m->uri), "%s", uri);
+	atomic_store(&m->cancel, false);
+	m->committed = false;
+	m->thread_running = true;
+	pthread_mutex_unlock(&m->lock);
+	vfm__mig_set_status(m, VFM_MIG_SETUP);
+	ret = pthread_create(&m->thread, NULL, vfm__source_thread, src);
+	if (ret) {
+		pthread_mutex_lock(&m->lock);
+		m->thread_running = false;
+		pthread_mutex_unlock(&m->lock);
+		free(src);
+		vfm__mig_set_status(m, VFM_MIG_FAILED);
+		return vfm_error_set(err, -ret, "starting the migration thread");
+	}
+	return 0;
+}
+
+void vfm_migration_cancel(struct vfm_migration *m)
+{
+	int fd;
+
+	pthread_mutex_lock(&m->lock);
+	if (!m->committed) {
+		atomic_store(&m->cancel, true);
+		/* Unblock a write stuck on a full socket; the thread then rolls back. */
+		fd = atomic_load(&m->sock_fd);
+		if (fd >= 0)
+			shutdown(fd, SHUT_RDWR);
+	}
+	pthread_mutex_unlock(&m->lock);
+}
+
+int vfm_migration_wait(struct vfm_migration *m, int timeout_ms)
+{
+	uint64_t deadline = vfm__now_ns() + (uint64_t)(timeout_ms < 0 ? 0 : timeout_ms) * 1000000ull;
+	bool running;
+	enum vfm_mig_status st;
+
+	for (;;) {
+		pthread_mutex_lock(&m->lock);
+		running = m->thread_running;
+		st = m->stats.status;
+		pthread_mutex_unlock(&m->lock);
+		if (!running)
+			return 0;
+		if (st == VFM_MIG_COMPLETED || st == VFM_MIG_FAILED || st == VFM_MIG_CANCELLED) {
+			bool joiner;
+
+			/* One caller joins; the thread has only its return left to do. */
+			pthread_mutex_lock(&m->lock);
+			joiner = m->thread_running;
+			m->thread_running = false;
+			pthread_mutex_unlock(&m->lock);
+			if (joiner)
+				pthread_join(m->thread, NULL);
+			return 0;
+		}
+		if (timeout_ms >= 0 && vfm__now_ns() > deadline)
+			return -ETIMEDOUT;
+		struct timespec ts = { 0, 2000000 };
+		nanosleep(&ts, NULL);
+	}
+}

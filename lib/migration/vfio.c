@@ -1,0 +1,464 @@
+/*
+ * The VFIO device savable (one per device) and dirty tracking of the guest
+ * memory devices write by DMA: the seeds' save/load handlers over the device
+ * layer.
+ *
+ * DATA records of a device section carry the record flag DEV_SETUP (payload:
+ * u64 migration flags of the source device) or DEV_STATE (opaque device data,
+ * in order). CONFIG carries PCI config space bytes.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "migration/engine.h"
+#include "util/bitmap.h"
+#include "util/logging.h"
+
+#define DEV_SETUP 1
+#define DEV_STATE 2
+
+/* Data block size: QEMU found no gain above 1 MiB on mlx5 (128 MB, 1 GB tried). */
+#define DEV_BLOCK_MAX (1u << 20)
+/* Estimate when the device cannot tell its stop-copy size (as QEMU): 100 GiB,
+ * so downtime is never under-estimated. */
+#define DEV_STOP_COPY_UNKNOWN (100ull << 30)
+#define PCI_CONFIG_REGION 7
+#define PCI_CONFIG_MAX 4096
+
+static const char *md_id(const struct vfm_mig_device *md)
+{
+	return vfm_device_id(md->dev);
+}
+
+static void refresh_precopy_info(struct vfm_mig_device *md)
+{
+	uint64_t init, dirty;
+
+	if (!md->precopy_info_ok)
+		return;
+	if (vfm_device_precopy_info(md->dev, &init, &dirty, NULL) == 0) {
+		md->precopy_init = init;
+		md->precopy_dirty = dirty;
+	}
+}
+
+static void refresh_stop_copy_size(struct vfm_mig_device *md)
+{
+	uint64_t size;
+	int ret = vfm_device_stop_copy_size(md->dev, &size, NULL);
+
+	if (ret == 0)
+		md->stop_copy_size = size;
+	else if (ret != -ENOTSUP)
+		md->stop_copy_size = DEV_STOP_COPY_UNKNOWN;
+	/* -ENOTSUP (vfio-user has no such query): keep the last figure, 0 at first. */
+}
+
+/* The savable's section id is needed for records; found through the registry. */
+static uint32_t section_of(const struct vfm_mig_device *md)
+{
+	const struct vfm_migration *m = md->m;
+
+	for (unsigned i = 0; i < m->nsv; i++)
+		if (m->sv[i].opaque == md)
+			return m->sv[i].section;
+	return 0;
+}
+
+static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+	unsigned char payload[8];
+	uint64_t init, dirty;
+	int ret;
+
+	md->use_precopy = false;
+	md->init_data_sent = false;
+	md->precopy_info_ok = false;
+	md->precopy_init = md->precopy_dirty = md->last_iter_bytes = 0;
+	md->stop_copy_size = 0;
+	atomic_store(&md->transferred, 0);
+	refresh_stop_copy_size(md);
+	md->data_buf_size = DEV_BLOCK_MAX;
+	if (md->stop_copy_size && md->stop_copy_size < DEV_BLOCK_MAX)
+		md->data_buf_size = md->stop_copy_size < 4096 ? 4096 : md->stop_copy_size;
+	free(md->buf);
+	md->buf = malloc(md->data_buf_size);
+	if (!md->buf)
+		return vfm_error_set(err, -ENOMEM, "%s: out of memory", md_id(md));
+
+	if ((md->flags & VFM_MIG_PRE_COPY) && md->props.allow_pre_copy) {
+		ret = vfm_device_set_state(md->dev, VFM_STATE_PRE_COPY, VFM_STATE_RUNNING, err);
+		if (ret)
+			return vfm_error_set(err, ret, "%s: entering PRE_COPY", md_id(md));
+		md->use_precopy = true;
+		if (vfm_device_precopy_info(md->dev, &init, &dirty, NULL) == 0) {
+			md->precopy_info_ok = true;
+			md->precopy_init = init;
+			md->precopy_dirty = dirty;
+		}
+	}
+	vfm_put_le64(payload, md->flags);
+	vfm_stream_put_record(s, VFM_REC_DATA, DEV_SETUP, section_of(md), payload, sizeof(payload));
+	return vfm_stream_error(s, err);
+}
+
+static bool vfio_is_active_iterate(void *opaque)
+{
+	struct vfm_mig_device *md = opaque;
+	enum vfm_state st = vfm_device_state(md->dev);
+
+	return md->use_precopy && (st == VFM_STATE_PRE_COPY || st == VFM_STATE_PRE_COPY_P2P);
+}
+
+/*
+ * Reads one block and puts it on the stream. Returns bytes (> 0), 0 at end of
+ * data, -ENOMSG when pre-copy has nothing now, or an error.
+ */
+static ssize_t move_block(struct vfm_mig_device *md, struct vfm_stream *s, uint32_t section,
+			  struct vfm_error *err)
+{
+	ssize_t n = vfm_device_read_data(md->dev, md->buf, md->data_buf_size, err);
+
+	if (n <= 0)
+		return n;
+	vfm_stream_put_record(s, VFM_REC_DATA, DEV_STATE, section, md->buf, (size_t)n);
+	atomic_fetch_add(&md->transferred, (uint64_t)n + sizeof(struct vfm_rec_hdr));
+	if (vfm_stream_error(s, err))
+		return err ? err->code : -EIO;
+	return n;
+}
+
+static int vfio_save_iterate(void *opaque, struct vfm_stream *s, uint64_t budget,
+			     struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+	uint32_t section = section_of(md);
+	uint64_t sent = 0;
+	bool retried = false;
+	ssize_t n;
+
+	while (sent < budget) {
+		n = move_block(md, s, section, err);
+		if (n > 0) {
+			sent += (uint64_t)n;
+			continue;
+		}
+		if (n == -EAGAIN)
+			continue;
+		if (n < 0 && n != -ENOMSG)
+			return (int)n;
+		/* Nothing now (ENOMSG, or 0 from some drivers): ask for precopy info,
+		 * which is when mlx5/virtio produce new dirty data; read once more. */
+		refresh_precopy_info(md);
+		if (!retried && md->precopy_info_ok && md->precopy_dirty) {
+			retried = true;
+			continue;
+		}
+		break;
+	}
+	md->last_iter_bytes = sent;
+	refresh_precopy_info(md);
+	/*
+	 * Initial data done: with precopy info, when initial_bytes reaches 0;
+	 * without it (vfio-user has no PRECOPY_INFO), at the first point the
+	 * device had nothing more to give.
+	 */
+	if (!md->init_data_sent && sent < budget &&
+	    (!md->precopy_info_ok || md->precopy_init == 0)) {
+		md->init_data_sent = true;
+		vfm_stream_put_record(s, VFM_REC_INIT_DATA_SENT, 0, section, NULL, 0);
+		vfm_debug(md_id(md), "initial pre-copy data sent");
+	}
+	if (vfm_stream_error(s, err))
+		return err ? err->code : -EIO;
+	return sent < budget ? 1 : 0;
+}
+
+static uint64_t vfio_pending_estimate(void *opaque)
+{
+	struct vfm_mig_device *md = opaque;
+
+	if (!md->use_precopy)
+		return 0;
+	if (md->precopy_info_ok)
+		return md->precopy_init + md->precopy_dirty;
+	return md->last_iter_bytes;
+}
+
+static int vfio_pending_exact(void *opaque, uint64_t *pending, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+
+	refresh_precopy_info(md);
+	refresh_stop_copy_size(md);
+	*pending = vfio_pending_estimate(md) + md->stop_copy_size;
+	return 0;
+}
+
+static bool vfio_switchover_ack_needed(void *opaque)
+{
+	struct vfm_mig_device *md = opaque;
+
+	return md->use_precopy;
+}
+
+static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+	uint32_t section = section_of(md);
+	uint64_t deadline = vfm__now_ns() + md->m->params.timeout_ms * 1000000ull;
+	ssize_t n;
+
+	/* The engine has moved the device to STOP_COPY: read until 0. */
+	for (;;) {
+		n = move_block(md, s, section, err);
+		if (n > 0)
+			continue;
+		if (n == 0)
+			return 0;
+		if ((n == -EAGAIN || n == -ENOMSG) && vfm__now_ns() < deadline) {
+			struct timespec ts = { 0, 100000 };
+			nanosleep(&ts, NULL);
+			continue;
+		}
+		return vfm_error_set(err, (int)n, "%s: reading stop-copy data", md_id(md));
+	}
+}
+
+static int vfio_save_state(void *opaque, struct vfm_stream *s, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+	struct vfm_region_info ri;
+	unsigned char cfg[PCI_CONFIG_MAX];
+	size_t len;
+	int ret;
+
+	if (vfm_device_region_info(md->dev, PCI_CONFIG_REGION, &ri, NULL) || !ri.size)
+		return 0;  /* not a PCI device: no config state */
+	len = ri.size < sizeof(cfg) ? (size_t)ri.size : sizeof(cfg);
+	ret = vfm_device_region_read(md->dev, PCI_CONFIG_REGION, 0, cfg, len, err);
+	if (ret)
+		return vfm_error_set(err, ret, "%s: reading config space", md_id(md));
+	vfm_stream_put_record(s, VFM_REC_CONFIG, 0, section_of(md), cfg, len);
+	return vfm_stream_error(s, err);
+}
+
+static void vfio_save_cleanup(void *opaque, bool succeeded)
+{
+	struct vfm_mig_device *md = opaque;
+	struct vfm_error err = { 0 };
+
+	/* STOP_COPY -> STOP after completion is off the downtime; on failure the
+	 * device goes back to RUNNING (reset if it cannot). */
+	if (succeeded) {
+		if (vfm_device_set_state(md->dev, VFM_STATE_STOP, VFM_STATE_ERROR, &err))
+			vfm_warn(md_id(md), "to STOP after migration: %s", err.msg);
+	} else if (vfm_device_state(md->dev) != VFM_STATE_RUNNING) {
+		if (vfm_device_set_state(md->dev, VFM_STATE_RUNNING, VFM_STATE_ERROR, &err))
+			vfm_err(md_id(md), "back to RUNNING: %s", err.msg);
+		else
+			vfm_info(md_id(md), "back to RUNNING");
+	}
+	md->use_precopy = false;
+	free(md->buf);
+	md->buf = NULL;
+}
+
+static int vfio_load_setup(void *opaque, uint32_t version, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+	int ret;
+
+	if (version != 1)
+		return vfm_error_set(err, VFM_ESTREAM, "%s: unsupported section version %u",
+				     md_id(md), version);
+	atomic_store(&md->transferred, 0);
+	ret = vfm_device_set_state(md->dev, VFM_STATE_RESUMING, VFM_STATE_ERROR, err);
+	if (ret)
+		return vfm_error_set(err, ret, "%s: entering RESUMING", md_id(md));
+	return 0;
+}
+
+static int load_config(struct vfm_mig_device *md, const unsigned char *cfg, size_t len,
+		       struct vfm_error *err)
+{
+	int ret;
+
+	/* What QEMU restores: the BARs, then the command register. */
+	if (len < 0x28)
+		return vfm_error_set(err, VFM_ESTREAM, "%s: config state of %zu bytes", md_id(md), len);
+	ret = vfm_device_region_write(md->dev, PCI_CONFIG_REGION, 0x10, cfg + 0x10, 24, err);
+	if (!ret)
+		ret = vfm_device_region_write(md->dev, PCI_CONFIG_REGION, 0x4, cfg + 0x4, 2, err);
+	if (ret)
+		return vfm_error_set(err, ret, "%s: restoring config space", md_id(md));
+	return 0;
+}
+
+static int vfio_load_state(void *opaque, uint16_t type, uint16_t rflags, const void *buf,
+			   size_t len, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+	int ret;
+
+	if (type == VFM_REC_CONFIG)
+		return load_config(md, buf, len, err);
+	if (type != VFM_REC_DATA)
+		return vfm_error_set(err, VFM_ESTREAM, "%s: unexpected record %u", md_id(md), type);
+	if (rflags == DEV_SETUP) {
+		if (len != 8)
+			return vfm_error_set(err, VFM_ESTREAM, "%s: bad setup record", md_id(md));
+		md->flags = vfm_device_mig_flags(md->dev);
+		return 0;
+	}
+	if (rflags != DEV_STATE)
+		return vfm_error_set(err, VFM_ESTREAM, "%s: unknown data kind %u", md_id(md), rflags);
+	ret = vfm_device_write_data(md->dev, buf, len, err);
+	if (ret)
+		return vfm_error_set(err, ret, "%s: device refused migration data", md_id(md));
+	atomic_fetch_add(&md->transferred, len + sizeof(struct vfm_rec_hdr));
+	return 0;
+}
+
+static int vfio_load_finish(void *opaque, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+	int ret;
+
+	/* RESUMING -> STOP: the device validates what it was given. */
+	ret = vfm_device_set_state(md->dev, VFM_STATE_STOP, VFM_STATE_ERROR, err);
+	if (ret)
+		return vfm_error_set(err, ret, "%s: device rejected the loaded state", md_id(md));
+	if (md->flags & VFM_MIG_P2P) {
+		ret = vfm_device_set_state(md->dev, VFM_STATE_RUNNING_P2P, VFM_STATE_ERROR, err);
+		if (ret)
+			return vfm_error_set(err, ret, "%s: to RUNNING_P2P", md_id(md));
+	}
+	return 0;
+}
+
+static void vfio_load_cleanup(void *opaque, bool succeeded)
+{
+	struct vfm_mig_device *md = opaque;
+	struct vfm_error err = { 0 };
+
+	/* A device holding half a state is reset: it must never run it. */
+	if (!succeeded && vfm_device_state(md->dev) != VFM_STATE_RUNNING) {
+		if (vfm_device_reset(md->dev, &err))
+			vfm_err(md_id(md), "reset after a failed load: %s", err.msg);
+	}
+}
+
+const struct vfm_savable_ops vfm__vfio_savable_ops = {
+	.save_setup = vfio_save_setup,
+	.is_active_iterate = vfio_is_active_iterate,
+	.save_iterate = vfio_save_iterate,
+	.pending_estimate = vfio_pending_estimate,
+	.pending_exact = vfio_pending_exact,
+	.switchover_ack_needed = vfio_switchover_ack_needed,
+	.save_complete = vfio_save_complete,
+	.save_state = vfio_save_state,
+	.save_cleanup = vfio_save_cleanup,
+	.load_setup = vfio_load_setup,
+	.load_state = vfio_load_state,
+	.load_finish = vfio_load_finish,
+	.load_cleanup = vfio_load_cleanup,
+};
+
+/* ---- Dirty tracking of device DMA ---- */
+
+int vfm__dirty_tracking_start(struct vfm_migration *m, struct vfm_error *err)
+{
+	struct vfm_iova_range ranges[VFM_MEM_MAX_REGIONS];
+	unsigned n = m->mem ? vfm_guest_mem_num_regions(m->mem) : 0;
+
+	for (unsigned i = 0; i < n; i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(m->mem, i);
+		ranges[i].iova = r->gpa;
+		ranges[i].length = r->size;
+	}
+	for (unsigned d = 0; d < m->ndevs; d++) {
+		struct vfm_mig_device *md = m->devs[d];
+		struct vfm_error e = { 0 };
+		uint64_t pgsize;
+
+		md->dma_logging = false;
+		if (!n || !md->props.device_dirty_page_tracking ||
+		    !vfm_device_has_dma_logging(md->dev)) {
+			vfm_info(md_id(md), "no device dirty tracking: all memory counts as dirty at each sync");
+			continue;
+		}
+		pgsize = vfm_guest_mem_page_size(m->mem);
+		if (vfm_device_log_start(md->dev, ranges, n, &pgsize, &e)) {
+			vfm_warn(md_id(md), "DMA logging start failed (%s): all memory counts as dirty",
+				 e.msg);
+			continue;
+		}
+		md->dma_logging = true;
+	}
+	(void)err;
+	return 0;
+}
+
+void vfm__dirty_tracking_stop(struct vfm_migration *m)
+{
+	for (unsigned d = 0; d < m->ndevs; d++) {
+		struct vfm_mig_device *md = m->devs[d];
+		if (md->dma_logging && vfm_device_log_stop(md->dev, NULL))
+			vfm_warn(md_id(md), "DMA logging stop failed");
+		md->dma_logging = false;
+	}
+}
+
+/* One device's DMA log into guest memory; false when it is lost. */
+static bool sync_device_log(struct vfm_migration *m, struct vfm_mig_device *md)
+{
+	uint64_t pgsize = vfm_guest_mem_page_size(m->mem);
+
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(m->mem); i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(m->mem, i);
+		size_t words = VFM_BITMAP_WORDS(r->npages);
+		uint64_t *bits = calloc(words, sizeof(uint64_t));
+		struct vfm_error e = { 0 };
+		int ret;
+
+		if (!bits)
+			return false;
+		ret = vfm_device_log_report(md->dev, r->gpa, r->size, pgsize, bits, &e);
+		if (!ret)
+			vfm_dirty_merge(m->mem, r->gpa, r->size, pgsize, bits, NULL);
+		free(bits);
+		if (ret) {
+			vfm_warn(md_id(md), "DMA logging report failed (%s): all memory dirty", e.msg);
+			return false;
+		}
+	}
+	return true;
+}
+
+void vfm__log_sync(struct vfm_migration *m, bool in_precopy)
+{
+	bool all_dirty = false;
+
+	if (!m->mem)
+		return;
+	for (unsigned d = 0; d < m->ndevs; d++) {
+		struct vfm_mig_device *md = m->devs[d];
+
+		/* Opt-out: nothing synced in pre-copy; everything at stop-and-copy. */
+		if (in_precopy && (!md->props.pre_copy_dirty_page_tracking ||
+				   !m->params.pre_copy_dirty_page_tracking))
+			continue;
+		if (md->dma_logging && sync_device_log(m, md))
+			continue;
+		all_dirty = true;  /* cannot track its DMA: QEMU's fallback */
+	}
+	if (all_dirty)
+		vfm_dirty_mark_all(m->mem);
+	if (m->ram)
+		vfm__ram_sync(m->ram);
+}

@@ -1,0 +1,381 @@
+/*
+ * The migration engine end to end, in two processes: the source (this
+ * process: guest memory on memfd, a writer thread dirtying it, a test device)
+ * and the destination (a forked child with its own memory and device),
+ * over unix:, tcp: and file: channels. After migration the destination's
+ * memory and device state must equal the source's frozen ones.
+ */
+#include <pthread.h>
+#include <sys/stat.h>
+
+#include "harness.h"
+#include "testdev.h"
+#include "vfiomig/migration.h"
+
+#define PG 4096ull
+#define MEM_SIZE (16ull << 20)
+#define DEV_STATE (2u << 20)
+
+struct guest {
+	struct vfm_guest_mem *mem;
+	struct testdev *dma_dev;  /* device whose "DMA" writes pages 0..63 */
+	pthread_t thread;
+	volatile int running;     /* writer loop runs while 1 */
+	volatile int started;
+	unsigned seed;
+	uint64_t writes;
+};
+
+static void *guest_main(void *arg)
+{
+	struct guest *g = arg;
+	uint64_t npages = MEM_SIZE / PG;
+
+	while (g->running) {
+		uint64_t page = rand_r(&g->seed) % npages;
+		uint64_t *p = vfm_guest_mem_ptr(g->mem, page * PG, PG);
+		unsigned r = (unsigned)rand_r(&g->seed);
+
+		if (g->dma_dev && r % 4 == 0) {
+			/* The device DMAs into guest memory: only its log knows. */
+			page = r % 64;
+			p = vfm_guest_mem_ptr(g->mem, page * PG, PG);
+			p[r % (PG / 8)] = ++g->writes;
+			testdev_log_dirty(g->dma_dev, page * PG);
+			continue;
+		}
+		if (g->dma_dev && r % 64 == 1) {
+			/* Device-internal state changes too (firmware churn). */
+			testdev_dirty(g->dma_dev, (r / 64) % (DEV_STATE - 512), 512);
+			continue;
+		}
+		/* Write first, then mark: a sync between the two resends the page. */
+		p[r % (PG / 8)] = ++g->writes;
+		vfm_dirty_mark(g->mem, page * PG, 8);
+	}
+	return NULL;
+}
+
+static int guest_stop(void *opaque)
+{
+	struct guest *g = opaque;
+
+	if (g->started) {
+		g->running = 0;
+		pthread_join(g->thread, NULL);
+		g->started = 0;
+	}
+	return 0;
+}
+
+static int guest_start(void *opaque)
+{
+	struct guest *g = opaque;
+
+	if (!g->started && g->seed) {
+		g->running = 1;
+		g->started = 1;
+		CHECK_EQ(pthread_create(&g->thread, NULL, guest_main, g), 0);
+	}
+	return 0;
+}
+
+static const struct vfm_vm_ops guest_ops = { .stop = guest_stop, .start = guest_start };
+
+static uint64_t fnv(const void *p, size_t n, uint64_t h)
+{
+	const unsigned char *b = p;
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ b[i]) * 1099511628211ull;
+	return h;
+}
+
+static uint64_t mem_hash(struct vfm_guest_mem *mem)
+{
+	return fnv(vfm_guest_mem_ptr(mem, 0, MEM_SIZE), MEM_SIZE, 1469598103934665603ull);
+}
+
+static uint64_t dev_hash(struct testdev *td)
+{
+	size_t n;
+	const unsigned char *d = testdev_data(td, &n);
+	return fnv(d, n, 1469598103934665603ull);
+}
+
+struct side {
+	struct guest g;
+	struct vfm_guest_mem *mem;
+	struct testdev *td[2];
+	unsigned ndev;
+	struct vfm_migration *m;
+};
+
+static void side_init(struct side *s, unsigned ndev, uint64_t flags, unsigned seed,
+		      const char *props_spec, unsigned td_opts)
+{
+	struct vfm_error err = { 0 };
+
+	memset(s, 0, sizeof(*s));
+	CHECK_EQ(vfm_guest_mem_new(PG, &s->mem, &err), 0);
+	CHECK_EQ(vfm_guest_mem_add(s->mem, 0, MEM_SIZE, "ram", &err), 0);
+	s->g.mem = s->mem;
+	s->g.seed = seed;
+	if (seed) {
+		/* Some content, some zero pages. */
+		for (uint64_t off = 0; off < MEM_SIZE; off += 3 * PG)
+			*(uint64_t *)vfm_guest_mem_ptr(s->mem, off, 8) = off ^ seed;
+	}
+	if (vfm_migration_new(s->mem, &guest_ops, &s->g, &s->m, &err))
+		FAIL("migration_new: %s", err.msg);
+	s->ndev = ndev;
+	s->g.dma_dev = NULL;
+	for (unsigned i = 0; i < ndev; i++) {
+		char id[16], backend[16], path[64];
+		struct vfm_device_props props;
+
+		snprintf(id, sizeof(id), "dev%u", i);
+		s->td[i] = testdev_new(id, flags, DEV_STATE, seed + i, td_opts);
+		vfm_device_props_default(&props);
+		if (props_spec) {
+			char spec[256];
+			snprintf(spec, sizeof(spec), "vfio-user:/x,%s", props_spec);
+			if (vfm_device_spec_parse(spec, backend, sizeof(backend), path, sizeof(path),
+						  &props, &err))
+				FAIL("props: %s", err.msg);
+		}
+		snprintf(props.id, sizeof(props.id), "%s", id);
+		if (vfm_migration_add_device(s->m, testdev_device(s->td[i]), &props, &err))
+			FAIL("add_device: %s", err.msg);
+	}
+	if (ndev && seed)
+		s->g.dma_dev = s->td[0];
+}
+
+struct result {
+	int32_t status;
+	uint64_t mem, dev[2];
+};
+
+/* Destination child: load, report hashes over the pipe, exit. */
+static void run_destination(const char *uri, int wfd, unsigned ndev, uint64_t flags,
+			    int ready_fd)
+{
+	struct side d;
+	struct vfm_error err = { 0 };
+	struct result r = { 0 };
+	struct vfm_migration_params p;
+
+	side_init(&d, ndev, flags, 0, NULL, 0);
+	vfm_migration_params_default(&p);
+	p.timeout_ms = 5000;
+	close(ready_fd);
+	r.status = vfm_migration_incoming(d.m, uri, &p, NULL, NULL, &err);
+	if (r.status)
+		fprintf(stderr, "destination: %s\n", err.msg);
+	r.mem = mem_hash(d.mem);
+	for (unsigned i = 0; i < ndev; i++) {
+		r.dev[i] = dev_hash(d.td[i]);
+		if (!r.status && testdev_state(d.td[i]) != VFM_STATE_RUNNING)
+			r.status = -1000;
+	}
+	if (write(wfd, &r, sizeof(r)) != sizeof(r))
+		_exit(3);
+	_exit(r.status ? 1 : 0);
+}
+
+struct scenario {
+	const char *uri_kind;   /* "unix", "tcp", "file" */
+	unsigned ndev;
+	uint64_t flags;
+	const char *props;      /* device properties or NULL */
+	bool writer;
+	unsigned td_opts;       /* TESTDEV_NO_* of the source device */
+};
+
+static char tmpdir[64];
+
+static void make_uri(const char *kind, char *uri, size_t len)
+{
+	strcpy(tmpdir, "/tmp/vfm-mig-XXXXXX");
+	CHECK(mkdtemp(tmpdir));
+	if (!strcmp(kind, "unix"))
+		snprintf(uri, len, "unix:%s/mig.sock", tmpdir);
+	else if (!strcmp(kind, "file"))
+		snprintf(uri, len, "file:%s/vm.state", tmpdir);
+	else
+		snprintf(uri, len, "tcp:127.0.0.1:%u", 20000 + (unsigned)(getpid() % 20000));
+}
+
+/* Waits until the child listens (unix socket file exists) or a short delay. */
+static void wait_listener(const char *uri)
+{
+	struct stat st;
+
+	for (int i = 0; i < 200; i++) {
+		if (!strncmp(uri, "unix:", 5) && stat(uri + 5, &st) == 0)
+			return;
+		usleep(10000);
+		if (strncmp(uri, "unix:", 5) && i > 20)
+			return;
+	}
+}
+
+static void run_scenario(const struct scenario *sc)
+{
+	struct side s;
+	struct vfm_error err = { 0 };
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct result r;
+	char uri[160];
+	int pfd[2], rfd[2], status;
+	pid_t pid = -1;
+	bool file = !strcmp(sc->uri_kind, "file");
+
+	make_uri(sc->uri_kind, uri, sizeof(uri));
+	side_init(&s, sc->ndev, sc->flags, 7, sc->props, sc->td_opts);
+	for (unsigned i = 0; i < sc->ndev; i++)
+		CHECK_EQ(testdev_dirty(s.td[i], 100, 5000), 0);
+	CHECK_EQ(pipe(pfd), 0);
+	CHECK_EQ(pipe(rfd), 0);
+	if (!file) {
+		pid = fork();
+		CHECK(pid >= 0);
+		if (pid == 0) {
+			close(pfd[0]);
+			run_destination(uri, pfd[1], sc->ndev, sc->flags, rfd[1]);
+		}
+		wait_listener(uri);
+	}
+	if (sc->writer)
+		guest_start(&s.g);
+	vfm_migration_params_default(&p);
+	p.timeout_ms = 5000;
+	p.downtime_limit_ms = 300;
+	if (vfm_migration_start(s.m, uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	CHECK_EQ(vfm_migration_wait(s.m, 20000), 0);
+	vfm_migration_get_stats(s.m, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("source status %s: %s", vfm_mig_status_name(st.status), st.error);
+	CHECK(!s.g.started);  /* the source guest stays stopped */
+	for (unsigned i = 0; i < sc->ndev; i++)
+		CHECK_EQ(testdev_state(s.td[i]), VFM_STATE_STOP);
+	if (file) {
+		/* Load the file in a child, as a later `vm --incoming file:` would. */
+		pid = fork();
+		CHECK(pid >= 0);
+		if (pid == 0) {
+			close(pfd[0]);
+			run_destination(uri, pfd[1], sc->ndev, sc->flags, rfd[1]);
+		}
+	}
+	close(pfd[1]);
+	CHECK_EQ(read(pfd[0], &r, sizeof(r)), sizeof(r));
+	CHECK_EQ(waitpid(pid, &status, 0), pid);
+	CHECK_EQ(r.status, 0);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	CHECK(r.mem == mem_hash(s.mem));
+	for (unsigned i = 0; i < sc->ndev; i++)
+		CHECK(r.dev[i] == dev_hash(s.td[i]));
+	CHECK(st.transferred_bytes >= MEM_SIZE / 3);
+	CHECK(st.ram_transferred_bytes > 0);
+	if (sc->ndev)
+		CHECK(st.device_transferred_bytes >= DEV_STATE * sc->ndev);
+	CHECK(st.downtime_ms >= 0);
+	fprintf(stderr, "# %s: %u dev, downtime %.2f ms, %" PRIu64 " iterations, %" PRIu64
+		" bytes\n", sc->uri_kind, sc->ndev, st.downtime_ms, st.precopy_iterations,
+		st.transferred_bytes);
+	vfm_migration_free(s.m);
+}
+
+TEST(unix_one_device_precopy)
+{
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = NULL, .writer = true };
+	run_scenario(&sc);
+}
+
+TEST(tcp_two_devices)
+{
+	struct scenario sc = { .uri_kind = "tcp", .ndev = 2, .flags = VFM_MIG_ALL, .props = NULL, .writer = true };
+	run_scenario(&sc);
+}
+
+TEST(unix_no_precopy)
+{
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_STOP_COPY | VFM_MIG_P2P, .props = NULL, .writer = true };
+	run_scenario(&sc);
+}
+
+TEST(unix_precopy_no_p2p)
+{
+	/* libvfio-user's flags: STOP_COPY|PRE_COPY, one device. */
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_STOP_COPY | VFM_MIG_PRE_COPY, .props = NULL, .writer = true };
+	run_scenario(&sc);
+}
+
+TEST(unix_opt_out_of_precopy_tracking)
+{
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "pre-copy-dirty-page-tracking=off", .writer = true };
+	run_scenario(&sc);
+}
+
+TEST(unix_allow_pre_copy_off)
+{
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "allow-pre-copy=off", .writer = true };
+	run_scenario(&sc);
+}
+
+TEST(device_without_dma_logging_falls_back_to_all_dirty)
+{
+	struct scenario sc = { "unix", 1, VFM_MIG_ALL, NULL, true, TESTDEV_NO_DMA_LOGGING };
+	run_scenario(&sc);
+}
+
+TEST(device_dirty_tracking_off)
+{
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "device-dirty-page-tracking=off", .writer = true };
+	run_scenario(&sc);
+}
+
+TEST(device_without_precopy_info)
+{
+	/* vfio-user has no PRECOPY_INFO: pre-copy runs on read amounts alone. */
+	struct scenario sc = { "unix", 1, VFM_MIG_ALL, NULL, true,
+			       TESTDEV_NO_PRECOPY_INFO | TESTDEV_NO_STOP_COPY_SIZE };
+	run_scenario(&sc);
+}
+
+TEST(file_save_and_load)
+{
+	struct scenario sc = { .uri_kind = "file", .ndev = 1, .flags = VFM_MIG_ALL, .props = NULL, .writer = false };
+	run_scenario(&sc);
+}
+
+TEST(no_devices)
+{
+	struct scenario sc = { .uri_kind = "unix", .ndev = 0, .flags = 0, .props = NULL, .writer = true };
+	run_scenario(&sc);
+}
+
+TEST(refusals)
+{
+	struct side s;
+	struct vfm_error err = { 0 };
+	struct vfm_migration_params p;
+	struct testdev *nop2p;
+
+	side_init(&s, 1, VFM_MIG_ALL, 7, NULL, 0);
+	vfm_migration_params_default(&p);
+	p.postcopy = true;
+	CHECK_EQ(vfm_migration_start(s.m, "unix:/tmp/x", &p, &err), -ENOTSUP);
+	CHECK(strstr(err.msg, "postcopy"));
+	/* A second device without P2P: several devices need P2P. */
+	nop2p = testdev_new("np", VFM_MIG_STOP_COPY | VFM_MIG_PRE_COPY, 4096, 1, 0);
+	CHECK_EQ(vfm_migration_add_device(s.m, testdev_device(nop2p), NULL, &err), 0);
+	vfm_error_clear(&err);
+	CHECK_EQ(vfm_migration_start(s.m, "unix:/tmp/x", NULL, &err), -EOPNOTSUPP);
+	CHECK(strstr(err.msg, "P2P"));
+	vfm_error_clear(&err);
+	CHECK(vfm_migration_start(s.m, "bogus:1", NULL, &err) < 0);
+}

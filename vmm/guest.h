@@ -1,0 +1,53 @@
+/*
+ * Guests of the VM process behind one interface: the synthetic guest (vCPU
+ * threads in this process), later a KVM guest. A guest writes guest memory
+ * (marking what it dirties, or leaving that to the KVM dirty log), may drive
+ * devices, and can prove after a migration that no write was lost.
+ */
+#ifndef VFM_VMM_GUEST_H
+#define VFM_VMM_GUEST_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "vfiomig/common.h"
+#include "vfiomig/memory.h"
+
+struct vfm_guest;
+
+struct vfm_guest_verify {
+	bool verified;          /* every check passed */
+	uint64_t pages_checked;
+	uint64_t errors;        /* pages whose content disagrees with the bookkeeping */
+	char detail[160];       /* first error, human readable */
+};
+
+struct vfm_guest_ops {
+	const char *kind;       /* "synthetic", "kvm", "none" */
+	/* Runs the vCPUs (again). */
+	int (*start)(struct vfm_guest *g, struct vfm_error *err);
+	/* Parks every vCPU at a consistent point; returns when all are parked. */
+	int (*stop)(struct vfm_guest *g);
+	/* Checks guest memory against the guest's own bookkeeping (stopped guest). */
+	int (*verify)(struct vfm_guest *g, struct vfm_guest_verify *out);
+	void (*destroy)(struct vfm_guest *g);
+};
+
+struct vfm_guest {
+	const struct vfm_guest_ops *ops;
+	struct vfm_guest_mem *mem;
+	bool running;           /* guarded by the VM's lock */
+};
+
+struct vfm_synthetic_opts {
+	unsigned vcpus;         /* default 2 */
+	uint64_t dirty_rate;    /* bytes/s of page writes over all vCPUs; 0 = none */
+	bool fresh;             /* false on the destination: memory comes from the stream */
+};
+
+int vfm_guest_synthetic_new(struct vfm_guest_mem *mem, const struct vfm_synthetic_opts *o,
+			    struct vfm_guest **out, struct vfm_error *err);
+int vfm_guest_none_new(struct vfm_guest_mem *mem, struct vfm_guest **out,
+		       struct vfm_error *err);
+
+#endif
