@@ -466,12 +466,13 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 				"so the source stays stopped");
 		vfm_err(LOG, "migration failed: %s", err->msg);
 	}
+	update_stats(src, ok ? 0 : m->stats.pending_bytes);
 	atomic_store(&m->sock_fd, -1);
 	vfm_stream_free(src->rp);
 	vfm_stream_free(src->out);
+	src->rp = src->out = NULL;
 	if (src->fd >= 0)
 		close(src->fd);
-	update_stats(src, ok ? 0 : m->stats.pending_bytes);
 	if (ok)
 		vfm__mig_set_status(m, VFM_MIG_COMPLETED);
 	else if (err->code == VFM_ECANCELED)

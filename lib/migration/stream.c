@@ -265,7 +265,7 @@ int vfm_stream_fd(const struct vfm_stream *s)
 
 uint64_t vfm_stream_bytes(const struct vfm_stream *s)
 {
-	return s->bytes;
+	return s ? s->bytes : 0;
 }
 
 /* ------------------------------------------------------------------------ */
