@@ -8,7 +8,7 @@ endif
 MESON_OPTS ?=
 TEST_OPTS  ?= --print-errorlogs
 
-.PHONY: all deps demo check check-asan check-tsan clean install
+.PHONY: all deps demo check check-asan check-tsan clean install fuzz fuzz-seeds
 
 all: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -36,8 +36,22 @@ check-tsan:
 	$(MAKE) check BUILD=build-tsan MESON_OPTS="-Db_sanitize=thread -Db_lundef=false" \
 		TEST_OPTS="$(TEST_OPTS) --wrapper 'setarch $(shell uname -m) -R'"
 
+# libFuzzer (clang) build of tests/fuzz; FUZZ_TIME seconds per target.
+FUZZ_TIME ?= 60
+build-fuzz/build.ninja:
+	CC=clang $(MESON) setup build-fuzz -Dfuzz=true -Db_sanitize=address,undefined \
+		-Db_lundef=false -Dbuildtype=debugoptimized
+
+fuzz: build-fuzz/build.ninja
+	ninja -C build-fuzz
+	./scripts/fuzz.sh build-fuzz $(FUZZ_TIME) $(FUZZ_TARGETS)
+
+# Re-records the seed corpora from real traffic (after a format change).
+fuzz-seeds: all
+	./$(BUILD)/tests/fuzz/fuzz_mkseeds tests/fuzz/corpus
+
 install: all
 	$(MESON) install -C $(BUILD)
 
 clean:
-	rm -rf build build-asan build-tsan
+	rm -rf build build-asan build-tsan build-fuzz
