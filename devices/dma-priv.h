@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include "dma.h"
+#include "vfiomig/vfu_server.h"
 
 #define DMADEV_PAGE_REC   (sizeof(struct dmadev_rec) + DMADEV_PAGE)
 #define DMADEV_HEADER_REC (sizeof(struct dmadev_rec) + sizeof(struct dmadev_rec_header))
@@ -56,6 +57,7 @@ struct vfm_dmadev {
 	uint64_t churn_rate;
 	uint64_t save_latency_us;
 	uint64_t instance;
+	struct vfm_vfu_migration_ops mig_ops;  /* the flags this instance offers */
 
 	/*
 	 * lock guards mem contents, regs, churn_count, running, dma_ok and

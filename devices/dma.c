@@ -424,7 +424,10 @@ static int setup_server(struct vfm_dmadev *dev, const char *path,
 	r = r ?: vfm_vfu_setup_region(dev->ctx, VFM_VFU_PCI_BAR0, &bar0, err);
 	r = r ?: vfm_vfu_setup_irqs(dev->ctx, VFM_VFU_IRQ_INTX, 1, err);
 	r = r ?: vfm_vfu_setup_irqs(dev->ctx, VFM_VFU_IRQ_MSI, 1, err);
-	r = r ?: vfm_vfu_setup_migration(dev->ctx, &dma_mig_ops, err);
+	dev->mig_ops = dma_mig_ops;
+	if (o->mig_flags)
+		dev->mig_ops.flags = o->mig_flags;
+	r = r ?: vfm_vfu_setup_migration(dev->ctx, &dev->mig_ops, err);
 	r = r ?: vfm_vfu_realize(dev->ctx, err);
 	return r;
 }

@@ -119,6 +119,9 @@ struct vfm_dmadev_opts {
 	uint64_t save_latency_us;     /* added per MiB of state read */
 	uint64_t seed;                /* initial memory pattern; 0 = random */
 	uint32_t max_data_xfer_size;  /* 0 = library default */
+	/* Migration flags to offer, STOP_COPY required; 0 = STOP_COPY | P2P |
+	 * PRE_COPY. E.g. STOP_COPY | PRE_COPY is what libvfio-user devices offer. */
+	uint64_t mig_flags;
 };
 
 /* Creates the device and its vfio-user server on socket_path (NULL: no

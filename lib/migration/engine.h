@@ -40,12 +40,30 @@ struct vfm_mig_device {
 	uint64_t precopy_init, precopy_dirty;  /* cached from precopy info */
 	uint64_t last_iter_bytes;    /* read in the last iteration (no precopy info) */
 	uint64_t stop_copy_size;
+	bool stop_copy_known;        /* the device reported stop_copy_size */
 	uint64_t data_buf_size;
 	unsigned char *buf;
 	_Atomic uint64_t transferred;
 };
 
 struct vfm_ram;
+
+/*
+ * Points of the source thread's flow where a test hook runs (see
+ * vfm__migration_set_phase_hook). Each fires once per migration.
+ */
+enum vfm__mig_phase {
+	VFM__PH_SETUP,        /* connected, every savable set up (devices in PRE_COPY) */
+	VFM__PH_PRECOPY,      /* first pre-copy iteration done */
+	VFM__PH_ACK_WAIT,     /* pending fits the limit, waiting for switchover-acks */
+	VFM__PH_STOP_COPY,    /* guest stopped, devices in STOP_COPY, before the last data */
+	VFM__PH_CONFIG,       /* all data sent, before the first config state */
+	VFM__PH_LOADED_WAIT,  /* end of stream sent, waiting for the destination's LOADED */
+	VFM__PH_COMMITTED,    /* GO sent: no way back */
+	VFM__PH_COUNT
+};
+typedef void (*vfm__mig_phase_fn)(void *opaque, struct vfm_migration *m,
+				  enum vfm__mig_phase phase);
 
 struct vfm_migration {
 	/* Never change after creation. */
@@ -73,6 +91,10 @@ struct vfm_migration {
 	atomic_bool cancel;
 	bool committed;             /* guarded by lock: GO sent, no rollback */
 	atomic_int sock_fd;         /* main channel, shut down to unblock on cancel */
+
+	/* Test hook: set before a migration starts, read by the source thread. */
+	vfm__mig_phase_fn phase_hook;
+	void *phase_opaque;
 
 	/* Migration thread only (source). */
 	struct vfm_stream *out;
@@ -111,5 +133,21 @@ void vfm__dirty_tracking_stop(struct vfm_migration *m);
 
 /* Source thread body (source.c) and destination (dest.c). */
 void *vfm__source_thread(void *arg);
+
+/*
+ * Tests only: fn runs on the source thread at each enum vfm__mig_phase point
+ * of the real flow (to cancel, cut the channel or pause there). Set it while
+ * no migration runs; NULL removes it.
+ */
+void vfm__migration_set_phase_hook(struct vfm_migration *m, vfm__mig_phase_fn fn, void *opaque);
+
+/*
+ * The max-bandwidth limiter's arithmetic: having sent `sent` bytes in
+ * `elapsed_ns` of the current window, how long to pause (ns) to stay at or
+ * under `limit` bytes/s. 0 when within the limit or limit is 0 (unlimited).
+ */
+uint64_t vfm__rate_limit_delay_ns(uint64_t sent, uint64_t elapsed_ns, uint64_t limit);
+/* Bytes one savable may send per loop turn under `limit` (0 = unlimited). */
+uint64_t vfm__iter_budget(uint64_t limit);
 
 #endif

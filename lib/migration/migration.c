@@ -291,6 +291,12 @@ void vfm__mig_set_status(struct vfm_migration *m, enum vfm_mig_status st)
 	void *opaque;
 
 	pthread_mutex_lock(&m->lock);
+	/* Once cancelling, only the end (cancelled, or failed/completed) shows. */
+	if (m->stats.status == VFM_MIG_CANCELLING && st != VFM_MIG_CANCELLED &&
+	    st != VFM_MIG_FAILED && st != VFM_MIG_COMPLETED) {
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
 	m->stats.status = st;
 	cb = m->event_cb;
 	opaque = m->event_opaque;

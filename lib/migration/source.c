@@ -22,6 +22,7 @@
 #define LOG "migration"
 /* Bytes one savable may send before the loop looks at acks, cancel, rate. */
 #define ITER_BUDGET (8ull << 20)
+#define ITER_BUDGET_MIN (64ull << 10)
 #define BW_WINDOW_NS 100000000ull   /* bandwidth recomputed every 100 ms */
 
 struct source {
@@ -39,6 +40,7 @@ struct source {
 	bool win_busy;
 	double bw;                   /* bytes per second */
 	uint64_t ping_token;
+	bool phase_done[VFM__PH_COUNT];
 };
 
 static uint64_t out_bytes(struct source *src)
@@ -175,19 +177,55 @@ static void bandwidth_tick(struct source *src)
 	src->win_busy = false;
 }
 
-static void rate_limit(struct source *src)
+uint64_t vfm__rate_limit_delay_ns(uint64_t sent, uint64_t elapsed_ns, uint64_t limit)
 {
-	uint64_t limit = src->p.max_bandwidth, sent, now, allowed_ns;
+	double allowed_ns;
 
 	if (!limit)
-		return;
-	now = vfm__now_ns();
-	sent = out_bytes(src) - src->win_bytes0;
-	allowed_ns = (uint64_t)((double)sent * 1e9 / (double)limit);
-	if (allowed_ns > now - src->win_start) {
-		uint64_t wait = allowed_ns - (now - src->win_start);
-		struct timespec ts = { (time_t)(wait / 1000000000ull), (long)(wait % 1000000000ull) };
+		return 0;
+	/* The time `sent` bytes take at `limit`; pause for what is not yet spent. */
+	allowed_ns = (double)sent * 1e9 / (double)limit;
+	if (allowed_ns <= (double)elapsed_ns)
+		return 0;
+	return (uint64_t)(allowed_ns - (double)elapsed_ns);
+}
+
+uint64_t vfm__iter_budget(uint64_t limit)
+{
+	/* Under a limit, about one bandwidth window's worth per turn (as QEMU's
+	 * per-100 ms quota), so a pause stays short and cancel stays prompt. */
+	uint64_t b = limit / (1000000000ull / BW_WINDOW_NS);
+
+	if (!limit)
+		return ITER_BUDGET;
+	if (b < ITER_BUDGET_MIN)
+		b = ITER_BUDGET_MIN;
+	return b < ITER_BUDGET ? b : ITER_BUDGET;
+}
+
+static void rate_limit(struct source *src)
+{
+	uint64_t now = vfm__now_ns();
+	uint64_t wait = vfm__rate_limit_delay_ns(out_bytes(src) - src->win_bytes0,
+						 now - src->win_start, src->p.max_bandwidth);
+
+	while (wait && !atomic_load(&src->m->cancel)) {
+		/* In slices, so a cancel is seen within 10 ms. */
+		uint64_t slice = wait < 10000000ull ? wait : 10000000ull;
+		struct timespec ts = { 0, (long)slice };
+
 		nanosleep(&ts, NULL);
+		wait -= slice;
+	}
+}
+
+static void phase(struct source *src, enum vfm__mig_phase ph)
+{
+	struct vfm_migration *m = src->m;
+
+	if (m->phase_hook && !src->phase_done[ph]) {
+		src->phase_done[ph] = true;
+		m->phase_hook(m->phase_opaque, m, ph);
 	}
 }
 
@@ -267,14 +305,17 @@ static int do_setup(struct source *src, struct vfm_error *err)
 				 sv->ops->switchover_ack_needed(sv->opaque);
 	}
 	vfm_stream_flush(src->out);
-	return vfm_stream_error(src->out, err);
+	if ((ret = vfm_stream_error(src->out, err)))
+		return ret;
+	phase(src, VFM__PH_SETUP);
+	return 0;
 }
 
 /* Pre-copy until the rest fits the downtime limit. */
 static int do_iterate(struct source *src, struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
-	uint64_t pending = 0, iterations = 0;
+	uint64_t pending = 0, iterations = 0, budget = vfm__iter_budget(src->p.max_bandwidth);
 	int ret;
 
 	src->win_start = vfm__now_ns();
@@ -296,8 +337,11 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			if ((ret = pending_exact(m, &pending, err)))
 				return ret;
 			update_stats(src, pending);
-			if ((double)pending <= threshold && all_acked(m))
-				break;
+			if ((double)pending <= threshold) {
+				if (all_acked(m))
+					break;
+				phase(src, VFM__PH_ACK_WAIT);
+			}
 		}
 		for (unsigned i = 0; i < m->nsv; i++) {
 			struct vfm_savable *sv = &m->sv[i];
@@ -305,7 +349,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			if (!sv->ops->save_iterate ||
 			    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
 				continue;
-			ret = sv->ops->save_iterate(sv->opaque, src->out, ITER_BUDGET, err);
+			ret = sv->ops->save_iterate(sv->opaque, src->out, budget, err);
 			if (ret < 0)
 				return vfm_error_set(err, ret, "pre-copy of %s", sv->name);
 			if (ret == 0)
@@ -331,6 +375,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 		rate_limit(src);
 		if (vfm_stream_error(src->out, err))
 			return err ? err->code : -EIO;
+		phase(src, VFM__PH_PRECOPY);
 	}
 	pthread_mutex_lock(&m->lock);
 	m->stats.precopy_iterations = iterations;
@@ -387,11 +432,23 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		vfm_stream_put_record(src->out, VFM_REC_SWITCHOVER, 0, 0, ts, sizeof(ts));
 	}
 	vfm__log_sync(m, false);
+	phase(src, VFM__PH_STOP_COPY);
+	/* All data first, then every config state (QEMU: iterable sections
+	 * complete before the non-iterable ones), so the destination loads
+	 * config only once every device has its data. */
 	for (unsigned i = 0; i < m->nsv; i++) {
 		struct vfm_savable *sv = &m->sv[i];
 
 		if (sv->ops->save_complete && (ret = sv->ops->save_complete(sv->opaque, src->out, err)))
 			return vfm_error_set(err, ret, "stop-copy of %s", sv->name);
+	}
+	vfm_stream_flush(src->out);
+	if (vfm_stream_error(src->out, err))
+		return err ? err->code : -EIO;
+	phase(src, VFM__PH_CONFIG);
+	for (unsigned i = 0; i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+
 		if (sv->ops->save_state && (ret = sv->ops->save_state(sv->opaque, src->out, err)))
 			return vfm_error_set(err, ret, "config of %s", sv->name);
 		vfm_stream_put_record(src->out, VFM_REC_SECTION_END, 0, sv->section, NULL, 0);
@@ -410,6 +467,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		pthread_mutex_unlock(&m->lock);
 		return 0;
 	}
+	phase(src, VFM__PH_LOADED_WAIT);
 	if ((ret = wait_rp(src, VFM_REC_RP_LOADED, &h, &pl, err)))
 		return ret;
 	/* Commit point: once GO is on the wire the destination may run. A
@@ -425,6 +483,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	vfm_stream_flush(src->out);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
+	phase(src, VFM__PH_COMMITTED);
 	ret = wait_rp(src, VFM_REC_RP_RESUMED, &h, &pl, err);
 	t_resumed_rx = vfm__now_ns();
 	if (ret)
@@ -448,6 +507,15 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 	struct vfm_migration *m = src->m;
 	bool ok = ret == 0;
 	bool rollback = !ok && !src->committed;
+	bool cancelled = rollback && atomic_load(&m->cancel);
+	struct vfm_error why = { 0 };
+
+	/* A cancel shuts the socket down, so it often surfaces as a write or
+	 * read error: report it as what it is. */
+	if (cancelled && err->code != VFM_ECANCELED) {
+		vfm_error_set(&why, VFM_ECANCELED, "migration cancelled (%s)", err->msg);
+		err = &why;
+	}
 
 	for (unsigned i = 0; i < m->nsv; i++)
 		if (m->sv[i].ops->save_cleanup)
@@ -475,7 +543,7 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 		close(src->fd);
 	if (ok)
 		vfm__mig_set_status(m, VFM_MIG_COMPLETED);
-	else if (err->code == VFM_ECANCELED)
+	else if (cancelled)
 		vfm__mig_set_status(m, VFM_MIG_CANCELLED);
 	else
 		vfm__mig_set_status(m, VFM_MIG_FAILED);
@@ -568,17 +636,34 @@ int vfm_migration_start(struct vfm_migration *m, const char *uri,
 
 void vfm_migration_cancel(struct vfm_migration *m)
 {
+	void (*cb)(void *, enum vfm_mig_status) = NULL;
+	void *opaque = NULL;
+	enum vfm_mig_status st;
 	int fd;
 
 	pthread_mutex_lock(&m->lock);
-	if (!m->committed) {
+	st = m->stats.status;
+	if (!m->committed && m->thread_running && st != VFM_MIG_COMPLETED &&
+	    st != VFM_MIG_FAILED && st != VFM_MIG_CANCELLED) {
 		atomic_store(&m->cancel, true);
 		/* Unblock a write stuck on a full socket; the thread then rolls back. */
 		fd = atomic_load(&m->sock_fd);
 		if (fd >= 0)
 			shutdown(fd, SHUT_RDWR);
+		/* Under the lock: the thread's final status can only come after. */
+		m->stats.status = VFM_MIG_CANCELLING;
+		cb = m->event_cb;
+		opaque = m->event_opaque;
 	}
 	pthread_mutex_unlock(&m->lock);
+	if (cb)
+		cb(opaque, VFM_MIG_CANCELLING);
+}
+
+void vfm__migration_set_phase_hook(struct vfm_migration *m, vfm__mig_phase_fn fn, void *opaque)
+{
+	m->phase_hook = fn;
+	m->phase_opaque = opaque;
 }
 
 int vfm_migration_wait(struct vfm_migration *m, int timeout_ms)

@@ -15,6 +15,7 @@
 
 #include "migration/engine.h"
 #include "util/bitmap.h"
+#include "vfiomig/vfio_user.h"
 #include "util/logging.h"
 
 #define DEV_SETUP 1
@@ -50,10 +51,13 @@ static void refresh_stop_copy_size(struct vfm_mig_device *md)
 	uint64_t size;
 	int ret = vfm_device_stop_copy_size(md->dev, &size, NULL);
 
-	if (ret == 0)
+	if (ret == 0) {
 		md->stop_copy_size = size;
-	else if (ret != -ENOTSUP)
+		md->stop_copy_known = true;
+	} else if (ret != -ENOTSUP) {
 		md->stop_copy_size = DEV_STOP_COPY_UNKNOWN;
+		md->stop_copy_known = true;
+	}
 	/* -ENOTSUP (vfio-user has no such query): keep the last figure, 0 at first. */
 }
 
@@ -80,6 +84,7 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->precopy_info_ok = false;
 	md->precopy_init = md->precopy_dirty = md->last_iter_bytes = 0;
 	md->stop_copy_size = 0;
+	md->stop_copy_known = false;
 	atomic_store(&md->transferred, 0);
 	refresh_stop_copy_size(md);
 	md->data_buf_size = DEV_BLOCK_MAX;
@@ -195,7 +200,12 @@ static int vfio_pending_exact(void *opaque, uint64_t *pending, struct vfm_error 
 
 	refresh_precopy_info(md);
 	refresh_stop_copy_size(md);
-	*pending = vfio_pending_estimate(md) + md->stop_copy_size;
+	/*
+	 * The stop-copy size is what STOP_COPY would produce from now, the
+	 * rest of the pre-copy data included (the kernel's MIG_DATA_SIZE, as
+	 * QEMU uses it): adding the pre-copy figures would count them twice.
+	 */
+	*pending = md->stop_copy_known ? md->stop_copy_size : vfio_pending_estimate(md);
 	return 0;
 }
 
@@ -440,6 +450,31 @@ static bool sync_device_log(struct vfm_migration *m, struct vfm_mig_device *md)
 	return true;
 }
 
+/*
+ * What a vfio-user server wrote with DMA_WRITE messages (windows without an
+ * fd): the client logs those itself, the server's DMA logging never sees them.
+ */
+static void sync_client_log(struct vfm_migration *m, struct vfm_mig_device *md)
+{
+	uint64_t pgsize = vfm_guest_mem_page_size(m->mem);
+
+	if (!vfm_device_is_vfio_user(md->dev))
+		return;
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(m->mem); i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(m->mem, i);
+		uint64_t *bits = calloc(VFM_BITMAP_WORDS(r->npages), sizeof(uint64_t));
+
+		if (!bits) {
+			/* Cannot look: everything may be dirty. */
+			vfm_dirty_mark(m->mem, r->gpa, r->size);
+			continue;
+		}
+		if (vfm_vfio_user_dirty_collect(md->dev, r->gpa, r->size, pgsize, bits, NULL) > 0)
+			vfm_dirty_merge(m->mem, r->gpa, r->size, pgsize, bits, NULL);
+		free(bits);
+	}
+}
+
 void vfm__log_sync(struct vfm_migration *m, bool in_precopy)
 {
 	bool all_dirty = false;
@@ -453,6 +488,7 @@ void vfm__log_sync(struct vfm_migration *m, bool in_precopy)
 		if (in_precopy && (!md->props.pre_copy_dirty_page_tracking ||
 				   !m->params.pre_copy_dirty_page_tracking))
 			continue;
+		sync_client_log(m, md);
 		if (md->dma_logging && sync_device_log(m, md))
 			continue;
 		all_dirty = true;  /* cannot track its DMA: QEMU's fallback */

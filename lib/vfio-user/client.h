@@ -88,6 +88,9 @@ struct vfu_client {
 	enum vfm_state state;     /* last state the server confirmed */
 	bool state_known;
 	bool data_drained;        /* a short MIG_DATA_READ: nothing more for now */
+	/* vfiomig DEVICE_FEATURE extensions (PRECOPY_INFO, MIG_DATA_SIZE): the
+	 * server refused one once, so we stop asking (a plain vfio-user server). */
+	bool no_precopy_info, no_data_size;
 
 	/*
 	 * map_lock guards maps/nmaps against vfm_vfio_user_dirty_collect()

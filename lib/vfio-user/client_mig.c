@@ -4,9 +4,10 @@
  * and DEVICE_RESET.
  *
  * vfio-user has no data_fd, so no VFIO_MIG_GET_PRECOPY_INFO, and its feature
- * list (1, 2, 6, 7, 8) has no MIG_DATA_SIZE (9): precopy_info and
- * stop_copy_size answer -ENOTSUP, and the engine estimates instead (pre-copy
- * pending from the bytes the last iteration read, stop-copy size unknown).
+ * list (1, 2, 6, 7, 8) has no MIG_DATA_SIZE (9). Our server library adds both
+ * as DEVICE_FEATURE extensions; precopy_info and stop_copy_size ask for them
+ * and answer -ENOTSUP once a server refuses, so the engine estimates instead
+ * (pre-copy pending from the bytes the last iteration read).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -15,6 +16,7 @@
 
 #include "util/logging.h"
 #include "vfio-user/client.h"
+#include "vfiomig/vfu_server.h"
 
 static int feature_bad_reply(struct vfu_client *c, uint32_t flags, const struct vfu_msg *m,
 			     size_t need, struct vfm_error *err)
@@ -284,17 +286,72 @@ out:
 	return r ? r : (ssize_t)total;
 }
 
+/*
+ * An error reply meaning "no such feature": ENOTTY from our server library
+ * and the kernel, the others from servers that pick their own.
+ */
+static bool is_unsupported(int r)
+{
+	return r == -ENOTTY || r == -ENOTSUP || r == -EOPNOTSUPP || r == -ENOSYS;
+}
+
+/*
+ * GET of a vfiomig extension feature with len bytes of data (see
+ * docs/vfio-user-server.md). -ENOTSUP, remembered in *absent, when the
+ * server does not have it; the connection stays up either way.
+ */
+static int ext_get(struct vfu_client *c, uint32_t id, bool *absent, void *out, size_t len,
+		   struct vfm_error *err)
+{
+	struct vfu_msg reply = VFU_MSG_INIT;
+	struct vfm_error e = { 0 };
+	int r;
+
+	r = vfu_cli_lock(c, err);
+	if (r)
+		return r;
+	if (*absent) {
+		r = -ENOTSUP;
+	} else {
+		r = feature(c, id | VFU_FEATURE_GET, NULL, 0, len, &reply, &e);
+		if (!r) {
+			memcpy(out, (char *)reply.payload + sizeof(struct vfu_device_feature), len);
+			vfu_msg_release(&reply);
+		} else if (is_unsupported(r) && !c->dead) {
+			vfm_debug(c->id, "server has no DEVICE_FEATURE %#" PRIx32 ": estimating", id);
+			*absent = true;
+			r = -ENOTSUP;
+		}
+	}
+	vfu_cli_unlock(c);
+	if (r == -ENOTSUP)
+		return vfm_error_set(err, r, "%s: the vfio-user server has no feature %#" PRIx32,
+				     c->id, id);
+	if (r && err)
+		vfm_error_set(err, r, "%s", e.msg);
+	return r;
+}
+
 static int mig_precopy_info(struct vfm_device *dev, uint64_t *initial_bytes,
 			    uint64_t *dirty_bytes, struct vfm_error *err)
 {
-	return vfm_error_set(err, -ENOTSUP, "%s: vfio-user has no PRECOPY_INFO",
-			     vfm_device_id(dev));
+	struct vfu_client *c = cli_of(dev);
+	uint64_t v[2];
+	int r = ext_get(c, VFM_VFU_FEATURE_PRECOPY_INFO, &c->no_precopy_info, v, sizeof(v), err);
+
+	if (!r) {
+		*initial_bytes = v[0];
+		*dirty_bytes = v[1];
+	}
+	return r;
 }
 
 static int mig_stop_copy_size(struct vfm_device *dev, uint64_t *bytes, struct vfm_error *err)
 {
-	return vfm_error_set(err, -ENOTSUP, "%s: vfio-user has no MIG_DATA_SIZE",
-			     vfm_device_id(dev));
+	struct vfu_client *c = cli_of(dev);
+
+	return ext_get(c, VFM_VFU_FEATURE_MIG_DATA_SIZE, &c->no_data_size, bytes, sizeof(*bytes),
+		       err);
 }
 
 const struct vfm_migration_ops vfu_cli_mig_ops = {

@@ -1,0 +1,116 @@
+/*
+ * Engine tests with real `dma` device servers: each device is a separate
+ * process running the server library with devices/dma.c on a UNIX socket;
+ * guest memory is memfd, DMA_MAPped to the devices; a guest (a writer thread
+ * plus a driver thread running each device's descriptor ring) runs on the
+ * source. Shared by test_migration_dma.c and test_migration_fail.c.
+ */
+#ifndef VFM_TESTS_MIGDMA_H
+#define VFM_TESTS_MIGDMA_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "migration/engine.h"
+#include "vfiomig/migration.h"
+
+#define MD_PG        4096ull
+#define MD_MEM       (8ull << 20)
+#define MD_DEV_STATE (1ull << 20)
+#define MD_MAXDEV    2
+#define MD_RING_N    16u
+/* Layout of guest memory: device i's ring in page i, the device's DMA
+ * target buffers in [1M, 2M) (half each), the writer dirties [2M, 8M). */
+#define MD_BUF_GPA   (1ull << 20)
+#define MD_BUF_SIZE  (1ull << 20)
+#define MD_WRITER_GPA (2ull << 20)
+
+struct md_devsrv {
+	pid_t pid;
+	char path[160];
+};
+
+struct md_opts {
+	unsigned ndev;
+	const char *props;        /* device properties ("k=v,k=v") or NULL */
+	bool by_messages;         /* DMA_MAP without fd: DMA_READ/WRITE messages */
+	uint64_t mig_flags;       /* 0: the device's default (STOP_COPY|P2P|PRE_COPY) */
+	uint64_t churn;           /* source device churn, bytes/s */
+};
+
+struct md_side;
+
+struct md_guest {
+	struct md_side *side;
+	pthread_t writer, driver;
+	atomic_bool run;
+	bool started;             /* vm ops only (migration thread or test thread) */
+	atomic_uint_fast64_t writes, completed, errors, starts;
+	unsigned seed;
+	bool workload;            /* false: start/stop only count (destination) */
+	uint64_t tail[MD_MAXDEV];
+};
+
+struct md_side {
+	struct vfm_guest_mem *mem;
+	struct vfm_device *dev[MD_MAXDEV];
+	unsigned ndev;
+	struct vfm_migration *m;
+	struct md_guest g;
+};
+
+struct md_result {
+	int32_t status;
+	uint32_t guest_starts;
+	uint64_t mem_hash;
+	uint64_t dev_sum[MD_MAXDEV];
+	int32_t dev_state[MD_MAXDEV];
+	char error[VFM_ERROR_MSG_MAX];
+};
+
+extern const struct vfm_vm_ops md_vm_ops;
+
+/* Temp dir for sockets and files (created once per test process). */
+const char *md_dir(void);
+/* Forks a device server process (before any thread); waits for its socket. */
+void md_devsrv_spawn(struct md_devsrv *d, const char *name, const struct md_opts *o,
+		     uint64_t churn, uint64_t seed);
+void md_devsrv_kill(struct md_devsrv *d);
+
+/* Guest memory, devices opened and mapped, migration object, devices added.
+ * workload: this side runs the guest threads when started. */
+void md_side_init(struct md_side *s, const struct md_devsrv *srv, const struct md_opts *o,
+		  bool workload, unsigned seed);
+void md_side_free(struct md_side *s);
+
+uint64_t md_mem_hash(struct vfm_guest_mem *mem);
+uint64_t md_reg(struct vfm_device *dev, uint64_t off);
+/* Real state over the wire. */
+enum vfm_state md_dev_state(struct vfm_device *dev);
+/* One COPY_FROM_DEV descriptor run now on device i (guest stopped); true if OK. */
+bool md_dma_works(struct md_side *s, unsigned i);
+
+/*
+ * Forks a destination process: its own device servers, guest memory and
+ * migration object; listens on uri_kind ("unix", "tcp", "file") and loads.
+ * *uri receives the URI to migrate to (for tcp the chosen port). For file,
+ * call md_dest_start after the source wrote the file. Result via md_dest_wait.
+ */
+struct md_dest {
+	pid_t pid;
+	int result_fd;
+	char uri[256];
+};
+void md_make_uri(const char *kind, char *uri, size_t len);
+void md_dest_start(struct md_dest *d, const char *uri, const struct md_opts *o);
+/* Waits (bounded) for the destination; returns its exit status (0 ok). */
+int md_dest_wait(struct md_dest *d, struct md_result *r);
+
+/* Source flow: params defaults with a short timeout. */
+void md_params(struct vfm_migration_params *p);
+/* Waits for the source migration to end; returns the final stats. */
+void md_wait(struct md_side *s, struct vfm_migration_stats *st);
+
+#endif
