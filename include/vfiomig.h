@@ -10,6 +10,7 @@
 #include "vfiomig/memory.h"
 #include "vfiomig/vfu_server.h"
 #include "vfiomig/vfio_user.h"
+#include "vfiomig/vfio.h"
 
 #define VFIOMIG_VERSION_MAJOR 0
 #define VFIOMIG_VERSION_MINOR 1

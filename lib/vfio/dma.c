@@ -1,0 +1,414 @@
+/*
+ * Guest memory for a kernel VFIO device: DMA map/unmap through the iommufd
+ * IOAS or the type1 container, the dirty bits of a range being unmapped (the
+ * vIOMMU case), and IOMMU dirty tracking (iommufd HWPT or type1 dirty pages).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "util/logging.h"
+#include "vfio/priv.h"
+
+static uint64_t bitmap_bytes(uint64_t length, uint64_t page_size)
+{
+	return (length / page_size + 63) / 64 * 8;
+}
+
+static void set_all(uint64_t *bitmap, uint64_t length, uint64_t page_size)
+{
+	uint64_t pages = length / page_size;
+
+	for (uint64_t i = 0; i < pages; i++)
+		bitmap[i / 64] |= 1ull << (i % 64);
+}
+
+static void or_into(uint64_t *dst, const uint64_t *src, uint64_t bytes)
+{
+	for (uint64_t i = 0; i < bytes / 8; i++)
+		dst[i] |= src[i];
+}
+
+static bool range_ok(uint64_t iova, uint64_t length, uint64_t page_size)
+{
+	return page_size >= 4096 && !(page_size & (page_size - 1)) && length &&
+	       !((iova | length) & (page_size - 1)) && iova + length > iova;
+}
+
+/* ---- Map table ---- */
+
+static int table_add(struct kv_dev *k, uint64_t iova, uint64_t size, void *mapped)
+{
+	if (k->nmaps == k->maps_cap) {
+		size_t cap = k->maps_cap ? 2 * k->maps_cap : 16;
+		struct kv_map *m = realloc(k->maps, cap * sizeof(*m));
+
+		if (!m)
+			return -ENOMEM;
+		k->maps = m;
+		k->maps_cap = cap;
+	}
+	k->maps[k->nmaps++] = (struct kv_map){ iova, size, mapped };
+	return 0;
+}
+
+/* Drops table entries inside [iova, iova + size), unmapping our mmap()s. */
+static void table_remove(struct kv_dev *k, uint64_t iova, uint64_t size)
+{
+	size_t out = 0;
+
+	for (size_t i = 0; i < k->nmaps; i++) {
+		struct kv_map *m = &k->maps[i];
+
+		if (m->iova >= iova && m->iova + m->size <= iova + size) {
+			if (m->mapped)
+				k->sys->munmap(k->sys->opaque, m->mapped, m->size);
+			continue;
+		}
+		k->maps[out++] = *m;
+	}
+	k->nmaps = out;
+}
+
+/* ---- Map / unmap ---- */
+
+static int map_locked(struct kv_dev *k, const struct vfm_dma_map *map, void *va,
+		      struct vfm_error *err)
+{
+	int r;
+
+	if (k->iommu == KV_IOMMUFD) {
+		struct iommu_ioas_map m = {
+			.size = sizeof(m), .flags = IOMMU_IOAS_MAP_FIXED_IOVA, .ioas_id = k->ioas_id,
+			.user_va = (uintptr_t)va, .length = map->size, .iova = map->iova,
+		};
+
+		if (map->prot & VFM_DMA_READ)
+			m.flags |= IOMMU_IOAS_MAP_READABLE;
+		if (map->prot & VFM_DMA_WRITE)
+			m.flags |= IOMMU_IOAS_MAP_WRITEABLE;
+		r = kv_ioctl(k, k->iommufd, IOMMU_IOAS_MAP, &m);
+		if (r)
+			return vfm_error_set(err, r, "%s: IOMMU_IOAS_MAP 0x%" PRIx64 "+0x%" PRIx64
+					     ": %s", k->id, map->iova, map->size, strerror(-r));
+	} else {
+		struct vfio_iommu_type1_dma_map m = {
+			.argsz = sizeof(m), .vaddr = (uintptr_t)va, .iova = map->iova,
+			.size = map->size,
+		};
+
+		if (map->prot & VFM_DMA_READ)
+			m.flags |= VFIO_DMA_MAP_FLAG_READ;
+		if (map->prot & VFM_DMA_WRITE)
+			m.flags |= VFIO_DMA_MAP_FLAG_WRITE;
+		r = kv_ioctl(k, k->container, VFIO_IOMMU_MAP_DMA, &m);
+		if (r)
+			return vfm_error_set(err, r, "%s: VFIO_IOMMU_MAP_DMA 0x%" PRIx64 "+0x%" PRIx64
+					     ": %s", k->id, map->iova, map->size, strerror(-r));
+	}
+	return 0;
+}
+
+int kv_dma_map(struct vfm_device *dev, const struct vfm_dma_map *map, struct vfm_error *err)
+{
+	struct kv_dev *k = kv_of(dev);
+	void *va = map->vaddr, *mapped = NULL;
+	int r;
+
+	if (!va) {
+		int merr = -EINVAL;
+
+		if (map->fd < 0)
+			return vfm_error_set(err, -EINVAL, "%s: DMA map without address or fd", k->id);
+		/* The IOMMU pins pages of our address space: map the fd here. */
+		mapped = k->sys->mmap(k->sys->opaque, NULL, map->size, PROT_READ | PROT_WRITE,
+				      MAP_SHARED, map->fd, (off_t)map->fd_offset, &merr);
+		if (mapped == MAP_FAILED)
+			return vfm_error_set(err, merr, "%s: mmap of the DMA fd: %s", k->id,
+					     strerror(-merr));
+		va = mapped;
+	}
+	pthread_mutex_lock(&k->lock);
+	r = map_locked(k, map, va, err);
+	if (!r && table_add(k, map->iova, map->size, mapped)) {
+		r = vfm_error_set(err, -ENOMEM, "%s: no memory for the DMA map table", k->id);
+		/* Keep the kernel and the table in step. */
+		if (k->iommu == KV_IOMMUFD) {
+			struct iommu_ioas_unmap u = { .size = sizeof(u), .ioas_id = k->ioas_id,
+						      .iova = map->iova, .length = map->size };
+			kv_ioctl(k, k->iommufd, IOMMU_IOAS_UNMAP, &u);
+		} else {
+			struct vfio_iommu_type1_dma_unmap u = { .argsz = sizeof(u),
+								.iova = map->iova, .size = map->size };
+			kv_ioctl(k, k->container, VFIO_IOMMU_UNMAP_DMA, &u);
+		}
+	}
+	pthread_mutex_unlock(&k->lock);
+	if (r && mapped)
+		k->sys->munmap(k->sys->opaque, mapped, map->size);
+	return r;
+}
+
+static int hwpt_bitmap(struct kv_dev *k, uint64_t iova, uint64_t length, uint64_t page_size,
+		       uint32_t flags, uint64_t *bitmap, struct vfm_error *err)
+{
+	uint64_t bytes = bitmap_bytes(length, page_size);
+	uint64_t *tmp = calloc(1, bytes);
+	struct iommu_hwpt_get_dirty_bitmap g = {
+		.size = sizeof(g), .hwpt_id = k->hwpt_id, .flags = flags, .iova = iova,
+		.length = length, .page_size = page_size, .data = (uintptr_t)tmp,
+	};
+	int r;
+
+	if (!tmp)
+		return vfm_error_set(err, -ENOMEM, "%s: no memory for a dirty bitmap", k->id);
+	r = kv_ioctl(k, k->iommufd, IOMMU_HWPT_GET_DIRTY_BITMAP, &g);
+	if (r)
+		vfm_error_set(err, r, "%s: IOMMU_HWPT_GET_DIRTY_BITMAP: %s", k->id, strerror(-r));
+	else
+		or_into(bitmap, tmp, bytes);
+	free(tmp);
+	return r;
+}
+
+/*
+ * The dirty bits of a range about to be unmapped (iommufd: read before the
+ * unmap; type1 does both in one ioctl, below). The IOMMU's log when it is on,
+ * else the device's own DMA log, else everything: a lost bit would lose data.
+ */
+static void unmap_dirty_before(struct kv_dev *k, struct vfm_device *dev, uint64_t iova,
+			       uint64_t size, uint64_t page_size, uint64_t *bitmap)
+{
+	struct vfm_error e = { 0 };
+
+	if (k->iommu_dirty_on && k->iommu == KV_IOMMUFD) {
+		if (hwpt_bitmap(k, iova, size, page_size, IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+				bitmap, &e) == 0)
+			return;
+	} else if (!k->iommu_dirty_on && k->dev_log_on) {
+		if (kv_log_ops.report(dev, iova, size, page_size, bitmap, &e) == 0)
+			return;
+	} else if (k->iommu_dirty_on) {
+		return;   /* type1: the unmap itself reports */
+	}
+	if (e.msg[0])
+		vfm_warn(k->id, "dirty bits of 0x%" PRIx64 "+0x%" PRIx64 " lost (%s): all dirty",
+			 iova, size, e.msg);
+	set_all(bitmap, size, page_size);
+}
+
+static int unmap_type1(struct kv_dev *k, uint64_t iova, uint64_t size, uint64_t page_size,
+		       uint64_t *bitmap, struct vfm_error *err)
+{
+	struct {
+		struct vfio_iommu_type1_dma_unmap u;
+		struct vfio_bitmap b;
+	} req = { .u = { .argsz = sizeof(req.u), .iova = iova, .size = size } };
+	uint64_t bytes = 0, *tmp = NULL;
+	int r;
+
+	if (bitmap && k->iommu_dirty_on) {
+		bytes = bitmap_bytes(size, page_size);
+		tmp = calloc(1, bytes);
+		if (tmp) {
+			req.u.argsz = sizeof(req);
+			req.u.flags = VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP;
+			req.b = (struct vfio_bitmap){ page_size, bytes, (__u64 *)tmp };
+		}
+	}
+	r = kv_ioctl(k, k->container, VFIO_IOMMU_UNMAP_DMA, &req);
+	if (r && req.u.flags) {
+		vfm_warn(k->id, "unmap with dirty bitmap failed (%s): plain unmap, all dirty",
+			 strerror(-r));
+		req.u = (struct vfio_iommu_type1_dma_unmap){ .argsz = sizeof(req.u), .iova = iova,
+							     .size = size };
+		r = kv_ioctl(k, k->container, VFIO_IOMMU_UNMAP_DMA, &req);
+		free(tmp);
+		tmp = NULL;
+	}
+	if (!r && bitmap) {
+		if (tmp)
+			or_into(bitmap, tmp, bytes);
+		else
+			set_all(bitmap, size, page_size);
+	}
+	free(tmp);
+	if (r)
+		return vfm_error_set(err, r, "%s: VFIO_IOMMU_UNMAP_DMA 0x%" PRIx64 "+0x%" PRIx64
+				     ": %s", k->id, iova, size, strerror(-r));
+	return 0;
+}
+
+int kv_dma_unmap(struct vfm_device *dev, uint64_t iova, uint64_t size, uint64_t page_size,
+		 uint64_t *dirty_bitmap, struct vfm_error *err)
+{
+	struct kv_dev *k = kv_of(dev);
+	int r;
+
+	if (dirty_bitmap && !range_ok(iova, size, page_size))
+		return vfm_error_set(err, -EINVAL, "%s: unaligned DMA unmap with a dirty bitmap",
+				     k->id);
+	pthread_mutex_lock(&k->lock);
+	if (k->iommu == KV_IOMMUFD) {
+		struct iommu_ioas_unmap u = { .size = sizeof(u), .ioas_id = k->ioas_id,
+					      .iova = iova, .length = size };
+
+		if (dirty_bitmap)
+			unmap_dirty_before(k, dev, iova, size, page_size, dirty_bitmap);
+		r = kv_ioctl(k, k->iommufd, IOMMU_IOAS_UNMAP, &u);
+		if (r)
+			vfm_error_set(err, r, "%s: IOMMU_IOAS_UNMAP 0x%" PRIx64 "+0x%" PRIx64 ": %s",
+				      k->id, iova, size, strerror(-r));
+	} else {
+		bool in_unmap = dirty_bitmap && k->iommu_dirty_on;
+
+		if (dirty_bitmap && !in_unmap)
+			unmap_dirty_before(k, dev, iova, size, page_size, dirty_bitmap);
+		r = unmap_type1(k, iova, size, page_size, in_unmap ? dirty_bitmap : NULL, err);
+	}
+	if (!r)
+		table_remove(k, iova, size);
+	pthread_mutex_unlock(&k->lock);
+	return r;
+}
+
+void kv_dma_cleanup(struct kv_dev *k)
+{
+	/* Closing the IOAS or container drops the kernel's mappings; ours remain. */
+	for (size_t i = 0; i < k->nmaps; i++)
+		if (k->maps[i].mapped)
+			k->sys->munmap(k->sys->opaque, k->maps[i].mapped, k->maps[i].size);
+	k->nmaps = 0;
+}
+
+/* ---- IOMMU dirty tracking ---- */
+
+void kv_type1_probe_dirty(struct kv_dev *k)
+{
+	union {
+		struct vfio_iommu_type1_info info;
+		uint8_t bytes[512];
+	} buf = { .info = { .argsz = sizeof(buf) } };
+	uint32_t off;
+
+	if (kv_ioctl(k, k->container, VFIO_IOMMU_GET_INFO, &buf) ||
+	    !(buf.info.flags & VFIO_IOMMU_INFO_CAPS))
+		return;
+	/* Walk the capability chain (offsets from the start), bounded by our buffer. */
+	for (off = buf.info.cap_offset, k->type1_dirty = false;
+	     off >= sizeof(buf.info) && off + sizeof(struct vfio_info_cap_header) <= sizeof(buf);) {
+		struct vfio_info_cap_header h;
+
+		memcpy(&h, buf.bytes + off, sizeof(h));
+		if (h.id == VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION) {
+			k->type1_dirty = true;
+			break;
+		}
+		if (h.next <= off)
+			break;
+		off = h.next;
+	}
+}
+
+bool vfm_vfio_iommu_dirty_supported(const struct vfm_device *dev)
+{
+	const struct kv_dev *k;
+
+	if (!vfm_device_is_vfio(dev))
+		return false;
+	k = vfm_device_priv(dev);
+	return k->iommu == KV_IOMMUFD ? k->hwpt_dirty : k->type1_dirty;
+}
+
+static int dirty_switch(struct vfm_device *dev, bool on, struct vfm_error *err)
+{
+	struct kv_dev *k;
+	int r;
+
+	if (!vfm_vfio_iommu_dirty_supported(dev))
+		return vfm_error_set(err, -ENOTSUP, "%s: the IOMMU cannot track dirty pages",
+				     vfm_device_id(dev));
+	k = kv_of(dev);
+	pthread_mutex_lock(&k->lock);
+	if (k->iommu == KV_IOMMUFD) {
+		struct iommu_hwpt_set_dirty_tracking s = {
+			.size = sizeof(s), .flags = on ? IOMMU_HWPT_DIRTY_TRACKING_ENABLE : 0,
+			.hwpt_id = k->hwpt_id,
+		};
+		r = kv_ioctl(k, k->iommufd, IOMMU_HWPT_SET_DIRTY_TRACKING, &s);
+	} else {
+		struct vfio_iommu_type1_dirty_bitmap d = {
+			.argsz = sizeof(d),
+			.flags = on ? VFIO_IOMMU_DIRTY_PAGES_FLAG_START : VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
+		};
+		r = kv_ioctl(k, k->container, VFIO_IOMMU_DIRTY_PAGES, &d);
+	}
+	if (!r)
+		k->iommu_dirty_on = on;
+	pthread_mutex_unlock(&k->lock);
+	if (r)
+		return vfm_error_set(err, r, "%s: IOMMU dirty tracking %s: %s", k->id,
+				     on ? "start" : "stop", strerror(-r));
+	vfm_debug(k->id, "IOMMU dirty tracking %s", on ? "on" : "off");
+	return 0;
+}
+
+int vfm_vfio_iommu_dirty_start(struct vfm_device *dev, struct vfm_error *err)
+{
+	return dirty_switch(dev, true, err);
+}
+
+int vfm_vfio_iommu_dirty_stop(struct vfm_device *dev, struct vfm_error *err)
+{
+	return dirty_switch(dev, false, err);
+}
+
+static int type1_bitmap(struct kv_dev *k, uint64_t iova, uint64_t length, uint64_t page_size,
+			uint64_t *bitmap, struct vfm_error *err)
+{
+	uint64_t bytes = bitmap_bytes(length, page_size);
+	uint64_t *tmp = calloc(1, bytes);
+	struct {
+		struct vfio_iommu_type1_dirty_bitmap d;
+		struct vfio_iommu_type1_dirty_bitmap_get g;
+	} req = {
+		.d = { .argsz = sizeof(req), .flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP },
+		.g = { .iova = iova, .size = length, .bitmap = { page_size, bytes, (__u64 *)tmp } },
+	};
+	int r;
+
+	if (!tmp)
+		return vfm_error_set(err, -ENOMEM, "%s: no memory for a dirty bitmap", k->id);
+	r = kv_ioctl(k, k->container, VFIO_IOMMU_DIRTY_PAGES, &req);
+	if (r)
+		vfm_error_set(err, r, "%s: VFIO_IOMMU_DIRTY_PAGES GET_BITMAP: %s", k->id,
+			      strerror(-r));
+	else
+		or_into(bitmap, tmp, bytes);
+	free(tmp);
+	return r;
+}
+
+int vfm_vfio_iommu_dirty_report(struct vfm_device *dev, uint64_t iova, uint64_t length,
+				uint64_t page_size, uint64_t *bitmap, struct vfm_error *err)
+{
+	struct kv_dev *k;
+	int r;
+
+	if (!vfm_device_is_vfio(dev))
+		return vfm_error_set(err, -EINVAL, "not a kernel VFIO device");
+	k = kv_of(dev);
+	if (!bitmap || !range_ok(iova, length, page_size))
+		return vfm_error_set(err, -EINVAL, "%s: bad dirty report range", k->id);
+	pthread_mutex_lock(&k->lock);
+	if (!k->iommu_dirty_on)
+		r = vfm_error_set(err, -EINVAL, "%s: IOMMU dirty tracking is off", k->id);
+	else if (k->iommu == KV_IOMMUFD)
+		r = hwpt_bitmap(k, iova, length, page_size, 0, bitmap, err);
+	else
+		r = type1_bitmap(k, iova, length, page_size, bitmap, err);
+	pthread_mutex_unlock(&k->lock);
+	return r;
+}

@@ -1,0 +1,473 @@
+/*
+ * The kernel VFIO backend: opening a device (cdev + iommufd with a fallback
+ * to group + type1v2), device/region/IRQ info, region I/O, reset, close and
+ * the device-layer ops tables. Migration is in mig.c, DMA in dma.c.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util/logging.h"
+#include "vfio/priv.h"
+
+static void kv_close(struct vfm_device *dev);
+
+/* Four tables: migration and DMA logging are each optional (as in the kernel). */
+#define KV_OPS(name_, mig_, log_)                                             \
+	static const struct vfm_device_ops name_ = {                          \
+		.backend = "vfio",                                            \
+		.get_info = kv_get_info,                                      \
+		.region_info = kv_region_info,                                \
+		.region_read = kv_region_read,                                \
+		.region_write = kv_region_write,                              \
+		.dma_map = kv_dma_map,                                        \
+		.dma_unmap = kv_dma_unmap,                                    \
+		.reset = kv_reset,                                            \
+		.close = kv_close,                                            \
+		.mig = mig_,                                                  \
+		.log = log_,                                                  \
+	}
+
+static int kv_get_info(struct vfm_device *dev, struct vfm_device_info *info,
+		       struct vfm_error *err)
+{
+	*info = kv_of(dev)->info;
+	return 0;
+}
+
+static const struct kv_region *region_of(struct kv_dev *k, uint32_t index,
+					 struct vfm_error *err)
+{
+	if (index >= k->nregions || !k->regions[index].info.size) {
+		vfm_error_set(err, -EINVAL, "%s: no region %" PRIu32, k->id, index);
+		return NULL;
+	}
+	return &k->regions[index];
+}
+
+static int kv_region_info(struct vfm_device *dev, uint32_t index, struct vfm_region_info *info,
+			  struct vfm_error *err)
+{
+	const struct kv_region *r = region_of(kv_of(dev), index, err);
+
+	if (!r)
+		return err ? err->code : -EINVAL;
+	*info = r->info;
+	return 0;
+}
+
+static ssize_t region_io(struct vfm_device *dev, bool write, uint32_t index, uint64_t offset,
+			 void *buf, size_t len, struct vfm_error *err)
+{
+	struct kv_dev *k = kv_of(dev);
+	const struct kv_region *r = region_of(k, index, err);
+	size_t done = 0;
+
+	if (!r)
+		return err ? err->code : -EINVAL;
+	if (!(r->info.flags & (write ? VFM_REGION_WRITE : VFM_REGION_READ)))
+		return vfm_error_set(err, -EACCES, "%s: region %" PRIu32 " is not %s", k->id,
+				     index, write ? "writable" : "readable");
+	if (offset > r->info.size || len > r->info.size - offset)
+		return vfm_error_set(err, -EINVAL, "%s: region %" PRIu32 " access 0x%" PRIx64
+				     "+%zu beyond 0x%" PRIx64, k->id, index, offset, len,
+				     r->info.size);
+	while (done < len) {
+		off_t at = (off_t)(r->offset + offset + done);
+		ssize_t n = write ? k->sys->pwrite(k->sys->opaque, k->devfd, (char *)buf + done,
+						   len - done, at)
+				  : k->sys->pread(k->sys->opaque, k->devfd, (char *)buf + done,
+						  len - done, at);
+
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			return vfm_error_set(err, (int)n, "%s: region %" PRIu32 " %s: %s", k->id,
+					     index, write ? "pwrite" : "pread", strerror((int)-n));
+		if (n == 0)
+			return vfm_error_set(err, -EIO, "%s: region %" PRIu32 " short %s", k->id,
+					     index, write ? "write" : "read");
+		done += (size_t)n;
+	}
+	return (ssize_t)len;
+}
+
+static ssize_t kv_region_read(struct vfm_device *dev, uint32_t index, uint64_t offset,
+			      void *buf, size_t len, struct vfm_error *err)
+{
+	return region_io(dev, false, index, offset, buf, len, err);
+}
+
+static ssize_t kv_region_write(struct vfm_device *dev, uint32_t index, uint64_t offset,
+			       const void *buf, size_t len, struct vfm_error *err)
+{
+	return region_io(dev, true, index, offset, (void *)buf, len, err);
+}
+
+static int kv_reset(struct vfm_device *dev, struct vfm_error *err)
+{
+	struct kv_dev *k = kv_of(dev);
+	int r;
+
+	if (!(k->info.flags & VFIO_DEVICE_FLAGS_RESET))
+		return vfm_error_set(err, -ENOTSUP, "%s: device has no reset", k->id);
+	r = kv_ioctl(k, k->devfd, VFIO_DEVICE_RESET, NULL);
+	/* Whatever happened, the old data fd is dead (ENODEV from now on). */
+	kv_close_data_fd(k);
+	if (r) {
+		k->state_known = false;
+		return vfm_error_set(err, r, "%s: VFIO_DEVICE_RESET: %s", k->id, strerror(-r));
+	}
+	k->state = VFM_STATE_RUNNING;
+	k->state_known = true;
+	return 0;
+}
+
+KV_OPS(ops_mig_log, &kv_mig_ops, &kv_log_ops);
+KV_OPS(ops_mig, &kv_mig_ops, NULL);
+KV_OPS(ops_log, NULL, &kv_log_ops);
+KV_OPS(ops_plain, NULL, NULL);
+
+bool vfm_device_is_vfio(const struct vfm_device *dev)
+{
+	const struct vfm_device_ops *o = dev ? vfm_device_ops(dev) : NULL;
+
+	return o && (o == &ops_mig_log || o == &ops_mig || o == &ops_log || o == &ops_plain);
+}
+
+const char *vfm_vfio_iommu_name(const struct vfm_device *dev)
+{
+	const struct kv_dev *k;
+
+	if (!vfm_device_is_vfio(dev))
+		return NULL;
+	k = vfm_device_priv(dev);
+	if (k->iommu == KV_TYPE1)
+		return "type1v2";
+	return k->hwpt_dirty ? "iommufd+dirty-hwpt" : "iommufd";
+}
+
+int vfm_vfio_irq_info(struct vfm_device *dev, uint32_t index, struct vfm_irq_info *info,
+		      struct vfm_error *err)
+{
+	struct vfio_irq_info ii = { .argsz = sizeof(ii), .index = index };
+	struct kv_dev *k;
+	int r;
+
+	if (!vfm_device_is_vfio(dev))
+		return vfm_error_set(err, -EINVAL, "not a kernel VFIO device");
+	k = kv_of(dev);
+	if (index >= k->info.num_irqs)
+		return vfm_error_set(err, -EINVAL, "%s: no IRQ index %" PRIu32, k->id, index);
+	r = kv_ioctl(k, k->devfd, VFIO_DEVICE_GET_IRQ_INFO, &ii);
+	if (r)
+		return vfm_error_set(err, r, "%s: VFIO_DEVICE_GET_IRQ_INFO %" PRIu32 ": %s", k->id,
+				     index, strerror(-r));
+	*info = (struct vfm_irq_info){ index, ii.flags, ii.count };
+	return 0;
+}
+
+/* ---- Opening ---- */
+
+static void close_fd(struct kv_dev *k, int *fd)
+{
+	if (*fd >= 0)
+		k->sys->close(k->sys->opaque, *fd);
+	*fd = -1;
+}
+
+static void kv_destroy(struct kv_dev *k)
+{
+	kv_close_data_fd(k);
+	kv_dma_cleanup(k);
+	/* The device first: closing it detaches it from the IOAS or container. */
+	close_fd(k, &k->devfd);
+	close_fd(k, &k->iommufd);
+	close_fd(k, &k->group);
+	close_fd(k, &k->container);
+	free(k->regions);
+	free(k->maps);
+	pthread_mutex_destroy(&k->lock);
+	free(k);
+}
+
+static void kv_close(struct vfm_device *dev)
+{
+	struct kv_dev *k = kv_of(dev);
+
+	vfm_debug(k->id, "closing %s", k->name);
+	kv_destroy(k);
+}
+
+/* Attaches the device to a dirty-tracking HWPT when the IOMMU has one. */
+static bool attach_dirty_hwpt(struct kv_dev *k)
+{
+	struct iommu_hw_info hw = { .size = sizeof(hw), .dev_id = k->devid };
+	struct iommu_hwpt_alloc ha = {
+		.size = sizeof(ha), .flags = IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+		.dev_id = k->devid, .pt_id = k->ioas_id, .data_type = IOMMU_HWPT_DATA_NONE,
+	};
+	struct vfio_device_attach_iommufd_pt at = { .argsz = sizeof(at) };
+	int r;
+
+	r = kv_ioctl(k, k->iommufd, IOMMU_GET_HW_INFO, &hw);
+	if (r || !(hw.out_capabilities & IOMMU_HW_CAP_DIRTY_TRACKING)) {
+		vfm_debug(k->id, "IOMMU has no dirty tracking%s%s", r ? ": " : "",
+			  r ? strerror(-r) : "");
+		return false;
+	}
+	r = kv_ioctl(k, k->iommufd, IOMMU_HWPT_ALLOC, &ha);
+	if (r) {
+		vfm_debug(k->id, "dirty-tracking HWPT: %s", strerror(-r));
+		return false;
+	}
+	at.pt_id = ha.out_hwpt_id;
+	r = kv_ioctl(k, k->devfd, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &at);
+	if (r) {
+		struct iommu_destroy d = { .size = sizeof(d), .id = ha.out_hwpt_id };
+
+		vfm_debug(k->id, "attaching the dirty-tracking HWPT: %s", strerror(-r));
+		kv_ioctl(k, k->iommufd, IOMMU_DESTROY, &d);
+		return false;
+	}
+	k->hwpt_id = ha.out_hwpt_id;
+	k->hwpt_dirty = true;
+	return true;
+}
+
+static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
+			struct vfm_error *err)
+{
+	struct vfio_device_bind_iommufd bind = { .argsz = sizeof(bind) };
+	struct iommu_ioas_alloc ioas = { .size = sizeof(ioas) };
+	struct vfio_device_attach_iommufd_pt at = { .argsz = sizeof(at) };
+	int r;
+
+	r = k->sys->open(k->sys->opaque, cdev, O_RDWR);
+	if (r < 0)
+		return vfm_error_set(err, r, "%s: open %s: %s", k->id, cdev, strerror(-r));
+	k->devfd = r;
+	r = k->sys->open(k->sys->opaque, "/dev/iommu", O_RDWR);
+	if (r < 0) {
+		vfm_error_set(err, r, "%s: open /dev/iommu: %s", k->id, strerror(-r));
+		goto err_close;
+	}
+	k->iommufd = r;
+	bind.iommufd = k->iommufd;
+	r = kv_ioctl(k, k->devfd, VFIO_DEVICE_BIND_IOMMUFD, &bind);
+	if (r) {
+		vfm_error_set(err, r, "%s: VFIO_DEVICE_BIND_IOMMUFD: %s", k->id, strerror(-r));
+		goto err_close;
+	}
+	k->devid = bind.out_devid;
+	r = kv_ioctl(k, k->iommufd, IOMMU_IOAS_ALLOC, &ioas);
+	if (r) {
+		vfm_error_set(err, r, "%s: IOMMU_IOAS_ALLOC: %s", k->id, strerror(-r));
+		goto err_close;
+	}
+	k->ioas_id = ioas.out_ioas_id;
+	if (!want_dirty || !attach_dirty_hwpt(k)) {
+		at.pt_id = k->ioas_id;
+		r = kv_ioctl(k, k->devfd, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &at);
+		if (r) {
+			vfm_error_set(err, r, "%s: VFIO_DEVICE_ATTACH_IOMMUFD_PT: %s", k->id,
+				      strerror(-r));
+			goto err_close;
+		}
+	}
+	k->iommu = KV_IOMMUFD;
+	return 0;
+
+err_close:
+	close_fd(k, &k->devfd);
+	close_fd(k, &k->iommufd);
+	k->hwpt_id = 0;
+	k->hwpt_dirty = false;
+	return r;
+}
+
+static int open_type1(struct kv_dev *k, const char *bdf, int group, struct vfm_error *err)
+{
+	struct vfio_group_status gs = { .argsz = sizeof(gs) };
+	char path[64];
+	int r;
+
+	if (group < 0 || !bdf[0])
+		return vfm_error_set(err, -ENODEV, "%s: no IOMMU group known for %s", k->id, k->name);
+	r = k->sys->open(k->sys->opaque, "/dev/vfio/vfio", O_RDWR);
+	if (r < 0)
+		return vfm_error_set(err, r, "%s: open /dev/vfio/vfio: %s", k->id, strerror(-r));
+	k->container = r;
+	r = kv_ioctl(k, k->container, VFIO_GET_API_VERSION, NULL);
+	if (r != VFIO_API_VERSION) {
+		r = vfm_error_set(err, r < 0 ? r : -EPROTO, "%s: VFIO API version %d (want %d)",
+				  k->id, r, VFIO_API_VERSION);
+		goto err_close;
+	}
+	r = kv_ioctl(k, k->container, VFIO_CHECK_EXTENSION, (void *)(uintptr_t)VFIO_TYPE1v2_IOMMU);
+	if (r <= 0) {
+		r = vfm_error_set(err, r < 0 ? r : -ENOTSUP, "%s: no type1v2 IOMMU", k->id);
+		goto err_close;
+	}
+	snprintf(path, sizeof(path), "/dev/vfio/%d", group);
+	r = k->sys->open(k->sys->opaque, path, O_RDWR);
+	if (r < 0) {
+		vfm_error_set(err, r, "%s: open %s: %s", k->id, path, strerror(-r));
+		goto err_close;
+	}
+	k->group = r;
+	r = kv_ioctl(k, k->group, VFIO_GROUP_GET_STATUS, &gs);
+	if (!r && !(gs.flags & VFIO_GROUP_FLAGS_VIABLE))
+		r = vfm_error_set(err, -EBUSY, "%s: IOMMU group %d is not viable (bind every "
+				  "device of the group to vfio-pci)", k->id, group);
+	else if (r)
+		vfm_error_set(err, r, "%s: VFIO_GROUP_GET_STATUS: %s", k->id, strerror(-r));
+	if (r)
+		goto err_close;
+	r = kv_ioctl(k, k->group, VFIO_GROUP_SET_CONTAINER, &k->container);
+	if (!r)
+		r = kv_ioctl(k, k->container, VFIO_SET_IOMMU, (void *)(uintptr_t)VFIO_TYPE1v2_IOMMU);
+	if (r) {
+		vfm_error_set(err, r, "%s: setting up the type1v2 container: %s", k->id,
+			      strerror(-r));
+		goto err_close;
+	}
+	r = kv_ioctl(k, k->group, VFIO_GROUP_GET_DEVICE_FD, (void *)bdf);
+	if (r < 0) {
+		vfm_error_set(err, r, "%s: VFIO_GROUP_GET_DEVICE_FD %s: %s", k->id, bdf,
+			      strerror(-r));
+		goto err_close;
+	}
+	k->devfd = r;
+	k->iommu = KV_TYPE1;
+	kv_type1_probe_dirty(k);
+	return 0;
+
+err_close:
+	close_fd(k, &k->group);
+	close_fd(k, &k->container);
+	return r;
+}
+
+static int load_info(struct kv_dev *k, struct vfm_error *err)
+{
+	struct vfio_device_info di = { .argsz = sizeof(di) };
+	int r = kv_ioctl(k, k->devfd, VFIO_DEVICE_GET_INFO, &di);
+
+	if (r)
+		return vfm_error_set(err, r, "%s: VFIO_DEVICE_GET_INFO: %s", k->id, strerror(-r));
+	k->info = (struct vfm_device_info){ di.flags, di.num_regions, di.num_irqs };
+	k->nregions = di.num_regions < KV_MAX_REGIONS ? di.num_regions : KV_MAX_REGIONS;
+	k->regions = calloc(k->nregions ? k->nregions : 1, sizeof(*k->regions));
+	if (!k->regions)
+		return vfm_error_set(err, -ENOMEM, "%s: no memory for regions", k->id);
+	for (uint32_t i = 0; i < k->nregions; i++) {
+		struct vfio_region_info ri = { .argsz = sizeof(ri), .index = i };
+
+		k->regions[i].info.index = i;
+		/* Absent regions (a PCI device's VGA, say) fail: they stay size 0. */
+		if (kv_ioctl(k, k->devfd, VFIO_DEVICE_GET_REGION_INFO, &ri))
+			continue;
+		k->regions[i].info.flags = ri.flags & (VFM_REGION_READ | VFM_REGION_WRITE |
+						       VFM_REGION_MMAP);
+		k->regions[i].info.size = ri.size;
+		k->regions[i].offset = ri.offset;
+	}
+	return 0;
+}
+
+static int check_opts(const struct vfm_vfio_opts *o, struct vfm_error *err)
+{
+	if (!o)
+		return 0;
+	if (o->version != VFM_VFIO_OPTS_V1)
+		return vfm_error_set(err, -EINVAL, "vfio options version %" PRIu32 " (want %u)",
+				     o->version, VFM_VFIO_OPTS_V1);
+	if (o->iommu > VFM_VFIO_IOMMU_LEGACY || o->timeout_ms > INT32_MAX / 2)
+		return vfm_error_set(err, -EINVAL, "vfio options: bad iommu mode or timeout");
+	if (o->sys && (o->sys->version != VFM_VFIO_SYS_V1 || !o->sys->open || !o->sys->close ||
+		       !o->sys->ioctl || !o->sys->read || !o->sys->write || !o->sys->pread ||
+		       !o->sys->pwrite || !o->sys->mmap || !o->sys->munmap || !o->sys->poll))
+		return vfm_error_set(err, -EINVAL, "vfio options: incomplete system call table");
+	return 0;
+}
+
+static const struct vfm_device_ops *ops_for(const struct kv_dev *k)
+{
+	if (k->has_mig)
+		return k->has_logging ? &ops_mig_log : &ops_mig;
+	return k->has_logging ? &ops_log : &ops_plain;
+}
+
+int vfm_vfio_open(const char *name, const struct vfm_vfio_opts *opts, struct vfm_device **out,
+		  struct vfm_error *err)
+{
+	enum vfm_vfio_iommu mode = opts ? opts->iommu : VFM_VFIO_IOMMU_AUTO;
+	char cdev[256], bdf[32];
+	struct vfm_error e1 = { 0 };
+	struct vfm_device *dev;
+	struct kv_dev *k;
+	int group, r;
+
+	*out = NULL;
+	r = check_opts(opts, err);
+	if (r)
+		return r;
+	r = kv_resolve(opts && opts->sysfs_root ? opts->sysfs_root : "/sys", name, cdev,
+		       sizeof(cdev), bdf, sizeof(bdf), &group, err);
+	if (r)
+		return r;
+	k = calloc(1, sizeof(*k));
+	if (!k)
+		return vfm_error_set(err, -ENOMEM, "no memory for a vfio device");
+	snprintf(k->id, sizeof(k->id), "%s", opts && opts->id && *opts->id ? opts->id : "vfio");
+	snprintf(k->name, sizeof(k->name), "%s", name);
+	snprintf(k->bdf, sizeof(k->bdf), "%s", bdf);
+	k->sys = opts && opts->sys ? opts->sys : kv_default_sys();
+	k->timeout_ms = (int)(opts && opts->timeout_ms ? opts->timeout_ms
+						     : VFM_VFIO_DEFAULT_TIMEOUT_MS);
+	k->devfd = k->iommufd = k->container = k->group = k->data_fd = -1;
+	k->state = VFM_STATE_RUNNING;
+	pthread_mutex_init(&k->lock, NULL);
+
+	r = -ENODEV;
+	if (mode != VFM_VFIO_IOMMU_LEGACY) {
+		if (cdev[0])
+			r = open_iommufd(k, cdev, !(opts && opts->no_dirty_hwpt), &e1);
+		else
+			r = vfm_error_set(&e1, -ENODEV, "%s: %s has no VFIO cdev", k->id, name);
+	}
+	if (r && mode != VFM_VFIO_IOMMU_IOMMUFD) {
+		if (mode == VFM_VFIO_IOMMU_AUTO)
+			vfm_debug(k->id, "iommufd: %s; trying the legacy container", e1.msg);
+		r = open_type1(k, bdf, group, err);
+		if (r && mode == VFM_VFIO_IOMMU_AUTO)
+			vfm_error_set(err, r, "%s (and iommufd: %s)", k->id, e1.msg);
+	} else if (r) {
+		vfm_error_set(err, r, "%s", e1.msg);
+	}
+	if (r)
+		goto err_destroy;
+	r = load_info(k, err);
+	if (r)
+		goto err_destroy;
+	kv_probe_features(k);
+	dev = vfm_device_new(k->id, ops_for(k), k);
+	if (!dev) {
+		r = vfm_error_set(err, -ENOMEM, "no memory for a device");
+		goto err_destroy;
+	}
+	vfm_info(k->id, "kernel VFIO device %s (%s): %" PRIu32 " regions, %" PRIu32
+		 " IRQ types%s%s", name, vfm_vfio_iommu_name(dev), k->info.num_regions,
+		 k->info.num_irqs, k->has_mig ? ", migration" : "",
+		 k->has_logging ? ", DMA logging" : "");
+	*out = dev;
+	return 0;
+
+err_destroy:
+	kv_destroy(k);
+	return r;
+}

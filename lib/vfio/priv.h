@@ -1,0 +1,117 @@
+/*
+ * Internals of the kernel VFIO backend, shared by its files: open.c (open,
+ * close, info, regions, reset, ops tables), sysfs.c (name resolution), dma.c
+ * (DMA map/unmap, IOMMU dirty tracking), mig.c (migration, DMA logging).
+ */
+#ifndef VFM_VFIO_PRIV_H
+#define VFM_VFIO_PRIV_H
+
+#include <pthread.h>
+
+#include "compat/vfio_compat.h"
+#include "compat/iommufd_compat.h"
+#include "vfiomig/vfio.h"
+
+/* vfio-pci places region i at file offset i << 40 but we use the offsets the
+ * kernel reports; this bounds how many regions we look at. */
+#define KV_MAX_REGIONS 64u
+#define KV_MAX_IRQS 16u
+
+enum kv_iommu { KV_IOMMUFD, KV_TYPE1 };
+
+struct kv_region {
+	struct vfm_region_info info;
+	uint64_t offset;           /* in the device fd */
+};
+
+struct kv_map {
+	uint64_t iova, size;
+	void *mapped;              /* our mmap() of the caller's fd, or NULL */
+};
+
+struct kv_dev {
+	/* Set at open, never change after. */
+	char id[64];
+	char name[256];            /* what the user gave, for messages */
+	char bdf[32];              /* PCI address when known, else "" */
+	const struct vfm_vfio_sys *sys;
+	int timeout_ms;
+	enum kv_iommu iommu;
+	int devfd;
+	int iommufd;               /* KV_IOMMUFD */
+	uint32_t devid, ioas_id, hwpt_id;   /* hwpt_id 0: the IOAS is attached */
+	bool hwpt_dirty;           /* the attached HWPT can track dirty pages */
+	int container, group;      /* KV_TYPE1 */
+	bool type1_dirty;          /* the container offers dirty page tracking */
+	struct vfm_device_info info;
+	struct kv_region *regions; /* info.num_regions entries (capped) */
+	uint32_t nregions;
+	bool has_mig;              /* MIGRATION feature answered */
+	uint64_t mig_flags;
+	bool has_logging;          /* DMA_LOGGING_START probe answered */
+
+	/*
+	 * Migration fields: the device layer calls migration ops under its lock
+	 * except read/write, and one reader or writer at a time; data_fd only
+	 * changes in set_state/get_state/reset, never during a read or write.
+	 */
+	int data_fd;               /* -1 when no session */
+	enum vfm_state state;      /* last state the kernel confirmed */
+	bool state_known;
+
+	/* lock guards the map table and the IOMMU dirty-tracking flag. */
+	pthread_mutex_t lock;
+	struct kv_map *maps;
+	size_t nmaps, maps_cap;
+	bool iommu_dirty_on;
+	bool dev_log_on;           /* device DMA logging started (for unmap) */
+};
+
+static inline struct kv_dev *kv_of(struct vfm_device *dev)
+{
+	return vfm_device_priv(dev);
+}
+
+/* ioctl through the seam: 0 / >= 0 or -errno. */
+static inline int kv_ioctl(const struct kv_dev *k, int fd, unsigned long req, void *arg)
+{
+	return k->sys->ioctl(k->sys->opaque, fd, req, arg);
+}
+
+/* ---- sys.c ---- */
+
+/* What a NULL opts->sys means: vfm_vfio_set_default_sys()'s, else libc. */
+const struct vfm_vfio_sys *kv_default_sys(void);
+
+/* ---- sysfs.c ---- */
+
+/*
+ * Resolves name into the cdev path (cdev_out, "" if the device has none) and
+ * the PCI address (bdf_out, "" if unknown) and its IOMMU group (-1 if
+ * unknown).
+ */
+int kv_resolve(const char *sysfs_root, const char *name, char *cdev_out, size_t cdev_len,
+	       char *bdf_out, size_t bdf_len, int *group_out, struct vfm_error *err);
+
+/* ---- dma.c ---- */
+
+int kv_dma_map(struct vfm_device *dev, const struct vfm_dma_map *map, struct vfm_error *err);
+int kv_dma_unmap(struct vfm_device *dev, uint64_t iova, uint64_t size, uint64_t page_size,
+		 uint64_t *dirty_bitmap, struct vfm_error *err);
+/* Whether the type1 container reports the migration (dirty pages) cap. */
+void kv_type1_probe_dirty(struct kv_dev *k);
+/* Unmaps everything left (close). */
+void kv_dma_cleanup(struct kv_dev *k);
+
+/* ---- mig.c ---- */
+
+extern const struct vfm_migration_ops kv_mig_ops;
+extern const struct vfm_dma_logging_ops kv_log_ops;
+/* Feature probes at open: migration flags and DMA logging. */
+void kv_probe_features(struct kv_dev *k);
+/* One VFIO_DEVICE_FEATURE with payload (len bytes, in and out). */
+int kv_feature(struct kv_dev *k, uint32_t flags, void *payload, size_t len);
+/* Closes the data fd, if any. */
+void kv_close_data_fd(struct kv_dev *k);
+
+#endif
