@@ -31,6 +31,13 @@ struct vfm_guest_ops {
 	/* Checks guest memory against the guest's own bookkeeping (stopped guest). */
 	int (*verify)(struct vfm_guest *g, struct vfm_guest_verify *out);
 	void (*destroy)(struct vfm_guest *g);
+	/*
+	 * Optional: moves dirty pages the guest's hardware tracked (KVM's dirty
+	 * log) into the memory layer's bitmaps; the migration's dirty sync calls
+	 * it before collecting. Guests that mark as they write leave it NULL.
+	 * Any thread; returns pages reported or a negative errno.
+	 */
+	int (*sync_dirty)(struct vfm_guest *g);
 };
 
 struct vfm_guest {
