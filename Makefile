@@ -8,7 +8,7 @@ endif
 MESON_OPTS ?=
 TEST_OPTS  ?= --print-errorlogs
 
-.PHONY: all deps demo check check-asan check-tsan clean install fuzz fuzz-seeds
+.PHONY: all deps demo check check-asan check-tsan clean install fuzz fuzz-seeds bench bench-quick
 
 all: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -35,6 +35,13 @@ check-asan:
 check-tsan:
 	$(MAKE) check BUILD=build-tsan MESON_OPTS="-Db_sanitize=thread -Db_lundef=false" \
 		TEST_OPTS="$(TEST_OPTS) --wrapper 'setarch $(shell uname -m) -R'"
+
+# Benchmarks: write docs/performance.md (+ docs/perf/*.png). Not tests.
+bench: all
+	./bench/run.py $(BUILD)
+
+bench-quick: all
+	./bench/run.py $(BUILD) --quick --out $(BUILD)/performance-quick.md
 
 # libFuzzer (clang) build of tests/fuzz; FUZZ_TIME seconds per target.
 FUZZ_TIME ?= 60

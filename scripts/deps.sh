@@ -16,6 +16,7 @@ packages=(
 	clang              # fuzz targets and the clang build
 	libclang-rt-dev    # sanitizer and libFuzzer runtimes for clang
 	valgrind
+	gnuplot-nox        # plots of make bench (docs/performance.md)
 )
 
 missing=()

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Runs the benchmarks of docs/performance.md and writes that report.
+
+usage: run.py BUILD_DIR [--quick] [--out docs/performance.md]
+
+Every figure is measured in this one run, beside the raw link it is compared
+to, because these machines are shared and noisy: the report states ratios.
+Each row says what was measured and how; each target says met / not met.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+QUICK = '--quick' in sys.argv
+BUILD = sys.argv[1]
+OUT = sys.argv[sys.argv.index('--out') + 1] if '--out' in sys.argv else 'docs/performance.md'
+BENCH = os.path.join(BUILD, 'bench', 'vfm-bench')
+VFIOMIG = os.environ.get('VFIOMIG_BIN') or os.path.join(BUILD, 'tools', 'vfiomig')
+PLOTS = os.path.join(os.path.dirname(OUT), 'perf')
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def run(*args, timeout=900):
+    cmd = [BENCH] + [str(a) for a in args]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        sys.stderr.write('bench: %s failed: %s\n' % (' '.join(cmd), p.stderr.strip()[-400:]))
+        return None
+    line = [l for l in p.stdout.splitlines() if l.startswith('{')][-1]
+    r = json.loads(line)
+    r['_wall'] = time.time() - t0
+    print('  ' + ' '.join(str(a) for a in args), '->', 'ok', flush=True)
+    return r
+
+
+def migrate(**kw):
+    args = ['migrate', '--vfiomig', VFIOMIG]
+    for k, v in kw.items():
+        if v is True:
+            args.append('--' + k.replace('_', '-'))
+        else:
+            args += ['--' + k.replace('_', '-'), v]
+    return run(*args)
+
+
+def mb(x):
+    return '%.0f' % (x / 1e6)
+
+
+def met(ok):
+    return '**met**' if ok else '**not met**'
+
+
+def machine():
+    mem = 0
+    with open('/proc/meminfo') as f:
+        for l in f:
+            if l.startswith('MemTotal'):
+                mem = int(l.split()[1]) * 1024
+    cpu = ''
+    with open('/proc/cpuinfo') as f:
+        for l in f:
+            if l.startswith('model name'):
+                cpu = l.split(':', 1)[1].strip()
+                break
+    return '%d cores (%s), %.0f GiB RAM, Linux %s' % (os.cpu_count(), cpu, mem / GiB,
+                                                    platform.release())
+
+
+def plot(name, title, xlabel, ylabel, series, logx=False):
+    """series: list of (label, [(x, y)]). Writes PLOTS/name.png with gnuplot."""
+    os.makedirs(PLOTS, exist_ok=True)
+    data = os.path.join(PLOTS, name + '.dat')
+    with open(data, 'w') as f:
+        for label, pts in series:
+            f.write('# %s\n' % label)
+            for x, y in pts:
+                f.write('%g %g\n' % (x, y))
+            f.write('\n\n')
+    script = ['set terminal pngcairo size 800,480' if has_cairo() else 'set terminal png size 800,480',
+              'set output "%s"' % os.path.join(PLOTS, name + '.png'),
+              'set title "%s"' % title, 'set xlabel "%s"' % xlabel, 'set ylabel "%s"' % ylabel,
+              'set grid', 'set key left top']
+    if logx:
+        script.append('set logscale x 2')
+    plots = ['"%s" index %d with linespoints title "%s"' % (data, i, s[0])
+             for i, s in enumerate(series)]
+    script.append('plot ' + ', '.join(plots))
+    try:
+        subprocess.run(['gnuplot'], input='\n'.join(script), text=True, check=True,
+                       capture_output=True)
+        os.remove(data)
+        return os.path.join('perf', name + '.png')
+    except (OSError, subprocess.CalledProcessError) as e:
+        sys.stderr.write('bench: gnuplot: %s\n' % e)
+        return None
+
+
+_cairo = None
+
+
+def has_cairo():
+    global _cairo
+    if _cairo is None:
+        p = subprocess.run(['gnuplot', '-e', 'set terminal'], capture_output=True, text=True)
+        _cairo = 'pngcairo' in (p.stdout + p.stderr)
+    return _cairo
+
+
+def main():
+    rep = []
+    targets = []
+    w = rep.append
+    link_bytes = 256 * MiB if QUICK else GiB
+    dev_state = 256 * MiB if QUICK else GiB
+    ram_size = 512 * MiB if QUICK else 2 * GiB
+    print('benchmarks (%s) with %s' % ('quick' if QUICK else 'full', BUILD), flush=True)
+
+    w('# Performance\n')
+    w('Written by `make bench%s` (`bench/run.py`) on %s. Machine: %s. '
+      'Every ratio compares two measurements taken in the same run.\n' %
+      (' -quick' if QUICK else '', time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), machine()))
+    if QUICK:
+        w('This is the quick variant (smaller sizes); `make bench` runs the full one.\n')
+
+    # 1. Link baseline vs device-state throughput.
+    w('## 1. Link baseline vs device-state throughput\n')
+    w('Raw: one connection, 1 MiB writes to a reader that discards, %s. Ours: a `dma` '
+      'device (a separate `vfiomig device dma` process, vfio-user over a UNIX socket) with %s '
+      'of state migrated between two engines over the same kind of channel (guest of 64 MiB, '
+      'no dirtying); throughput = device bytes / total migration time.\n' %
+      (mb(link_bytes) + ' MB', mb(dev_state) + ' MB'))
+    w('| channel | raw MB/s | ours MB/s | ratio | target ≥ 0.9 |')
+    w('|---|---:|---:|---:|---|')
+    link = {}
+    for kind in ('tcp', 'unix'):
+        l = run('link', '--kind', kind, '--bytes', link_bytes)
+        d = migrate(kind=kind, mem='64M', devices=1, device_state=dev_state)
+        if not l or not d:
+            w('| %s | failed | | | |' % kind)
+            continue
+        link[kind] = l['bytes_per_sec']
+        ours = d['device_transferred_bytes'] / (d['total_time_ms'] / 1000.0)
+        ratio = ours / l['bytes_per_sec']
+        w('| %s | %s | %s | %.2f | %s |' % (kind, mb(l['bytes_per_sec']), mb(ours), ratio,
+                                           met(ratio >= 0.9)))
+        targets.append(('device-state throughput / raw %s link ≥ 0.9' % kind, ratio >= 0.9))
+    w('')
+
+    # 2. RAM throughput.
+    w('## 2. RAM throughput\n')
+    w('A %s guest with every page non-zero and no dirtying, no devices, over TCP loopback; '
+      'RAM bytes / total time, against the raw TCP link above.\n' % (mb(ram_size) + ' MB'))
+    r = migrate(kind='tcp', mem=ram_size, fill=True)
+    ram_run = r
+    if r and 'tcp' in link:
+        ours = r['ram_transferred_bytes'] / (r['total_time_ms'] / 1000.0)
+        ratio = ours / link['tcp']
+        w('| guest | raw MB/s | ours MB/s | ratio | downtime ms | target ≥ 0.9 |')
+        w('|---|---:|---:|---:|---:|---|')
+        w('| %s | %s | %s | %.2f | %.1f | %s |' % (mb(ram_size) + ' MB', mb(link['tcp']), mb(ours),
+                                                ratio, r['downtime_ms'], met(ratio >= 0.9)))
+        targets.append(('RAM throughput / raw tcp link ≥ 0.9', ratio >= 0.9))
+    else:
+        w('failed to run.')
+    w('')
+
+    # 3. Fixed switchover cost.
+    w('## 3. Fixed switchover cost\n')
+    w('Downtime with nothing dirty at switchover: 64 MiB guest (not written), `dma` devices '
+      'with 4 MiB of state each and no churn, pre-copy on, UNIX socket; median of 3 runs.\n')
+    w('| devices | downtime ms (runs) | target |')
+    w('|---:|---|---|')
+    for n, limit in ((1, 2.0), (4, 5.0)):
+        runs = [migrate(kind='unix', mem='64M', devices=n, device_state='4M') for _ in range(3)]
+        runs = [x['downtime_ms'] for x in runs if x]
+        if not runs:
+            w('| %d | failed | |' % n)
+            continue
+        med = sorted(runs)[len(runs) // 2]
+        w('| %d | %.2f (%s) | ≤ %.0f ms: %s |' % (n, med, ', '.join('%.2f' % x for x in runs),
+                                                 limit, met(med <= limit)))
+        targets.append(('fixed switchover, %d device(s) ≤ %.0f ms' % (n, limit), med <= limit))
+    w('')
+
+    # 4. Downtime vs dirty rate and state size.
+    w('## 4. Downtime vs dirty rate and device state\n')
+    w('256 MiB guest written by a thread at the given rate (pages spread over memory, marked '
+      'dirty by the writer as a vCPU would be by the dirty log), one `dma` device, '
+      'downtime-limit 300 ms, TCP. Expected = the engine\'s own estimate at switchover '
+      '(pending bytes / measured bandwidth).\n')
+    w('| dirty rate | device state | iterations | expected ms | measured ms | ≤ limit | |meas−exp| ≤ 25% |')
+    w('|---:|---:|---:|---:|---:|---|---|')
+    rates = ['0', '8M/s', '64M/s'] if QUICK else ['0', '8M/s', '32M/s', '128M/s', '512M/s']
+    states = ['16M'] if QUICK else ['16M', '128M']
+    series = {}
+    ok_limit = ok_err = True
+    for st in states:
+        for rate in rates:
+            r = migrate(kind='tcp', mem='256M', devices=1, device_state=st, dirty_rate=rate,
+                        downtime_limit=300)
+            if not r:
+                w('| %s | %s | failed | | | | |' % (rate, st))
+                continue
+            m, e = r['downtime_ms'], r['expected_downtime_ms']
+            in_limit = m <= 300
+            err_ok = m > 0 and abs(m - e) <= 0.25 * m
+            ok_limit &= in_limit
+            ok_err &= err_ok
+            w('| %s | %s | %d | %.2f | %.2f | %s | %s |' % (rate, st, r['precopy_iterations'], e, m,
+                                                          'yes' if in_limit else 'no',
+                                                          'yes' if err_ok else 'no'))
+            series.setdefault(st, []).append((r['dirty_rate'] / MiB, m))
+    targets.append(('measured downtime ≤ limit in every converging row', ok_limit))
+    targets.append(('|measured − expected| ≤ 25% of measured in every row', ok_err))
+    png = plot('downtime-vs-dirty-rate', 'Downtime vs guest dirty rate', 'dirty rate (MiB/s)',
+               'downtime (ms)', [('device state ' + k, v) for k, v in series.items()])
+    if png:
+        w('\n![downtime vs dirty rate](%s)' % png)
+    w('')
+
+    # 5. Dirty sync cost.
+    w('## 5. Dirty sync cost\n')
+    sync_mem = '256M' if QUICK else '1G'
+    w('One sync of a %s guest with 10%% of pages dirty: read-and-clear of the guest bitmap, '
+      'a DMA logging report from a `dma` device over vfio-user (the device\'s bitmap of the '
+      'whole range), and its merge into guest memory; mean of 20 rounds, per GiB.\n' % sync_mem)
+    s = run('sync', '--vfiomig', VFIOMIG, '--mem', sync_mem, '--dirty-percent', 10)
+    if s:
+        w('| collect µs/GiB | device report µs/GiB | merge µs/GiB | total µs/GiB | target ≤ 100 |')
+        w('|---:|---:|---:|---:|---|')
+        w('| %.1f | %.1f | %.1f | %.1f | %s |' % (s['collect_us_per_gib'], s['device_report_us_per_gib'],
+                                               s['merge_us_per_gib'], s['total_us_per_gib'],
+                                               met(s['total_us_per_gib'] <= 100)))
+        targets.append(('dirty sync ≤ 100 µs/GiB', s['total_us_per_gib'] <= 100))
+    w('')
+
+    # 6. Multifd.
+    w('## 6. Multifd scaling\n')
+    w('Not measured: multifd (issue 6) has not landed; this section fills in when it does.\n')
+
+    # 7. CPU cost.
+    w('## 7. CPU cost\n')
+    w('CPU seconds (user + system) of the source engine process and of the destination '
+      'process per GiB moved, from the RAM run of section 2 (device servers excluded).\n')
+    if ram_run:
+        gib = ram_run['transferred_bytes'] / GiB
+        w('| source s/GiB | destination s/GiB |')
+        w('|---:|---:|')
+        w('| %.3f | %.3f |' % (ram_run['cpu_src_s'] / gib, ram_run['cpu_dst_s'] / gib))
+    w('')
+
+    w('## Targets\n')
+    for name, ok in targets:
+        w('- %s: %s' % (name, met(ok)))
+    w('')
+    os.makedirs(os.path.dirname(OUT) or '.', exist_ok=True)
+    with open(OUT, 'w') as f:
+        f.write('\n'.join(rep) + '\n')
+    print('wrote %s: %d of %d targets met' % (OUT, sum(1 for _, o in targets if o), len(targets)))
+    for name, ok in targets:
+        print('  %s: %s' % (name, 'met' if ok else 'not met'))
+
+
+if __name__ == '__main__':
+    main()
