@@ -7,6 +7,7 @@
  * so the destination can refuse a guest of another shape.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -247,6 +248,26 @@ static int load_layout(struct vfm_ram *ram, const unsigned char *p, size_t len, 
 	return 0;
 }
 
+/*
+ * Zero runs on the destination: punch the range out of the memfd rather than
+ * memset it. A fresh destination's memory is all hole, so this costs no page
+ * fault and no allocation (memset of 256 MiB of fresh memfd took ~400 ms of
+ * downtime here); every mapping of the memfd, a device server's included,
+ * then reads zeros.
+ */
+static void zero_pages(struct vfm_ram *ram, uint64_t gpa, void *dst, uint64_t bytes)
+{
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(ram->mem); i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+
+		if (r->fd >= 0 && gpa >= r->gpa && gpa - r->gpa + bytes <= r->size &&
+		    fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			      (off_t)(r->fd_offset + gpa - r->gpa), (off_t)bytes) == 0)
+			return;
+	}
+	memset(dst, 0, bytes);
+}
+
 static int ram_load_state(void *opaque, uint16_t type, uint16_t rflags, const void *buf,
 			  size_t len, struct vfm_error *err)
 {
@@ -276,7 +297,7 @@ static int ram_load_state(void *opaque, uint16_t type, uint16_t rflags, const vo
 		return vfm_error_set(err, VFM_ESTREAM, "ram: pages 0x%" PRIx64 "+0x%" PRIx64
 				     " outside guest memory", gpa, bytes);
 	if (flags & RAM_ZERO)
-		memset(dst, 0, bytes);
+		zero_pages(ram, gpa, dst, bytes);
 	else
 		memcpy(dst, p + RAM_HDR, bytes);
 	atomic_fetch_add(&ram->transferred, len + sizeof(struct vfm_rec_hdr));
