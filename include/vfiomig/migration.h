@@ -80,6 +80,13 @@ struct vfm_migration_stats {
 struct vfm_vm_ops {
 	int (*stop)(void *opaque);
 	int (*start)(void *opaque);
+	/*
+	 * Destination, optional: every section loaded and every device in STOP
+	 * with its state accepted, before any device goes to RUNNING_P2P or
+	 * RUNNING and before the guest runs (the point where the VM can check
+	 * what arrived). Called from the incoming thread.
+	 */
+	void (*loaded)(void *opaque);
 };
 
 /*
@@ -144,6 +151,10 @@ VFM_EXPORT void vfm_migration_cancel(struct vfm_migration *m);
 VFM_EXPORT int vfm_migration_wait(struct vfm_migration *m, int timeout_ms);
 VFM_EXPORT void vfm_migration_get_stats(struct vfm_migration *m,
 					struct vfm_migration_stats *st);
+/* Bytes of dev's state sent (source) or loaded (destination) by the current
+ * or last migration; 0 when dev is not part of m. */
+VFM_EXPORT uint64_t vfm_migration_device_transferred(struct vfm_migration *m,
+						     const struct vfm_device *dev);
 
 /*
  * Destination: listen on uri, load one incoming migration, resume the guest

@@ -156,6 +156,21 @@ static int finish_load(struct dest *d, struct vfm_error *err)
 		if (sv->ops->load_finish && (ret = sv->ops->load_finish(sv->opaque, err)))
 			return ret;
 	}
+	/* Devices are in STOP with their state accepted: the VM may look now. */
+	if (m->vm && m->vm->loaded)
+		m->vm->loaded(m->vm_opaque);
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct vfm_device *dev = m->devs[i]->dev;
+
+		/* All to RUNNING_P2P before any runs: none may DMA into a peer
+		 * that is not ready (QEMU's prepare step). */
+		if (!(m->devs[i]->flags & VFM_MIG_P2P) ||
+		    vfm_device_state(dev) == VFM_STATE_RUNNING_P2P)
+			continue;
+		ret = vfm_device_set_state(dev, VFM_STATE_RUNNING_P2P, VFM_STATE_ERROR, err);
+		if (ret)
+			return vfm_error_set(err, ret, "%s: to RUNNING_P2P", vfm_device_id(dev));
+	}
 	if (d->rp) {
 		send_rp(d, VFM_REC_RP_LOADED, 0, NULL, 0);
 		if (vfm_stream_error(d->rp, err))

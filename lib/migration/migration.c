@@ -331,3 +331,12 @@ void vfm_migration_get_stats(struct vfm_migration *m, struct vfm_migration_stats
 	*st = m->stats;
 	pthread_mutex_unlock(&m->lock);
 }
+
+uint64_t vfm_migration_device_transferred(struct vfm_migration *m, const struct vfm_device *dev)
+{
+	/* The device list is fixed once migrations run; the count is atomic. */
+	for (unsigned i = 0; i < m->ndevs; i++)
+		if (m->devs[i]->dev == dev)
+			return atomic_load(&m->devs[i]->transferred);
+	return 0;
+}

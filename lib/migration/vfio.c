@@ -339,15 +339,11 @@ static int vfio_load_finish(void *opaque, struct vfm_error *err)
 	struct vfm_mig_device *md = opaque;
 	int ret;
 
-	/* RESUMING -> STOP: the device validates what it was given. */
+	/* RESUMING -> STOP: the device validates what it was given. The engine
+	 * (dest.c) moves it on to RUNNING_P2P after the VM's loaded hook. */
 	ret = vfm_device_set_state(md->dev, VFM_STATE_STOP, VFM_STATE_ERROR, err);
 	if (ret)
 		return vfm_error_set(err, ret, "%s: device rejected the loaded state", md_id(md));
-	if (md->flags & VFM_MIG_P2P) {
-		ret = vfm_device_set_state(md->dev, VFM_STATE_RUNNING_P2P, VFM_STATE_ERROR, err);
-		if (ret)
-			return vfm_error_set(err, ret, "%s: to RUNNING_P2P", md_id(md));
-	}
 	return 0;
 }
 
