@@ -59,6 +59,7 @@ enum vfm__mig_phase {
 	VFM__PH_STOP_COPY,    /* guest stopped, devices in STOP_COPY, before the last data */
 	VFM__PH_CONFIG,       /* all data sent, before the first config state */
 	VFM__PH_LOADED_WAIT,  /* end of stream sent, waiting for the destination's LOADED */
+	VFM__PH_GO,           /* LOADED received, GO about to be sent (still no commit) */
 	VFM__PH_COMMITTED,    /* GO sent: no way back */
 	VFM__PH_COUNT
 };

@@ -479,10 +479,20 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	}
 	m->committed = src->committed = true;
 	pthread_mutex_unlock(&m->lock);
+	phase(src, VFM__PH_GO);
 	vfm_stream_put_record(src->out, VFM_REC_GO, 0, 0, NULL, 0);
 	vfm_stream_flush(src->out);
-	if (vfm_stream_error(src->out, err))
-		return err ? err->code : -EIO;
+	if (vfm_stream_error(src->out, err)) {
+		/*
+		 * Everything before GO was flushed, so a failed flush means GO
+		 * did not get out whole, and the destination runs nothing
+		 * without a whole, checksummed GO: rolling back is safe.
+		 */
+		pthread_mutex_lock(&m->lock);
+		m->committed = src->committed = false;
+		pthread_mutex_unlock(&m->lock);
+		return vfm_error_set(err, err->code, "sending GO");
+	}
 	phase(src, VFM__PH_COMMITTED);
 	ret = wait_rp(src, VFM_REC_RP_RESUMED, &h, &pl, err);
 	t_resumed_rx = vfm__now_ns();

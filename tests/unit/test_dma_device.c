@@ -667,6 +667,79 @@ TEST_TIMEOUT(cli_device_process, 120)
 }
 
 /*
+ * `vfiomig device dma` processes driven only through the raw client (built
+ * from the spec): guest memory by fd, the ring, DMA logging, then a save from
+ * one process loaded into the other, equal checksums.
+ */
+TEST_TIMEOUT(cli_device_driven_by_raw_client, 120)
+{
+	const char *b = bin();
+	char *dir = test_tmpdir(), s1[4200], s2[4200];
+	struct vfu_dma_logging_range r = { G_IOVA, G_SIZE };
+	uint64_t bits[G_SIZE / 4096 / 64], sum, init, dirty;
+	struct buf save = { 0 };
+	struct rc src, dst;
+	struct drv g;
+	pid_t p1, p2;
+	uint64_t i1, i2;
+	long got;
+
+	snprintf(s1, sizeof(s1), "%s/src.sock", dir);
+	snprintf(s2, sizeof(s2), "%s/dst.sock", dir);
+	p1 = spawn((char *[]){ (char *)b, "device", "dma", "--socket", s1, "--state-size", "1M",
+			       "--churn", "1M/s", "--once", NULL });
+	p2 = spawn((char *[]){ (char *)b, "device", "dma", "--socket", s2, "--state-size", "1M",
+			       "--once", NULL });
+	rc_init(&src, rc_connect_path(s1, 20000));
+	rc_init(&dst, rc_connect_path(s2, 20000));
+	CHECK(src.fd >= 0 && dst.fd >= 0);
+	rc_hello(&src);
+	rc_hello(&dst);
+
+	drv_init(&g, &src);
+	CHECK_EQ(rc_log_start(&src, 4096, &r, 1, NULL), 0);
+	i1 = queue(&g, DMADEV_OP_FILL, 0, 8192, 2 * 4096, 0xa5a5a5a5deadbeefull, true);
+	i2 = queue(&g, DMADEV_OP_COPY_FROM_DEV, DATA, 8192, 2 * 4096, 0, true);
+	CHECK_EQ(status_of(&g, i1), DMADEV_DESC_OK);
+	CHECK_EQ(status_of(&g, i2), DMADEV_DESC_OK);
+	CHECK_EQ(g.guest[DATA], 0xef);
+	CHECK_EQ(g.guest[DATA + 2 * 4096 - 1], 0xa5);
+	memset(bits, 0, sizeof(bits));
+	CHECK_EQ(rc_log_report(&src, G_IOVA, G_SIZE, 4096, bits, sizeof(bits)), 0);
+	CHECK_EQ(bits[0], 1ull);   /* the ring page (completions) */
+	CHECK_EQ(bits[DATA / 4096 / 64], 3ull << (DATA / 4096 % 64));
+	CHECK_EQ(rc_log_stop(&src), 0);
+	rc_write64(&src, 0, DMADEV_REG_SCRATCH, 0x5eed);
+
+	/* Save: pre-copy while it churns, then stop-copy. */
+	CHECK_EQ(rc_set_state(&src, VFM_STATE_PRE_COPY), 0);
+	do
+		buf_read(&src, &save, 1 << 20, &got);
+	while (got == 1 << 20);
+	CHECK_EQ(rc_precopy_info(&src, &init, &dirty), 0);
+	CHECK_EQ(init, 0);
+	CHECK_EQ(rc_set_state(&src, VFM_STATE_STOP_COPY), 0);
+	read_rest(&src, &save);
+	sum = reg(&src, DMADEV_REG_CHECKSUM);
+
+	CHECK_EQ(rc_set_state(&dst, VFM_STATE_RESUMING), 0);
+	load(&dst, save.p, save.len, 1 << 20);
+	CHECK_EQ(rc_set_state(&dst, VFM_STATE_STOP), 0);
+	CHECK_EQ(rc_set_state(&dst, VFM_STATE_RUNNING), 0);
+	CHECK_EQ(reg(&dst, DMADEV_REG_CHECKSUM), sum);
+	CHECK_EQ(reg(&dst, DMADEV_REG_SCRATCH), 0x5eed);
+	CHECK_EQ(reg(&dst, DMADEV_REG_COMPLETED), 2);
+
+	free(save.p);
+	drv_free(&g);
+	rc_close(&src);
+	rc_close(&dst);
+	CHECK_EQ(reap(p1, 20000), 0);
+	CHECK_EQ(reap(p2, 20000), 0);
+	test_rmdir(dir);
+}
+
+/*
  * A measurement, not a check: MIG_DATA_READ of a whole STOP_COPY stream in
  * 1 MiB requests from a device in another process, over its UNIX socket.
  */

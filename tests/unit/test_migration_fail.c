@@ -1,0 +1,448 @@
+/*
+ * Failure paths of the engine with real dma device servers: cancel and a
+ * closed channel at each phase of the source's flow (through the engine's
+ * phase hook, on the real path), switchover-ack waiting (a destination that
+ * delays or withholds acks), the commit point, and the bandwidth limiter.
+ * Before the commit, the source must end failed/cancelled with a clear error,
+ * devices RUNNING and the guest running; the destination must exit non-zero
+ * without ever running its guest.
+ */
+#include <poll.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "../../devices/dma.h"
+#include "harness.h"
+#include "migdma.h"
+#include "migration/channel.h"
+
+enum action { ACT_CANCEL, ACT_CUT };
+
+struct hook {
+	enum vfm__mig_phase at;
+	enum action act;
+	atomic_bool fired;
+	struct vfm_migration_stats st;   /* status when it fired */
+};
+
+static void on_phase(void *opaque, struct vfm_migration *m, enum vfm__mig_phase ph)
+{
+	struct hook *h = opaque;
+	int fd;
+
+	if (ph != h->at)
+		return;
+	vfm_migration_get_stats(m, &h->st);
+	if (h->act == ACT_CANCEL) {
+		vfm_migration_cancel(m);
+	} else {
+		/* The channel goes away under the source, as a dead link would. */
+		fd = atomic_load(&m->sock_fd);
+		if (fd >= 0)
+			shutdown(fd, SHUT_RDWR);
+	}
+	atomic_store(&h->fired, true);
+}
+
+static void spawn_sources(struct md_devsrv *srv, const struct md_opts *o)
+{
+	for (unsigned i = 0; i < o->ndev; i++) {
+		char name[16];
+
+		snprintf(name, sizeof(name), "src%u", i);
+		md_devsrv_spawn(&srv[i], name, o, 1u << 20, 7 + i);
+	}
+}
+
+static void start_guest(struct md_side *s)
+{
+	md_vm_ops.start(&s->g);
+	while (atomic_load(&s->g.completed) < 10 && atomic_load(&s->g.errors) == 0)
+		usleep(1000);
+}
+
+/* After a failure before the commit: everything runs on the source again. */
+static void check_recovered(struct md_side *s, const struct vfm_migration_stats *st,
+			    bool was_stopped)
+{
+	uint64_t w0;
+
+	CHECK(st->error[0] != '\0');
+	CHECK(s->g.started);
+	CHECK_EQ(atomic_load(&s->g.starts), was_stopped ? 2 : 1);
+	CHECK_EQ(atomic_load(&s->g.errors), 0);
+	/* The guest really runs: its writes go on. */
+	w0 = atomic_load(&s->g.writes);
+	for (int i = 0; i < 2000 && atomic_load(&s->g.writes) == w0; i++)
+		usleep(1000);
+	CHECK(atomic_load(&s->g.writes) > w0);
+	md_vm_ops.stop(&s->g);
+	for (unsigned i = 0; i < s->ndev; i++) {
+		CHECK_EQ(md_dev_state(s->dev[i]), VFM_STATE_RUNNING);
+		CHECK(md_dma_works(s, i));
+	}
+}
+
+static void fail_at(const char *kind, enum vfm__mig_phase at, enum action act, unsigned ndev)
+{
+	struct md_opts o = { .ndev = ndev };
+	struct md_devsrv srv[MD_MAXDEV];
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct hook h = { .at = at, .act = act };
+	struct md_result r;
+	struct md_dest d;
+	struct md_side s;
+	char uri[256];
+	int status;
+
+	spawn_sources(srv, &o);
+	md_make_uri(kind, uri, sizeof(uri));
+	md_dest_start(&d, uri, &o);
+	md_side_init(&s, srv, &o, true, 7);
+	vfm__migration_set_phase_hook(s.m, on_phase, &h);
+	start_guest(&s);
+	md_params(&p);
+	if (vfm_migration_start(s.m, d.uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	md_wait(&s, &st);
+	CHECK(atomic_load(&h.fired));
+	fprintf(stderr, "# source: %s: %s\n", vfm_mig_status_name(st.status), st.error);
+	CHECK_EQ(st.status, act == ACT_CANCEL ? VFM_MIG_CANCELLED : VFM_MIG_FAILED);
+	if (act == ACT_CANCEL)
+		CHECK(strstr(st.error, "cancelled") != NULL);
+	check_recovered(&s, &st, at >= VFM__PH_STOP_COPY);
+
+	status = md_dest_wait(&d, &r);
+	fprintf(stderr, "# destination: exit %d: %s\n", status, r.error);
+	CHECK(status != 0);
+	CHECK(r.status != 0);
+	CHECK_EQ(r.guest_starts, 0);
+	md_side_free(&s);
+	for (unsigned i = 0; i < ndev; i++)
+		md_devsrv_kill(&srv[i]);
+}
+
+TEST_TIMEOUT(cancel_in_setup, 60) { fail_at("unix", VFM__PH_SETUP, ACT_CANCEL, 1); }
+TEST_TIMEOUT(cancel_in_precopy, 60) { fail_at("tcp", VFM__PH_PRECOPY, ACT_CANCEL, 2); }
+TEST_TIMEOUT(cancel_in_switchover, 60) { fail_at("unix", VFM__PH_STOP_COPY, ACT_CANCEL, 2); }
+TEST_TIMEOUT(cancel_before_config, 60) { fail_at("unix", VFM__PH_CONFIG, ACT_CANCEL, 1); }
+TEST_TIMEOUT(cancel_waiting_for_loaded, 60) { fail_at("unix", VFM__PH_LOADED_WAIT, ACT_CANCEL, 1); }
+TEST_TIMEOUT(channel_closed_in_setup, 60) { fail_at("unix", VFM__PH_SETUP, ACT_CUT, 1); }
+TEST_TIMEOUT(channel_closed_in_precopy, 60) { fail_at("tcp", VFM__PH_PRECOPY, ACT_CUT, 2); }
+TEST_TIMEOUT(channel_closed_in_stop_copy, 60) { fail_at("unix", VFM__PH_STOP_COPY, ACT_CUT, 2); }
+TEST_TIMEOUT(channel_closed_before_config, 60) { fail_at("tcp", VFM__PH_CONFIG, ACT_CUT, 1); }
+TEST_TIMEOUT(channel_closed_waiting_for_loaded, 60)
+{
+	fail_at("unix", VFM__PH_LOADED_WAIT, ACT_CUT, 1);
+}
+
+/* LOADED came back, but GO cannot be sent: nobody runs the VM but the source. */
+TEST_TIMEOUT(channel_closed_before_go, 60) { fail_at("unix", VFM__PH_GO, ACT_CUT, 2); }
+
+/* After GO the destination owns the VM: the source must stay stopped. */
+TEST_TIMEOUT(channel_closed_after_commit_no_split_brain, 60)
+{
+	struct md_opts o = { .ndev = 1 };
+	struct md_devsrv srv[1];
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct hook h = { .at = VFM__PH_COMMITTED, .act = ACT_CUT };
+	struct md_result r;
+	struct md_dest d;
+	struct md_side s;
+	char uri[256];
+
+	spawn_sources(srv, &o);
+	md_make_uri("unix", uri, sizeof(uri));
+	md_dest_start(&d, uri, &o);
+	md_side_init(&s, srv, &o, true, 7);
+	vfm__migration_set_phase_hook(s.m, on_phase, &h);
+	start_guest(&s);
+	md_params(&p);
+	CHECK_EQ(vfm_migration_start(s.m, d.uri, &p, &err), 0);
+	md_wait(&s, &st);
+	CHECK(atomic_load(&h.fired));
+	/* A cancel now is too late and must not roll anything back. */
+	vfm_migration_cancel(s.m);
+	CHECK(!s.g.started);
+	CHECK_EQ(atomic_load(&s.g.starts), 1);
+	CHECK(md_dev_state(s.dev[0]) != VFM_STATE_RUNNING);
+	CHECK_EQ(md_dest_wait(&d, &r), 0);
+	CHECK_EQ(r.guest_starts, 1);
+	CHECK_EQ(r.dev_state[0], VFM_STATE_RUNNING);
+	CHECK(r.mem_hash == md_mem_hash(s.mem));
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* A destination that delays or withholds switchover-acks                    */
+
+enum ack_mode { ACK_DELAY, ACK_NEVER };
+
+struct fake_result {
+	int32_t ok;
+	uint32_t acks_sent, init_seen;
+	uint32_t switchover_before_acks;   /* SWITCHOVER while an ack was held back */
+	uint32_t saw_switchover;
+};
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void send_rp(struct vfm_stream *rp, uint16_t type, uint32_t section, const void *pl,
+		    size_t len)
+{
+	vfm_stream_put_record(rp, type, 0, section, pl, len);
+	vfm_stream_flush(rp);
+}
+
+static void fake_dest_main(const char *uri_text, enum ack_mode mode, int wfd)
+{
+	struct fake_result res = { 0 };
+	struct vfm_error err = { 0 };
+	struct vfm_listener *l;
+	struct vfm_stream *in, *rp;
+	struct vfm_uri u;
+	uint32_t held[8];
+	uint64_t held_at[8];
+	unsigned nheld = 0;
+	int fd;
+
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	alarm(60);
+	CHECK_EQ(vfm_uri_parse(uri_text, &u, &err), 0);
+	CHECK_EQ(vfm_listen(&u, &l, &err), 0);
+	CHECK_EQ(write(wfd, &res, sizeof(res)), (ssize_t)sizeof(res));   /* listening */
+	CHECK_EQ(vfm_accept(l, 20000, &fd, &err), 0);
+	CHECK_EQ(vfm_stream_open(fd, 5000, &in, &err), 0);
+	CHECK_EQ(vfm_stream_open(fd, 5000, &rp, &err), 0);
+	CHECK_EQ(vfm_stream_read_header(in, &err), 0);
+	for (;;) {
+		struct vfm_rec_hdr h;
+		const void *pl;
+
+		/* Each held ack goes out 300 ms after its INIT_DATA_SENT. */
+		for (unsigned i = 0; mode == ACK_DELAY && i < nheld; i++) {
+			if (now_ms() - held_at[i] < 300)
+				continue;
+			send_rp(rp, VFM_REC_RP_ACK, held[i], NULL, 0);
+			res.acks_sent++;
+			held[i] = held[--nheld];
+			held_at[i] = held_at[nheld];
+			i--;
+		}
+		if (!vfm_stream_readable(in, 20))
+			continue;
+		if (vfm_stream_get_record(in, &h, &pl, VFM_STREAM_MAX_RECORD, &err))
+			break;   /* the source went away */
+		if (h.type == VFM_REC_PING) {
+			unsigned char pong[16];
+
+			memcpy(pong, pl, 8);
+			vfm_put_le64(pong + 8, 0);
+			send_rp(rp, VFM_REC_RP_PONG, 0, pong, sizeof(pong));
+		} else if (h.type == VFM_REC_INIT_DATA_SENT) {
+			CHECK(nheld < 8);
+			res.init_seen++;
+			held[nheld] = h.section;
+			held_at[nheld++] = now_ms();
+		} else if (h.type == VFM_REC_SWITCHOVER) {
+			res.saw_switchover = 1;
+			res.switchover_before_acks += nheld;
+		} else if (h.type == VFM_REC_EOS) {
+			unsigned char msg[8 + 36] = { 0 };
+			char boot[37];
+
+			send_rp(rp, VFM_REC_RP_LOADED, 0, NULL, 0);
+			if (vfm_stream_get_record(in, &h, &pl, 0, &err) || h.type != VFM_REC_GO)
+				break;
+			vfm_put_le64(msg, vfm__now_ns());
+			vfm__boot_id(boot);
+			memcpy(msg + 8, boot, strlen(boot));
+			send_rp(rp, VFM_REC_RP_RESUMED, 0, msg, sizeof(msg));
+			res.ok = 1;
+			break;
+		}
+	}
+	CHECK_EQ(write(wfd, &res, sizeof(res)), (ssize_t)sizeof(res));
+	vfm_stream_free(rp);
+	vfm_stream_free(in);
+	close(fd);
+	vfm_listener_close(l);
+	_exit(0);
+}
+
+static pid_t fake_dest(const char *uri, enum ack_mode mode, int *rfd)
+{
+	struct fake_result res;
+	int pfd[2];
+	pid_t pid;
+
+	CHECK_EQ(pipe(pfd), 0);
+	fflush(NULL);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		close(pfd[0]);
+		fake_dest_main(uri, mode, pfd[1]);
+	}
+	close(pfd[1]);
+	CHECK_EQ(read(pfd[0], &res, sizeof(res)), (ssize_t)sizeof(res));
+	*rfd = pfd[0];
+	return pid;
+}
+
+static void fake_result(pid_t pid, int rfd, struct fake_result *res)
+{
+	struct pollfd p = { .fd = rfd, .events = POLLIN };
+
+	CHECK_EQ(poll(&p, 1, 30000), 1);
+	CHECK_EQ(read(rfd, res, sizeof(*res)), (ssize_t)sizeof(*res));
+	close(rfd);
+	CHECK_EQ(waitpid(pid, NULL, 0), pid);
+}
+
+TEST_TIMEOUT(switchover_waits_for_every_delayed_ack, 60)
+{
+	struct md_opts o = { .ndev = 2 };
+	struct md_devsrv srv[2];
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct fake_result res;
+	struct md_side s;
+	char uri[256];
+	int rfd;
+	pid_t pid;
+
+	spawn_sources(srv, &o);
+	md_make_uri("unix", uri, sizeof(uri));
+	pid = fake_dest(uri, ACK_DELAY, &rfd);
+	md_side_init(&s, srv, &o, true, 7);
+	start_guest(&s);
+	CHECK_EQ(vfm_migration_start(s.m, uri, NULL, &err), 0);
+	md_wait(&s, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
+	fake_result(pid, rfd, &res);
+	CHECK_EQ(res.ok, 1);
+	CHECK_EQ(res.init_seen, 2);     /* one per pre-copy device */
+	CHECK_EQ(res.acks_sent, 2);
+	CHECK_EQ(res.saw_switchover, 1);
+	CHECK_EQ(res.switchover_before_acks, 0);
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
+	md_devsrv_kill(&srv[1]);
+}
+
+static void never_acked(enum action act)
+{
+	struct md_opts o = { .ndev = 1 };
+	struct md_devsrv srv[1];
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct hook h = { .at = VFM__PH_ACK_WAIT, .act = act };
+	struct fake_result res;
+	struct md_side s;
+	char uri[256];
+	int rfd;
+	pid_t pid;
+
+	spawn_sources(srv, &o);
+	md_make_uri("unix", uri, sizeof(uri));
+	pid = fake_dest(uri, ACK_NEVER, &rfd);
+	md_side_init(&s, srv, &o, true, 7);
+	vfm__migration_set_phase_hook(s.m, act == ACT_CUT ? on_phase : NULL, &h);
+	start_guest(&s);
+	CHECK_EQ(vfm_migration_start(s.m, uri, NULL, &err), 0);
+	if (act == ACT_CANCEL) {
+		/* Converged but unacked: it keeps iterating, never switches over. */
+		for (int i = 0; i < 200; i++) {
+			vfm_migration_get_stats(s.m, &st);
+			if (st.precopy_iterations > 20)
+				break;
+			usleep(10000);
+		}
+		vfm_migration_get_stats(s.m, &st);
+		CHECK_EQ(st.status, VFM_MIG_ACTIVE);
+		CHECK(s.g.started);
+		vfm_migration_cancel(s.m);
+	}
+	md_wait(&s, &st);
+	CHECK_EQ(st.status, act == ACT_CANCEL ? VFM_MIG_CANCELLED : VFM_MIG_FAILED);
+	if (act == ACT_CUT)
+		CHECK(atomic_load(&h.fired));
+	check_recovered(&s, &st, false);
+	fake_result(pid, rfd, &res);
+	CHECK_EQ(res.init_seen, 1);
+	CHECK_EQ(res.saw_switchover, 0);
+	CHECK_EQ(res.ok, 0);
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
+}
+
+TEST_TIMEOUT(no_ack_no_switchover_then_cancel, 60) { never_acked(ACT_CANCEL); }
+TEST_TIMEOUT(channel_closed_waiting_for_switchover_ack, 60) { never_acked(ACT_CUT); }
+
+/* ------------------------------------------------------------------------ */
+/* max-bandwidth                                                             */
+
+TEST(rate_limiter_arithmetic)
+{
+	CHECK_EQ(vfm__rate_limit_delay_ns(1000000, 0, 0), 0);              /* unlimited */
+	CHECK_EQ(vfm__rate_limit_delay_ns(1000000, 0, 1000000), 1000000000);
+	CHECK_EQ(vfm__rate_limit_delay_ns(1000000, 400000000, 1000000), 600000000);
+	CHECK_EQ(vfm__rate_limit_delay_ns(1000000, 1000000000, 1000000), 0);
+	CHECK_EQ(vfm__rate_limit_delay_ns(1000000, 2000000000, 1000000), 0);
+	CHECK_EQ(vfm__rate_limit_delay_ns(0, 0, 1000000), 0);
+	CHECK_EQ(vfm__rate_limit_delay_ns(50ull << 20, 0, 100ull << 20), 500000000);
+	/* A turn sends about one 100 ms window's worth, within [64 KiB, 8 MiB]. */
+	CHECK_EQ(vfm__iter_budget(0), 8ull << 20);
+	CHECK_EQ(vfm__iter_budget(10000000), 1000000);
+	CHECK_EQ(vfm__iter_budget(1000), 64ull << 10);
+	CHECK_EQ(vfm__iter_budget(1ull << 40), 8ull << 20);
+}
+
+TEST_TIMEOUT(max_bandwidth_honoured, 60)
+{
+	struct md_opts o = { .ndev = 1 };
+	struct md_devsrv srv[1];
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct md_result r;
+	struct md_dest d;
+	struct md_side s;
+	char uri[256];
+	const uint64_t limit = 40ull << 20;
+
+	spawn_sources(srv, &o);
+	md_make_uri("unix", uri, sizeof(uri));
+	md_dest_start(&d, uri, &o);
+	md_side_init(&s, srv, &o, true, 7);
+	start_guest(&s);
+	md_params(&p);
+	p.max_bandwidth = limit;
+	CHECK_EQ(vfm_migration_start(s.m, d.uri, &p, &err), 0);
+	md_wait(&s, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
+	CHECK_EQ(md_dest_wait(&d, &r), 0);
+	CHECK(r.mem_hash == md_mem_hash(s.mem));
+	/* Loose and immune to a slow machine: never well above the limit. */
+	fprintf(stderr, "# measured %.1f MB/s under a %.1f MB/s limit\n", st.bandwidth_bps / 1e6,
+		(double)limit / 1e6);
+	CHECK(st.bandwidth_bps > 0);
+	CHECK(st.bandwidth_bps < 3.0 * (double)limit);
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
+}
