@@ -38,6 +38,14 @@ VFM_EXPORT void vfm_guest_mem_free(struct vfm_guest_mem *mem);
 VFM_EXPORT int vfm_guest_mem_add(struct vfm_guest_mem *mem, uint64_t gpa, uint64_t size,
 				 const char *name, struct vfm_error *err);
 
+/*
+ * Allocates every page of every region now (fallocate on the memfds), so a
+ * later write cannot fail for lack of memory (which would be SIGBUS) and
+ * costs no page allocation. The incoming side calls it before it listens:
+ * allocating on first write was half the CPU time of loading RAM.
+ */
+VFM_EXPORT int vfm_guest_mem_prealloc(struct vfm_guest_mem *mem, struct vfm_error *err);
+
 VFM_EXPORT uint64_t vfm_guest_mem_page_size(const struct vfm_guest_mem *mem);
 VFM_EXPORT unsigned vfm_guest_mem_num_regions(const struct vfm_guest_mem *mem);
 VFM_EXPORT const struct vfm_mem_region *vfm_guest_mem_region(const struct vfm_guest_mem *mem,

@@ -222,6 +222,10 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 	ret = vfm_uri_parse(uri, &u, err);
 	if (ret)
 		return ret;
+	/* Memory first: better to fail now than to SIGBUS half way through. */
+	ret = vfm_guest_mem_prealloc(m->mem, err);
+	if (ret)
+		return ret;
 	ret = vfm_listen(&u, &l, err);
 	if (ret)
 		return ret;

@@ -34,6 +34,7 @@ struct vfm_ram {
 	/* The pages of one record, copied out of guest memory first: the guest
 	 * may write them while they are checksummed and sent. */
 	unsigned char *bounce;
+	bool guest_stopped;   /* in save_complete: pages cannot change, no bounce */
 	_Atomic uint64_t transferred;
 };
 
@@ -137,11 +138,14 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
 			atomic_fetch_add(&ram->transferred, RAM_HDR + sizeof(struct vfm_rec_hdr));
 			return RAM_HDR + sizeof(struct vfm_rec_hdr);
 		}
-		/* A page the guest writes after this copy is dirty again, and resent. */
-		memcpy(ram->bounce, host, count * ram->page_size);
+		/* A page the guest writes after this copy is dirty again, and resent.
+		 * Once the guest is stopped nothing writes: send from guest memory. */
+		if (!ram->guest_stopped)
+			memcpy(ram->bounce, host, count * ram->page_size);
 		struct iovec iov[2] = {
 			{ .iov_base = hdr, .iov_len = sizeof(hdr) },
-			{ .iov_base = ram->bounce, .iov_len = count * ram->page_size },
+			{ .iov_base = ram->guest_stopped ? (void *)host : ram->bounce,
+			  .iov_len = count * ram->page_size },
 		};
 		vfm_stream_put_recordv(s, VFM_REC_DATA, 0, 1, iov, 2);
 		atomic_fetch_add(&ram->transferred,
@@ -196,9 +200,11 @@ static int ram_save_complete(void *opaque, struct vfm_stream *s, struct vfm_erro
 	vfm__ram_sync(ram);
 	ram->cur_region = 0;
 	ram->cur_page = 0;
+	ram->guest_stopped = true;
 	do {
 		ret = ram_save_iterate(ram, s, UINT64_MAX, err);
 	} while (ret == 0);
+	ram->guest_stopped = false;
 	return ret < 0 ? ret : 0;
 }
 

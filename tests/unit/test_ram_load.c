@@ -4,6 +4,7 @@
  * written), data runs must overwrite it. Saved to and loaded from a file:
  * URI in one process.
  */
+#include <sys/mman.h>
 #include <sys/stat.h>
 
 #include "harness.h"
@@ -77,4 +78,29 @@ TEST(zero_and_data_runs_overwrite_a_used_destination)
 	vfm_guest_mem_free(dst);
 	snprintf(uri, sizeof(uri), "rm -rf %s", dir);
 	CHECK_EQ(system(uri), 0);
+}
+
+TEST(prealloc_keeps_content_and_makes_pages_resident)
+{
+	struct vfm_guest_mem *mem = new_mem();
+	struct vfm_error err = { 0 };
+	const struct vfm_mem_region *r = vfm_guest_mem_region(mem, 1);
+	unsigned char vec[MEM / 2 / PG];
+	unsigned resident = 0;
+
+	memset(page(mem, 5), 0x42, PG);
+	CHECK_EQ(mincore(r->host, r->size, vec), 0);
+	for (size_t i = 0; i < sizeof(vec); i++)
+		resident += vec[i] & 1;
+	CHECK_EQ(resident, 0);     /* region 1 was never touched */
+	if (vfm_guest_mem_prealloc(mem, &err))
+		FAIL("prealloc: %s", err.msg);
+	CHECK_EQ(page(mem, 5)[0], 0x42);
+	CHECK_EQ(page(mem, 5)[PG - 1], 0x42);
+	CHECK_EQ(mincore(r->host, r->size, vec), 0);
+	resident = 0;
+	for (size_t i = 0; i < sizeof(vec); i++)
+		resident += vec[i] & 1;
+	CHECK_EQ(resident, sizeof(vec));
+	vfm_guest_mem_free(mem);
 }
