@@ -246,8 +246,9 @@ def main():
 
     # 7. CPU cost.
     w('## 7. CPU cost\n')
-    w('CPU seconds (user + system) of the source engine process and of the destination '
-      'process per GiB moved, from the RAM run of section 2 (device servers excluded).\n')
+    w('CPU seconds (user + system) per GiB moved, from the RAM run of section 2: the source '
+      'process over the migration, the destination process from its listener being up (guest '
+      'memory already allocated) to the end; device servers excluded.\n')
     if ram_run:
         gib = ram_run['transferred_bytes'] / GiB
         w('| source s/GiB | destination s/GiB |')

@@ -237,14 +237,26 @@ static void side_init(struct side *s, const struct opts *o, const char *role, bo
 	}
 }
 
+static double cpu_seconds(void)
+{
+	struct rusage ru;
+
+	getrusage(RUSAGE_SELF, &ru);
+	return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+	       (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+/* Destination CPU from the listener being up (memory allocated) to the end. */
+static double dst_cpu_at_listen;
+
 /* Destination: tells the parent the listener is up. */
 static void on_listening(void *opaque, const char *uri)
 {
 	int *fd = opaque;
 
+	dst_cpu_at_listen = cpu_seconds();
 	if (write(*fd, "r", 1) != 1)
 		_exit(1);
-	close(*fd);
 }
 
 static void params(const struct opts *o, struct vfm_migration_params *p)
@@ -260,7 +272,7 @@ static int bench_migrate(const struct opts *o)
 	struct vfm_error err = { 0 };
 	struct vfm_migration_params p;
 	struct vfm_migration_stats st;
-	struct rusage ru_src0, ru_src1, ru_dst;
+	struct rusage ru_src0, ru_src1;
 	struct side s;
 	char uri[160];
 	int status;
@@ -282,13 +294,15 @@ static int bench_migrate(const struct opts *o)
 			fprintf(stderr, "vfm-bench: destination: %s\n", err.msg);
 			_exit(1);
 		}
+		double cpu = cpu_seconds() - dst_cpu_at_listen;
+		if (write(ready[1], &cpu, sizeof(cpu)) != sizeof(cpu))
+			_exit(1);
 		_exit(0);
 	}
 	close(ready[1]);
 	side_init(&s, o, "src", o->fill);
 	if (read(ready[0], &c, 1) != 1)
 		die("the destination did not start listening", NULL);
-	close(ready[0]);
 	if (o->dirty_rate) {
 		s.rate = o->dirty_rate;
 		s.running = 1;
@@ -302,7 +316,11 @@ static int bench_migrate(const struct opts *o)
 		die("migration did not end", NULL);
 	getrusage(RUSAGE_SELF, &ru_src1);
 	vfm_migration_get_stats(s.m, &st);
-	if (wait4(pid, &status, 0, &ru_dst) != pid || !WIFEXITED(status) || WEXITSTATUS(status))
+	double cpu_dst = -1;
+	if (read(ready[0], &cpu_dst, sizeof(cpu_dst)) != sizeof(cpu_dst))
+		cpu_dst = -1;
+	close(ready[0]);
+	if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status))
 		die("destination failed", NULL);
 	if (st.status != VFM_MIG_COMPLETED) {
 		fprintf(stderr, "vfm-bench: migration %s: %s\n", vfm_mig_status_name(st.status),
@@ -313,8 +331,6 @@ static int bench_migrate(const struct opts *o)
 				  ru_src1.ru_stime.tv_sec - ru_src0.ru_stime.tv_sec) +
 			 (double)(ru_src1.ru_utime.tv_usec - ru_src0.ru_utime.tv_usec +
 				  ru_src1.ru_stime.tv_usec - ru_src0.ru_stime.tv_usec) / 1e6;
-	double cpu_dst = (double)(ru_dst.ru_utime.tv_sec + ru_dst.ru_stime.tv_sec) +
-			 (double)(ru_dst.ru_utime.tv_usec + ru_dst.ru_stime.tv_usec) / 1e6;
 	printf("{\"mode\":\"migrate\",\"kind\":\"%s\",\"mem\":%" PRIu64 ",\"fill\":%s,"
 	       "\"devices\":%u,\"device_state\":%" PRIu64 ",\"precopy\":%s,\"dirty_rate\":%" PRIu64
 	       ",\"downtime_limit_ms\":%" PRIu64 ",\"save_latency_us\":%" PRIu64 ",\"channels\":%u,"
