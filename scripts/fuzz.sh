@@ -21,7 +21,7 @@ for t in "${targets[@]}"; do
 	work="$build/fuzz-corpus/$t"
 	mkdir -p "$work"
 	log="$build/fuzz-$t.log"
-	"$build/tests/fuzz/fuzz_$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
+	"$build/tests/fuzz/fuzz_$t" -max_total_time="$secs" -timeout=30 -rss_limit_mb=2048 \
 		-print_final_stats=1 -artifact_prefix="$build/fuzz-artifacts/$t-" \
 		"$work" "$root/tests/fuzz/corpus/$t" >"$log" 2>&1
 	rc=$?
