@@ -1,0 +1,384 @@
+/*
+ * The KVM guest on real KVM (skipped without /dev/kvm): boot to long mode and
+ * the console, KVM's dirty log into the memory layer, stop/start, and vCPU
+ * state carried into a second VM over a copy of the memory.
+ */
+#include <time.h>
+
+#include "guest/abi.h"
+#include "harness.h"
+#include "vmm/kvm.h"
+
+#define PG 4096ull
+#define RAM (8ull << 20)
+#define WS (256ull << 10)          /* small: guest code is slow on nested KVM */
+#define RATE (1ull << 20)          /* bytes/s over both vCPUs */
+
+static void need_kvm(void)
+{
+	char why[128];
+
+	if (!vfm_kvm_available(why, sizeof(why)))
+		SKIP("%s", why);
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void nap_ms(unsigned ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000 };
+
+	nanosleep(&ts, NULL);
+}
+
+static struct vfm_guest_mem *new_mem(void)
+{
+	struct vfm_guest_mem *mem;
+	struct vfm_error err = { 0 };
+
+	CHECK_EQ(vfm_guest_mem_new(PG, &mem, &err), 0);
+	CHECK_EQ(vfm_guest_mem_add(mem, 0, RAM, "ram", &err), 0);
+	return mem;
+}
+
+static struct vfm_guest *new_guest(struct vfm_guest_mem *mem, uint64_t rate, bool fresh)
+{
+	struct vfm_kvm_opts o = {
+		.vcpus = 2, .dirty_rate = rate, .working_set = WS, .fresh = fresh,
+	};
+	struct vfm_error err = { 0 };
+	struct vfm_guest *g = NULL;
+	int ret = vfm_guest_kvm_new(mem, &o, &g, &err);
+
+	if (ret)
+		FAIL("vfm_guest_kvm_new: %s", err.msg);
+	CHECK_STR(g->ops->kind, "kvm");
+	return g;
+}
+
+static uint64_t written(struct vfm_guest *g)
+{
+	struct vfm_kvm_vcpu_info vi;
+	uint64_t n = 0;
+
+	for (unsigned i = 0; i < vfm_guest_kvm_vcpus(g); i++) {
+		CHECK_EQ(vfm_guest_kvm_vcpu_info(g, i, &vi), 0);
+		CHECK(!vi.failed);
+		n += vi.pages_written;
+	}
+	return n;
+}
+
+/* Every vCPU has rewritten at least `more` pages beyond base[i] (bounded wait). */
+static void wait_progress(struct vfm_guest *g, const uint64_t *base, uint64_t more)
+{
+	uint64_t deadline = now_ms() + 15000;
+
+	for (;;) {
+		unsigned ok = 0;
+
+		for (unsigned i = 0; i < vfm_guest_kvm_vcpus(g); i++) {
+			struct vfm_kvm_vcpu_info vi;
+			CHECK_EQ(vfm_guest_kvm_vcpu_info(g, i, &vi), 0);
+			CHECK(!vi.failed);
+			ok += vi.pages_written >= (base ? base[i] : 0) + more;
+		}
+		if (ok == vfm_guest_kvm_vcpus(g))
+			return;
+		if (now_ms() > deadline)
+			FAIL("the guest made no progress (%" PRIu64 " rewrites)", written(g));
+		nap_ms(5);
+	}
+}
+
+static void counters(struct vfm_guest *g, uint64_t *out)
+{
+	struct vfm_kvm_vcpu_info vi;
+
+	for (unsigned i = 0; i < vfm_guest_kvm_vcpus(g); i++) {
+		CHECK_EQ(vfm_guest_kvm_vcpu_info(g, i, &vi), 0);
+		out[i] = vi.pages_written;
+	}
+}
+
+static void check_verified(struct vfm_guest *g)
+{
+	struct vfm_guest_verify v;
+
+	CHECK_EQ(g->ops->verify(g, &v), 0);
+	if (!v.verified)
+		FAIL("verify: %" PRIu64 " errors: %s", v.errors, v.detail);
+	CHECK(v.pages_checked >= WS / PG);
+}
+
+static bool test_bit(const uint64_t *bm, uint64_t i)
+{
+	return bm[i / 64] >> (i % 64) & 1;
+}
+
+TEST(boots_to_long_mode_and_prints)
+{
+	struct vfm_guest_mem *mem;
+	struct vfm_guest *g;
+	struct vfm_error err = { 0 };
+	uint64_t deadline;
+	char con[4096];
+
+	need_kvm();
+	mem = new_mem();
+	g = new_guest(mem, 0, true);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	deadline = now_ms() + 10000;
+	for (;;) {
+		vfm_guest_kvm_console(g, con, sizeof(con));
+		if (strstr(con, "cpu 0: long mode") && strstr(con, "cpu 1: long mode"))
+			break;
+		if (now_ms() > deadline)
+			FAIL("no boot line from both vCPUs; console: '%s'", con);
+		nap_ms(5);
+	}
+	CHECK(strstr(con, "32 of 64 working-set pages are mine"));
+	CHECK_EQ(g->ops->stop(g), 0);
+	for (unsigned i = 0; i < 2; i++) {
+		struct vfm_kvm_vcpu_info vi;
+		CHECK_EQ(vfm_guest_kvm_vcpu_info(g, i, &vi), 0);
+		CHECK(vi.booted && !vi.failed);
+		CHECK_EQ(vi.pages_written, 0);   /* rate 0: nothing rewritten */
+	}
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}
+
+TEST(dirty_log_feeds_the_memory_layer)
+{
+	const struct vfm_mem_region *r;
+	uint64_t *bm, n, ws_gpa = 0, marked = 0;
+	struct vfm_guest_mem *mem;
+	struct vfm_guest *g;
+	struct vfm_error err = { 0 };
+
+	need_kvm();
+	mem = new_mem();
+	g = new_guest(mem, RATE, true);
+	CHECK(g->ops->sync_dirty == vfm_guest_kvm_sync_dirty);
+	r = vfm_guest_mem_region(mem, 0);
+	bm = calloc(r->npages / 64 + 1, 8);
+	/* Forget what boot wrote; KVM has seen no guest write yet. */
+	vfm_dirty_collect(mem, 0, bm);
+	CHECK_EQ(g->ops->sync_dirty(g), 0);
+	CHECK_EQ(vfm_dirty_count(mem), 0);
+
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	wait_progress(g, NULL, 10);
+	CHECK_EQ(g->ops->stop(g), 0);
+	n = (uint64_t)g->ops->sync_dirty(g);
+	CHECK(n > 0);
+	CHECK_EQ(g->ops->sync_dirty(g), 0);    /* stopped: nothing new */
+	memset(bm, 0, (r->npages / 64 + 1) * 8);
+	CHECK_EQ(vfm_dirty_collect(mem, 0, bm), n);
+
+	/* Every page the guest's table says it rewrote is dirty, and so is
+	 * the table and the mailbox; RAM the guest never touches is not. */
+	{
+		const struct kg_mailbox *mb = (void *)((char *)r->host + KG_MAILBOX_GPA);
+		const uint64_t *table = (const uint64_t *)((char *)r->host + mb->table_gpa);
+		uint64_t ws_pages = mb->ws_pages;
+
+		ws_gpa = mb->ws_gpa;
+		CHECK_EQ(ws_pages, WS / PG);
+		for (uint64_t i = 0; i < ws_pages; i++) {
+			if (!table[i])
+				continue;
+			marked++;
+			if (!test_bit(bm, ws_gpa / PG + i))
+				FAIL("working-set page %" PRIu64 " rewritten but not dirty", i);
+		}
+		CHECK(marked > 0);
+		CHECK(test_bit(bm, mb->table_gpa / PG));
+		CHECK(test_bit(bm, 1));
+	}
+	CHECK(!test_bit(bm, RAM / PG - 1));
+	CHECK(!test_bit(bm, ws_gpa / PG + WS / PG + 1));
+	CHECK(n < 2 * WS / PG);
+	free(bm);
+	check_verified(g);
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}
+
+TEST(stop_parks_and_start_resumes)
+{
+	struct vfm_guest_mem *mem;
+	struct vfm_guest *g;
+	struct vfm_error err = { 0 };
+	uint64_t at_stop[2], later[2];
+
+	need_kvm();
+	mem = new_mem();
+	g = new_guest(mem, RATE, true);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	wait_progress(g, NULL, 5);
+	for (int round = 0; round < 3; round++) {
+		CHECK_EQ(g->ops->stop(g), 0);
+		CHECK(!g->running);
+		counters(g, at_stop);
+		nap_ms(30);
+		counters(g, later);
+		CHECK_EQ(later[0], at_stop[0]);
+		CHECK_EQ(later[1], at_stop[1]);
+		check_verified(g);
+		counters(g, at_stop);   /* the guest's own check ran the vCPUs */
+		CHECK_EQ(g->ops->start(g, &err), 0);
+		wait_progress(g, at_stop, 3);
+	}
+	CHECK_EQ(g->ops->stop(g), 0);
+	check_verified(g);
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}
+
+TEST(guest_self_check_catches_a_lost_write)
+{
+	struct vfm_guest_mem *mem;
+	struct vfm_guest *g;
+	struct vfm_guest_verify v;
+	struct vfm_error err = { 0 };
+	const struct vfm_mem_region *r;
+
+	need_kvm();
+	mem = new_mem();
+	g = new_guest(mem, RATE, true);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	wait_progress(g, NULL, 5);
+	CHECK_EQ(vfm_guest_kvm_self_check(g, &v), 0);
+	CHECK(v.verified);
+	CHECK_EQ(v.pages_checked, WS / PG);
+	CHECK_EQ(g->ops->stop(g), 0);
+
+	/* Roll one rewritten page back to zero, as a lost dirty page would. */
+	r = vfm_guest_mem_region(mem, 0);
+	{
+		const struct kg_mailbox *mb = (void *)((char *)r->host + KG_MAILBOX_GPA);
+		const uint64_t *table = (const uint64_t *)((char *)r->host + mb->table_gpa);
+		uint64_t i = 0;
+
+		while (!table[i])
+			i++;
+		memset((char *)r->host + mb->ws_gpa + i * PG, 0, PG);
+	}
+	CHECK_EQ(g->ops->verify(g, &v), 0);
+	CHECK(!v.verified);
+	CHECK_EQ(v.errors, 1);
+	CHECK(strstr(v.detail, "not generation"));
+	/* The guest itself sees it too. */
+	vfm_guest_kvm_set_dirty_rate(g, 0);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	CHECK_EQ(vfm_guest_kvm_self_check(g, &v), 0);
+	CHECK(!v.verified);
+	CHECK_EQ(v.errors, 1);
+	CHECK(strstr(v.detail, "guest check"));
+	CHECK_EQ(g->ops->stop(g), 0);
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}
+
+TEST_TIMEOUT(vcpu_state_moves_to_a_second_vm, 60)
+{
+	struct vfm_guest_mem *mem_a, *mem_b;
+	struct vfm_guest *a, *b;
+	struct vfm_guest_verify v;
+	struct vfm_error err = { 0 };
+	struct vfm_kvm_vcpu_info ia, ib;
+	uint64_t at_stop[2];
+	void *blob;
+	size_t len;
+	char con[4096];
+
+	need_kvm();
+	mem_a = new_mem();
+	a = new_guest(mem_a, RATE, true);
+	CHECK_EQ(a->ops->start(a, &err), 0);
+	wait_progress(a, NULL, 8);
+	CHECK_EQ(a->ops->stop(a), 0);
+	counters(a, at_stop);
+	if (vfm_guest_kvm_save_vcpus(a, &blob, &len, &err))
+		FAIL("save: %s", err.msg);
+	CHECK(len > 2 * 1000);
+
+	/* The destination: its own memory with the source's bytes, no boot. */
+	mem_b = new_mem();
+	b = new_guest(mem_b, 0, false);
+	CHECK(b->ops->start(b, &err) != 0);    /* no state yet */
+	memcpy(vfm_guest_mem_region(mem_b, 0)->host, vfm_guest_mem_region(mem_a, 0)->host, RAM);
+	if (vfm_guest_kvm_load_vcpus(b, blob, len, &err))
+		FAIL("load: %s", err.msg);
+	for (unsigned i = 0; i < 2; i++) {
+		CHECK_EQ(vfm_guest_kvm_vcpu_info(a, i, &ia), 0);
+		CHECK_EQ(vfm_guest_kvm_vcpu_info(b, i, &ib), 0);
+		CHECK_EQ(ib.rip, ia.rip);
+		CHECK_EQ(ib.pages_written, at_stop[i]);
+	}
+	a->ops->destroy(a);
+	vfm_guest_mem_free(mem_a);
+
+	/* Verify runs the guest's own check on b: registers, RAM and counters
+	 * must agree, or the guest panics. */
+	CHECK_EQ(b->ops->verify(b, &v), 0);
+	if (!v.verified)
+		FAIL("destination verify: %s", v.detail);
+	vfm_guest_kvm_console(b, con, sizeof(con));
+	CHECK(strstr(con, "cpu 0: self-check 1: ok"));
+	CHECK(strstr(con, "cpu 1: self-check 1: ok"));
+	CHECK(strstr(con, "long mode") == NULL);   /* resumed, not rebooted */
+
+	vfm_guest_kvm_set_dirty_rate(b, RATE);
+	CHECK_EQ(b->ops->start(b, &err), 0);
+	wait_progress(b, at_stop, 5);
+	CHECK_EQ(vfm_guest_kvm_self_check(b, &v), 0);
+	if (!v.verified)
+		FAIL("destination self-check: %s", v.detail);
+	CHECK_EQ(b->ops->stop(b), 0);
+	check_verified(b);
+	free(blob);
+	b->ops->destroy(b);
+	vfm_guest_mem_free(mem_b);
+}
+
+TEST(load_rejects_bad_state)
+{
+	struct vfm_guest_mem *mem;
+	struct vfm_guest *g, *g1;
+	struct vfm_error err = { 0 };
+	unsigned char junk[64] = "VFKVCPU1";
+	void *blob;
+	size_t len;
+
+	need_kvm();
+	mem = new_mem();
+	g = new_guest(mem, 0, true);
+	CHECK_EQ(g->ops->stop(g), 0);
+	CHECK_EQ(vfm_guest_kvm_save_vcpus(g, &blob, &len, &err), 0);
+	CHECK(vfm_guest_kvm_load_vcpus(g, junk, 8, &err) != 0);
+	CHECK(vfm_guest_kvm_load_vcpus(g, junk, sizeof(junk), &err) != 0);
+	for (size_t cut = 24; cut < len; cut += len / 7)
+		CHECK(vfm_guest_kvm_load_vcpus(g, blob, cut, &err) != 0);
+	CHECK_EQ(vfm_guest_kvm_load_vcpus(g, blob, len, &err), 0);
+	{
+		struct vfm_guest_mem *m1 = new_mem();
+		struct vfm_kvm_opts o = { .vcpus = 1, .fresh = false };
+
+		CHECK_EQ(vfm_guest_kvm_new(m1, &o, &g1, &err), 0);
+		CHECK_EQ(vfm_guest_kvm_load_vcpus(g1, blob, len, &err), -EINVAL);
+		g1->ops->destroy(g1);
+		vfm_guest_mem_free(m1);
+	}
+	free(blob);
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}
