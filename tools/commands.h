@@ -15,6 +15,8 @@ struct vfm_command {
 
 int cmd_demo(int argc, char **argv);
 int cmd_device(int argc, char **argv);
+int cmd_vm(int argc, char **argv);
+int cmd_ctl(int argc, char **argv);
 
 /*
  * Removes -v/-vv/-vvv/--verbose from argv[1..] (argv[0] is kept), raising the

@@ -8,6 +8,8 @@
 static const struct vfm_command commands[] = {
 	{ "demo", "start devices and two VMs, migrate live, verify", cmd_demo },
 	{ "device", "run a sample vfio-user device server (dma)", cmd_device },
+	{ "vm", "run a VM process with devices, a guest and a control socket", cmd_vm },
+	{ "ctl", "control a running VM: migrate, status, cancel, set, stop, cont, quit", cmd_ctl },
 };
 
 static void usage(FILE *out)

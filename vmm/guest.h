@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "vfiomig/common.h"
+#include "vfiomig/device.h"
 #include "vfiomig/memory.h"
 
 struct vfm_guest;
@@ -22,6 +23,13 @@ struct vfm_guest_verify {
 	char detail[160];       /* first error, human readable */
 };
 
+/* Counters of the workload since the guest was created (this process only). */
+struct vfm_guest_stats {
+	uint64_t page_writes;   /* pages rewritten by vCPUs */
+	uint64_t dma_ops;       /* copies completed through devices */
+	uint64_t dma_errors;    /* device operations that failed */
+};
+
 struct vfm_guest_ops {
 	const char *kind;       /* "synthetic", "kvm", "none" */
 	/* Runs the vCPUs (again). */
@@ -30,6 +38,8 @@ struct vfm_guest_ops {
 	int (*stop)(struct vfm_guest *g);
 	/* Checks guest memory against the guest's own bookkeeping (stopped guest). */
 	int (*verify)(struct vfm_guest *g, struct vfm_guest_verify *out);
+	/* Optional. */
+	void (*stats)(struct vfm_guest *g, struct vfm_guest_stats *st);
 	void (*destroy)(struct vfm_guest *g);
 	/*
 	 * Optional: moves dirty pages the guest's hardware tracked (KVM's dirty
@@ -50,6 +60,14 @@ struct vfm_synthetic_opts {
 	unsigned vcpus;         /* default 2 */
 	uint64_t dirty_rate;    /* bytes/s of page writes over all vCPUs; 0 = none */
 	bool fresh;             /* false on the destination: memory comes from the stream */
+	/*
+	 * `dma` sample devices for the vCPUs to drive (vCPU i drives devices
+	 * i, i + vcpus, ...); they must stay open for the guest's lifetime and
+	 * have all guest memory mapped for DMA. A fresh guest programs their
+	 * rings; an incoming one finds their state in memory.
+	 */
+	struct vfm_device **dma_devs;
+	unsigned ndma;
 };
 
 int vfm_guest_synthetic_new(struct vfm_guest_mem *mem, const struct vfm_synthetic_opts *o,

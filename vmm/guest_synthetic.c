@@ -4,10 +4,8 @@
  * generation. A page's content is a pure function of (page, generation), so
  * after a migration every page can be checked against the table that
  * travelled with it: a lost dirty page shows up as a stale page or a stale
- * table entry.
- *
- * Layout: guest page 0.. hold the table (u64 generation per page); the
- * pages after it are data pages. vCPU i writes data pages i, i+n, i+2n, ...
+ * table entry. The vCPUs also drive `dma` devices (guest_synth_dma.c), whose
+ * DMA writes are checked the same way. Layout: vmm/synth.h.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -19,39 +17,11 @@
 #include <time.h>
 
 #include "util/logging.h"
-#include "vmm/guest.h"
+#include "vmm/synth.h"
 
-#define MAX_VCPUS 64
 #define PATTERN_SEED 0x9e3779b97f4a7c15ull
-
-struct synth;
-
-struct vcpu {
-	struct synth *s;
-	unsigned index;
-	pthread_t thread;
-	bool thread_live;
-	uint64_t rng;
-};
-
-struct synth {
-	struct vfm_guest g;
-	uint64_t page_size;
-	uint64_t npages;        /* all guest pages of region 0 */
-	uint64_t table_pages;   /* pages holding the generation table */
-	unsigned nvcpus;
-	uint64_t dirty_rate;
-	char *base;             /* region 0 host mapping */
-	_Atomic uint64_t *table;
-
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	/* Guarded by lock. */
-	bool run;               /* vCPUs may write */
-	bool quit;
-	unsigned parked;        /* vCPUs waiting for run */
-	struct vcpu vcpu[MAX_VCPUS];
-};
+/* One copy through each owned device per this many page writes. */
+#define DMA_EVERY 16
 
 static inline uint64_t mix(uint64_t x)
 {
@@ -63,18 +33,44 @@ static inline uint64_t mix(uint64_t x)
 	return x;
 }
 
-/* Word w of page p at generation gen; generation 0 is a zero page. */
-static inline uint64_t pattern(uint64_t p, uint64_t gen, uint64_t w)
+/*
+ * Word w of page p at generation gen is synth_page_base(p, gen) ^ (w *
+ * SYNTH_WORD_MUL): one hash per page, then a cheap function of the word
+ * index, so a stale page differs in every word, a torn one where it tore,
+ * and the check runs at memory speed (it is part of the destination's
+ * downtime). Generation 0 is a zero page.
+ */
+uint64_t synth_page_base(uint64_t p, uint64_t gen)
 {
-	return gen ? mix((p << 20) ^ (gen << 40) ^ w ^ PATTERN_SEED) | 1 : 0;
+	return gen ? mix((p << 20) ^ (gen << 40) ^ PATTERN_SEED) | 1 : 0;
+}
+
+bool synth_page_matches(const uint64_t *w, uint64_t words, uint64_t p, uint64_t gen,
+			uint64_t *bad_word)
+{
+	uint64_t base = synth_page_base(p, gen), k = 0;
+
+	for (uint64_t i = 0; i < words; i++, k += SYNTH_WORD_MUL) {
+		if (w[i] != (gen ? base ^ k : 0)) {
+			*bad_word = i;
+			return false;
+		}
+	}
+	return true;
+}
+
+void synth_mark(struct synth *s, uint64_t gpa, uint64_t len)
+{
+	vfm_dirty_mark(s->g.mem, gpa, len);
 }
 
 static void fill_page(struct synth *s, uint64_t p, uint64_t gen)
 {
 	uint64_t *w = (uint64_t *)(s->base + p * s->page_size);
+	uint64_t base = synth_page_base(p, gen), k = 0;
 
-	for (uint64_t i = 0; i < s->page_size / 8; i++)
-		w[i] = pattern(p, gen, i);
+	for (uint64_t i = 0; i < s->page_size / 8; i++, k += SYNTH_WORD_MUL)
+		w[i] = base ^ k;
 }
 
 /* One write: page content first, then the table; both marked after. */
@@ -84,8 +80,9 @@ static void write_page(struct synth *s, uint64_t p)
 
 	fill_page(s, p, gen);
 	atomic_store_explicit(&s->table[p], gen, memory_order_release);
-	vfm_dirty_mark(s->g.mem, p * s->page_size, s->page_size);
-	vfm_dirty_mark(s->g.mem, p * 8, 8);
+	synth_mark(s, p * s->page_size, s->page_size);
+	synth_mark(s, p * 8, 8);
+	atomic_fetch_add_explicit(&s->page_writes, 1, memory_order_relaxed);
 }
 
 static uint64_t now_ns(void)
@@ -98,9 +95,10 @@ static uint64_t now_ns(void)
 
 static void *vcpu_main(void *arg)
 {
-	struct vcpu *v = arg;
+	struct synth_vcpu *v = arg;
 	struct synth *s = v->s;
-	uint64_t data_pages = s->npages - s->table_pages;
+	uint64_t data_pages = s->npages - s->data_start;
+	uint64_t mine = (data_pages + s->nvcpus - 1 - v->index) / s->nvcpus;
 	/* Each vCPU's share of the rate, in pages per second. */
 	double rate = (double)s->dirty_rate / (double)s->page_size / s->nvcpus;
 	uint64_t t0 = 0, done = 0;
@@ -126,16 +124,21 @@ static void *vcpu_main(void *arg)
 			done = 0;
 		}
 		/* Pace to the rate: write the pages due by now (64 at most before
-		 * looking at the run flag again), then nap. */
+		 * looking at the run flag again), then nap. A device copy counts
+		 * as a page: it rewrites one. */
 		double due = rate * (double)(now_ns() - t0) / 1e9;
 		unsigned batch = 0;
 
 		while ((double)done < due && batch++ < 64) {
-			uint64_t k, mine = (data_pages + s->nvcpus - 1 - v->index) / s->nvcpus;
+			uint64_t k;
 
+			if (s->ndma && ++v->since_dma >= DMA_EVERY) {
+				v->since_dma = 0;
+				synth_dma_step(s, v);
+			}
 			v->rng = v->rng * 6364136223846793005ull + 1442695040888963407ull;
 			k = (v->rng >> 17) % mine;
-			write_page(s, s->table_pages + v->index + k * s->nvcpus);
+			write_page(s, s->data_start + v->index + k * s->nvcpus);
 			done++;
 		}
 		if ((double)done >= due) {
@@ -149,6 +152,8 @@ static int synth_start(struct vfm_guest *g, struct vfm_error *err)
 {
 	struct synth *s = (struct synth *)g;
 
+	/* Every vCPU is parked here: the superblock cannot change under us. */
+	synth_dma_attach(s);
 	pthread_mutex_lock(&s->lock);
 	s->run = s->dirty_rate > 0;
 	pthread_cond_broadcast(&s->cond);
@@ -179,24 +184,38 @@ static int synth_verify(struct vfm_guest *g, struct vfm_guest_verify *out)
 	struct synth *s = (struct synth *)g;
 
 	memset(out, 0, sizeof(*out));
-	for (uint64_t p = s->table_pages; p < s->npages; p++) {
+	for (uint64_t p = s->data_start; p < s->npages; p++) {
 		uint64_t gen = atomic_load(&s->table[p]);
 		const uint64_t *w = (const uint64_t *)(s->base + p * s->page_size);
 
+		uint64_t bad;
+
 		out->pages_checked++;
-		for (uint64_t i = 0; i < s->page_size / 8; i++) {
-			if (w[i] != pattern(p, gen, i)) {
-				if (!out->errors)
-					snprintf(out->detail, sizeof(out->detail),
-						 "page %" PRIu64 " word %" PRIu64 ": content is not "
-						 "generation %" PRIu64, p, i, gen);
-				out->errors++;
-				break;
-			}
+		if (gen & SYNTH_TAG) {
+			if (!out->errors)
+				snprintf(out->detail, sizeof(out->detail), "data page %" PRIu64
+					 " has a DMA tag in the table", p);
+			out->errors++;
+		} else if (!synth_page_matches(w, s->page_size / 8, p, gen, &bad)) {
+			if (!out->errors)
+				snprintf(out->detail, sizeof(out->detail),
+					 "page %" PRIu64 " word %" PRIu64 ": content is not "
+					 "generation %" PRIu64 " (a lost page write)", p, bad, gen);
+			out->errors++;
 		}
 	}
+	synth_dma_verify(s, out);
 	out->verified = out->errors == 0;
 	return 0;
+}
+
+static void synth_stats(struct vfm_guest *g, struct vfm_guest_stats *st)
+{
+	struct synth *s = (struct synth *)g;
+
+	st->page_writes = atomic_load(&s->page_writes);
+	st->dma_ops = atomic_load(&s->dma_ops);
+	st->dma_errors = atomic_load(&s->dma_errors);
 }
 
 static void synth_destroy(struct vfm_guest *g)
@@ -220,6 +239,7 @@ static const struct vfm_guest_ops synth_ops = {
 	.start = synth_start,
 	.stop = synth_stop,
 	.verify = synth_verify,
+	.stats = synth_stats,
 	.destroy = synth_destroy,
 };
 
@@ -227,11 +247,15 @@ int vfm_guest_synthetic_new(struct vfm_guest_mem *mem, const struct vfm_syntheti
 			    struct vfm_guest **out, struct vfm_error *err)
 {
 	const struct vfm_mem_region *r = vfm_guest_mem_region(mem, 0);
+	unsigned ndma = o ? o->ndma : 0;
 	struct synth *s;
 	int ret;
 
 	if (!r || r->gpa != 0)
 		return vfm_error_set(err, -EINVAL, "synthetic guest needs memory at address 0");
+	if (ndma > SYNTH_MAX_DMA)
+		return vfm_error_set(err, -EINVAL, "synthetic guest: at most %d dma devices",
+				     SYNTH_MAX_DMA);
 	s = calloc(1, sizeof(*s));
 	if (!s)
 		return vfm_error_set(err, -ENOMEM, "out of memory");
@@ -240,25 +264,40 @@ int vfm_guest_synthetic_new(struct vfm_guest_mem *mem, const struct vfm_syntheti
 	s->page_size = vfm_guest_mem_page_size(mem);
 	s->npages = r->size / s->page_size;
 	s->table_pages = (s->npages * 8 + s->page_size - 1) / s->page_size;
+	s->sb_page = s->table_pages;
+	s->dma_base = s->sb_page + 1;
+	s->data_start = s->dma_base + ndma * (1ull + SYNTH_DMA_TARGETS);
 	s->nvcpus = o && o->vcpus ? o->vcpus : 2;
 	s->dirty_rate = o ? o->dirty_rate : 0;
 	s->base = r->host;
 	s->table = (_Atomic uint64_t *)r->host;
-	if (s->nvcpus > MAX_VCPUS || s->npages < s->table_pages + s->nvcpus) {
+	s->sb = (struct synth_sb *)(s->base + s->sb_page * s->page_size);
+	s->ndma = ndma;
+	for (unsigned d = 0; d < ndma; d++)
+		s->dma[d] = o->dma_devs[d];
+	if (s->nvcpus > SYNTH_MAX_VCPUS || s->npages < s->data_start + s->nvcpus) {
 		free(s);
-		return vfm_error_set(err, -EINVAL, "synthetic guest: %u vCPUs in %" PRIu64
-				     " pages is not possible (max %d vCPUs)", o ? o->vcpus : 2,
-				     s->npages, MAX_VCPUS);
+		return vfm_error_set(err, -EINVAL, "synthetic guest: %u vCPUs and %u dma devices in %"
+				     PRIu64 " pages is not possible (max %d vCPUs)",
+				     o && o->vcpus ? o->vcpus : 2, ndma, r->size / vfm_guest_mem_page_size(mem),
+				     SYNTH_MAX_VCPUS);
 	}
 	pthread_mutex_init(&s->lock, NULL);
 	pthread_cond_init(&s->cond, NULL);
 	if (!o || o->fresh) {
+		ret = synth_dma_setup(s, err);
+		if (ret) {
+			pthread_cond_destroy(&s->cond);
+			pthread_mutex_destroy(&s->lock);
+			free(s);
+			return ret;
+		}
 		/* A little history so that the first pass has content to send. */
-		for (uint64_t p = s->table_pages; p < s->npages; p += 7)
+		for (uint64_t p = s->data_start; p < s->npages; p += 7)
 			write_page(s, p);
 	}
 	for (unsigned i = 0; i < s->nvcpus; i++) {
-		struct vcpu *v = &s->vcpu[i];
+		struct synth_vcpu *v = &s->vcpu[i];
 		v->s = s;
 		v->index = i;
 		v->rng = mix(i + 1);

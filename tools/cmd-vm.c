@@ -1,0 +1,158 @@
+/* vfiomig vm: the VM process (guest memory, devices, a guest, the migration
+ * engine) driven through its control socket. */
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "commands.h"
+#include "vfiomig/parse.h"
+#include "vmm/control.h"
+#include "vmm/main_loop.h"
+#include "vmm/vm.h"
+
+#define DEFAULT_DIRTY_RATE (8ull << 20)
+
+static void vm_usage(FILE *out)
+{
+	fprintf(out,
+		"usage: vfiomig vm --mem SIZE [--device SPEC]... [--guest synthetic|kvm|none]\n"
+		"                  [--vcpus N] [--dirty-rate RATE] [--incoming URI] --control PATH [-v]\n\n"
+		"Runs a VM: SIZE bytes of guest memory (memfd, mapped into every device for DMA),\n"
+		"its devices, a guest, and the migration engine, controlled through a QMP-style\n"
+		"socket at PATH (vfiomig ctl PATH ..., docs/control-protocol.md).\n\n"
+		"  --mem SIZE          guest memory (64M, 1G, ...)\n"
+		"  --device SPEC       vfio-user:SOCKET or vfio:/dev/vfio/devices/vfioN|BDF, with\n"
+		"                      ,id=NAME ,enable-migration=on|off|auto ,allow-pre-copy=on|off\n"
+		"                      ,pre-copy-dirty-page-tracking=on|off\n"
+		"                      ,device-dirty-page-tracking=on|off\n"
+		"                      ,migration-multifd-transfer=on|off|auto (repeatable, up to %d)\n"
+		"  --guest KIND        synthetic (default): vCPU threads writing memory and driving\n"
+		"                      'dma' devices, verifiable after migration; none: no workload\n"
+		"  --vcpus N           synthetic guest vCPU threads (default 2)\n"
+		"  --dirty-rate RATE   bytes per second the vCPUs rewrite (default 8M/s; 0 = idle)\n"
+		"  --incoming URI      wait for a migration on URI (tcp:HOST:PORT, port 0 = any;\n"
+		"                      unix:PATH; file:PATH; fd:N), then run the guest\n"
+		"  --control PATH      the control socket (mode 0600)\n"
+		"  -v                  more logging (-vv, -vvv)\n", VM_MAX_DEVICES);
+}
+
+static int usage_error(const char *fmt, ...) VFM_PRINTF(1, 2);
+
+static int usage_error(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "vfiomig vm: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "\n");
+	vm_usage(stderr);
+	return VFM_EXIT_USAGE;
+}
+
+/* "--name VALUE" or "--name=VALUE"; *i advances past what it used. */
+static const char *opt_value(int argc, char **argv, int *i, const char *name)
+{
+	size_t n = strlen(name);
+
+	if (strncmp(argv[*i], name, n))
+		return NULL;
+	if (argv[*i][n] == '=')
+		return argv[*i] + n + 1;
+	if (argv[*i][n] == '\0' && *i + 1 < argc)
+		return argv[++*i];
+	return NULL;
+}
+
+static int parse_args(int argc, char **argv, struct vm_config *cfg, const char **control)
+{
+	struct vfm_error err = { 0 };
+	uint64_t n;
+	const char *v;
+
+	cfg->dirty_rate = DEFAULT_DIRTY_RATE;
+	cfg->guest = "synthetic";
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i];
+
+		vfm_error_clear(&err);
+		if ((v = opt_value(argc, argv, &i, "--mem"))) {
+			if (vfm_parse_size(v, &cfg->mem_size, &err) || cfg->mem_size < (1u << 20) ||
+			    cfg->mem_size % 4096)
+				return usage_error("--mem: %s", err.msg[0] ? err.msg :
+						   "at least 1M, a multiple of 4K");
+		} else if ((v = opt_value(argc, argv, &i, "--device"))) {
+			if (cfg->ndevices == VM_MAX_DEVICES)
+				return usage_error("at most %d devices", VM_MAX_DEVICES);
+			cfg->devices[cfg->ndevices++] = v;
+		} else if ((v = opt_value(argc, argv, &i, "--guest"))) {
+			if (strcmp(v, "synthetic") && strcmp(v, "kvm") && strcmp(v, "none"))
+				return usage_error("--guest: '%s' is not synthetic, kvm or none", v);
+			cfg->guest = v;
+		} else if ((v = opt_value(argc, argv, &i, "--vcpus"))) {
+			if (vfm_parse_uint(v, 1, 64, &n, &err))
+				return usage_error("--vcpus: %s", err.msg);
+			cfg->vcpus = (unsigned)n;
+		} else if ((v = opt_value(argc, argv, &i, "--dirty-rate"))) {
+			if (vfm_parse_rate(v, &cfg->dirty_rate, &err))
+				return usage_error("--dirty-rate: %s", err.msg);
+		} else if ((v = opt_value(argc, argv, &i, "--incoming"))) {
+			if (!*v)
+				return usage_error("%s", "--incoming: empty URI");
+			cfg->incoming = v;
+		} else if ((v = opt_value(argc, argv, &i, "--control"))) {
+			*control = v;
+		} else {
+			return usage_error("unknown or incomplete option '%s'", a);
+		}
+	}
+	if (!cfg->mem_size)
+		return usage_error("%s", "--mem SIZE is required");
+	if (!*control || !**control)
+		return usage_error("%s", "--control PATH is required");
+	return 0;
+}
+
+int cmd_vm(int argc, char **argv)
+{
+	struct vm_config cfg = { 0 };
+	const char *control = NULL;
+	struct vfm_error err = { 0 };
+	struct control *ctl = NULL;
+	struct vm *vm = NULL;
+	json_object *data;
+	int r, sig;
+
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+			vm_usage(stdout);
+			return VFM_EXIT_OK;
+		}
+	}
+	if ((r = parse_args(argc, argv, &cfg, &control)))
+		return r;
+	/* A client or device server that goes away must not kill the VM. */
+	signal(SIGPIPE, SIG_IGN);
+	if (vm_create(&cfg, &vm, &err) || vm_run(vm, &err) ||
+	    control_open(control, vm, &ctl, &err)) {
+		fprintf(stderr, "vfiomig vm: %s\n", err.msg[0] ? err.msg : vfm_strerror(err.code));
+		vm_destroy(vm);
+		return VFM_EXIT_FAIL;
+	}
+	vm_set_event_sink(vm, control_vm_event, ctl);
+	sig = vm_main_loop(vm, ctl);
+	vm_shutdown(vm);
+	data = json_object_new_object();
+	json_object_object_add(data, "guest", json_object_new_boolean(false));
+	json_object_object_add(data, "reason", json_object_new_string(sig ? "host-signal"
+									     : "host-qmp-quit"));
+	control_event(ctl, "SHUTDOWN", data);
+	control_flush(ctl, 1000);
+	vm_set_event_sink(vm, NULL, NULL);
+	vm_destroy(vm);
+	/* Last, so that a client sees the connection close once the VM is gone. */
+	control_close(ctl);
+	return VFM_EXIT_OK;
+}
