@@ -147,8 +147,6 @@ static void self_check(struct vcpu *v, uint64_t seq)
 	v->st->check_pages = v->mine;
 	v->st->check_errors = errors;
 	v->st->check_first_bad = first;
-	barrier();
-	v->st->check_seq = seq;
 	line_start(&l, v->cpu);
 	put_str(&l, "self-check ");
 	put_u64(&l, seq);
@@ -160,6 +158,9 @@ static void self_check(struct vcpu *v, uint64_t seq)
 	put_u64(&l, v->written);
 	put_str(&l, " rewrites so far");
 	line_send(&l);
+	/* The answer last: the VMM may stop us as soon as it sees it. */
+	barrier();
+	v->st->check_seq = seq;
 }
 
 static __attribute__((noreturn)) void panic(struct vcpu *v, uint32_t code, const char *why)
