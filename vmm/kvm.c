@@ -430,11 +430,30 @@ static void kvm_destroy(struct vfm_guest *g)
 	free(k);
 }
 
+uint64_t vfm__kvm_written(struct kvm_guest *k)
+{
+	uint64_t n = 0;
+
+	for (unsigned i = 0; i < k->nvcpus; i++)
+		n += ((volatile struct kg_vcpu_stats *)&k->mb->vcpu[i])->pages_written;
+	return n;
+}
+
+static void kvm_stats(struct vfm_guest *g, struct vfm_guest_stats *st)
+{
+	struct kvm_guest *k = (struct kvm_guest *)g;
+
+	memset(st, 0, sizeof(*st));
+	if (k->mb->magic == KG_MAGIC)
+		st->page_writes = vfm__kvm_written(k) - k->written_base;
+}
+
 static const struct vfm_guest_ops kvm_ops = {
 	.kind = "kvm",
 	.start = kvm_start,
 	.stop = kvm_stop,
 	.verify = vfm__kvm_verify,
+	.stats = kvm_stats,
 	.destroy = kvm_destroy,
 	.sync_dirty = vfm_guest_kvm_sync_dirty,
 };

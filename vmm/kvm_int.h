@@ -60,6 +60,7 @@ struct kvm_guest {
 	unsigned nslots;
 	struct kvm_vcpu vcpu[VFM_KVM_MAX_VCPUS];
 	struct kvm_savable *savables;   /* vfm_guest_kvm_register entries */
+	uint64_t written_base;  /* guest rewrites that happened before this process */
 
 	pthread_mutex_t dirty_lock;     /* serializes dirty log reads */
 
@@ -83,6 +84,7 @@ int vfm__kvm_probe_state(struct kvm_guest *k, struct vfm_error *err);
 
 /* kvm.c */
 void vfm__kvm_mark(struct kvm_guest *k, const volatile void *host, uint64_t len);
+uint64_t vfm__kvm_written(struct kvm_guest *k);
 uint64_t vfm__kvm_now_ns(void);
 
 /* kvm_check.c: the host-side check of a stopped guest; the verify op. */

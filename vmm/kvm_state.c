@@ -251,13 +251,49 @@ static int need(const struct items *it, enum item_tag tag, size_t len, unsigned 
 	return 0;
 }
 
+/* Every item's shape, before anything is loaded into any vCPU. */
+static int validate(const struct kvm_guest *k, const struct items *it, unsigned idx,
+		    struct vfm_error *err)
+{
+	const struct kvm_msrs *m = (const void *)it->p[ITEM_MSRS];
+	uint32_t nmsrs;
+	int ret;
+
+	if ((ret = need(it, ITEM_REGS, sizeof(struct kvm_regs), idx, err)) ||
+	    (ret = need(it, ITEM_SREGS, sizeof(struct kvm_sregs), idx, err)))
+		return ret;
+	if (it->p[ITEM_XSAVE]) {
+		if (!k->xsave_size)
+			return vfm_error_set(err, -ENOTSUP, "vCPU %u: XSAVE state, host has none",
+					     idx);
+		if (it->len[ITEM_XSAVE] < sizeof(struct kvm_xsave))
+			return vfm_error_set(err, VFM_ESTREAM, "vCPU %u: short XSAVE item", idx);
+	} else if (!it->p[ITEM_FPU]) {
+		return vfm_error_set(err, VFM_ESTREAM, "vCPU %u state: no FPU state", idx);
+	} else if ((ret = need(it, ITEM_FPU, sizeof(struct kvm_fpu), idx, err))) {
+		return ret;
+	}
+	if ((it->p[ITEM_XCRS] && (ret = need(it, ITEM_XCRS, sizeof(struct kvm_xcrs), idx, err))) ||
+	    (it->p[ITEM_EVENTS] &&
+	     (ret = need(it, ITEM_EVENTS, sizeof(struct kvm_vcpu_events), idx, err))) ||
+	    (it->p[ITEM_DEBUGREGS] &&
+	     (ret = need(it, ITEM_DEBUGREGS, sizeof(struct kvm_debugregs), idx, err))))
+		return ret;
+	if (!m || it->len[ITEM_MSRS] < sizeof(*m))
+		return vfm_error_set(err, VFM_ESTREAM, "vCPU %u state: bad MSR item", idx);
+	memcpy(&nmsrs, &m->nmsrs, sizeof(nmsrs));
+	if (nmsrs > 16 || sizeof(*m) + nmsrs * sizeof(struct kvm_msr_entry) != it->len[ITEM_MSRS])
+		return vfm_error_set(err, VFM_ESTREAM, "vCPU %u state: bad MSR count", idx);
+	return 0;
+}
+
 static int load_one(struct kvm_guest *k, struct kvm_vcpu *v, const struct items *it,
 		    struct vfm_error *err)
 {
 	struct kvm_regs regs;
 	struct kvm_sregs sregs;
 	struct msrs_buf msrs;
-	int ret;
+	int ret = 0;
 
 #define SET(req, arg, what)                                                            \
 	do {                                                                           \
@@ -266,53 +302,32 @@ static int load_one(struct kvm_guest *k, struct kvm_vcpu *v, const struct items 
 					     strerror(errno));                         \
 	} while (0)
 
-	if ((ret = need(it, ITEM_REGS, sizeof(regs), v->idx, err)) ||
-	    (ret = need(it, ITEM_SREGS, sizeof(sregs), v->idx, err)))
-		return ret;
 	memcpy(&regs, it->p[ITEM_REGS], sizeof(regs));
 	memcpy(&sregs, it->p[ITEM_SREGS], sizeof(sregs));
-	if (!it->p[ITEM_MSRS] || it->len[ITEM_MSRS] < sizeof(msrs.hdr) ||
-	    it->len[ITEM_MSRS] > sizeof(msrs))
-		return vfm_error_set(err, VFM_ESTREAM, "vCPU %u state: bad MSR item", v->idx);
 	memset(&msrs, 0, sizeof(msrs));
 	memcpy(&msrs, it->p[ITEM_MSRS], it->len[ITEM_MSRS]);
-	if (msrs.hdr.nmsrs > 16 ||
-	    sizeof(msrs.hdr) + msrs.hdr.nmsrs * sizeof(msrs.e[0]) != it->len[ITEM_MSRS])
-		return vfm_error_set(err, VFM_ESTREAM, "vCPU %u state: bad MSR count", v->idx);
 
 	SET(KVM_SET_REGS, &regs, "KVM_SET_REGS");
 	if (it->p[ITEM_XSAVE]) {
 		/* KVM_SET_XSAVE takes the (larger) XSAVE2 buffer as well. */
 		void *x = calloc(1, k->xsave_size > it->len[ITEM_XSAVE] ? k->xsave_size
-									: it->len[ITEM_XSAVE]);
-		if (!k->xsave_size)
-			ret = vfm_error_set(err, -ENOTSUP, "vCPU %u: XSAVE state, host has none",
-					    v->idx);
-		else if (!x || it->len[ITEM_XSAVE] < sizeof(struct kvm_xsave))
-			ret = vfm_error_set(err, x ? VFM_ESTREAM : -ENOMEM, "vCPU %u: XSAVE item",
-					    v->idx);
-		else {
-			memcpy(x, it->p[ITEM_XSAVE], it->len[ITEM_XSAVE]);
-			if (ioctl(v->fd, KVM_SET_XSAVE, x) < 0)
-				ret = vfm_error_set(err, -errno, "vCPU %u: KVM_SET_XSAVE: %s",
-						    v->idx, strerror(errno));
-		}
+								: it->len[ITEM_XSAVE]);
+		if (!x)
+			return vfm_error_set(err, -ENOMEM, "out of memory");
+		memcpy(x, it->p[ITEM_XSAVE], it->len[ITEM_XSAVE]);
+		if (ioctl(v->fd, KVM_SET_XSAVE, x) < 0)
+			ret = vfm_error_set(err, -errno, "vCPU %u: KVM_SET_XSAVE: %s", v->idx,
+					    strerror(errno));
 		free(x);
 		if (ret)
 			return ret;
-	} else if (it->p[ITEM_FPU]) {
+	} else {
 		struct kvm_fpu fpu;
-		if ((ret = need(it, ITEM_FPU, sizeof(fpu), v->idx, err)))
-			return ret;
 		memcpy(&fpu, it->p[ITEM_FPU], sizeof(fpu));
 		SET(KVM_SET_FPU, &fpu, "KVM_SET_FPU");
-	} else {
-		return vfm_error_set(err, VFM_ESTREAM, "vCPU %u state: no FPU state", v->idx);
 	}
 	if (it->p[ITEM_XCRS]) {
 		struct kvm_xcrs xcrs;
-		if ((ret = need(it, ITEM_XCRS, sizeof(xcrs), v->idx, err)))
-			return ret;
 		memcpy(&xcrs, it->p[ITEM_XCRS], sizeof(xcrs));
 		SET(KVM_SET_XCRS, &xcrs, "KVM_SET_XCRS");
 	}
@@ -322,15 +337,11 @@ static int load_one(struct kvm_guest *k, struct kvm_vcpu *v, const struct items 
 				     v->idx);
 	if (it->p[ITEM_EVENTS]) {
 		struct kvm_vcpu_events ev;
-		if ((ret = need(it, ITEM_EVENTS, sizeof(ev), v->idx, err)))
-			return ret;
 		memcpy(&ev, it->p[ITEM_EVENTS], sizeof(ev));
 		SET(KVM_SET_VCPU_EVENTS, &ev, "KVM_SET_VCPU_EVENTS");
 	}
 	if (it->p[ITEM_DEBUGREGS]) {
 		struct kvm_debugregs dr;
-		if ((ret = need(it, ITEM_DEBUGREGS, sizeof(dr), v->idx, err)))
-			return ret;
 		memcpy(&dr, it->p[ITEM_DEBUGREGS], sizeof(dr));
 		SET(KVM_SET_DEBUGREGS, &dr, "KVM_SET_DEBUGREGS");
 	}
@@ -344,6 +355,7 @@ int vfm_guest_kvm_load_vcpus(struct vfm_guest *g, const void *data, size_t len,
 {
 	struct kvm_guest *k = (struct kvm_guest *)g;
 	const unsigned char *p = data, *end = p + len;
+	struct items it[VFM_KVM_MAX_VCPUS];
 	uint32_t version, n;
 	uint64_t khz;
 	int ret;
@@ -361,18 +373,20 @@ int vfm_guest_kvm_load_vcpus(struct vfm_guest *g, const void *data, size_t len,
 	if (n != k->nvcpus)
 		return vfm_error_set(err, -EINVAL, "vCPU state for %u vCPUs, this VM has %u", n,
 				     k->nvcpus);
-	for (unsigned i = 0; i < n; i++) {
-		struct items it;
-
-		if ((ret = parse_vcpu(&p, end, i, &it, err)) ||
-		    (ret = load_one(k, &k->vcpu[i], &it, err)))
+	/* All of it is checked before any vCPU changes. */
+	for (unsigned i = 0; i < n; i++)
+		if ((ret = parse_vcpu(&p, end, i, &it[i], err)) ||
+		    (ret = validate(k, &it[i], i, err)))
 			return ret;
-	}
+	for (unsigned i = 0; i < n; i++)
+		if ((ret = load_one(k, &k->vcpu[i], &it[i], err)))
+			return ret;
 	/* The TSC travelled in the MSRs; pacing needs this host's rate. */
 	if (khz != k->tsc_khz)
 		vfm_info("kvm", "TSC rate %" PRIu64 " kHz here, %" PRIu64 " kHz at the source",
 			 k->tsc_khz, khz);
 	if (k->mb->magic == KG_MAGIC) {
+		k->written_base = vfm__kvm_written(k);
 		k->mb->tsc_khz = k->tsc_khz;
 		vfm__kvm_mark(k, &k->mb->tsc_khz, sizeof(k->mb->tsc_khz));
 	}

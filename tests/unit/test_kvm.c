@@ -449,6 +449,13 @@ TEST_TIMEOUT(migrates_through_the_engine, 90)
 		FAIL("incoming: %s", err.msg);
 	CHECK(b->running);
 	wait_progress(b, at_stop, 3);
+	{
+		struct vfm_guest_stats gs;
+
+		b->ops->stats(b, &gs);   /* this process's rewrites only */
+		CHECK(gs.page_writes >= 6);
+		CHECK(gs.page_writes < written(b));
+	}
 	CHECK_EQ(vfm_guest_kvm_self_check(b, &v), 0);
 	if (!v.verified)
 		FAIL("destination self-check: %s", v.detail);
