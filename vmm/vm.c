@@ -415,13 +415,28 @@ static void *incoming_main(void *arg)
 	struct vm *vm = arg;
 	struct vfm_migration_params p;
 	struct vfm_error err = { 0 };
+	char uri[sizeof(vm->incoming_uri)];
+	bool retry;
 	int ret;
 
-	pthread_mutex_lock(&vm->lock);
-	p = vm->params;
-	pthread_mutex_unlock(&vm->lock);
-	ret = vfm_migration_incoming(vm->mig, vm->incoming_req, &p, on_incoming_ready, vm, &err);
-	pthread_mutex_lock(&vm->lock);
+	snprintf(uri, sizeof(uri), "%s", vm->incoming_req);
+	/* A socket listener takes the next attempt after a failed one (the
+	 * source rolled back and may try again); a file is read once. */
+	retry = !strncmp(uri, "tcp:", 4) || !strncmp(uri, "unix:", 5);
+	for (;;) {
+		pthread_mutex_lock(&vm->lock);
+		p = vm->params;
+		pthread_mutex_unlock(&vm->lock);
+		vfm_error_clear(&err);
+		ret = vfm_migration_incoming(vm->mig, uri, &p, on_incoming_ready, vm, &err);
+		pthread_mutex_lock(&vm->lock);
+		if (vm->incoming_ready)
+			snprintf(uri, sizeof(uri), "%s", vm->incoming_uri);   /* port 0 resolved */
+		if (!ret || !vm->incoming_ready || !retry || vm->state == VM_SHUTDOWN)
+			break;
+		pthread_mutex_unlock(&vm->lock);
+		vfm_err(LOG, "incoming migration failed: %s; waiting for another on %s", err.msg, uri);
+	}
 	vm->incoming_ended = true;
 	vm->incoming_ret = ret;
 	snprintf(vm->incoming_err, sizeof(vm->incoming_err), "%s", err.msg);

@@ -1,0 +1,143 @@
+#!/bin/sh
+# A live migration driven through `vfiomig ctl`: two dma device servers per
+# side, a source VM with the synthetic guest, an incoming destination. A slow
+# first attempt is refused a second migrate and cancelled (the source keeps
+# running, verified), then a full one completes: the destination's guest
+# verifies and every device checksum equals the source's. The control socket
+# survives garbage.
+# usage: vm_ctl.sh PATH_TO_VFIOMIG
+set -u
+bin=$1
+tmp=$(mktemp -d /tmp/vfm-vmctl-XXXXXX)
+pids=""
+fail=0
+cleanup() {
+	for p in $pids; do kill "$p" 2>/dev/null; done
+	wait 2>/dev/null
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+ok() { echo "ok: $*"; }
+bad() { echo "FAIL: $*"; fail=1; }
+bg() { "$@" >>"$tmp/log" 2>&1 & pids="$pids $!"; }
+wait_sock() {  # wait_sock PATH: up to 10 s for a socket file
+	i=0
+	while [ ! -S "$1" ]; do
+		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
+	done
+}
+ctl() { timeout 20 "$bin" ctl "$@"; }
+field() {  # field SOCKET KEY: the value after KEY in `ctl status` (first match)
+	ctl "$1" status | sed -n "s/.*$2 \([^ ,]*\).*/\1/p" | head -1
+}
+wait_status() {  # wait_status SOCKET PATTERN: until `ctl status` matches (10 s)
+	i=0
+	while ! ctl "$1" status 2>/dev/null | grep -q "$2"; do
+		i=$((i + 1)); [ $i -gt 100 ] && return 1; sleep 0.1
+	done
+}
+
+for d in d0 d1 e0 e1; do
+	churn=0; case $d in *0) churn=2M/s ;; esac
+	bg timeout 60 "$bin" device dma --socket "$tmp/$d" --state-size 4M --churn $churn
+done
+for d in d0 d1 e0 e1; do wait_sock "$tmp/$d" || bad "device $d did not start"; done
+bg timeout 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/d0" --device "vfio-user:$tmp/d1" \
+	--dirty-rate 16M/s --control "$tmp/src"
+bg timeout 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/e0" --device "vfio-user:$tmp/e1" \
+	--incoming "unix:$tmp/mig" --control "$tmp/dst"
+wait_sock "$tmp/src" && wait_sock "$tmp/dst" || { bad "VMs did not start"; cat "$tmp/log"; exit 1; }
+
+ctl "$tmp/dst" status | grep -q "vm: inmigrate (incoming unix:$tmp/mig)" && ok "destination inmigrate" \
+	|| bad "destination not inmigrate"
+# The guest drives both devices' rings (bounded wait, no timing asserted).
+i=0
+while [ "$(ctl "$tmp/src" status --json | sed -n 's/.*"dma_ops":\([0-9]*\).*/\1/p')" = 0 ]; do
+	i=$((i + 1)); [ $i -gt 100 ] && break; sleep 0.1
+done
+[ $i -le 100 ] && ok "guest DMA through the devices" || bad "no guest DMA"
+
+# A slow migration: a second migrate is refused, cancel rolls back.
+ctl "$tmp/src" set max-bandwidth=512K/s downtime-limit=50 || bad "set"
+ctl "$tmp/src" migrate "unix:$tmp/mig" && ok "migrate started" || bad "migrate did not start"
+out=$(ctl "$tmp/src" migrate "unix:$tmp/mig" 2>&1); rc=$?
+[ $rc = 1 ] && echo "$out" | grep -q "already in progress" && ok "second migrate refused" \
+	|| bad "second migrate: rc $rc: $out"
+ctl "$tmp/src" cancel && ok "cancel accepted" || bad "cancel"
+wait_status "$tmp/src" "migration: cancelled" && ok "migration cancelled" || bad "not cancelled"
+ctl "$tmp/src" status | grep -q "^vm: running" && ok "source still running" || bad "source not running"
+ctl "$tmp/src" verify && ok "source verified after cancel" || bad "source verification after cancel"
+ctl "$tmp/src" cont && ok "cont after cancel" || bad "cont after cancel"
+
+# The destination takes the next attempt; this one runs to the end.
+wait_status "$tmp/dst" "migration: failed" || bad "destination did not see the attempt fail"
+ctl "$tmp/src" set max-bandwidth=0 downtime-limit=300 || bad "set back"
+i=0
+until out=$(ctl "$tmp/src" migrate "unix:$tmp/mig" --wait 2>&1); do
+	# The destination re-listens right after its failure; a connect may beat it.
+	i=$((i + 1))
+	echo "$out" | grep -qi "connect" && [ $i -lt 10 ] || { bad "migrate --wait: $out"; break; }
+	sleep 0.3
+done
+echo "$out" | grep -q "migration: completed" && ok "migration completed" || bad "not completed: $out"
+src_status=$(ctl "$tmp/src" status)
+dst_status=$(ctl "$tmp/dst" status)
+echo "$src_status" | grep -q "^vm: postmigrate" && ok "source postmigrate" || bad "source: $src_status"
+echo "$dst_status" | grep -q "^vm: running" && ok "destination running" || bad "destination: $dst_status"
+echo "$dst_status" | grep -q "guest: synthetic, verified yes" && ok "destination guest verified" \
+	|| bad "destination guest: $dst_status"
+src_sums=$(echo "$src_status" | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p' | tr '\n' ' ')
+dst_sums=$(echo "$dst_status" | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p' | tr '\n' ' ')
+[ -n "$src_sums" ] && [ "$src_sums" = "$dst_sums" ] && ok "device checksums equal: $src_sums" \
+	|| bad "checksums: source '$src_sums' destination '$dst_sums'"
+[ "$(echo "$src_sums" | wc -w)" = 2 ] || bad "expected 2 device checksums: '$src_sums'"
+ctl "$tmp/dst" status --json | grep -q '"verified":true' && ok "status --json verified" \
+	|| bad "status --json"
+out=$(ctl "$tmp/src" cont 2>&1); rc=$?
+[ $rc = 1 ] && echo "$out" | grep -q postmigrate && ok "cont refused after migrating" \
+	|| bad "cont on postmigrate: rc $rc: $out"
+sleep 0.5
+ctl "$tmp/dst" verify && ok "destination verified while running on" || bad "destination verify"
+
+# Garbage on the control socket gets error replies; the socket survives.
+if timeout 10 python3 - "$tmp/dst" <<'EOF'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rwb", buffering=0)
+def rd():
+    while True:
+        m = json.loads(f.readline())
+        if "event" not in m:
+            return m
+assert "QMP" in rd()
+s.sendall(b'{"execute": "query-status"}\n')
+assert rd()["error"]["desc"].startswith("Expecting capabilities"), "before negotiation"
+s.sendall(b"this is not json\n")
+assert rd()["error"]["class"] == "GenericError", "garbage"
+s.sendall(b'{"execute": "qmp_capabilities"}\n')
+assert rd() == {"return": {}}
+s.sendall(b"[1, 2]\n")
+assert "error" in rd(), "not an object"
+s.sendall(b"x" * 70000 + b"\n")
+assert "64 KiB" in rd()["error"]["desc"], "overlong line"
+s.sendall(b'{"execute": "no-such", "id": 7}\n')
+r = rd()
+assert r["error"]["class"] == "CommandNotFound" and r["id"] == 7, r
+s.sendall(b'{"execute": "stop", "arguments": {"bogus": 1}}\n')
+assert "unexpected" in rd()["error"]["desc"]
+s.sendall(b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": "x"}}\n')
+assert "error" in rd()
+s.sendall(b'{"execute": "query-status", "id": "q"}\n')
+r = rd()
+assert r["return"]["status"] == "running" and r["id"] == "q", r
+EOF
+then ok "garbage answered with errors"; else bad "garbage handling"; fi
+ctl "$tmp/dst" status >/dev/null && ok "control socket survives" || bad "control socket gone"
+
+ctl "$tmp/src" quit && ok "source quit" || bad "source quit"
+ctl "$tmp/dst" quit && ok "destination quit" || bad "destination quit"
+[ ! -e "$tmp/src" ] && [ ! -e "$tmp/dst" ] && ok "control sockets removed" || bad "sockets left"
+[ $fail = 0 ] || { echo "--- log"; tail -40 "$tmp/log"; }
+exit $fail
