@@ -17,6 +17,10 @@ int cmd_demo(int argc, char **argv);
 int cmd_device(int argc, char **argv);
 int cmd_vm(int argc, char **argv);
 int cmd_ctl(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_check(int argc, char **argv);
+int cmd_save(int argc, char **argv);
+int cmd_load(int argc, char **argv);
 
 /*
  * Removes -v/-vv/-vvv/--verbose from argv[1..] (argv[0] is kept), raising the

@@ -10,6 +10,10 @@ static const struct vfm_command commands[] = {
 	{ "device", "run a sample vfio-user device server (dma)", cmd_device },
 	{ "vm", "run a VM process with devices, a guest and a control socket", cmd_vm },
 	{ "ctl", "control a running VM: migrate, status, cancel, set, stop, cont, quit", cmd_ctl },
+	{ "info", "show a device's regions, IRQs and migration support", cmd_info },
+	{ "check", "conformance test of a device's migration uAPI", cmd_check },
+	{ "save", "checkpoint a device's state to a file", cmd_save },
+	{ "load", "restore a device's state from a file", cmd_load },
 };
 
 static void usage(FILE *out)

@@ -1,0 +1,75 @@
+#!/bin/sh
+# The device tools on the vfio: backend, run by the test build of vfiomig
+# whose kernel is the in-process fake (VFM_FAKE_KVFIO configures it): info,
+# check on several driver flavours, save -> load, refused files.
+# usage: devtools_kvfio.sh PATH_TO_VFIOMIG_FAKEKVFIO
+set -u
+bin=$1
+dev=vfio:/dev/vfio/devices/vfio0
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/vfiomig-devtools-kvfio.XXXXXX") || exit 1
+pid=""
+trap '[ -n "$pid" ] && kill $pid 2>/dev/null; rm -rf "$tmp"' EXIT
+fail=0
+die() { echo "FAIL: $*"; fail=1; }
+
+# expect STATUS FAKE_CONFIG ARGS...
+expect() {
+	want=$1; cfg=$2; shift 2
+	VFM_FAKE_KVFIO=$cfg "$bin" "$@" >"$tmp/out" 2>"$tmp/err"; got=$?
+	if [ "$got" != "$want" ]; then
+		die "[$cfg] vfiomig $* exited $got, want $want"
+		grep -v '^pass' "$tmp/out" | tail -8 | sed 's/^/  out: /'
+		tail -5 "$tmp/err" | sed 's/^/  err: /'
+		return 1
+	fi
+	echo "ok: [$cfg] vfiomig $* -> $got"
+}
+
+expect 0 seed=1 info "$dev"
+grep -q 'IOMMU: iommufd+dirty-hwpt, dirty tracking yes' "$tmp/out" || die "info: iommu line"
+grep -q 'identity: PCI 1af4:1041' "$tmp/out" || die "info: identity"
+expect 0 hw_dirty=0 info --json "$dev"
+python3 - "$tmp/out" <<'EOF' || die "info --json"
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["backend"] == "vfio" and j["iommu"] == {"kind": "iommufd", "dirty_tracking": False}, j
+assert j["migration"]["flags"] == ["STOP_COPY", "P2P", "PRE_COPY"]
+assert [i["name"] for i in j["irqs"]] == ["INTX", "MSI", "ERR", "REQ"], j["irqs"]
+EOF
+expect 0 flags=0 info "$dev"
+grep -q '^migration: not supported' "$tmp/out" || die "info: no migration"
+
+# check on driver flavours: mlx5-like, hisi_acc (no P2P), pds (no pre-copy),
+# mtty (0 at the end of pre-copy data), non-blocking data fds, no logging.
+for cfg in seed=1 info_produces=1 flags=5 flags=3 flags=1 zero_end=1 nonblocking=1,chunk=3000 \
+	   logging=0 no_data_size=1; do
+	expect 0 "$cfg" check "$dev"
+	grep -q ' 0 failed' "$tmp/out" || die "[$cfg] check summary"
+done
+expect 1 flags=0 check "$dev"
+expect 1 flags=0 save "$dev" "$tmp/x.state"
+
+# save on one fake, load on another with different contents (the fake checks
+# the stream's own checksum of the state at RESUMING -> STOP).
+expect 0 seed=1 save "$dev" "$tmp/one.state"
+expect 0 seed=2 load "$dev" "$tmp/one.state"
+expect 0 seed=2,nonblocking=1 load "$dev" "$tmp/one.state"
+# Another kind of device: refused from the header, before RESUMING.
+expect 1 seed=2,vendor=0x15b3 load "$dev" "$tmp/one.state"
+grep -q 'holds the state of a PCI 1af4:1041' "$tmp/err" || die "foreign device message"
+# Same kind, other state size: the driver itself refuses at RESUMING -> STOP.
+expect 1 seed=2,state=128K load "$dev" "$tmp/one.state"
+grep -q 'rejected the state' "$tmp/err" || die "driver refusal message"
+# A PCI address needs sysfs: the message says what is missing.
+expect 1 seed=1 info vfio:0000:01:00.0
+grep -q 'no PCI device 0000:01:00.0' "$tmp/err" || die "bdf message"
+
+# Across backends: a state from this fake device into a dma server is refused.
+"$bin" device dma --socket "$tmp/d.sock" --state-size 4M >"$tmp/d.log" 2>&1 &
+pid=$!
+i=0
+while [ ! -S "$tmp/d.sock" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+expect 1 seed=1 load "vfio-user:$tmp/d.sock" "$tmp/one.state"
+grep -q 'holds the state of a PCI 1af4:1041.* is a PCI 1b36:11f0' "$tmp/err" ||
+	die "cross-backend message"
+exit $fail
