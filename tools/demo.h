@@ -82,6 +82,12 @@ bool demo_result_compare(json_object *res, json_object *src_status,
 json_object *demo_result_new(const char *guest_kind, const char *uri,
 			     uint64_t downtime_limit_ms);
 
+/*
+ * Overrides downtime_ms with a figure measured elsewhere; downtime_from
+ * ("source" by default) says who measured it.
+ */
+void demo_result_set_downtime(json_object *res, double ms, const char *measured_by);
+
 /* Appends {"t_ms": t, "phase": phase, "detail": detail} to res's timeline. */
 void demo_result_event(json_object *res, double t_ms, const char *phase, const char *detail);
 

@@ -20,6 +20,6 @@ expect 0 --version
 expect 2 no-such-command
 expect 0 demo --help
 expect 0 -v demo --help
-expect 1 demo
+expect 0 demo --mem 64M --device-state 4M
 "$bin" no-such-command 2>&1 | grep -q "unknown command 'no-such-command'" || { echo "FAIL: no message"; fail=1; }
 exit $fail

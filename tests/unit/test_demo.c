@@ -211,7 +211,7 @@ TEST(report_of_a_verified_run)
 	CHECK(strstr(text, "12.5 ms measured, 10.2 ms expected, limit 300 ms"));
 	CHECK(strstr(text, "6 pre-copy iterations"));
 	CHECK(strstr(text, "1200 ms  completed"));
-	CHECK(strstr(text, "start      2 dma devices"));
+	CHECK(strstr(text, "start              2 dma devices"));
 	CHECK(strstr(text, "64 pages checked"));
 	free(text);
 	json_object_put(res);
