@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "commands.h"
@@ -37,6 +38,7 @@ struct demo {
 	char dir[128];
 	struct demo_child devs[2 * DEMO_MAX_DEVICES];   /* sources, then destinations */
 	struct demo_child vms[2];                        /* source, destination */
+	bool devs_alive[2 * DEMO_MAX_DEVICES], vms_alive[2];  /* when cleanup began */
 	struct ctl_client *ctl[2];
 	char uri[256];          /* the migration URI, port resolved */
 	bool file_mode;         /* file:: save a stopped VM, then load it */
@@ -669,6 +671,25 @@ static void report_failure(struct demo *d)
 	}
 }
 
+/*
+ * A child that was running when the demo stopped it should end on the
+ * SIGTERM (or exit 0): anything else (a crash on the way out, a sanitizer
+ * report, a hang until SIGKILL) is worth a warning even after a verified run.
+ */
+static void warn_unclean_stop(struct demo_child *c, bool was_running)
+{
+	char how[96], tail[1024];
+
+	if (!was_running || (WIFSIGNALED(c->status) && WTERMSIG(c->status) == SIGTERM) ||
+	    (WIFEXITED(c->status) && WEXITSTATUS(c->status) == 0))
+		return;
+	demo_tail(c->log_path, 4, tail, sizeof(tail));
+	fprintf(stderr, "vfiomig demo: warning: %s %s when stopped%s%s\n", c->name,
+		WIFSIGNALED(c->status) && WTERMSIG(c->status) == SIGKILL ?
+		"did not end on SIGTERM and was killed" : demo_child_describe(c, how, sizeof(how)),
+		tail[0] ? ":\n" : "", tail);
+}
+
 static void cleanup(struct demo *d)
 {
 	for (int s = 0; s < 2; s++) {
@@ -677,9 +698,17 @@ static void cleanup(struct demo *d)
 			d->ctl[s] = NULL;
 		}
 	}
+	for (size_t i = 0; i < 2; i++)
+		d->vms_alive[i] = !demo_child_exited(&d->vms[i]);
+	for (size_t i = 0; i < 2 * d->o.devices; i++)
+		d->devs_alive[i] = !demo_child_exited(&d->devs[i]);
 	/* VMs first, so that devices see their client leave rather than die. */
 	demo_children_stop(d->vms, 2, DEMO_STOP_GRACE_MS);
 	demo_children_stop(d->devs, 2 * d->o.devices, DEMO_STOP_GRACE_MS);
+	for (size_t i = 0; i < 2; i++)
+		warn_unclean_stop(&d->vms[i], d->vms_alive[i]);
+	for (size_t i = 0; i < 2 * d->o.devices; i++)
+		warn_unclean_stop(&d->devs[i], d->devs_alive[i]);
 	demo_tmpdir_remove(d->dir);
 	d->dir[0] = '\0';
 }
