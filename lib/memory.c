@@ -10,6 +10,7 @@
 
 #include "util/bitmap.h"
 #include "util/logging.h"
+#include "memory_access.h"
 #include "vfiomig/memory.h"
 
 struct vfm_guest_mem {
@@ -250,3 +251,57 @@ int vfm_guest_mem_prealloc(struct vfm_guest_mem *mem, struct vfm_error *err)
 	}
 	return 0;
 }
+
+/* ---- Racy guest memory access (memory_access.h) ---- */
+
+#ifdef __SANITIZE_THREAD__
+/* Relaxed atomics keep the compiler from turning the loops into memcpy calls,
+ * which TSan intercepts (and would check) even here. */
+#define GUEST_NOSAN __attribute__((no_sanitize("thread"), noinline))
+
+GUEST_NOSAN static void copy_bytes(unsigned char *d, const unsigned char *s, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		__atomic_store_n(&d[i], __atomic_load_n(&s[i], __ATOMIC_RELAXED), __ATOMIC_RELAXED);
+}
+
+void vfm__guest_read(void *dst, const void *src, size_t len)
+{
+	copy_bytes(dst, src, len);
+}
+
+void vfm__guest_write(void *dst, const void *src, size_t len)
+{
+	copy_bytes(dst, src, len);
+}
+
+GUEST_NOSAN bool vfm__guest_is_zero(const void *p, size_t len)
+{
+	const uint64_t *w = p;
+
+	for (size_t i = 0; i < len / 8; i++)
+		if (__atomic_load_n(&w[i], __ATOMIC_RELAXED))
+			return false;
+	return true;
+}
+#else
+void vfm__guest_read(void *dst, const void *src, size_t len)
+{
+	memcpy(dst, src, len);
+}
+
+void vfm__guest_write(void *dst, const void *src, size_t len)
+{
+	memcpy(dst, src, len);
+}
+
+bool vfm__guest_is_zero(const void *p, size_t len)
+{
+	const uint64_t *w = p;
+
+	for (size_t i = 0; i < len / 8; i += 4)
+		if (w[i] | w[i + 1] | w[i + 2] | w[i + 3])
+			return false;
+	return true;
+}
+#endif

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "memory_access.h"
 #include "migration/engine.h"
 #include "util/bitmap.h"
 #include "util/logging.h"
@@ -41,14 +42,10 @@ struct vfm_ram {
 int vfm__register_ram(struct vfm_migration *m, const struct vfm_savable_ops *ops, void *opaque,
 		      struct vfm_error *err);
 
+/* The guest may be writing the page: see memory_access.h. */
 static bool page_is_zero(const void *p, uint64_t size)
 {
-	const uint64_t *w = p;
-
-	for (uint64_t i = 0; i < size / 8; i += 4)
-		if (w[i] | w[i + 1] | w[i + 2] | w[i + 3])
-			return false;
-	return true;
+	return vfm__guest_is_zero(p, (size_t)size);
 }
 
 void vfm__ram_sync(struct vfm_ram *ram)
@@ -141,7 +138,7 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
 		/* A page the guest writes after this copy is dirty again, and resent.
 		 * Once the guest is stopped nothing writes: send from guest memory. */
 		if (!ram->guest_stopped)
-			memcpy(ram->bounce, host, count * ram->page_size);
+			vfm__guest_read(ram->bounce, host, count * ram->page_size);
 		struct iovec iov[2] = {
 			{ .iov_base = hdr, .iov_len = sizeof(hdr) },
 			{ .iov_base = ram->guest_stopped ? (void *)host : ram->bounce,

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "memory_access.h"
 #include "util/bitmap.h"
 #include "util/logging.h"
 #include "vfio-user/client.h"
@@ -94,7 +95,24 @@ static int serve_dma_read(struct vfu_client *c, const struct vfu_msg *m, struct 
 	vfu_hdr_reply(&h, &m->hdr);
 	iov[0] = (struct iovec){ &rw, sizeof(rw) };
 	iov[1] = (struct iovec){ (char *)mp->vaddr + (rw.addr - mp->iova), (size_t)rw.count };
+#ifdef __SANITIZE_THREAD__
+	{
+		/* sendmsg reads guest memory inside TSan's interceptor: copy it out
+		 * first through the uninstrumented reader (memory_access.h). */
+		void *copy = malloc(rw.count ? rw.count : 1);
+		int r2;
+
+		if (!copy)
+			return reply_error(c, m, -ENOMEM, NULL, err);
+		vfm__guest_read(copy, iov[1].iov_base, (size_t)rw.count);
+		iov[1].iov_base = copy;
+		r2 = vfu_cli_send(c, &h, iov, 2, NULL, 0, err);
+		free(copy);
+		return r2;
+	}
+#else
 	return vfu_cli_send(c, &h, iov, 2, NULL, 0, err);
+#endif
 }
 
 static int serve_dma_write(struct vfu_client *c, const struct vfu_msg *m, struct vfm_error *err)
@@ -122,7 +140,9 @@ static int serve_dma_write(struct vfu_client *c, const struct vfu_msg *m, struct
 		uint64_t off = rw.addr - mp->iova;
 		uint64_t first = off / PAGE, last = (off + rw.count - 1) / PAGE;
 
-		memcpy((char *)mp->vaddr + off, (const char *)m->payload + sizeof(rw), rw.count);
+		/* Guest memory the guest may be writing too: see memory_access.h. */
+		vfm__guest_write((char *)mp->vaddr + off, (const char *)m->payload + sizeof(rw),
+				 rw.count);
 		/* After the bytes: a collector that sees the bit sees the data. */
 		vfm_bitmap_set_range_atomic(mp->dirty, first, last - first + 1);
 		if (c->dma_dirty)

@@ -1,6 +1,7 @@
 /* Guest memory on memfd and its dirty bitmaps: marking, merging device
  * reports, collecting, and no lost page under concurrent writers. */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
 
 #include "harness.h"
@@ -130,17 +131,18 @@ struct writer {
 	struct vfm_guest_mem *mem;
 	unsigned seed;
 	uint64_t *written;  /* pages this writer touched (plain bitmap, private) */
-	volatile int *stop;
+	atomic_int *stop;   /* shared with the test thread */
 };
 
 static void *writer_main(void *arg)
 {
 	struct writer *w = arg;
 
-	while (!*w->stop) {
+	while (!atomic_load(w->stop)) {
 		uint64_t page = rand_r(&w->seed) % 64;
 		uint64_t *p = vfm_guest_mem_ptr(w->mem, page * PG, 8);
-		(*p)++;
+		/* Both writers may hit one page: guest memory is shared, as vCPUs' is. */
+		__atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
 		vfm_dirty_mark(w->mem, page * PG, 8);
 		w->written[page / 64] |= 1ull << (page % 64);
 	}
@@ -152,7 +154,7 @@ static void *writer_main(void *arg)
 TEST(concurrent_no_lost_page)
 {
 	struct vfm_guest_mem *mem;
-	volatile int stop = 0;
+	atomic_int stop = 0;
 	uint64_t w1[1] = { 0 }, w2[1] = { 0 }, seen[1] = { 0 };
 	struct writer a = { .seed = 1, .written = w1, .stop = &stop };
 	struct writer b = { .seed = 2, .written = w2, .stop = &stop };
@@ -166,7 +168,7 @@ TEST(concurrent_no_lost_page)
 	pthread_create(&tb, NULL, writer_main, &b);
 	for (int i = 0; i < 2000; i++)
 		vfm_dirty_collect(mem, 0, seen);
-	stop = 1;
+	atomic_store(&stop, 1);
 	pthread_join(ta, NULL);
 	pthread_join(tb, NULL);
 	vfm_dirty_collect(mem, 0, seen);

@@ -6,6 +6,7 @@
  * memory and device state must equal the source's frozen ones.
  */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <sys/stat.h>
 
 #include "harness.h"
@@ -20,8 +21,8 @@ struct guest {
 	struct vfm_guest_mem *mem;
 	struct testdev *dma_dev;  /* device whose "DMA" writes pages 0..63 */
 	pthread_t thread;
-	volatile int running;     /* writer loop runs while 1 */
-	volatile int started;
+	atomic_int running;       /* writer loop runs while 1 */
+	int started;              /* vm ops and the test thread, never at once */
 	unsigned seed;
 	uint64_t writes;
 };
@@ -31,7 +32,7 @@ static void *guest_main(void *arg)
 	struct guest *g = arg;
 	uint64_t npages = MEM_SIZE / PG;
 
-	while (g->running) {
+	while (atomic_load(&g->running)) {
 		uint64_t page = rand_r(&g->seed) % npages;
 		uint64_t *p = vfm_guest_mem_ptr(g->mem, page * PG, PG);
 		unsigned r = (unsigned)rand_r(&g->seed);
@@ -61,7 +62,7 @@ static int guest_stop(void *opaque)
 	struct guest *g = opaque;
 
 	if (g->started) {
-		g->running = 0;
+		atomic_store(&g->running, 0);
 		pthread_join(g->thread, NULL);
 		g->started = 0;
 	}
@@ -73,7 +74,7 @@ static int guest_start(void *opaque)
 	struct guest *g = opaque;
 
 	if (!g->started && g->seed) {
-		g->running = 1;
+		atomic_store(&g->running, 1);
 		g->started = 1;
 		CHECK_EQ(pthread_create(&g->thread, NULL, guest_main, g), 0);
 	}

@@ -4,6 +4,7 @@
 #include <malloc.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -676,7 +677,7 @@ static void on_usr1(int sig)
 struct pester {
 	pthread_t target;
 	int fd;
-	volatile int stop;
+	atomic_int stop;      /* set by the test thread, read by the pester */
 };
 
 /* Signals the reader every 5 ms; writes one record after 300 ms. */
@@ -694,7 +695,7 @@ static void *pester_thread(void *arg)
 	vfm_stream_put_record(w, VFM_REC_GO, 0, 0, NULL, 0);
 	vfm_stream_flush(w);
 	check_ok(w);
-	while (!ps->stop) {
+	while (!atomic_load(&ps->stop)) {
 		pthread_kill(ps->target, SIGUSR1);
 		nanosleep(&(struct timespec){ 0, 5000000 }, NULL);
 	}
@@ -719,14 +720,14 @@ TEST(eintr_is_retried)
 	ps = (struct pester){ .target = pthread_self(), .fd = sv[1] };
 	for (int timeout = -1; timeout <= 2000; timeout += 2001) {
 		r = open_stream(sv[0], timeout);
-		ps.stop = 0;
+		atomic_store(&ps.stop, 0);
 		CHECK(pthread_create(&t, NULL, pester_thread, &ps) == 0);
 		if (vfm_stream_read_header(r, &err))
 			FAIL("timeout %d: %s", timeout, err.msg);
 		if (vfm_stream_get_record(r, &h, &p, 0, &err))
 			FAIL("timeout %d: %s", timeout, err.msg);
 		CHECK_EQ(h.type, VFM_REC_GO);
-		ps.stop = 1;
+		atomic_store(&ps.stop, 1);
 		CHECK(pthread_join(t, NULL) == 0);
 		vfm_stream_free(r);
 	}
