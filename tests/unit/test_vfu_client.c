@@ -1340,13 +1340,22 @@ TEST_TIMEOUT(e2e_dma_device_migrates, 120)
 	stream = malloc(scap);
 	CHECK(stream != NULL);
 	if (vfm_device_mig_flags(src) & VFM_MIG_PRE_COPY) {
+		uint64_t init, dirty, scs;
+
 		set_state(src, VFM_STATE_PRE_COPY);
+		/* Exact sizes through the server's DEVICE_FEATURE extensions. */
+		CHECK_EQ(vfm_device_precopy_info(src, &init, &dirty, &err), 0);
+		CHECK(init >= (1 << 20));
+		CHECK_EQ(vfm_device_stop_copy_size(src, &scs, &err), 0);
+		CHECK(scs >= init);
 		while ((n = rd(src, buf, sizeof(buf))) > 0) {
 			CHECK(slen + (size_t)n <= scap);
 			memcpy(stream + slen, buf, (size_t)n);
 			slen += (size_t)n;
 		}
 		CHECK_EQ(n, -ENOMSG);
+		CHECK_EQ(vfm_device_precopy_info(src, &init, &dirty, &err), 0);
+		CHECK_EQ(init, 0);
 	}
 	set_state(src, VFM_STATE_STOP_COPY);
 	while ((n = rd(src, buf, sizeof(buf))) > 0) {
