@@ -42,6 +42,7 @@ struct demo {
 	struct ctl_client *ctl[2];
 	char uri[256];          /* the migration URI, port resolved */
 	bool file_mode;         /* file:: save a stopped VM, then load it */
+	bool migrating;         /* migrate was sent: the report has figures */
 	bool progress_tty, progress_log;
 	double t0;
 	double t_stop, t_resumed;   /* file:: the demo measures the downtime */
@@ -135,8 +136,11 @@ static int parse_opts(int argc, char **argv, struct demo_opts *o)
 				return usage_error("--guest: '%s': expected synthetic or kvm", v);
 			o->guest = v;
 		} else if ((v = opt_value(argc, argv, &i, "--mem"))) {
-			if (vfm_parse_size(v, &o->mem, &err) || !o->mem)
-				return usage_error("--mem: %s", err.msg[0] ? err.msg : "must not be 0");
+			if (vfm_parse_size(v, &o->mem, &err))
+				return usage_error("--mem: %s", err.msg);
+			/* What the VM accepts: refusing here makes it a usage error. */
+			if (o->mem < (1u << 20) || o->mem % 4096)
+				return usage_error("--mem: at least 1M, a multiple of 4K");
 		} else if ((v = opt_value(argc, argv, &i, "--devices"))) {
 			if (vfm_parse_uint(v, 1, DEMO_MAX_DEVICES, &x, &err))
 				return usage_error("--devices: %s", err.msg);
@@ -243,14 +247,21 @@ static int choose_uri(struct demo *d)
 
 /* ---- child processes ---- */
 
-/* A failure caused by child c: its last line of output usually says why. */
+/*
+ * A failure caused by child c: its output says why, in its last line that
+ * starts with "vfiomig " (a usage error is followed by the usage text), or
+ * else in its last line.
+ */
 static int fail_child(struct demo *d, struct demo_child *c, const char *msg)
 {
-	char tail[512];
+	char tail[4096], *line, *save = NULL, *why = NULL;
 
-	demo_tail(c->log_path, 1, tail, sizeof(tail));
-	if (tail[0])
-		return demo_fail(d, "%s: %s", msg, tail);
+	demo_tail(c->log_path, 40, tail, sizeof(tail));
+	for (line = strtok_r(tail, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+		if (!why || !strncmp(line, "vfiomig ", 8) || strncmp(why, "vfiomig ", 8))
+			why = line;
+	if (why)
+		return demo_fail(d, "%s: %s", msg, why);
 	return demo_fail(d, "%s", msg);
 }
 
@@ -559,6 +570,7 @@ static int migrate(struct demo *d)
 	}
 	json_object_object_add(args, "uri", json_object_new_string(d->uri));
 	event(d, "migrate", "to %s", d->uri);
+	d->migrating = true;
 	r = vm_exec(d, SRC, "migrate", args, NULL);
 	if (r)
 		return -1;
@@ -751,7 +763,7 @@ int cmd_demo(int argc, char **argv)
 	if (d.o.json)
 		printf("%s\n", json_object_to_json_string_ext(d.res, JSON_C_TO_STRING_PRETTY |
 							       JSON_C_TO_STRING_NOSLASHESCAPE));
-	else
+	else if (ok || d.migrating)  /* before that, the message on stderr is all there is */
 		demo_report_human(d.res, stdout);
 	json_object_put(d.res);
 	return ok ? VFM_EXIT_OK : VFM_EXIT_FAIL;

@@ -124,7 +124,7 @@ file)
 	;;
 bad-input)
 	for args in "--mem lots" "--mem 0" "--device-state 4097" "--devices 0" "--devices 17" \
-		"--dirty-rate fast" "--downtime-limit soon" "--channels -1" "--bogus" "--mem" \
+		"--mem 12K" "--dirty-rate fast" "--downtime-limit soon" "--channels -1" "--bogus" "--mem" \
 		"--guest windows" "--save-latency x"; do
 		# shellcheck disable=SC2086
 		run 2 $args && { grep -q "vfiomig demo: " "$tmp/err" || die "$args: no message"; }
