@@ -217,8 +217,9 @@ int vm__build_migration(struct vm *vm, struct vfm_migration **out, struct vfm_er
 		vd->in_migration = false;
 		vd->blocker[0] = '\0';
 		if (vd->props.enable_migration == VFM_OFF) {
-			snprintf(vd->blocker, sizeof(vd->blocker), "%s: enable-migration=off: this VM "
-				 "cannot migrate", vd->id);
+			vfm_error_set(&e, -EPERM, "%s: enable-migration=off: this VM cannot migrate",
+				      vd->id);
+			memcpy(vd->blocker, e.msg, sizeof(vd->blocker));
 			continue;
 		}
 		ret = vfm_migration_add_device(m, vd->dev, &vd->props, &e);
@@ -228,7 +229,7 @@ int vm__build_migration(struct vm *vm, struct vfm_migration **out, struct vfm_er
 		}
 		if (ret) {
 			/* auto: the VM runs, but cannot migrate (QEMU's migration blocker). */
-			snprintf(vd->blocker, sizeof(vd->blocker), "%s", e.msg);
+			memcpy(vd->blocker, e.msg, sizeof(vd->blocker));
 			vfm_warn(vd->id, "%s: this VM cannot migrate", e.msg);
 			continue;
 		}

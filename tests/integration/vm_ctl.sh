@@ -20,7 +20,11 @@ trap cleanup EXIT
 trap 'exit 1' INT TERM
 ok() { echo "ok: $*"; }
 bad() { echo "FAIL: $*"; fail=1; }
-bg() { "$@" >>"$tmp/log" 2>&1 & pids="$pids $!"; }
+bg() { "$@" >>"$tmp/log" 2>&1 & last=$!; pids="$pids $last"; }
+exited_ok() {  # exited_ok PID NAME: the process ended (after quit) with status 0
+	wait "$1"; st=$?
+	[ $st = 0 ] && ok "$2 exited 0" || bad "$2 exited $st"
+}
 wait_sock() {  # wait_sock PATH: up to 10 s for a socket file
 	i=0
 	while [ ! -S "$1" ]; do
@@ -45,8 +49,10 @@ done
 for d in d0 d1 e0 e1; do wait_sock "$tmp/$d" || bad "device $d did not start"; done
 bg timeout 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/d0" --device "vfio-user:$tmp/d1" \
 	--dirty-rate 16M/s --control "$tmp/src"
+src_pid=$last
 bg timeout 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/e0" --device "vfio-user:$tmp/e1" \
 	--incoming "unix:$tmp/mig" --control "$tmp/dst"
+dst_pid=$last
 wait_sock "$tmp/src" && wait_sock "$tmp/dst" || { bad "VMs did not start"; cat "$tmp/log"; exit 1; }
 
 ctl "$tmp/dst" status | grep -q "vm: inmigrate (incoming unix:$tmp/mig)" && ok "destination inmigrate" \
@@ -138,6 +144,9 @@ ctl "$tmp/dst" status >/dev/null && ok "control socket survives" || bad "control
 
 ctl "$tmp/src" quit && ok "source quit" || bad "source quit"
 ctl "$tmp/dst" quit && ok "destination quit" || bad "destination quit"
+exited_ok $src_pid "source VM"
+exited_ok $dst_pid "destination VM"
+grep -q "Sanitizer\|runtime error" "$tmp/log" && bad "sanitizer reports in the log"
 [ ! -e "$tmp/src" ] && [ ! -e "$tmp/dst" ] && ok "control sockets removed" || bad "sockets left"
 [ $fail = 0 ] || { echo "--- log"; tail -40 "$tmp/log"; }
 exit $fail

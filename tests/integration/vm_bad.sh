@@ -1,0 +1,119 @@
+#!/bin/sh
+# `vfiomig vm` and `vfiomig ctl` on bad input (exit 2 for usage, 1 with a
+# clear message for failures), a device that refuses migration, a migration
+# to nowhere that leaves the source running, and `--guest none` with a device
+# the VM does not drive, migrated and checked on both sides.
+# usage: vm_bad.sh PATH_TO_VFIOMIG
+set -u
+bin=$1
+tmp=$(mktemp -d /tmp/vfm-vmbad-XXXXXX)
+pids=""
+fail=0
+cleanup() {
+	for p in $pids; do kill "$p" 2>/dev/null; done
+	wait 2>/dev/null
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+ok() { echo "ok: $*"; }
+bad() { echo "FAIL: $*"; fail=1; }
+bg() { "$@" >>"$tmp/log" 2>&1 & last=$!; pids="$pids $last"; }
+exited_ok() {  # exited_ok PID NAME: the process ended (after quit) with status 0
+	wait "$1"; st=$?
+	[ $st = 0 ] && ok "$2 exited 0" || bad "$2 exited $st"
+}
+wait_sock() {
+	i=0
+	while [ ! -S "$1" ]; do
+		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
+	done
+}
+ctl() { timeout 20 "$bin" ctl "$@"; }
+expect() {  # expect STATUS MESSAGE_PATTERN ARGS...: exit status and stderr
+	want=$1; pat=$2; shift 2
+	out=$(timeout 20 "$bin" "$@" 2>&1); got=$?
+	if [ "$got" != "$want" ]; then
+		bad "vfiomig $* exited $got, want $want: $(echo "$out" | head -3)"
+	elif [ -n "$pat" ] && ! echo "$out" | grep -qi -- "$pat"; then
+		bad "vfiomig $*: no '$pat' in: $(echo "$out" | head -3)"
+	else
+		ok "vfiomig $* -> $got"
+	fi
+}
+
+c=$tmp/c
+# Usage errors.
+expect 0 "" vm --help
+expect 0 "" ctl --help
+expect 2 "mem SIZE is required" vm --control "$c"
+expect 2 "control PATH is required" vm --mem 16M
+expect 2 "guest" vm --mem 16M --guest bogus --control "$c"
+expect 2 "unknown" vm --mem 16M --control "$c" --frobnicate
+expect 2 "mem" vm --mem 16Q --control "$c"
+expect 2 "which command" ctl "$c"
+expect 2 "unknown command" ctl "$c" dance
+expect 2 "unknown parameter" ctl "$c" set bogus=1
+expect 2 "downtime-limit" ctl "$c" set downtime-limit=soon
+expect 2 "KEY=VALUE" ctl "$c" set downtime-limit
+expect 2 "URI" ctl "$c" migrate
+# Failures.
+expect 1 "not available in this build" vm --mem 16M --guest kvm --control "$c"
+expect 1 "cannot connect\|no such" vm --mem 16M --device "vfio-user:$tmp/nothing" --control "$c"
+expect 1 "backend" vm --mem 16M --device "pci:0000:00:01.0" --control "$c"
+expect 1 "unknown device property" vm --mem 16M --device "vfio-user:$tmp/x,colour=blue" --control "$c"
+expect 1 "scheme\|uri" vm --mem 16M --guest none --incoming "bogus:1" --control "$c"
+expect 1 "" vm --mem 16M --guest none --incoming "file:$tmp/no-such-file" --control "$c"
+expect 1 "no VM control socket" ctl "$tmp/nobody" status
+: >"$tmp/plain"
+expect 1 "not a socket" vm --mem 16M --guest none --control "$tmp/plain"
+ln -s "$tmp/elsewhere" "$tmp/link"
+expect 1 "symbolic link" vm --mem 16M --guest none --control "$tmp/link"
+[ ! -e "$tmp/elsewhere" ] && ok "nothing created through the symlink" || bad "symlink followed"
+
+# A device that may not migrate, next to one that may, in a --guest none VM.
+for d in d0 e0; do bg timeout 60 "$bin" device dma --socket "$tmp/$d" --state-size 1M; done
+wait_sock "$tmp/d0" && wait_sock "$tmp/e0" || bad "devices did not start"
+bg timeout 60 "$bin" vm --mem 16M --guest none \
+	--device "vfio-user:$tmp/d0,id=blocked,enable-migration=off" --control "$tmp/nomig"
+nomig_pid=$last
+wait_sock "$tmp/nomig" || bad "VM with a blocked device did not start"
+expect 1 "enable-migration=off" ctl "$tmp/nomig" migrate "unix:$tmp/mig"
+expect 1 "in use" vm --mem 16M --guest none --control "$tmp/nomig"
+expect 0 "" ctl "$tmp/nomig" quit
+exited_ok $nomig_pid "VM with a blocked device"
+wait_sock "$tmp/d0" || bad "device d0 gone"
+
+# --guest none, a device it knows nothing about: migrate and compare.
+bg timeout 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/d0" --control "$tmp/src"
+src_pid=$last
+bg timeout 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/e0" \
+	--incoming "unix:$tmp/mig" --control "$tmp/dst"
+dst_pid=$last
+wait_sock "$tmp/src" && wait_sock "$tmp/dst" || { bad "VMs did not start"; cat "$tmp/log"; exit 1; }
+expect 1 "scheme\|uri" ctl "$tmp/src" migrate "bogus:1"
+expect 1 "port" ctl "$tmp/src" migrate "tcp:127.0.0.1:99999"
+expect 1 "waiting for an incoming" ctl "$tmp/dst" migrate "unix:$tmp/x"
+expect 1 "not arrived" ctl "$tmp/dst" cont
+# Nobody listens there: the migration fails, the source runs on.
+expect 1 "failed" ctl "$tmp/src" migrate "unix:$tmp/nobody-listens" --wait
+ctl "$tmp/src" status | grep -q "^vm: running" && ok "source runs after a failed migration" \
+	|| bad "source after a failed migration: $(ctl "$tmp/src" status)"
+expect 0 "" ctl "$tmp/src" stop
+ctl "$tmp/src" status | grep -q "^vm: paused" && ok "stop pauses" || bad "stop"
+expect 0 "" ctl "$tmp/src" cont
+expect 0 "completed" ctl "$tmp/src" migrate "unix:$tmp/mig" --wait
+src_sum=$(ctl "$tmp/src" status | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p')
+dst_sum=$(ctl "$tmp/dst" status | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p')
+[ -n "$src_sum" ] && [ "$src_sum" = "$dst_sum" ] && ok "checksums equal ($src_sum)" \
+	|| bad "checksums '$src_sum' vs '$dst_sum'"
+ctl "$tmp/dst" status | grep -q "guest: none, verified yes" && ok "none guest reported" \
+	|| bad "guest none: $(ctl "$tmp/dst" status)"
+ctl "$tmp/dst" status | grep -q "^vm: running" && ok "destination runs" || bad "destination state"
+expect 1 "already migrated\|migrated out" ctl "$tmp/src" migrate "unix:$tmp/mig"
+ctl "$tmp/src" quit && ctl "$tmp/dst" quit || bad "quit"
+exited_ok $src_pid "source VM"
+exited_ok $dst_pid "destination VM"
+grep -q "Sanitizer\|runtime error" "$tmp/log" && bad "sanitizer reports in the log"
+[ $fail = 0 ] || { echo "--- log"; tail -30 "$tmp/log"; }
+exit $fail
