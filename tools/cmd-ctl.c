@@ -174,7 +174,7 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_int64((int64_t)n));
 	} else if (!strcmp(key, "multifd-channels")) {
-		if ((r = vfm_parse_uint(val, 0, 255, &n, err)))
+		if ((r = vfm_parse_uint(val, 1, 255, &n, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_int64((int64_t)n));
 	} else if (!strcmp(key, "switchover-ack") || !strcmp(key, "pre-copy-dirty-page-tracking")) {

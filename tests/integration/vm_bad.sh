@@ -88,9 +88,12 @@ wait_sock "$tmp/d0" || bad "device d0 gone"
 bg timeout 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/d0" --control "$tmp/src"
 src_pid=$last
 bg timeout 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/e0" \
-	--incoming "unix:$tmp/mig" --control "$tmp/dst"
+	--incoming "tcp:127.0.0.1:0" --control "$tmp/dst"
 dst_pid=$last
 wait_sock "$tmp/src" && wait_sock "$tmp/dst" || { bad "VMs did not start"; cat "$tmp/log"; exit 1; }
+# Port 0: the bound port is in the status once the control socket is up.
+uri=$(ctl "$tmp/dst" status | sed -n 's/^vm: inmigrate (incoming \(tcp:127.0.0.1:[0-9]*\))$/\1/p')
+case $uri in tcp:127.0.0.1:0 | "") bad "no bound port: '$uri'" ;; *) ok "listening on $uri" ;; esac
 expect 1 "scheme\|uri" ctl "$tmp/src" migrate "bogus:1"
 expect 1 "port" ctl "$tmp/src" migrate "tcp:127.0.0.1:99999"
 expect 1 "waiting for an incoming" ctl "$tmp/dst" migrate "unix:$tmp/x"
@@ -102,7 +105,7 @@ ctl "$tmp/src" status | grep -q "^vm: running" && ok "source runs after a failed
 expect 0 "" ctl "$tmp/src" stop
 ctl "$tmp/src" status | grep -q "^vm: paused" && ok "stop pauses" || bad "stop"
 expect 0 "" ctl "$tmp/src" cont
-expect 0 "completed" ctl "$tmp/src" migrate "unix:$tmp/mig" --wait
+expect 0 "completed" ctl "$tmp/src" migrate "$uri" --wait
 src_sum=$(ctl "$tmp/src" status | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p')
 dst_sum=$(ctl "$tmp/dst" status | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p')
 [ -n "$src_sum" ] && [ "$src_sum" = "$dst_sum" ] && ok "checksums equal ($src_sum)" \
@@ -111,9 +114,30 @@ ctl "$tmp/dst" status | grep -q "guest: none, verified yes" && ok "none guest re
 	|| bad "guest none: $(ctl "$tmp/dst" status)"
 ctl "$tmp/dst" status | grep -q "^vm: running" && ok "destination runs" || bad "destination state"
 expect 1 "already migrated\|migrated out" ctl "$tmp/src" migrate "unix:$tmp/mig"
-ctl "$tmp/src" quit && ctl "$tmp/dst" quit || bad "quit"
+ctl "$tmp/src" quit || bad "source quit"
 exited_ok $src_pid "source VM"
+
+# The destination migrates on, into a file; a third VM loads it and runs.
+expect 0 "completed" ctl "$tmp/dst" migrate "file:$tmp/image" --wait
+dst_sum=$(ctl "$tmp/dst" status | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p')
+ctl "$tmp/dst" status | grep -q "^vm: postmigrate" && ok "postmigrate after file:" \
+	|| bad "after file: $(ctl "$tmp/dst" status)"
+ctl "$tmp/dst" quit || bad "destination quit"
 exited_ok $dst_pid "destination VM"
+bg timeout 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/d0" \
+	--incoming "file:$tmp/image" --control "$tmp/third"
+third_pid=$last
+wait_sock "$tmp/third" || bad "VM loading the file did not start"
+i=0
+until ctl "$tmp/third" status | grep -q "^vm: running"; do
+	i=$((i + 1)); [ $i -gt 100 ] && { bad "file: load: $(ctl "$tmp/third" status)"; break; }
+	sleep 0.1
+done
+third_sum=$(ctl "$tmp/third" status | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p')
+[ -n "$dst_sum" ] && [ "$dst_sum" = "$third_sum" ] && ok "file: checksums equal" \
+	|| bad "file: checksums '$dst_sum' vs '$third_sum'"
+ctl "$tmp/third" quit || bad "third quit"
+exited_ok $third_pid "VM loaded from a file"
 grep -q "Sanitizer\|runtime error" "$tmp/log" && bad "sanitizer reports in the log"
 [ $fail = 0 ] || { echo "--- log"; tail -30 "$tmp/log"; }
 exit $fail
