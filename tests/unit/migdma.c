@@ -53,7 +53,8 @@ const char *md_dir(void)
 
 /* ---- Device servers ---- */
 
-static void devsrv_main(const char *path, const struct md_opts *o, uint64_t churn, uint64_t seed)
+static void devsrv_main(const char *path, const struct md_opts *o, uint64_t churn, uint64_t seed,
+			int ready_fd)
 {
 	struct vfm_dmadev_opts dopts = { .id = strrchr(path, '/') + 1, .state_size = MD_DEV_STATE,
 					 .churn_rate = churn, .seed = seed,
@@ -67,6 +68,10 @@ static void devsrv_main(const char *path, const struct md_opts *o, uint64_t chur
 		fprintf(stderr, "dma server %s: %s\n", path, err.msg);
 		_exit(1);
 	}
+	/* Listening now (the socket file appears at bind, before listen). */
+	if (write(ready_fd, "r", 1) != 1)
+		_exit(1);
+	close(ready_fd);
 	/* Clients one after another, as `vfiomig device dma` does. */
 	for (;;) {
 		int r = vfm_vfu_run(vfm_dmadev_ctx(dev), -1, &err);
@@ -82,21 +87,25 @@ static void devsrv_main(const char *path, const struct md_opts *o, uint64_t chur
 void md_devsrv_spawn(struct md_devsrv *d, const char *name, const struct md_opts *o,
 		     uint64_t churn, uint64_t seed)
 {
+	struct pollfd pfd;
+	int ready[2];
+	char c;
+
 	snprintf(d->path, sizeof(d->path), "%s/%s", md_dir(), name);
+	CHECK_EQ(pipe(ready), 0);
 	fflush(NULL);
 	d->pid = fork();
 	CHECK(d->pid >= 0);
-	if (d->pid == 0)
-		devsrv_main(d->path, o, churn, seed);
-	for (int i = 0; i < 1000; i++) {
-		struct stat st;
-
-		if (stat(d->path, &st) == 0 && S_ISSOCK(st.st_mode))
-			return;
-		CHECK(waitpid(d->pid, NULL, WNOHANG) == 0);
-		usleep(5000);
+	if (d->pid == 0) {
+		close(ready[0]);
+		devsrv_main(d->path, o, churn, seed, ready[1]);
 	}
-	FAIL("dma server did not create %s", d->path);
+	close(ready[1]);
+	pfd = (struct pollfd){ .fd = ready[0], .events = POLLIN };
+	CHECK_EQ(poll(&pfd, 1, 20000), 1);
+	if (read(ready[0], &c, 1) != 1)
+		FAIL("dma server for %s did not start", d->path);
+	close(ready[0]);
 }
 
 void md_devsrv_kill(struct md_devsrv *d)
