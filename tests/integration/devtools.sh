@@ -108,7 +108,10 @@ grep -q '"state":"RUNNING"' "$tmp/out" || die "b not RUNNING after load"
 
 # A corrupt, truncated or foreign file is refused before the device is touched.
 cp "$tmp/a.state" "$tmp/bad.state"
-printf '\001' | dd of="$tmp/bad.state" bs=1 seek=5000 conv=notrunc 2>/dev/null
+# Flip the byte (writing a fixed value would be a no-op when it is already there).
+b=$(od -An -tu1 -j5000 -N1 "$tmp/bad.state" | tr -d ' ')
+printf "\\$(printf %o $((b ^ 255)))" | dd of="$tmp/bad.state" bs=1 seek=5000 conv=notrunc 2>/dev/null
+cmp -s "$tmp/a.state" "$tmp/bad.state" && die "corrupting the copy changed nothing"
 expect 1 load "vfio-user:$tmp/b.sock" "$tmp/bad.state"
 grep -q 'checksum' "$tmp/err" || die "corrupt file: no checksum message"
 head -c 100000 "$tmp/a.state" >"$tmp/short.state"
