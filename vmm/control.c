@@ -443,7 +443,8 @@ static void read_client(struct control *c)
 				c->discarding = false;   /* the end of the overlong line */
 			else
 				handle_line(c, c->in);
-			if (c->client_fd < 0)
+			/* After quit nothing more runs: the VM is on its way out. */
+			if (c->client_fd < 0 || c->quit)
 				return;
 			memmove(c->in, c->in + used, c->in_len - used);
 			c->in_len -= used;
