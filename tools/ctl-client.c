@@ -153,7 +153,7 @@ static int connect_unix(struct ctl_client *c, const char *path, long long deadli
 			struct vfm_error *err)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	int fd;
+	int fd, refused_retries = 0;
 
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return vfm_error_set(err, -ENAMETOOLONG, "control socket path too long: %s", path);
@@ -167,8 +167,10 @@ static int connect_unix(struct ctl_client *c, const char *path, long long deadli
 			return 0;
 		if (errno == EINTR)
 			continue;
-		if (errno == EAGAIN && left_ms(deadline) > 0) {
-			/* A full backlog: try again shortly. */
+		/* EAGAIN: a full backlog. ECONNREFUSED: the instant between the
+		 * VM's bind and listen, or a dead VM's socket: retried briefly. */
+		if ((errno == EAGAIN && left_ms(deadline) > 0) ||
+		    (errno == ECONNREFUSED && refused_retries++ < 25)) {
 			struct timespec ts = { 0, 20000000 };
 			nanosleep(&ts, NULL);
 			continue;

@@ -594,11 +594,10 @@ static int prepare_path(const char *path, struct vfm_error *err)
 int control_open(const char *path, struct vm *vm, struct control **out, struct vfm_error *err)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	char tmp[sizeof(sa.sun_path) + 32];
 	struct control *c;
 	struct stat st;
 	mode_t old;
-	int fd, r, n;
+	int fd, r;
 
 	if (!path || !*path || strlen(path) >= sizeof(sa.sun_path))
 		return vfm_error_set(err, -ENAMETOOLONG, "control socket path empty or longer than "
@@ -606,31 +605,28 @@ int control_open(const char *path, struct vm *vm, struct control **out, struct v
 	if ((r = check_parent(path, err)) || (r = prepare_path(path, err)))
 		return r;
 	/*
-	 * Bound at a temporary name beside path, listening, then renamed into
-	 * place: whoever sees path can connect at once (no ECONNREFUSED window
-	 * between bind and listen). Created 0600 from the start.
+	 * Bound in place (so /proc/net/unix names the path, which is how a
+	 * parent can tell the socket listens without connecting) and created
+	 * 0600 from the start. A client that meets the instant between bind and
+	 * listen gets ECONNREFUSED: ctl retries that briefly.
 	 */
-	n = snprintf(tmp, sizeof(tmp), "%s.%ld~", path, (long)getpid());
-	if (n < 0 || (size_t)n >= sizeof(sa.sun_path))
-		snprintf(tmp, sizeof(tmp), "%s", path);   /* no room: bind in place */
-	unlink(tmp);
-	strcpy(sa.sun_path, tmp);
+	strcpy(sa.sun_path, path);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0)
 		return vfm_error_set(err, -errno, "socket: %s", strerror(errno));
 	old = umask(0177);
 	r = bind(fd, (struct sockaddr *)&sa, sizeof(sa));
 	umask(old);
-	if (!r)
-		r = listen(fd, 8);
-	if (!r && strcmp(tmp, path) &&
-	    renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RENAME_NOREPLACE) &&
-	    (errno != EINVAL || rename(tmp, path)))
-		r = -1;   /* taken meanwhile (EEXIST), or no rename at all */
+	if (!r && listen(fd, 8)) {
+		int e = errno;
+
+		unlink(path);
+		errno = e;
+		r = -1;
+	}
 	if (r || lstat(path, &st)) {
 		r = -errno;
 		close(fd);
-		unlink(tmp);
 		return vfm_error_set(err, r, "listening on %s: %s", path, strerror(-r));
 	}
 	c = calloc(1, sizeof(*c));
