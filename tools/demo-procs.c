@@ -178,6 +178,18 @@ void demo_children_stop(struct demo_child *cs, size_t n, int grace_ms)
  * says nothing. Returns 1 listening, 0 not (yet), -1 when the table cannot
  * be read.
  */
+/* Whether name is path's temporary bind name, "PATH.DIGITS~". */
+static bool bound_as_temp(const char *name, const char *path)
+{
+	size_t n = strlen(path), i;
+
+	if (strncmp(name, path, n) || name[n] != '.')
+		return false;
+	for (i = n + 1; name[i] >= '0' && name[i] <= '9'; i++)
+		;
+	return i > n + 1 && name[i] == '~' && name[i + 1] == '\0';
+}
+
 static int unix_listening(const char *path)
 {
 	char line[512 + PATH_MAX];
@@ -208,8 +220,10 @@ static int unix_listening(const char *path)
 		if (!p)
 			continue;
 		p[strcspn(p, "\n")] = '\0';
-		/* __SO_ACCEPTCON: the kernel's mark of a listening socket. */
-		if (!strcmp(p, path) && (flags & 0x10000)) {
+		/* __SO_ACCEPTCON: the kernel's mark of a listening socket. Our server
+		 * library binds at "PATH.PID~" and renames once it listens: the
+		 * kernel keeps showing the name it was bound at. */
+		if ((!strcmp(p, path) || bound_as_temp(p, path)) && (flags & 0x10000)) {
 			found = 1;
 			break;
 		}

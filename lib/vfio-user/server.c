@@ -26,15 +26,18 @@
 
 /*
  * Binds a listening socket at path. A leftover socket file nobody listens on
- * (a crashed server) is replaced; anything else is left alone. The file is
- * made 0600 between bind() and listen(): before listen() every connect()
- * is refused, so there is no window with looser permissions.
+ * (a crashed server) is replaced; anything else is left alone. The socket is
+ * bound at a temporary name beside path, made 0600 and listening, and only
+ * then renamed to path: whoever sees path can connect (a client that waits
+ * for the file never meets ECONNREFUSED) and never with looser permissions.
+ * A path too long for a temporary name is bound directly, as before.
  */
 static int listen_on(const char *path, struct vfm_error *err)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	char tmp[sizeof(sa.sun_path) + 32];
 	struct stat st;
-	int fd, r;
+	int fd, r, n;
 
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return vfm_error_set(err, -ENAMETOOLONG, "socket path %s is longer than %zu bytes",
@@ -58,25 +61,41 @@ static int listen_on(const char *path, struct vfm_error *err)
 	} else if (errno != ENOENT) {
 		return vfm_error_set(err, -errno, "%s: %s", path, strerror(errno));
 	}
+	n = snprintf(tmp, sizeof(tmp), "%s.%ld~", path, (long)getpid());
+	if (n > 0 && (size_t)n < sizeof(sa.sun_path)) {
+		memcpy(sa.sun_path, tmp, (size_t)n + 1);
+		unlink(tmp);   /* our own leftover from a crash with the same pid */
+	} else {
+		snprintf(tmp, sizeof(tmp), "%s", path);
+	}
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0)
 		return vfm_error_set(err, -errno, "socket: %s", strerror(errno));
 	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa))) {
-		r = vfm_error_set(err, -errno, "bind %s: %s", path, strerror(errno));
+		r = vfm_error_set(err, -errno, "bind %s: %s", tmp, strerror(errno));
 		goto err_close;
 	}
-	if (chmod(path, 0600)) {
-		r = vfm_error_set(err, -errno, "chmod %s: %s", path, strerror(errno));
+	if (chmod(tmp, 0600)) {
+		r = vfm_error_set(err, -errno, "chmod %s: %s", tmp, strerror(errno));
 		goto err_unlink;
 	}
 	if (listen(fd, 8)) {
-		r = vfm_error_set(err, -errno, "listen %s: %s", path, strerror(errno));
+		r = vfm_error_set(err, -errno, "listen %s: %s", tmp, strerror(errno));
+		goto err_unlink;
+	}
+	/* A file system without RENAME_NOREPLACE (EINVAL) gets a plain rename. */
+	if (strcmp(tmp, path) && renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RENAME_NOREPLACE) &&
+	    (errno != EINVAL || rename(tmp, path))) {
+		r = errno == EEXIST ? vfm_error_set(err, -EADDRINUSE, "%s appeared while we set up: "
+						    "another server?", path)
+				    : vfm_error_set(err, -errno, "rename %s to %s: %s", tmp, path,
+						    strerror(errno));
 		goto err_unlink;
 	}
 	return fd;
 
 err_unlink:
-	unlink(path);
+	unlink(tmp);
 err_close:
 	close(fd);
 	return r;

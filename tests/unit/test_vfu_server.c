@@ -5,6 +5,7 @@
  */
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -186,6 +187,64 @@ TEST(socket_path_rules)
 				&ctx, &e), -EINVAL);
 	CHECK_EQ(vfm_vfu_create(NULL, &(struct vfm_vfu_opts){ .max_msg_fds = 17 }, NULL, &ctx, &e),
 		 -EINVAL);
+	test_rmdir(dir);
+}
+
+/*
+ * A client that connects the moment the socket file appears must get in:
+ * the file shows up only once the server listens (no ECONNREFUSED window,
+ * which made tests that wait for the file flaky on a loaded machine). A
+ * child creates servers in a loop; the parent spins on stat() and connects.
+ */
+TEST(socket_appears_only_when_listening)
+{
+	char *dir = test_tmpdir(), path[4300];
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int sync[2], gone[2];
+
+	snprintf(path, sizeof(path), "%s/s", dir);
+	CHECK(strlen(path) < sizeof(sa.sun_path));
+	memcpy(sa.sun_path, path, strlen(path) + 1);
+	CHECK_EQ(pipe(sync), 0);
+	CHECK_EQ(pipe(gone), 0);
+	pid_t pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		char c;
+		for (int i = 0; i < 3000; i++) {
+			struct vfm_vfu_ctx *ctx;
+			if (vfm_vfu_create(path, NULL, NULL, &ctx, NULL))
+				_exit(1);
+			/* Wait for the parent's connect, then go away. */
+			if (read(sync[0], &c, 1) != 1)
+				_exit(2);
+			vfm_vfu_destroy(ctx);
+			if (write(gone[1], "g", 1) != 1)
+				_exit(3);
+		}
+		_exit(0);
+	}
+	for (int i = 0; i < 3000; i++) {
+		struct stat st;
+		int fd, spins = 0;
+
+		while (stat(path, &st) != 0) {
+			CHECK(++spins < 2000000);
+			sched_yield();
+		}
+		fd = socket(AF_UNIX, SOCK_STREAM, 0);
+		CHECK(fd >= 0);
+		if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)))
+			FAIL("round %d: connect as soon as %s appeared: %s", i, path, strerror(errno));
+		close(fd);
+		/* The server goes away only after this byte; then the next one starts. */
+		CHECK_EQ(write(sync[1], "x", 1), 1);
+		char g;
+		CHECK_EQ(read(gone[0], &g, 1), 1);
+	}
+	int status;
+	CHECK_EQ(waitpid(pid, &status, 0), pid);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 	test_rmdir(dir);
 }
 
