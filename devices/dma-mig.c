@@ -161,10 +161,17 @@ static bool next_record_locked(struct vfm_dmadev *dev)
 	return false;
 }
 
+static void sleep_us(uint64_t us)
+{
+	struct timespec ts = { .tv_sec = (time_t)(us / 1000000), .tv_nsec = (long)(us % 1000000) * 1000 };
+
+	while (nanosleep(&ts, &ts) && errno == EINTR)
+		;
+}
+
 /* Emulated firmware: save_latency_us per MiB read, paid as we go. */
 static void save_delay(struct vfm_dmadev *dev, size_t n)
 {
-	struct timespec ts;
 	uint64_t us;
 
 	if (!dev->save_latency_us || !n)
@@ -172,12 +179,8 @@ static void save_delay(struct vfm_dmadev *dev, size_t n)
 	dev->save.latency_acc += (uint64_t)n * dev->save_latency_us;
 	us = dev->save.latency_acc >> 20;
 	dev->save.latency_acc &= (1u << 20) - 1;
-	if (!us)
-		return;
-	ts.tv_sec = (time_t)(us / 1000000);
-	ts.tv_nsec = (long)(us % 1000000) * 1000;
-	while (nanosleep(&ts, &ts) && errno == EINTR)
-		;
+	if (us)
+		sleep_us(us);
 }
 
 ssize_t dmadev_read_data(struct vfm_vfu_ctx *ctx, void *buf, size_t len)
@@ -185,7 +188,18 @@ ssize_t dmadev_read_data(struct vfm_vfu_ctx *ctx, void *buf, size_t len)
 	struct vfm_dmadev *dev = vfm_vfu_priv(ctx);
 	struct dmadev_save *s = &dev->save;
 	size_t n = 0;
+	uint64_t ms = 0;
+	bool active;
 
+	pthread_mutex_lock(&dev->lock);
+	active = s->active;
+	pthread_mutex_unlock(&dev->lock);
+	if (!active)
+		return -EINVAL;
+	if (dmadev_fault(dev, DMADEV_FAULT_READ, 0, 0, NULL))
+		return -EIO;
+	if (dmadev_fault(dev, DMADEV_FAULT_STALL, 0, 0, &ms))
+		sleep_us(ms * 1000);
 	pthread_mutex_lock(&dev->lock);
 	if (!s->active) {
 		pthread_mutex_unlock(&dev->lock);
@@ -232,6 +246,10 @@ int dmadev_precopy_info(struct vfm_vfu_ctx *ctx, uint64_t *initial, uint64_t *di
 	*initial = initial_left_locked(dev);
 	*dirty = dirty_left_locked(dev);
 	pthread_mutex_unlock(&dev->lock);
+	if (dmadev_fault(dev, DMADEV_FAULT_SIZE, 0, 0, NULL)) {
+		*initial /= 16;
+		*dirty /= 16;
+	}
 	return 0;
 }
 
@@ -250,6 +268,8 @@ int dmadev_stop_copy_size(struct vfm_vfu_ctx *ctx, uint64_t *bytes)
 		*bytes = DMADEV_HEADER_REC + dev->npages * DMADEV_PAGE_REC + DMADEV_REGS_REC +
 			 DMADEV_END_REC;
 	pthread_mutex_unlock(&dev->lock);
+	if (dmadev_fault(dev, DMADEV_FAULT_SIZE, 0, 0, NULL))
+		*bytes /= 16;
 	return 0;
 }
 
@@ -385,6 +405,8 @@ ssize_t dmadev_write_data(struct vfm_vfu_ctx *ctx, const void *buf, size_t len)
 
 	if (!l->active)
 		return -EINVAL;
+	if (dmadev_fault(dev, DMADEV_FAULT_WRITE, 0, 0, NULL))
+		return -EIO;
 	while (left && !l->error) {
 		size_t take;
 

@@ -78,7 +78,17 @@ struct vfm_dmadev {
 
 	pthread_t churn_thread;
 	bool churn_started;
+
+	/* Injected faults; fault_seen counts matching events (loop thread only). */
+	struct vfm_dmadev_fault faults[DMADEV_FAULTS_MAX];
+	uint64_t fault_seen[DMADEV_FAULTS_MAX];
+	unsigned nfaults;
 };
+
+/* dma.c: true when an injected fault of kind (and arc from -> to) hits now;
+ * *ms gets a STALL's delay. Logs the hit. */
+bool dmadev_fault(struct vfm_dmadev *dev, enum vfm_dmadev_fault_kind kind, unsigned from,
+		  unsigned to, uint64_t *ms);
 
 /* dma-mig.c. Functions named _locked want dev->lock held. */
 uint64_t dmadev_state_hash(const uint8_t *mem, uint64_t size, const struct dmadev_regs *regs);

@@ -330,12 +330,140 @@ static void *churn_main(void *arg)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Fault injection                                                           */
+
+static const char *const fault_names[] = {
+	[DMADEV_FAULT_ARC] = "arc", [DMADEV_FAULT_READ] = "read", [DMADEV_FAULT_WRITE] = "write",
+	[DMADEV_FAULT_SIZE] = "size", [DMADEV_FAULT_STALL] = "stall",
+};
+
+/* "N" (from 1) or "*" (0: every one); NULL or "" is the first. */
+static int parse_nth(const char *s, uint64_t *nth, struct vfm_error *err)
+{
+	char *end;
+
+	if (!s || !*s) {
+		*nth = 1;
+		return 0;
+	}
+	if (!strcmp(s, "*")) {
+		*nth = 0;
+		return 0;
+	}
+	errno = 0;
+	*nth = strtoull(s, &end, 10);
+	if (errno || *end || !*nth || *s == '-' || *s == '+')
+		return vfm_error_set(err, -EINVAL, "fault occurrence '%s': a number from 1, or *", s);
+	return 0;
+}
+
+/* One fault, in item (modified: split at ':' and '>'). */
+static int parse_fault(char *item, struct vfm_dmadev_fault *f, struct vfm_error *err)
+{
+	char *arg = strchr(item, ':'), *more = NULL, *gt, *end;
+	enum vfm_state from, to;
+
+	if (arg)
+		*arg++ = '\0';
+	*f = (struct vfm_dmadev_fault){ 0 };
+	if (!strcmp(item, "arc")) {
+		if (!arg || !(gt = strchr(arg, '>')))
+			return vfm_error_set(err, -EINVAL, "fault arc wants arc:FROM>TO[:N]");
+		*gt++ = '\0';
+		if ((more = strchr(gt, ':')))
+			*more++ = '\0';
+		if (vfm_state_from_name(arg, &from) || vfm_state_from_name(gt, &to))
+			return vfm_error_set(err, -EINVAL, "fault arc %s>%s: unknown state", arg, gt);
+		f->kind = DMADEV_FAULT_ARC;
+		f->from = (unsigned)from;
+		f->to = (unsigned)to;
+		return parse_nth(more, &f->nth, err);
+	}
+	if (!strcmp(item, "read") || !strcmp(item, "write")) {
+		f->kind = item[0] == 'r' ? DMADEV_FAULT_READ : DMADEV_FAULT_WRITE;
+		return parse_nth(arg, &f->nth, err);
+	}
+	if (!strcmp(item, "size")) {
+		if (arg)
+			return vfm_error_set(err, -EINVAL, "fault size takes no argument");
+		f->kind = DMADEV_FAULT_SIZE;
+		return 0;
+	}
+	if (!strcmp(item, "stall")) {
+		if (!arg || !*arg)
+			return vfm_error_set(err, -EINVAL, "fault stall wants stall:MS[:N]");
+		if ((more = strchr(arg, ':')))
+			*more++ = '\0';
+		errno = 0;
+		f->ms = strtoull(arg, &end, 10);
+		if (errno || *end || *arg == '-' || *arg == '+' || f->ms > 3600000)
+			return vfm_error_set(err, -EINVAL, "fault stall '%s': milliseconds up to 3600000",
+					     arg);
+		f->kind = DMADEV_FAULT_STALL;
+		return parse_nth(more, &f->nth, err);
+	}
+	return vfm_error_set(err, -EINVAL, "unknown fault '%s' (arc, read, write, size, stall)", item);
+}
+
+int vfm_dmadev_parse_faults(const char *spec, struct vfm_dmadev_fault *f, unsigned *n,
+			    unsigned max, struct vfm_error *err)
+{
+	char buf[512], *item, *save = NULL;
+	int r;
+
+	if (!spec || !*spec || strlen(spec) >= sizeof(buf))
+		return vfm_error_set(err, -EINVAL, "fault spec empty or longer than %zu bytes",
+				     sizeof(buf) - 1);
+	snprintf(buf, sizeof(buf), "%s", spec);
+	for (item = strtok_r(buf, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+		if (*n >= max)
+			return vfm_error_set(err, -E2BIG, "more than %u faults", max);
+		if ((r = parse_fault(item, &f[*n], err)))
+			return r;
+		++*n;
+	}
+	return 0;
+}
+
+bool dmadev_fault(struct vfm_dmadev *dev, enum vfm_dmadev_fault_kind kind, unsigned from,
+		  unsigned to, uint64_t *ms)
+{
+	for (unsigned i = 0; i < dev->nfaults; i++) {
+		const struct vfm_dmadev_fault *f = &dev->faults[i];
+		uint64_t seen;
+
+		if (f->kind != kind || (kind == DMADEV_FAULT_ARC && (f->from != from || f->to != to)))
+			continue;
+		seen = ++dev->fault_seen[i];
+		if (f->nth && seen != f->nth)
+			continue;
+		if (ms)
+			*ms = f->ms;
+		/* A size fault hits every query: say so once. */
+		if (kind != DMADEV_FAULT_SIZE || seen == 1) {
+			if (kind == DMADEV_FAULT_ARC)
+				vfm_warn(dev->id, "fault injected: arc %s -> %s fails",
+					 vfm_state_name((enum vfm_state)from),
+					 vfm_state_name((enum vfm_state)to));
+			else
+				vfm_warn(dev->id, "fault injected: %s (occurrence %" PRIu64 ")",
+					 fault_names[kind], seen);
+		}
+		return true;
+	}
+	return false;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Migration arcs and device callbacks                                       */
 
 static int dma_transition(struct vfm_vfu_ctx *ctx, enum vfm_state from, enum vfm_state to)
 {
 	struct vfm_dmadev *dev = vfm_vfu_priv(ctx);
 	int r = 0;
+
+	if (dmadev_fault(dev, DMADEV_FAULT_ARC, (unsigned)from, (unsigned)to, NULL))
+		return -EIO;
 
 	if (from == VFM_STATE_STOP && to == VFM_STATE_RESUMING)
 		r = dmadev_load_open(dev);
@@ -455,6 +583,13 @@ int vfm_dmadev_create(const char *socket_path, const struct vfm_dmadev_opts *opt
 	dev->churn_rate = o.churn_rate;
 	dev->save_latency_us = o.save_latency_us;
 	dev->running = dev->dma_ok = true;
+	if (o.nfaults > DMADEV_FAULTS_MAX || (o.nfaults && !o.faults)) {
+		free(dev);
+		return vfm_error_set(err, -EINVAL, "at most %u faults", DMADEV_FAULTS_MAX);
+	}
+	for (unsigned i = 0; i < o.nfaults; i++)
+		dev->faults[i] = o.faults[i];
+	dev->nfaults = o.nfaults;
 	if (getrandom(&dev->instance, sizeof(dev->instance), 0) != sizeof(dev->instance))
 		dev->instance = (uint64_t)mono_ns();
 	pthread_mutex_init(&dev->lock, NULL);

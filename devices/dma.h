@@ -111,6 +111,30 @@ struct dmadev_rec_end {
 	uint64_t checksum;            /* the state checksum the stream must rebuild */
 };
 
+/* ---- Fault injection, for testing what migrates the device ---- */
+enum vfm_dmadev_fault_kind {
+	DMADEV_FAULT_ARC = 1,         /* the arc from -> to fails (-EIO), state stays from */
+	DMADEV_FAULT_READ,            /* a migration data read fails (-EIO) */
+	DMADEV_FAULT_WRITE,           /* a RESUMING data write fails (-EIO) */
+	DMADEV_FAULT_SIZE,            /* stop-copy and pre-copy sizes reported 16x too small */
+	DMADEV_FAULT_STALL,           /* a migration data read first sleeps ms */
+};
+#define DMADEV_FAULTS_MAX 16
+struct vfm_dmadev_fault {
+	enum vfm_dmadev_fault_kind kind;
+	unsigned from, to;            /* ARC: enum vfm_state */
+	uint64_t nth;                 /* the occurrence it hits, from 1; 0 = every one */
+	uint64_t ms;                  /* STALL */
+};
+
+/*
+ * Appends the faults in spec to f[*n..max): a comma list of arc:FROM>TO[:N],
+ * read[:N], write[:N], size, stall:MS[:N] (N: the occurrence, default 1, `*`
+ * every one). docs/devices/dma.md has the details.
+ */
+int vfm_dmadev_parse_faults(const char *spec, struct vfm_dmadev_fault *f, unsigned *n,
+			    unsigned max, struct vfm_error *err);
+
 /* ---- Running an instance ---- */
 struct vfm_dmadev_opts {
 	const char *id;               /* log prefix; default "dma" */
@@ -122,6 +146,8 @@ struct vfm_dmadev_opts {
 	/* Migration flags to offer, STOP_COPY required; 0 = STOP_COPY | P2P |
 	 * PRE_COPY. E.g. STOP_COPY | PRE_COPY is what libvfio-user devices offer. */
 	uint64_t mig_flags;
+	const struct vfm_dmadev_fault *faults;  /* copied; nfaults <= DMADEV_FAULTS_MAX */
+	unsigned nfaults;
 };
 
 /* Creates the device and its vfio-user server on socket_path (NULL: no

@@ -22,7 +22,7 @@ static void device_usage(FILE *out)
 {
 	fprintf(out,
 		"usage: vfiomig device dma --socket PATH [--state-size SIZE] [--churn RATE]\n"
-		"                          [--save-latency US] [--once] [-v]\n\n"
+		"                          [--save-latency US] [--fault SPEC]... [--once] [-v]\n\n"
 		"Serves the 'dma' sample device (a DMA engine with SIZE bytes of internal\n"
 		"state, default 64M) over vfio-user on the UNIX socket PATH (mode 0600), to\n"
 		"one client after another until SIGINT or SIGTERM.\n\n"
@@ -30,6 +30,9 @@ static void device_usage(FILE *out)
 		"  --state-size SIZE    device memory, the migratable state (64M, 1G, ...)\n"
 		"  --churn RATE         bytes per second rewritten while running (8M/s); 0 = none\n"
 		"  --save-latency US    added per MiB of state read while saving (emulated firmware)\n"
+		"  --fault SPEC         inject faults (tests), a comma list of arc:FROM>TO[:N],\n"
+		"                       read[:N], write[:N], size, stall:MS[:N]; N = which\n"
+		"                       occurrence (default 1, * = every); docs/devices/dma.md\n"
 		"  --once               exit after the first client leaves\n"
 		"  -v                   more logging (-vv, -vvv)\n");
 }
@@ -100,7 +103,8 @@ static int serve(const char *socket, const struct vfm_dmadev_opts *o, bool once)
 
 int cmd_device(int argc, char **argv)
 {
-	struct vfm_dmadev_opts o = { .id = "dma" };
+	struct vfm_dmadev_fault faults[DMADEV_FAULTS_MAX];
+	struct vfm_dmadev_opts o = { .id = "dma", .faults = faults };
 	const char *socket = NULL, *v;
 	struct vfm_error err = { 0 };
 	bool once = false;
@@ -132,6 +136,9 @@ int cmd_device(int argc, char **argv)
 		} else if ((v = opt_value(argc, argv, &i, "--save-latency"))) {
 			if (vfm_parse_uint(v, 0, 10000000, &o.save_latency_us, &err))
 				return usage_error("--save-latency: %s", err.msg);
+		} else if ((v = opt_value(argc, argv, &i, "--fault"))) {
+			if (vfm_dmadev_parse_faults(v, faults, &o.nfaults, DMADEV_FAULTS_MAX, &err))
+				return usage_error("--fault: %s", err.msg);
 		} else {
 			return usage_error("unknown or incomplete option '%s'", a);
 		}

@@ -35,6 +35,15 @@ void control_event(struct control *c, const char *name, json_object *data);
 /* Writes what is queued (events included), waiting up to timeout_ms. */
 void control_flush(struct control *c, int timeout_ms);
 
+/*
+ * Tests and fuzzing: a control with no sockets (control_close frees it).
+ * control_handle_line runs one request line (no '\n') as a client's, and
+ * returns the replies it produced, each ending in '\n' ("" for none;
+ * malloc'd, NULL without memory).
+ */
+int control_open_detached(struct vm *vm, struct control **out);
+char *control_handle_line(struct control *c, const char *line);
+
 /* A vm_event_fn that forwards to control_event (opaque = the control). */
 void control_vm_event(void *opaque, const char *name, json_object *data);
 
