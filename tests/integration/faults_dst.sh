@@ -1,0 +1,64 @@
+#!/bin/sh
+# Fault matrix, destination and link side (docs/reliability.md): the
+# destination VM or its device server killed mid-migration, its device
+# failing a load write or the last load arc, a stream it rejects (memory
+# size, device count), and a migration peer that closes the connection.
+# The source must run on verified with its device RUNNING and `failed`.
+# usage: faults_dst.sh PATH_TO_VFIOMIG
+bin=$1
+. "$(dirname "$0")/faults-lib.sh"
+known_failures="${FAULTS_KNOWN:-}"
+
+slow_migrate() {  # MIGRATE_URI: a pre-copy long enough to hit
+	ctl "$c.src" set max-bandwidth=256K/s >/dev/null
+	ctl "$c.src" migrate "$1" >/dev/null || bad "migrate did not start"
+	wait_status "$c.src" "migration: active" 50 || bad "never active"
+	sleep 0.3
+}
+
+# pre-copy: the destination VM is SIGKILLed.
+start dstvm-killed "" "" "" "" && {
+	slow_migrate "unix:$c.mig"
+	killtree "$dst"
+	expect_source_intact "."; expect_dest_clean
+}; stop_cell
+
+# pre-copy: the destination's device server is SIGKILLed.
+start dstdev-killed "" "" "" "" && {
+	slow_migrate "unix:$c.mig"
+	killtree "$ddev"
+	expect_source_intact "."; expect_dest_clean
+}; stop_cell
+
+# pre-copy: the destination's device fails a RESUMING write.
+start write-fail "" "--fault write:2" "" "" && {
+	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
+	fault_hit; expect_source_intact "."; expect_dest_clean; expect_retry_ok
+}; stop_cell
+
+# config / load end: the destination's device refuses RESUMING -> STOP.
+start arc-resume "" "--fault arc:RESUMING>STOP" "" "" && {
+	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
+	fault_hit; expect_source_intact "."; expect_dest_clean; expect_retry_ok
+}; stop_cell
+
+# setup: the destination has twice the memory: it rejects the stream.
+start mem-mismatch "" "" "" "--mem 32M" && {
+	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
+	expect_source_intact "."; expect_dest_clean
+}; stop_cell
+
+# setup: the migration connection closes (a peer that reads a little, hangs up).
+start conn-closed "" "" "" "" && {
+	timeout 30 python3 -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
+c, _ = s.accept(); c.recv(4096); c.close()' "$c.peer" &
+	peer=$!
+	wait_sock "$c.peer" || bad "peer did not listen"
+	ctl "$c.src" migrate "unix:$c.peer" --wait >/dev/null 2>&1
+	wait "$peer"
+	expect_source_intact "."
+}; stop_cell
+
+finish
