@@ -8,7 +8,8 @@ endif
 MESON_OPTS ?=
 TEST_OPTS  ?= --print-errorlogs
 
-.PHONY: all deps demo check check-asan check-tsan clean install fuzz fuzz-seeds bench bench-quick
+.PHONY: all deps demo check check-asan check-tsan clean install fuzz fuzz-seeds bench bench-quick \
+	valgrind
 
 all: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -35,6 +36,15 @@ check-asan:
 check-tsan:
 	$(MAKE) check BUILD=build-tsan MESON_OPTS="-Db_sanitize=thread -Db_lundef=false" \
 		TEST_OPTS="$(TEST_OPTS) --wrapper 'setarch $(shell uname -m) -R'"
+
+# The unit tests and fuzz corpora under valgrind memcheck (leaks are errors).
+# VALGRIND_SKIP: tests too slow under valgrind (memory-heavy migrations).
+VALGRIND_SKIP ?= migration_dma migration_fail kvm
+valgrind: all
+	$(MESON) test -C $(BUILD) $(TEST_OPTS) --timeout-multiplier 10 \
+		$(filter-out $(VALGRIND_SKIP),$(shell $(MESON) test -C $(BUILD) --list --suite unit \
+			--suite fuzz 2>/dev/null | sed -n 's|.* / ||p')) \
+		--wrapper 'valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect --track-fds=no'
 
 # Benchmarks: write docs/performance.md (+ docs/perf/*.png). Not tests.
 bench: all

@@ -443,6 +443,9 @@ static void read_client(struct control *c)
 			used = (size_t)(nl - c->in) + 1;
 			if (c->discarding)
 				c->discarding = false;   /* the end of the overlong line */
+			else if (memchr(c->in, '\0', used - 1))
+				/* The parser would see only what precedes it. */
+				reply_error(c, NULL, "GenericError", "line contains a NUL byte: ignored");
 			else
 				handle_line(c, c->in);
 			/* After quit nothing more runs: the VM is on its way out. */
