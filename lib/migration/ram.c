@@ -118,6 +118,13 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
 		first = p;
 		host = (const char *)r->host + first * ram->page_size;
 		zero = page_is_zero(host, ram->page_size);
+		/* The first page is in the run whatever it holds by now: the guest may
+		 * have written it since the test above, and asking again could end
+		 * with an empty run (a 0-page record the destination refuses). A page
+		 * written after its test is dirty again and goes next round. */
+		set[p / 64] &= ~(1ull << (p % 64));
+		count = 1;
+		p++;
 		/* Extend the run over set bits of the same kind (zero or data). */
 		while (p < r->npages && count < RAM_BATCH_PAGES && (set[p / 64] >> (p % 64) & 1) &&
 		       page_is_zero((const char *)r->host + p * ram->page_size, ram->page_size) == zero) {

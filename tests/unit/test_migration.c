@@ -5,6 +5,7 @@
  * over unix:, tcp: and file: channels. After migration the destination's
  * memory and device state must equal the source's frozen ones.
  */
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/stat.h>
@@ -157,6 +158,15 @@ struct result {
 	uint64_t mem, dev[2];
 };
 
+/* Destination child: the listener is up, the parent may connect now. */
+static void on_listening(void *opaque, const char *uri)
+{
+	int *fd = opaque;
+
+	if (write(*fd, "r", 1) != 1)
+		_exit(4);
+}
+
 /* Destination child: load, report hashes over the pipe, exit. */
 static void run_destination(const char *uri, int wfd, unsigned ndev, uint64_t flags,
 			    int ready_fd)
@@ -169,8 +179,8 @@ static void run_destination(const char *uri, int wfd, unsigned ndev, uint64_t fl
 	side_init(&d, ndev, flags, 0, NULL, 0);
 	vfm_migration_params_default(&p);
 	p.timeout_ms = 5000;
+	r.status = vfm_migration_incoming(d.m, uri, &p, on_listening, &ready_fd, &err);
 	close(ready_fd);
-	r.status = vfm_migration_incoming(d.m, uri, &p, NULL, NULL, &err);
 	if (r.status)
 		fprintf(stderr, "destination: %s\n", err.msg);
 	r.mem = mem_hash(d.mem);
@@ -207,18 +217,14 @@ static void make_uri(const char *kind, char *uri, size_t len)
 		snprintf(uri, len, "tcp:127.0.0.1:%u", 20000 + (unsigned)(getpid() % 20000));
 }
 
-/* Waits until the child listens (unix socket file exists) or a short delay. */
-static void wait_listener(const char *uri)
+/* Waits until the child's listener is up (it writes one byte), or it died. */
+static void wait_listener(int ready_rd)
 {
-	struct stat st;
+	struct pollfd p = { .fd = ready_rd, .events = POLLIN };
+	char c;
 
-	for (int i = 0; i < 200; i++) {
-		if (!strncmp(uri, "unix:", 5) && stat(uri + 5, &st) == 0)
-			return;
-		usleep(10000);
-		if (strncmp(uri, "unix:", 5) && i > 20)
-			return;
-	}
+	CHECK_EQ(poll(&p, 1, 10000), 1);
+	CHECK_EQ(read(ready_rd, &c, 1), 1);
 }
 
 static void run_scenario(const struct scenario *sc)
@@ -246,7 +252,8 @@ static void run_scenario(const struct scenario *sc)
 			close(pfd[0]);
 			run_destination(uri, pfd[1], sc->ndev, sc->flags, rfd[1]);
 		}
-		wait_listener(uri);
+		close(rfd[1]);
+		wait_listener(rfd[0]);
 	}
 	if (sc->writer)
 		guest_start(&s.g);
