@@ -39,7 +39,7 @@ check-tsan:
 
 # The unit tests and fuzz corpora under valgrind memcheck (leaks are errors).
 # VALGRIND_SKIP: tests too slow under valgrind (memory-heavy migrations).
-VALGRIND_SKIP ?= migration_dma migration_fail kvm
+VALGRIND_SKIP ?= migration migration_dma migration_fail kvm
 valgrind: all
 	$(MESON) test -C $(BUILD) $(TEST_OPTS) --timeout-multiplier 10 \
 		$(filter-out $(VALGRIND_SKIP),$(shell $(MESON) test -C $(BUILD) --list --suite unit \
