@@ -178,28 +178,62 @@ static void compare_devices(json_object *res, json_object *src_devs, json_object
 	json_object_object_add(res, "devices", out);
 }
 
+/* One of the destination's checks (quick: on load; full: after it ran) into res. */
+static json_object *guest_check(json_object *chk, const char *what, char *why, size_t why_len,
+				bool *ok)
+{
+	json_object *o, *v = get(chk, "verified");
+	const char *detail = get_str(chk, "detail", "");
+
+	if (!chk || json_object_is_type(chk, json_type_null) || !v ||
+	    !json_object_is_type(v, json_type_boolean)) {
+		fail(why, why_len, ok, "the destination guest was never verified (%s check)", what);
+		return NULL;
+	}
+	if (!json_object_get_boolean(v))
+		fail(why, why_len, ok, "guest memory check failed on the destination (%s check): %"
+		     PRIu64 " errors%s%s", what, get_u64(chk, "errors"), *detail ? ": " : "", detail);
+	o = json_object_new_object();
+	json_object_object_add(o, "verified", json_object_new_boolean(json_object_get_boolean(v)));
+	json_object_object_add(o, "errors", json_object_new_int64((int64_t)get_u64(chk, "errors")));
+	json_object_object_add(o, "pages_checked",
+			       json_object_new_int64((int64_t)get_u64(chk, "pages_checked")));
+	json_object_object_add(o, "detail", json_object_new_string(detail));
+	json_object_object_add(o, "verify_ms", new_double(get_num(chk, "verify_ms")));
+	return o;
+}
+
+/*
+ * The guest is verified when both of the destination's checks passed: the
+ * quick one on load (inside the downtime) and the full one after it ran.
+ * The top-level errors, pages_checked and detail are the full check's (the
+ * quick one's when it failed).
+ */
 static void compare_guest(json_object *res, json_object *dst_guest, char *why, size_t why_len,
 			  bool *ok)
 {
-	json_object *g = json_object_new_object(), *v = get(dst_guest, "verified");
+	json_object *g = json_object_new_object(), *q = NULL, *f = NULL, *top;
 	const char *kind = get_str(dst_guest, "kind", get_str(get(res, "guest"), "kind", "?"));
-	bool verified = v && json_object_is_type(v, json_type_boolean) && json_object_get_boolean(v);
+	/* The first reason wins: the guest's only if nothing failed before. */
+	char *gwhy = *ok ? why : NULL;
+	bool verified = true;
 
-	if (!dst_guest)
-		fail(why, why_len, ok, "the destination reported no guest");
-	else if (!v || json_object_is_type(v, json_type_null))
-		fail(why, why_len, ok, "the destination guest was never verified");
-	else if (!verified)
-		fail(why, why_len, ok, "guest memory check failed on the destination: %" PRIu64
-		     " errors%s%s", get_u64(dst_guest, "errors"),
-		     *get_str(dst_guest, "detail", "") ? ": " : "", get_str(dst_guest, "detail", ""));
+	if (!dst_guest) {
+		fail(gwhy, why_len, &verified, "the destination reported no guest");
+	} else {
+		q = guest_check(get(dst_guest, "quick"), "quick", gwhy, why_len, &verified);
+		f = guest_check(get(dst_guest, "full"), "full", gwhy, why_len, &verified);
+	}
+	*ok = *ok && verified;
+	top = q && !json_object_get_boolean(get(q, "verified")) ? q : f;
 	json_object_object_add(g, "kind", json_object_new_string(kind));
-	json_object_object_add(g, "verified", v && !json_object_is_type(v, json_type_null) ?
-			       json_object_new_boolean(verified) : NULL);
-	json_object_object_add(g, "errors", json_object_new_int64((int64_t)get_u64(dst_guest, "errors")));
+	json_object_object_add(g, "verified", q || f ? json_object_new_boolean(verified) : NULL);
+	json_object_object_add(g, "errors", json_object_new_int64((int64_t)get_u64(top, "errors")));
 	json_object_object_add(g, "pages_checked",
-			       json_object_new_int64((int64_t)get_u64(dst_guest, "pages_checked")));
-	json_object_object_add(g, "detail", json_object_new_string(get_str(dst_guest, "detail", "")));
+			       json_object_new_int64((int64_t)get_u64(top, "pages_checked")));
+	json_object_object_add(g, "detail", json_object_new_string(get_str(top, "detail", "")));
+	json_object_object_add(g, "quick", q);
+	json_object_object_add(g, "full", f);
 	json_object_object_add(res, "guest", g);
 }
 
@@ -298,6 +332,19 @@ static void report_verification(json_object *res, FILE *out)
 			" errors%s%s\n", get_str(g, "kind", "?"),
 			json_object_get_boolean(gv) ? "ok" : "FAILED", get_u64(g, "pages_checked"),
 			get_u64(g, "errors"), *detail ? ": " : "", detail);
+	for (int k = 0; k < 2; k++) {
+		json_object *c = get(g, k ? "full" : "quick");
+
+		if (!c || json_object_is_type(c, json_type_null)) {
+			fprintf(out, "    %-10s did not run\n", k ? "full" : "quick");
+			continue;
+		}
+		fprintf(out, "    %-10s %s, %" PRIu64 " pages in %.1f ms (%s)\n",
+			k ? "full" : "quick", json_object_get_boolean(get(c, "verified")) ? "ok" :
+			"FAILED", get_u64(c, "pages_checked"), get_num(c, "verify_ms"),
+			k ? "every word, after the guest ran" :
+			"table and 3 words a page, on load: in the downtime");
+	}
 	for (size_t i = 0; i < n; i++) {
 		json_object *d = json_object_array_get_idx(devs, i);
 		bool same = json_object_get_boolean(get(d, "verified"));

@@ -38,6 +38,14 @@ struct vfm_guest_ops {
 	int (*stop)(struct vfm_guest *g);
 	/* Checks guest memory against the guest's own bookkeeping (stopped guest). */
 	int (*verify)(struct vfm_guest *g, struct vfm_guest_verify *out);
+	/*
+	 * Optional: a check cheap enough for the migration downtime (the
+	 * destination runs it before the vCPUs do): the bookkeeping's
+	 * consistency and a sample of every page, enough to catch a lost page
+	 * (a stale page differs in every word) but not a torn one. NULL: the
+	 * full verify is cheap already.
+	 */
+	int (*quick_verify)(struct vfm_guest *g, struct vfm_guest_verify *out);
 	/* Optional. */
 	void (*stats)(struct vfm_guest *g, struct vfm_guest_stats *st);
 	void (*destroy)(struct vfm_guest *g);

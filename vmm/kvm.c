@@ -453,6 +453,7 @@ static const struct vfm_guest_ops kvm_ops = {
 	.start = kvm_start,
 	.stop = kvm_stop,
 	.verify = vfm__kvm_verify,
+	.quick_verify = vfm__kvm_quick_verify,
 	.stats = kvm_stats,
 	.destroy = kvm_destroy,
 	.sync_dirty = vfm_guest_kvm_sync_dirty,

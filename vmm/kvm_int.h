@@ -90,6 +90,8 @@ uint64_t vfm__kvm_now_ns(void);
 /* kvm_check.c: the host-side check of a stopped guest; the verify op. */
 int vfm__kvm_host_check(struct kvm_guest *k, struct vfm_guest_verify *out);
 int vfm__kvm_verify(struct vfm_guest *g, struct vfm_guest_verify *out);
+/* quick_verify: the host check and the vCPUs' failure flags (the guest does not run). */
+int vfm__kvm_quick_verify(struct vfm_guest *g, struct vfm_guest_verify *out);
 
 /* kvm_state.c */
 void vfm__kvm_free_savables(struct kvm_guest *k);

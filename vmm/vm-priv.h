@@ -33,6 +33,12 @@ struct vm_dev {
 
 enum vm_role { VM_ROLE_SOURCE, VM_ROLE_INCOMING };
 
+struct vm_check {
+	bool valid;                   /* one ran */
+	struct vfm_guest_verify v;
+	double ms;                    /* how long it took */
+};
+
 struct vm {
 	/* Never change after vm_create. */
 	struct vfm_guest_mem *mem;
@@ -65,9 +71,10 @@ struct vm {
 	enum vfm_mig_status mig_status; /* as clients see it: after the VM's side effects */
 	bool was_running;             /* the guest ran when the engine stopped it */
 	struct vfm_migration_params params;
-	struct vfm_guest_verify verify;
-	bool verify_valid;
-	double verify_ms;             /* how long the last verification took */
+	/* The last quick check (destination, in the downtime) and full one
+	 * (guest-verify); last_full says which ran last. */
+	struct vm_check quick, full;
+	bool last_full;
 	char incoming_uri[600];       /* bound URI (port 0 resolved) */
 	bool incoming_ready, incoming_ended;
 	int incoming_ret;

@@ -151,32 +151,60 @@ void vm__capture_checksums(struct vm *vm)
 	}
 }
 
-/* Destination: all state in, devices in STOP, nothing runs yet. */
+/*
+ * Destination: all state in, devices in STOP, nothing runs yet. All of this
+ * is migration downtime: the checksums are needed now (the devices change
+ * once they run) and the guest gets its quick check only; the full one is
+ * guest-verify's, once the guest runs.
+ */
 static void ops_loaded(void *opaque)
 {
 	struct vm *vm = opaque;
 	struct vfm_guest_verify v;
-	uint64_t t0;
+	uint64_t t0, t1;
+	double ms;
 
-	vm__capture_checksums(vm);
-	pthread_mutex_lock(&vm->lock);
 	t0 = vm__mono_us();
-	vm->guest->ops->verify(vm->guest, &v);
-	vm->verify_ms = (double)(vm__mono_us() - t0) / 1000.0;
-	vm->verify = v;
-	vm->verify_valid = true;
-	pthread_mutex_unlock(&vm->lock);
-	if (v.verified)
-		vfm_info(LOG, "guest verified after load: %" PRIu64 " pages", v.pages_checked);
+	vm__capture_checksums(vm);
+	t1 = vm__mono_us();
+	pthread_mutex_lock(&vm->lock);
+	if (vm->guest->ops->quick_verify)
+		vm->guest->ops->quick_verify(vm->guest, &v);
 	else
-		vfm_err(LOG, "guest verification after load FAILED: %" PRIu64 " errors, first: %s",
+		vm->guest->ops->verify(vm->guest, &v);
+	ms = (double)(vm__mono_us() - t1) / 1000.0;
+	vm->quick = (struct vm_check){ .valid = true, .v = v, .ms = ms };
+	vm->last_full = false;
+	pthread_mutex_unlock(&vm->lock);
+	vfm_info(LOG, "loaded: device checksums read in %.3f ms, quick guest check in %.3f ms",
+		 (double)(t1 - t0) / 1000.0, ms);
+	if (v.verified)
+		vfm_info(LOG, "guest quick check after load: ok, %" PRIu64 " pages", v.pages_checked);
+	else
+		vfm_err(LOG, "guest quick check after load FAILED: %" PRIu64 " errors, first: %s",
 			v.errors, v.detail);
+}
+
+static void ops_log_sync(void *opaque)
+{
+	struct vm *vm = opaque;
+	int r;
+
+	/* KVM's dirty log into the memory layer before the engine collects. */
+	if (!vm->guest->ops->sync_dirty)
+		return;
+	r = vm->guest->ops->sync_dirty(vm->guest);
+	if (r < 0) {
+		vfm_warn(LOG, "guest dirty log: %s: all memory dirty", strerror(-r));
+		vfm_dirty_mark_all(vm->mem);
+	}
 }
 
 static const struct vfm_vm_ops vm_ops = {
 	.stop = ops_stop,
 	.start = ops_start,
 	.loaded = ops_loaded,
+	.log_sync = ops_log_sync,
 };
 
 /* Any thread the engine runs on; the VM's side effects come before clients see st. */

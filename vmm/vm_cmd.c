@@ -326,21 +326,43 @@ static json_object *device_object(struct vm *vm, struct vm_dev *vd)
 	return o;
 }
 
+static json_object *check_object(const struct vm_check *c)
+{
+	json_object *o;
+
+	if (!c->valid)
+		return NULL;
+	o = json_object_new_object();
+	json_object_object_add(o, "verified", json_object_new_boolean(c->v.verified));
+	json_object_object_add(o, "errors", ju64(c->v.errors));
+	json_object_object_add(o, "pages_checked", ju64(c->v.pages_checked));
+	json_object_object_add(o, "detail", json_object_new_string(c->v.detail));
+	json_object_object_add(o, "verify_ms", jdouble(c->ms));
+	return o;
+}
+
 static json_object *guest_object(struct vm *vm)
 {
 	json_object *o = json_object_new_object();
 	struct vfm_guest_stats gs = { 0 };
+	const struct vm_check *last;
 
 	if (vm->guest->ops->stats)
 		vm->guest->ops->stats(vm->guest, &gs);
 	pthread_mutex_lock(&vm->lock);
+	last = vm->last_full ? &vm->full : &vm->quick;
 	json_object_object_add(o, "kind", json_object_new_string(vm->guest->ops->kind));
-	json_object_object_add(o, "verified", vm->verify_valid ?
-			       json_object_new_boolean(vm->verify.verified) : NULL);
-	json_object_object_add(o, "errors", ju64(vm->verify.errors));
-	json_object_object_add(o, "pages_checked", ju64(vm->verify.pages_checked));
-	json_object_object_add(o, "detail", json_object_new_string(vm->verify.detail));
-	json_object_object_add(o, "verify_ms", jdouble(vm->verify_ms));
+	/* The top-level keys: the last check, whichever kind it was. */
+	json_object_object_add(o, "verified", last->valid ?
+			       json_object_new_boolean(last->v.verified) : NULL);
+	json_object_object_add(o, "check", last->valid ?
+			       json_object_new_string(vm->last_full ? "full" : "quick") : NULL);
+	json_object_object_add(o, "errors", ju64(last->v.errors));
+	json_object_object_add(o, "pages_checked", ju64(last->v.pages_checked));
+	json_object_object_add(o, "detail", json_object_new_string(last->v.detail));
+	json_object_object_add(o, "verify_ms", jdouble(last->ms));
+	json_object_object_add(o, "quick", check_object(&vm->quick));
+	json_object_object_add(o, "full", check_object(&vm->full));
 	json_object_object_add(o, "running", json_object_new_boolean(vm->guest->running));
 	pthread_mutex_unlock(&vm->lock);
 	json_object_object_add(o, "page_writes", ju64(gs.page_writes));
@@ -387,11 +409,11 @@ int vm_guest_verify(struct vm *vm, json_object **out, struct vfm_error *err)
 		vm->guest->ops->stop(vm->guest);
 	t0 = vm__mono_us();
 	vm->guest->ops->verify(vm->guest, &v);
-	vm->verify_ms = (double)(vm__mono_us() - t0) / 1000.0;
+	vm->full = (struct vm_check){ .valid = true, .v = v,
+				      .ms = (double)(vm__mono_us() - t0) / 1000.0 };
+	vm->last_full = true;
 	if (was)
 		ret = vm->guest->ops->start(vm->guest, err);
-	vm->verify = v;
-	vm->verify_valid = true;
 	pthread_mutex_unlock(&vm->lock);
 	if (ret)
 		return ret;

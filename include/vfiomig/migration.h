@@ -87,6 +87,13 @@ struct vfm_vm_ops {
 	 * what arrived). Called from the incoming thread.
 	 */
 	void (*loaded)(void *opaque);
+	/*
+	 * Source, optional: at the start of every dirty sync (pre-copy passes
+	 * and once after the guest stopped), the VM moves dirty pages its
+	 * hardware tracked (KVM's dirty log) into the memory layer's bitmaps.
+	 * Called from the migration thread.
+	 */
+	void (*log_sync)(void *opaque);
 };
 
 /*

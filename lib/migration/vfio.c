@@ -477,6 +477,8 @@ void vfm__log_sync(struct vfm_migration *m, bool in_precopy)
 
 	if (!m->mem)
 		return;
+	if (m->vm && m->vm->log_sync)
+		m->vm->log_sync(m->vm_opaque);   /* the vCPUs' writes (KVM's dirty log) */
 	for (unsigned d = 0; d < m->ndevs; d++) {
 		struct vfm_mig_device *md = m->devs[d];
 

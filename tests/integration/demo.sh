@@ -50,6 +50,8 @@ check_report() {
 	grep -q '^result: VERIFIED' "$tmp/out" || die "no VERIFIED line"
 	grep -q 'guest .*synthetic: ok, [1-9][0-9]* pages checked, 0 errors' "$tmp/out" ||
 		die "no guest verification line"
+	grep -q '^    quick  *ok, [1-9]' "$tmp/out" && grep -q '^    full  *ok, [1-9]' "$tmp/out" ||
+		die "no quick and full check lines"
 	for i in $(seq 0 $(($1 - 1))); do
 		grep -q "dev$i .*state checksum 0x[0-9a-f]* == 0x[0-9a-f]*: ok" "$tmp/out" ||
 			die "no verified checksum line for dev$i"
@@ -73,6 +75,11 @@ missing = [k for k in keys if k not in r]
 assert not missing, "missing keys: %s" % missing
 assert r["verified"] is True, r.get("error")
 assert r["guest"]["kind"] == "synthetic" and r["guest"]["verified"] is True, r["guest"]
+# Both of the destination's checks ran and passed: quick on load, full after.
+for c in ["quick", "full"]:
+    g = r["guest"][c]
+    assert g["verified"] is True and g["errors"] == 0 and g["pages_checked"] > 0, (c, g)
+    assert g["verify_ms"] >= 0, (c, g)
 assert len(r["devices"]) == ndev, r["devices"]
 for d in r["devices"]:
     assert d["verified"] is True and d["source_checksum"] == d["destination_checksum"], d
@@ -89,7 +96,7 @@ assert r["total_time_ms"] > 0 and r["downtime_ms"] > 0
 if live:
     assert r["precopy_iterations"] >= 1, r["precopy_iterations"]
 phases = [e["phase"] for e in r["timeline"]]
-for p in ["start", "running", "migrate", "completed", "verified"]:
+for p in ["start", "running", "migrate", "completed", "verify", "verified"]:
     assert p in phases, "phase %s missing from %s" % (p, phases)
 print("json ok:", r["uri"], r["transferred_bytes"], "bytes")
 EOF

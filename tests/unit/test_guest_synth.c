@@ -5,6 +5,7 @@
  * write the device made that went missing, a lost completion, a superblock
  * that is not there.
  */
+#include <fcntl.h>
 #include <pthread.h>
 #include <time.h>
 
@@ -88,26 +89,50 @@ static struct synth *S(struct rig *r)
 	return (struct synth *)r->g;
 }
 
+/* Both checks, the full one and the quick one the destination runs on load. */
 static void expect_verified(struct rig *r)
 {
 	struct vfm_guest_verify v;
 
-	CHECK_EQ(r->g->ops->verify(r->g, &v), 0);
-	if (!v.verified)
-		FAIL("not verified: %s", v.detail);
-	CHECK_EQ(v.errors, 0);
-	CHECK_EQ(v.pages_checked, S(r)->npages - S(r)->data_start + r->ndev * SYNTH_DMA_TARGETS);
+	for (int quick = 0; quick < 2; quick++) {
+		CHECK_EQ((quick ? r->g->ops->quick_verify : r->g->ops->verify)(r->g, &v), 0);
+		if (!v.verified)
+			FAIL("not verified (%s check): %s", quick ? "quick" : "full", v.detail);
+		CHECK_EQ(v.errors, 0);
+		CHECK_EQ(v.pages_checked,
+			 S(r)->npages - S(r)->data_start + r->ndev * SYNTH_DMA_TARGETS);
+	}
 }
 
-static void expect_failure(struct rig *r, const char *what)
+static void expect_failure_of(struct rig *r, bool quick, const char *what)
 {
 	struct vfm_guest_verify v;
 
-	CHECK_EQ(r->g->ops->verify(r->g, &v), 0);
+	CHECK_EQ((quick ? r->g->ops->quick_verify : r->g->ops->verify)(r->g, &v), 0);
 	CHECK(!v.verified);
 	CHECK(v.errors >= 1);
 	if (!strstr(v.detail, what))
-		FAIL("detail '%s' does not say '%s'", v.detail, what);
+		FAIL("%s check: detail '%s' does not say '%s'", quick ? "quick" : "full", v.detail,
+		     what);
+}
+
+/* Every loss below is one the quick check catches too. */
+static void expect_failure(struct rig *r, const char *what)
+{
+	expect_failure_of(r, false, what);
+	expect_failure_of(r, true, what);
+}
+
+/* A data page of r's guest with generation at least min (written). */
+static uint64_t written_page(struct rig *r, uint64_t min)
+{
+	struct synth *s = S(r);
+	uint64_t p;
+
+	for (p = s->data_start; p < s->npages && atomic_load(&s->table[p]) < min; p++)
+		;
+	CHECK(p < s->npages);
+	return p;
 }
 
 static void verifies_after_dma(bool by_messages)
@@ -225,5 +250,67 @@ TEST(incoming_guest_checks_the_superblock)
 	expect_verified(&r);
 	run_some(&r);
 	expect_verified(&r);
+	rig_free(&r);
+}
+
+TEST(quick_check_catches_a_written_page_that_is_a_hole)
+{
+	const struct vfm_mem_region *reg;
+	struct rig r;
+	uint64_t p;
+
+	rig_init(&r, 1, false, true);
+	run_some(&r);
+	reg = vfm_guest_mem_region(r.mem, 0);
+	/* The loader punches zero runs: a written page gone that way is lost. */
+	p = written_page(&r, 1);
+	CHECK_EQ(fallocate(reg->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			   (off_t)(p * S(&r)->page_size), (off_t)S(&r)->page_size), 0);
+	expect_failure(&r, "lost page write");
+	rig_free(&r);
+}
+
+TEST(quick_check_skips_holes_of_unwritten_pages_only)
+{
+	const struct vfm_mem_region *reg;
+	struct synth *s;
+	struct rig r;
+	uint64_t p, q;
+
+	rig_init(&r, 1, false, true);
+	run_some(&r);
+	s = S(&r);
+	reg = vfm_guest_mem_region(r.mem, 0);
+	for (p = s->data_start; p < s->npages && atomic_load(&s->table[p]); p++)
+		;
+	CHECK(p < s->npages);
+	/* An unwritten page that is a hole reads as zeros: fine. */
+	CHECK_EQ(fallocate(reg->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			   (off_t)(p * s->page_size), (off_t)s->page_size), 0);
+	expect_verified(&r);
+	/* A written page whose table entry went back to 0 (a lost table write). */
+	q = written_page(&r, 1);
+	atomic_store(&s->table[q], 0);
+	expect_failure(&r, "lost page write");
+	rig_free(&r);
+}
+
+TEST(a_torn_page_needs_the_full_check)
+{
+	struct rig r;
+	uint64_t p;
+
+	rig_init(&r, 1, false, true);
+	run_some(&r);
+	p = written_page(&r, 1);
+	/* One word off the sampled ones (first, middle, last). */
+	((uint64_t *)(S(&r)->base + p * S(&r)->page_size))[7] ^= 1;
+	expect_failure_of(&r, false, "word 7");
+	{
+		struct vfm_guest_verify v;
+
+		CHECK_EQ(r.g->ops->quick_verify(r.g, &v), 0);
+		CHECK(v.verified);
+	}
 	rig_free(&r);
 }
