@@ -100,6 +100,9 @@ struct vfu_hdr {
 #define VFU_MAX_MSG_SIZE        VFU_MSG_SIZE_FOR_XFER(VFU_MAX_DATA_XFER_SIZE)
 /* File descriptors in one message, both directions (QEMU's limit too). */
 #define VFU_MAX_FDS             16u
+/* Most guest memory a server maps in all: 1 TiB, whose DMA logging bitmaps
+ * take 32 MiB at 4 KiB pages (the DMA_MAP windows are client-sized). */
+#define VFU_MAX_DMA_TOTAL       (1ull << 40)
 /* REGION_WRITE_MULTI: QEMU batches at most 200; the spec sets no limit. */
 #define VFU_WRITE_MULTI_MAX     200u
 /* Region info: keep the capability walk bounded. */

@@ -116,6 +116,17 @@ int vfu_srv_dma_map(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	if (ctx->nmaps >= ctx->neg.max_dma_maps)
 		return vfm_error_set(err, -ENOSPC, "DMA_MAP: already %zu windows (max_dma_maps %" PRIu32 ")",
 				     ctx->nmaps, ctx->neg.max_dma_maps);
+	/*
+	 * The dirty log of a window is sized by the window, and a sparse memfd
+	 * can be as large as the client likes: cap the total mapped, so a DMA
+	 * logging bitmap never passes VFU_MAX_DMA_TOTAL / 4 KiB / 8 bytes.
+	 */
+	uint64_t total = req.size;
+	for (size_t i = 0; i < ctx->nmaps; i++)
+		total += ctx->maps[i].size;
+	if (total > VFU_MAX_DMA_TOTAL || total < req.size)
+		return vfm_error_set(err, -ENOSPC, "DMA_MAP: %#" PRIx64 " more bytes would map more "
+				     "than %llu GiB in all", req.size, VFU_MAX_DMA_TOTAL >> 30);
 	/* Only the loop thread changes maps: reading it unlocked here is safe. */
 	at = first_ending_after(ctx, req.addr);
 	if (at < ctx->nmaps && ctx->maps[at].iova < req.addr + req.size)

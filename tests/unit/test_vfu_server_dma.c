@@ -82,6 +82,14 @@ TEST(dma_map_and_device_dma)
 	CHECK_EQ(rc_dma_unmap(&c, 0, 0, VFU_DMA_UNMAP_F_ALL), 0);
 	CHECK_EQ(s.td.unmaps, 7);
 	CHECK_EQ(rc_dma_map(&c, -1, 0, 0x30000000, 4096, RW), 0);
+	/* A sparse memfd of 2 TiB maps fine by size, but the total is capped
+	 * (its dirty log would be 64 MiB of bitmap). */
+	int huge = test_memfd("huge", 4096, NULL);
+	CHECK_EQ(ftruncate(huge, 2ll << 40), 0);
+	CHECK_EQ(rc_dma_map(&c, huge, 0, 1ull << 44, 2ull << 40, RW), -ENOSPC);
+	CHECK_EQ(rc_dma_map(&c, -1, 0, 1ull << 44, (1ull << 40) - 4096, RW), 0);
+	CHECK_EQ(rc_dma_map(&c, -1, 0, 1ull << 45, 8192, RW), -ENOSPC);
+	close(huge);
 	/* Truncated request, two fds. */
 	struct vfu_dma_map req = { .argsz = 32, .flags = RW, .addr = 0x40000000, .size = 4096 };
 	int two[2] = { fd, fd };
