@@ -24,6 +24,7 @@
  * send completes.
  */
 #define CLI_QUEUE_MAX 8
+#define CLI_ABANDONED_MAX 8   /* more timed-out requests in flight: give up */
 /* Hostile-peer bounds on what DEVICE_GET_INFO may announce. */
 #define CLI_MAX_REGIONS 64u
 #define CLI_MAX_IRQS 64u
@@ -80,6 +81,11 @@ struct vfu_client {
 	pthread_mutex_t lock;
 	uint16_t next_id;
 	int dead;                 /* 0, or the error that took the connection down */
+	/* Requests whose reply did not come in time: the stream is still in
+	 * step (nothing of the reply had arrived), so a late reply is dropped
+	 * when it comes instead of taking the connection down. */
+	uint16_t abandoned[CLI_ABANDONED_MAX];
+	unsigned n_abandoned;
 	char dead_msg[VFM_ERROR_MSG_MAX];
 	struct vfu_msg queue[CLI_QUEUE_MAX];  /* server commands not yet served */
 	unsigned q_head, q_len;

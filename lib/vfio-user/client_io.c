@@ -2,7 +2,9 @@
  * The vfio-user client's side of the socket: one request at a time, server
  * commands served whenever they arrive (also while we wait for a reply or are
  * still sending), a timeout on every wait, and a connection that, once
- * broken, stays down so that every later call fails at once.
+ * broken, stays down so that every later call fails at once. A request
+ * whose reply does not start within the timeout fails alone: the stream is
+ * still in step, and its reply is dropped when it comes.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -92,13 +94,31 @@ static int recv_failed(struct vfu_client *c, int r, const char *waiting_for,
 	}
 }
 
-/* Receives one whole message and checks its framing. */
+/* Whether id is a timed-out request's (and forgets it: its reply is here). */
+static bool take_abandoned(struct vfu_client *c, uint16_t id)
+{
+	for (unsigned i = 0; i < c->n_abandoned; i++) {
+		if (c->abandoned[i] == id) {
+			c->abandoned[i] = c->abandoned[--c->n_abandoned];
+			return true;
+		}
+	}
+	return false;
+}
+
+/* recv_one(): no byte came in time, the stream is intact (not an errno). */
+#define TIMED_OUT_IN_STEP 1
+
+/* Receives one whole message and checks its framing: 0, TIMED_OUT_IN_STEP,
+ * or a negative error with the connection down. */
 static int recv_one(struct vfu_client *c, struct vfu_msg *m, int timeout_ms,
 		    const char *waiting_for, struct vfm_error *err)
 {
 	struct vfm_error e = { 0 };
 	int r = vfu_recv(c->fd, m, c->max_msg_size, timeout_ms, &e);
 
+	if (r == -ETIMEDOUT && c->n_abandoned < CLI_ABANDONED_MAX)
+		return TIMED_OUT_IN_STEP;   /* nothing consumed: the caller decides */
 	if (r)
 		return recv_failed(c, r, waiting_for, &e, err);
 	r = vfu_check_hdr(&m->hdr, &e);
@@ -167,6 +187,9 @@ static int wait_writable(struct vfu_client *c, int64_t deadline, const char *wha
 		if (!(p.revents & POLLIN))
 			continue;
 		r = recv_one(c, &m, c->timeout_ms, "while sending", err);
+		if (r == TIMED_OUT_IN_STEP)   /* half a request is out: no way back in step */
+			return vfu_cli_fail(c, -ETIMEDOUT, err, "vfio-user server at %s sent nothing "
+					    "for %d ms (while sending)", c->name, c->timeout_ms);
 		if (r)
 			return r;
 		queue_push(c, &m);
@@ -305,8 +328,25 @@ int vfu_cli_request(struct vfu_client *c, uint16_t cmd, const struct iovec *iov,
 			/* The clock restarts with each server message: a server
 			 * doing DMA for our request is alive and working on it. */
 			r = recv_one(c, &m, c->timeout_ms, waiting, err);
+			if (r == TIMED_OUT_IN_STEP) {
+				/* A slow server (firmware) is not a dead one: keep the
+				 * connection, drop this reply when it comes late. */
+				c->abandoned[c->n_abandoned++] = req.msg_id;
+				vfm_warn(c->id, "vfio-user server at %s sent nothing for %d ms (%s): "
+					 "giving up on it", c->name, c->timeout_ms, waiting);
+				return vfm_error_set(err, -ETIMEDOUT, "%s: vfio-user server at %s sent "
+						     "nothing for %d ms (%s)", c->id, c->name,
+						     c->timeout_ms, waiting);
+			}
 			if (r)
 				return r;
+		}
+		if (vfu_hdr_is_reply(&m.hdr) && m.hdr.msg_id != req.msg_id &&
+		    take_abandoned(c, m.hdr.msg_id)) {
+			vfm_debug(c->id, "dropping the late reply %u (%s)", (unsigned)m.hdr.msg_id,
+				  vfu_cmd_name(m.hdr.cmd));
+			vfu_msg_release(&m);
+			continue;
 		}
 		if (!vfu_hdr_is_reply(&m.hdr)) {
 			r = serve_one(c, &m, err);
@@ -361,8 +401,16 @@ int vfu_cli_poll_locked(struct vfu_client *c, struct vfm_error *err)
 			/* Something arrived (or the peer hung up): take the
 			 * whole message, however it is split, within the timeout. */
 			r = recv_one(c, &m, c->timeout_ms, "idle", err);
+			if (r == TIMED_OUT_IN_STEP)
+				break;   /* readable but nothing came: a hang-up race */
 			if (r)
 				return r;
+		}
+		if (vfu_hdr_is_reply(&m.hdr) && take_abandoned(c, m.hdr.msg_id)) {
+			vfm_debug(c->id, "dropping the late reply %u (%s)", (unsigned)m.hdr.msg_id,
+				  vfu_cmd_name(m.hdr.cmd));
+			vfu_msg_release(&m);
+			continue;
 		}
 		if (vfu_hdr_is_reply(&m.hdr)) {
 			uint16_t id = m.hdr.msg_id, cmd = m.hdr.cmd;

@@ -252,6 +252,9 @@ static bool doorbell(struct fake *f, const struct vfu_msg *m, const struct fake_
 	case FAKE_OP_ADD_PRECOPY:
 		f->precopy_total += c->arg;
 		return false;
+	case FAKE_OP_SLOW:
+		usleep(c->arg * 1000u);
+		return false;
 	default:
 		return false;
 	}

@@ -64,6 +64,7 @@ enum fake_op {
 	FAKE_OP_ERRNO,           /* error reply with errno arg (0 allowed) */
 	FAKE_OP_ADD_PRECOPY,     /* arg more pre-copy bytes */
 	FAKE_OP_DMA_WRITE_RAW,   /* DMA_WRITE with count = len but arg data bytes */
+	FAKE_OP_SLOW,            /* answer normally, but after arg ms */
 };
 
 struct fake_cmd {

@@ -1043,7 +1043,35 @@ TEST(server_never_answers)
 	dt = ms_now() - t0;
 	CHECK(dt >= 250 && dt < 3000);
 	CHECK(strstr(err.msg, "sent nothing for 300 ms") != NULL);
+	/* Still hung: each request times out alone, until the client has
+	 * given up on too many and takes the connection down. */
+	for (int i = 1; i < 8; i++)
+		CHECK_EQ(vfm_device_reset(dev, NULL), -ETIMEDOUT);
+	CHECK_EQ(vfm_device_reset(dev, NULL), -ETIMEDOUT);
 	CHECK_EQ(vfm_device_reset(dev, NULL), -ENOTCONN);
+	finish(&s, dev);
+}
+
+/* A server slower than the timeout (firmware): that request fails, its late
+ * reply is dropped, and the connection goes on working. */
+TEST(slow_server_late_reply_is_dropped)
+{
+	struct vfm_vfio_user_opts o = opts_v1(200, 0);
+	struct vfm_error err = { 0 };
+	struct fake_srv s;
+	struct vfm_device *dev = start(&s, NULL, &o);
+	unsigned char b[16];
+
+	CHECK_EQ(fake_cmd(dev, FAKE_OP_SLOW, 600, 0, 0, 0, &err), -ETIMEDOUT);
+	/* The next request waits behind the slow one and gets its own reply. */
+	vfm_error_clear(&err);
+	if (vfm_device_region_read(dev, FAKE_R_MEM, 0, b, sizeof(b), &err) != 0) {
+		/* Sent while the server still slept: it may time out too... */
+		CHECK(strstr(err.msg, "sent nothing") != NULL);
+		usleep(700000);
+		CHECK_EQ(vfm_device_region_read(dev, FAKE_R_MEM, 0, b, sizeof(b), NULL), 0);
+	}
+	CHECK_EQ(fake_cmd(dev, FAKE_OP_ADD_PRECOPY, 0, 0, 0, 0, NULL), 0);
 	finish(&s, dev);
 }
 
