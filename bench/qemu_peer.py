@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""The QEMU peer row of docs/performance.md: the same KVM guest program
+(QEMU boots lib/guest-mb.img, vfiomig runs its embedded image), same RAM,
+vCPUs, working set, dirty rate, downtime limit and kind of channel (UNIX
+socket), migrated by Debian's qemu-system-x86_64 and by `vfiomig vm --guest
+kvm`; medians of N runs and the ratios vfiomig / QEMU.
+
+usage: qemu_peer.py BUILD_DIR [--runs N] [--json]
+run.py imports section() for its "## 8. Peer: QEMU".
+"""
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+RAM_MIB = 256
+WS = 4 * MiB
+RATE = 4 * MiB              # bytes/s the guest rewrites
+DOWNTIME_LIMIT_MS = 300
+MAX_BW = 100 << 30          # QEMU's default cap is 128 MiB/s; vfiomig has none
+MAILBOX = 0x1000
+VCPU0 = MAILBOX + 0x80      # struct kg_vcpu_stats of vCPU 0 (guest/abi.h)
+BOOT_TIMEOUT = 60
+
+
+class Qmp:
+    """A line-oriented QMP client; QEMU and `vfiomig vm --control` both speak it."""
+
+    def __init__(self, path, timeout=30):
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.s = socket.socket(socket.AF_UNIX)
+                self.s.settimeout(timeout)
+                self.s.connect(path)
+                break
+            except OSError:
+                self.s.close()
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.f = self.s.makefile('rwb')
+        json.loads(self.f.readline())          # greeting
+        self.cmd('qmp_capabilities')
+
+    def cmd(self, name, **args):
+        msg = {'execute': name}
+        if args:
+            msg['arguments'] = args
+        self.f.write((json.dumps(msg) + '\n').encode())
+        self.f.flush()
+        while True:
+            line = self.f.readline()
+            if not line:
+                raise RuntimeError('%s: connection closed' % name)
+            r = json.loads(line)
+            if 'event' in r:
+                continue
+            if 'error' in r:
+                raise RuntimeError('%s: %s' % (name, r['error'].get('desc')))
+            return r['return']
+
+    def close(self):
+        self.s.close()
+
+
+def kg_mix(x):
+    M = (1 << 64) - 1
+    x ^= x >> 33
+    x = (x * 0xff51afd7ed558ccd) & M
+    x ^= x >> 33
+    x = (x * 0xc4ceb9fe1a85ec53) & M
+    x ^= x >> 33
+    return x
+
+
+def kg_page_word(p, gen):
+    M = (1 << 64) - 1
+    return (kg_mix(((p << 20) ^ (gen << 40) ^ 0x9e3779b97f4a7c15) & M) | 1) if gen else 0
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.time() + timeout
+    while not pred():
+        if time.time() > deadline:
+            raise RuntimeError('timed out waiting for ' + what)
+        time.sleep(0.1)
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, log):
+        p = subprocess.Popen(cmd, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+
+
+def qemu_read_u64(q, gpa):
+    out = q.cmd('human-monitor-command', **{'command-line': 'xp /1gx 0x%x' % gpa})
+    return int(out.split(':')[1].split()[0], 16)
+
+
+def qemu_verify(q, tmp):
+    """Stopped destination: every working-set page holds its generation's
+    value, as the host check of vmm/kvm_check.c (the in-flight page may hold
+    either generation's). Returns (ok, detail)."""
+    def dump(gpa, size):
+        path = os.path.join(tmp, 'dump.bin')
+        q.cmd('pmemsave', val=gpa, size=size, filename=path)
+        with open(path, 'rb') as f:
+            return f.read()
+    mb = dump(MAILBOX, 4096)
+    magic, _ver, _n, table_gpa, ws_gpa, ws_pages = struct.unpack_from('<QIIQQQ', mb, 0)
+    if magic != 0x314753454d4b4656:
+        return False, 'mailbox magic 0x%x' % magic
+    written, inflight_page, inflight_gen = struct.unpack_from('<QQQ', mb, VCPU0 - MAILBOX)
+    table = struct.unpack('<%dQ' % ws_pages, dump(table_gpa, ws_pages * 8))
+    ws = dump(ws_gpa, ws_pages * 4096)
+    base = ws_gpa // 4096
+    bad = 0
+    for i in range(ws_pages):
+        p = base + i
+        page = ws[i * 4096:(i + 1) * 4096]
+        if page == struct.pack('<Q', kg_page_word(p, table[i])) * 512:
+            continue
+        if p == inflight_page:
+            new, old = kg_page_word(p, inflight_gen), kg_page_word(p, table[i])
+            words = struct.unpack('<512Q', page)
+            if all(w in (new, old) for w in words):
+                continue
+        bad += 1
+    return bad == 0, '%d pages, %d bad, %d rewrites' % (ws_pages, bad, written)
+
+
+def qemu_version(qemu):
+    p = subprocess.run([qemu, '--version'], capture_output=True, text=True)
+    return p.stdout.splitlines()[0] if p.stdout else '?'
+
+
+def qemu_run(qemu, img, tmp):
+    """One QEMU migration: source and -incoming destination on UNIX sockets."""
+    procs = Procs()
+    base = ['-enable-kvm', '-m', str(RAM_MIB), '-smp', '1', '-nodefaults', '-no-reboot',
+            '-display', 'none', '-monitor', 'none', '-serial', 'none', '-kernel', img,
+            '-append', 'ws=%d rate=%d' % (WS, RATE)]
+    con_s, con_d = os.path.join(tmp, 'src.console'), os.path.join(tmp, 'dst.console')
+    qmp_s, qmp_d = os.path.join(tmp, 'src.qmp'), os.path.join(tmp, 'dst.qmp')
+    mig = os.path.join(tmp, 'mig.sock')
+    for f in (con_s, con_d, qmp_s, qmp_d, mig):
+        if os.path.exists(f):
+            os.unlink(f)
+    try:
+        src = procs.start([qemu] + base + ['-debugcon', 'file:' + con_s,
+                                           '-qmp', 'unix:%s,server=on,wait=off' % qmp_s],
+                          os.path.join(tmp, 'src.log'))
+        procs.start([qemu] + base + ['-debugcon', 'file:' + con_d,
+                                     '-qmp', 'unix:%s,server=on,wait=off' % qmp_d,
+                                     '-incoming', 'unix:' + mig],
+                    os.path.join(tmp, 'dst.log'))
+
+        def booted():
+            if src.poll() is not None:
+                raise RuntimeError('qemu exited: ' + open(os.path.join(tmp, 'src.log')).read())
+            return os.path.exists(con_s) and 'long mode' in open(con_s).read()
+        wait_for(booted, BOOT_TIMEOUT, 'the guest console line')
+        s, d = Qmp(qmp_s), Qmp(qmp_d)
+        w0 = qemu_read_u64(s, VCPU0)
+        time.sleep(1.0)         # steady dirtying before the migration starts
+        rate = (qemu_read_u64(s, VCPU0) - w0) * 4096 / 1.0
+        s.cmd('migrate-set-parameters', **{'downtime-limit': DOWNTIME_LIMIT_MS,
+                                           'max-bandwidth': MAX_BW})
+        s.cmd('migrate', uri='unix:' + mig)
+        info = {}
+
+        def done():
+            info.update(s.cmd('query-migrate'))
+            if info.get('status') == 'failed':
+                raise RuntimeError('qemu migration failed: %s' % info.get('error-desc'))
+            return info.get('status') == 'completed'
+        wait_for(done, 120, 'qemu migration')
+        wait_for(lambda: d.cmd('query-status')['status'] == 'running', 30, 'destination running')
+        d0 = qemu_read_u64(d, VCPU0)
+        time.sleep(0.5)
+        resumed = qemu_read_u64(d, VCPU0) > d0
+        d.cmd('stop')
+        ok, detail = qemu_verify(d, tmp)
+        panicked = 'PANIC' in open(con_d).read() + open(con_s).read()
+        s.close()
+        d.close()
+        return {'downtime_ms': float(info['downtime']), 'total_time_ms': float(info['total-time']),
+                'setup_time_ms': float(info.get('setup-time', 0)),
+                'transferred_bytes': info['ram']['transferred'],
+                'iterations': info['ram'].get('dirty-sync-count', 0),
+                'dirty_rate_measured': rate,
+                'verified': ok and resumed and not panicked,
+                'detail': detail + ('' if resumed else ', guest not running after migration')
+                + (', PANIC on console' if panicked else '')}
+    finally:
+        procs.stop()
+
+
+def vfiomig_run(vfiomig, tmp):
+    """One vfiomig migration of the same guest: `vfiomig vm --guest kvm`."""
+    procs = Procs()
+    base = [vfiomig, 'vm', '--mem', '%dM' % RAM_MIB, '--guest', 'kvm', '--vcpus', '1',
+            '--working-set', str(WS), '--dirty-rate', str(RATE)]
+    ctl_s, ctl_d = os.path.join(tmp, 'src.ctl'), os.path.join(tmp, 'dst.ctl')
+    mig = os.path.join(tmp, 'vmig.sock')
+    for f in (ctl_s, ctl_d, mig):
+        if os.path.exists(f):
+            os.unlink(f)
+    try:
+        procs.start(base + ['--control', ctl_s], os.path.join(tmp, 'vsrc.log'))
+        procs.start(base + ['--control', ctl_d, '--incoming', 'unix:' + mig],
+                    os.path.join(tmp, 'vdst.log'))
+        s, d = Qmp(ctl_s), Qmp(ctl_d)
+        wait_for(lambda: s.cmd('query-vfiomig')['guest'].get('page_writes', 0) > 0,
+                 BOOT_TIMEOUT, 'the vfiomig guest writing')
+        w0 = s.cmd('query-vfiomig')['guest']['page_writes']
+        time.sleep(1.0)
+        rate = (s.cmd('query-vfiomig')['guest']['page_writes'] - w0) * 4096 / 1.0
+        s.cmd('migrate-set-parameters', **{'downtime-limit': DOWNTIME_LIMIT_MS})
+        s.cmd('migrate', uri='unix:' + mig)
+        info = {}
+
+        def done():
+            info.update(s.cmd('query-migrate'))
+            if info.get('status') == 'failed':
+                raise RuntimeError('vfiomig migration failed: %s' % info.get('error'))
+            return info.get('status') == 'completed'
+        wait_for(done, 120, 'vfiomig migration')
+        wait_for(lambda: d.cmd('query-status')['status'] == 'running', 30, 'destination running')
+        g = d.cmd('guest-verify')
+        s.close()
+        d.close()
+        return {'downtime_ms': info['downtime_ms'], 'total_time_ms': float(info['total_time_ms']),
+                'setup_time_ms': float(info.get('setup_time_ms', 0)),
+                'transferred_bytes': info['transferred_bytes'],
+                'iterations': info.get('precopy_iterations', 0),
+                'dirty_rate_measured': rate, 'verified': bool(g.get('verified')),
+                'detail': g.get('detail', '')}
+    finally:
+        procs.stop()
+
+
+def measure(build, vfiomig=None, runs=3):
+    qemu = shutil.which('qemu-system-x86_64')
+    img = os.path.join(build, 'lib', 'guest-mb.img')
+    vfiomig = vfiomig or os.path.join(build, 'tools', 'vfiomig')
+    res = {'ram_mib': RAM_MIB, 'working_set': WS, 'dirty_rate': RATE,
+           'downtime_limit_ms': DOWNTIME_LIMIT_MS, 'runs': runs}
+    if not qemu:
+        res['error'] = 'qemu-system-x86_64 not installed (scripts/deps.sh --bench installs it)'
+        return res
+    if not os.access('/dev/kvm', os.R_OK | os.W_OK):
+        res['error'] = '/dev/kvm is not usable here'
+        return res
+    if not os.path.exists(img):
+        res['error'] = '%s not built' % img
+        return res
+    res['qemu_version'] = qemu_version(qemu)
+    with tempfile.TemporaryDirectory(prefix='vfm-qemupeer-') as tmp:
+        for name, fn in (('qemu', lambda: qemu_run(qemu, img, tmp)),
+                         ('vfiomig', lambda: vfiomig_run(vfiomig, tmp))):
+            res[name] = []
+            for i in range(runs):
+                try:
+                    r = fn()
+                except (RuntimeError, OSError, KeyError, ValueError) as e:
+                    res.setdefault('errors', []).append('%s run %d: %s' % (name, i + 1, e))
+                    continue
+                print('  peer %s run %d: downtime %.1f ms, total %.0f ms, verified %s' %
+                      (name, i + 1, r['downtime_ms'], r['total_time_ms'], r['verified']),
+                      flush=True)
+                res[name].append(r)
+    return res
+
+
+def section(build, vfiomig=None, runs=3):
+    """The markdown lines of run.py's section 8."""
+    r = measure(build, vfiomig, runs)
+    w = []
+    w.append('## 8. Peer: QEMU\n')
+    w.append('The same guest program (`guest/guest.c`) in both: QEMU boots it as a multiboot '
+             'image (`lib/guest-mb.img`, `-kernel`, console on debugcon 0xe9), vfiomig runs it '
+             'embedded (`vfiomig vm --guest kvm`). Both: %d MiB RAM, 1 vCPU, KVM, a %d MiB '
+             'working set rewritten at %d MiB/s by the guest itself (KVM dirty log), '
+             'downtime-limit %d ms, source and destination processes on this host over a UNIX '
+             'socket, no devices; QEMU\'s max-bandwidth raised from its 128 MiB/s default to '
+             'unlimited as vfiomig\'s. Median of %d runs each; downtime and total time are each '
+             'tool\'s own report. Each destination is checked after the migration (QEMU: the '
+             'destination is stopped and its working set, table and mailbox read with '
+             '`pmemsave` and checked as `vmm/kvm_check.c` does; vfiomig: `guest-verify`).\n' %
+             (r['ram_mib'], r['working_set'] // MiB, r['dirty_rate'] // MiB,
+              r['downtime_limit_ms'], r['runs']))
+    if 'error' in r:
+        w.append('Not measured: %s.\n' % r['error'])
+        return w
+    w.append('QEMU: %s.\n' % r['qemu_version'])
+    rows = {}
+    w.append('| peer | downtime ms (runs) | total time ms (runs) | setup ms | bytes sent | '
+             'measured dirty MB/s | verified |')
+    w.append('|---|---|---|---:|---:|---:|---|')
+    for name in ('qemu', 'vfiomig'):
+        xs = r.get(name) or []
+        if not xs:
+            w.append('| %s | failed | | | | | |' % name)
+            continue
+        dt = median([x['downtime_ms'] for x in xs])
+        tt = median([x['total_time_ms'] for x in xs])
+        rows[name] = (dt, tt)
+        w.append('| %s | %.1f (%s) | %.0f (%s) | %.0f | %.1f MB | %.1f | %s |' % (
+            'QEMU' if name == 'qemu' else 'vfiomig', dt,
+            ', '.join('%.1f' % x['downtime_ms'] for x in xs), tt,
+            ', '.join('%.0f' % x['total_time_ms'] for x in xs),
+            median([x['setup_time_ms'] for x in xs]),
+            median([x['transferred_bytes'] for x in xs]) / 1e6,
+            median([x['dirty_rate_measured'] for x in xs]) / 1e6,
+            '%d of %d' % (sum(1 for x in xs if x['verified']), len(xs))))
+    if 'qemu' in rows and 'vfiomig' in rows:
+        q, v = rows['qemu'], rows['vfiomig']
+        w.append('\nRatios vfiomig / QEMU (medians; < 1 means vfiomig is faster): downtime '
+                 '**%.2f**, total time **%.2f**.' % (v[0] / q[0] if q[0] else float('inf'),
+                                                     v[1] / q[1] if q[1] else float('inf')))
+    for e in r.get('errors', []):
+        w.append('\n- error: %s' % e)
+    w.append('')
+    return w
+
+
+def main():
+    build = sys.argv[1]
+    runs = int(sys.argv[sys.argv.index('--runs') + 1]) if '--runs' in sys.argv else 3
+    if '--json' in sys.argv:
+        print(json.dumps(measure(build, None, runs)))
+    else:
+        print('\n'.join(section(build, None, runs)))
+
+
+if __name__ == '__main__':
+    main()
