@@ -48,9 +48,11 @@ valgrind: all
 
 # Benchmarks: write docs/performance.md (+ docs/perf/*.png). Not tests.
 bench: all
+	-./scripts/deps.sh --bench   # without QEMU the peer row says so
 	./bench/run.py $(BUILD)
 
 bench-quick: all
+	-./scripts/deps.sh --bench   # without QEMU the peer row says so
 	./bench/run.py $(BUILD) --quick --out $(BUILD)/performance-quick.md
 
 # libFuzzer (clang) build of tests/fuzz; FUZZ_TIME seconds per target.

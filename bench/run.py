@@ -256,6 +256,11 @@ def main():
         w('| %.3f | %.3f |' % (ram_run['cpu_src_s'] / gib, ram_run['cpu_dst_s'] / gib))
     w('')
 
+    # 8. Peer: QEMU (bench/qemu_peer.py).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import qemu_peer
+    rep.extend(qemu_peer.section(BUILD, VFIOMIG, runs=3))
+
     w('## Where the time went, and what was fixed\n')
     w('Found with `perf record -g` on the migrations above (2026-12-01, this machine); each '
       'figure is before → after, measured back to back.\n')

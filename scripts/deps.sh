@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vfiomig's build, tests and demo need, when any
 # is missing. Idempotent. As root it runs apt-get; otherwise it prints the
-# command to run and exits non-zero.
+# command to run and exits non-zero. `deps.sh --bench` adds the benchmark
+# extras (qemu-system-x86).
 set -euo pipefail
 
 packages=(
@@ -18,6 +19,12 @@ packages=(
 	valgrind
 	gnuplot-nox        # plots of make bench (docs/performance.md)
 )
+# --bench: also the extras only `make bench` uses.
+if [ "${1:-}" = "--bench" ]; then
+	packages+=(
+		qemu-system-x86    # the QEMU peer row (bench/qemu_peer.py)
+	)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
