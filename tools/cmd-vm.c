@@ -16,8 +16,9 @@
 static void vm_usage(FILE *out)
 {
 	fprintf(out,
-		"usage: vfiomig vm --mem SIZE [--device SPEC]... [--guest synthetic|kvm|none]\n"
-		"                  [--vcpus N] [--dirty-rate RATE] [--incoming URI] --control PATH [-v]\n\n"
+		"usage: vfiomig vm --mem SIZE [--device SPEC]... [--guest synthetic|kvm|auto|none]\n"
+		"                  [--vcpus N] [--dirty-rate RATE] [--working-set SIZE]\n"
+		"                  [--incoming URI] --control PATH [-v]\n\n"
 		"Runs a VM: SIZE bytes of guest memory (memfd, mapped into every device for DMA),\n"
 		"its devices, a guest, and the migration engine, controlled through a QMP-style\n"
 		"socket at PATH (vfiomig ctl PATH ..., docs/control-protocol.md).\n\n"
@@ -28,9 +29,12 @@ static void vm_usage(FILE *out)
 		"                      ,device-dirty-page-tracking=on|off\n"
 		"                      ,migration-multifd-transfer=on|off|auto (repeatable, up to %d)\n"
 		"  --guest KIND        synthetic (default): vCPU threads writing memory and driving\n"
-		"                      'dma' devices, verifiable after migration; none: no workload\n"
-		"  --vcpus N           synthetic guest vCPU threads (default 2)\n"
+		"                      'dma' devices, verifiable after migration; kvm: a KVM virtual\n"
+		"                      machine running the guest program (needs /dev/kvm); auto: kvm\n"
+		"                      when /dev/kvm works, else synthetic; none: no workload\n"
+		"  --vcpus N           guest vCPUs (default 2; kvm: at most 32)\n"
 		"  --dirty-rate RATE   bytes per second the vCPUs rewrite (default 8M/s; 0 = idle)\n"
+		"  --working-set SIZE  kvm: memory the guest rewrites (default 4M)\n"
 		"  --incoming URI      wait for a migration on URI (tcp:HOST:PORT, port 0 = any;\n"
 		"                      unix:PATH; file:PATH; fd:N), then run the guest\n"
 		"  --control PATH      the control socket (mode 0600)\n"
@@ -88,8 +92,10 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 				return usage_error("at most %d devices", VM_MAX_DEVICES);
 			cfg->devices[cfg->ndevices++] = v;
 		} else if ((v = opt_value(argc, argv, &i, "--guest"))) {
-			if (strcmp(v, "synthetic") && strcmp(v, "kvm") && strcmp(v, "none"))
-				return usage_error("--guest: '%s' is not synthetic, kvm or none", v);
+			if (strcmp(v, "synthetic") && strcmp(v, "kvm") && strcmp(v, "auto") &&
+			    strcmp(v, "none"))
+				return usage_error("--guest: '%s' is not synthetic, kvm, auto or none",
+						   v);
 			cfg->guest = v;
 		} else if ((v = opt_value(argc, argv, &i, "--vcpus"))) {
 			if (vfm_parse_uint(v, 1, 64, &n, &err))
@@ -98,6 +104,11 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 		} else if ((v = opt_value(argc, argv, &i, "--dirty-rate"))) {
 			if (vfm_parse_rate(v, &cfg->dirty_rate, &err))
 				return usage_error("--dirty-rate: %s", err.msg);
+		} else if ((v = opt_value(argc, argv, &i, "--working-set"))) {
+			if (vfm_parse_size(v, &cfg->working_set, &err) || cfg->working_set < 4096 ||
+			    cfg->working_set % 4096)
+				return usage_error("--working-set: %s", err.msg[0] ? err.msg :
+						   "at least 4K, a multiple of 4K");
 		} else if ((v = opt_value(argc, argv, &i, "--incoming"))) {
 			if (!*v)
 				return usage_error("%s", "--incoming: empty URI");

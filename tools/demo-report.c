@@ -332,8 +332,14 @@ static void report_verification(json_object *res, FILE *out)
 			" errors%s%s\n", get_str(g, "kind", "?"),
 			json_object_get_boolean(gv) ? "ok" : "FAILED", get_u64(g, "pages_checked"),
 			get_u64(g, "errors"), *detail ? ": " : "", detail);
+	bool kvm = !strcmp(get_str(g, "kind", ""), "kvm");
+
 	for (int k = 0; k < 2; k++) {
 		json_object *c = get(g, k ? "full" : "quick");
+		const char *how = k ? (kvm ? "every word, then the guest's own check, after it ran" :
+				       "every word, after the guest ran") :
+			(kvm ? "the host's check of the working set, on load: in the downtime" :
+			 "table and 3 words a page, on load: in the downtime");
 
 		if (!c || json_object_is_type(c, json_type_null)) {
 			fprintf(out, "    %-10s did not run\n", k ? "full" : "quick");
@@ -341,9 +347,7 @@ static void report_verification(json_object *res, FILE *out)
 		}
 		fprintf(out, "    %-10s %s, %" PRIu64 " pages in %.1f ms (%s)\n",
 			k ? "full" : "quick", json_object_get_boolean(get(c, "verified")) ? "ok" :
-			"FAILED", get_u64(c, "pages_checked"), get_num(c, "verify_ms"),
-			k ? "every word, after the guest ran" :
-			"table and 3 words a page, on load: in the downtime");
+			"FAILED", get_u64(c, "pages_checked"), get_num(c, "verify_ms"), how);
 	}
 	for (size_t i = 0; i < n; i++) {
 		json_object *d = json_object_array_get_idx(devs, i);

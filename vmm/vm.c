@@ -18,6 +18,9 @@
 #include "vfiomig/vfio.h"
 #include "vfiomig/vfio_user.h"
 #include "vmm/vm-priv.h"
+#ifdef VFM_HAVE_KVM
+#include "vmm/kvm.h"
+#endif
 
 #define LOG "vm"
 #define PCI_CONFIG_REGION 7
@@ -238,6 +241,14 @@ int vm__build_migration(struct vm *vm, struct vfm_migration **out, struct vfm_er
 	ret = vfm_migration_new(vm->mem, &vm_ops, vm, &m, err);
 	if (ret)
 		return ret;
+#ifdef VFM_HAVE_KVM
+	/* First, before the devices: the same order on both sides. */
+	if (!strcmp(vm->guest->ops->kind, "kvm") &&
+	    (ret = vfm_guest_kvm_register(vm->guest, m, NULL, err))) {
+		vfm_migration_free(m);
+		return ret;
+	}
+#endif
 	for (unsigned i = 0; i < vm->ndevs; i++) {
 		struct vm_dev *vd = &vm->devs[i];
 		struct vfm_error e = { 0 };
@@ -367,6 +378,26 @@ static int open_device(struct vm *vm, const char *spec, unsigned idx, struct vfm
 
 /* ---- Lifecycle ---- */
 
+static int make_kvm_guest(struct vm *vm, const struct vm_config *cfg, struct vfm_error *err)
+{
+#ifdef VFM_HAVE_KVM
+	struct vfm_kvm_opts ko = {
+		.vcpus = cfg->vcpus, .dirty_rate = cfg->dirty_rate,
+		.working_set = cfg->working_set, .fresh = !cfg->incoming,
+	};
+	char why[256];
+
+	if (!vfm_kvm_available(why, sizeof(why)))
+		return vfm_error_set(err, -ENODEV, "--guest kvm: %s", why);
+	return vfm_guest_kvm_new(vm->mem, &ko, &vm->guest, err);
+#else
+	(void)vm;
+	(void)cfg;
+	return vfm_error_set(err, -ENOTSUP, "--guest kvm: this build has no KVM guest "
+			     "(x86-64 Linux with linux/kvm.h only)");
+#endif
+}
+
 static int make_guest(struct vm *vm, const struct vm_config *cfg, struct vfm_error *err)
 {
 	const char *kind = cfg->guest ? cfg->guest : "synthetic";
@@ -376,13 +407,20 @@ static int make_guest(struct vm *vm, const struct vm_config *cfg, struct vfm_err
 		.dma_devs = dma,
 	};
 
+#ifdef VFM_HAVE_KVM
+	if (!strcmp(kind, "auto"))
+		kind = vfm_kvm_available(NULL, 0) ? "kvm" : "synthetic";
+#else
+	if (!strcmp(kind, "auto"))
+		kind = "synthetic";
+#endif
 	if (!strcmp(kind, "none"))
 		return vfm_guest_none_new(vm->mem, &vm->guest, err);
 	if (!strcmp(kind, "kvm"))
-		return vfm_error_set(err, -ENOTSUP, "--guest kvm is not available in this build yet "
-				     "(use synthetic or none)");
+		return make_kvm_guest(vm, cfg, err);
 	if (strcmp(kind, "synthetic"))
-		return vfm_error_set(err, -EINVAL, "unknown guest '%s' (synthetic, kvm, none)", kind);
+		return vfm_error_set(err, -EINVAL, "unknown guest '%s' (synthetic, kvm, auto, none)",
+				     kind);
 	for (unsigned i = 0; i < vm->ndevs; i++)
 		if (vm->devs[i].is_dma)
 			dma[so.ndma++] = vm->devs[i].dev;

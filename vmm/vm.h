@@ -27,6 +27,7 @@ struct vm_config {
 	const char *guest;                     /* "synthetic" (default), "none", "kvm" */
 	unsigned vcpus;                        /* 0: the guest's default */
 	uint64_t dirty_rate;                   /* bytes/s */
+	uint64_t working_set;                  /* kvm: bytes the guest rewrites; 0: default */
 	const char *incoming;                  /* URI, or NULL for a source */
 };
 

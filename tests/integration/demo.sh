@@ -150,18 +150,22 @@ assert r["verified"] is False and "unknown transport" in r["error"], r' "$tmp/ou
 	check_clean
 	;;
 kvm)
-	# Without a KVM guest in the build (or without /dev/kvm) the VM refuses:
-	# a clear failure naming it, exit 1. With one, a verified run.
-	"$bin" demo $small --guest kvm >"$tmp/out" 2>"$tmp/err"; got=$?
-	if [ $got = 0 ]; then
-		grep -q '^result: VERIFIED' "$tmp/out" && grep -q 'guest .*kvm: ok' "$tmp/out" ||
-			die "kvm: exit 0 without a verified kvm guest"
-	elif [ $got = 1 ]; then
-		grep -q "vm-src.*kvm" "$tmp/err" || { die "kvm: refusal does not name vm-src";
-			cat "$tmp/err"; }
-	else
-		die "kvm: exit $got"
+	# The KVM guest end to end (skipped without a usable /dev/kvm): a small
+	# working set, as guest code runs slowly on these machines.
+	if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+		echo "SKIP: no usable /dev/kvm"; exit 77
 	fi
+	run 0 --mem 64M --device-state 4M --dirty-rate 2M/s --guest kvm --json && python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+g = r["guest"]
+assert r["verified"] is True and g["kind"] == "kvm" and g["verified"] is True, r
+for c in ["quick", "full"]:
+    assert g[c]["verified"] is True and g[c]["pages_checked"] > 0, (c, g)
+assert r["devices"][0]["verified"] is True, r["devices"]' "$tmp/out" || die "kvm: JSON check failed"
+	run 0 --mem 64M --device-state 4M --dirty-rate 2M/s --guest kvm &&
+		{ grep -q '^result: VERIFIED' "$tmp/out" && grep -q 'guest .*kvm: ok' "$tmp/out" ||
+			die "kvm: no verified kvm guest in the report"; }
 	check_clean
 	;;
 signal)

@@ -57,8 +57,13 @@ expect 2 "unknown parameter" ctl "$c" set bogus=1
 expect 2 "downtime-limit" ctl "$c" set downtime-limit=soon
 expect 2 "KEY=VALUE" ctl "$c" set downtime-limit
 expect 2 "URI" ctl "$c" migrate
+expect 2 "working-set" vm --mem 16M --working-set 5 --control "$c"
 # Failures.
-expect 1 "not available in this build" vm --mem 16M --guest kvm --control "$c"
+if [ -r /dev/kvm ] && [ -w /dev/kvm ]; then
+	expect 1 "40 vCPUs (max 32)" vm --mem 16M --guest kvm --vcpus 40 --control "$c"
+else
+	expect 1 "guest kvm" vm --mem 16M --guest kvm --control "$c"
+fi
 expect 1 "cannot connect\|no such" vm --mem 16M --device "vfio-user:$tmp/nothing" --control "$c"
 expect 1 "backend" vm --mem 16M --device "pci:0000:00:01.0" --control "$c"
 expect 1 "unknown device property" vm --mem 16M --device "vfio-user:$tmp/x,colour=blue" --control "$c"
