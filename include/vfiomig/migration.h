@@ -55,6 +55,12 @@ struct vfm_migration_params {
 	enum vfm_onoff multifd_transfer;/* default auto */
 	bool postcopy;                  /* always refused with VFIO devices */
 	uint64_t timeout_ms;            /* stall bound for any network wait, default 10000 */
+	/* bytes/s the switchover decision assumes (QEMU 8.2's
+	 * avail-switchover-bandwidth); 0 = the measured bandwidth */
+	uint64_t avail_switchover_bandwidth;
+	/* destination: bytes of multifd device buffers queued per device before
+	 * the load is failed (0 = the default, 64 MiB) */
+	uint64_t max_queued_buffers_size;
 };
 VFM_EXPORT void vfm_migration_params_default(struct vfm_migration_params *p);
 

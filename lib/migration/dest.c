@@ -13,6 +13,7 @@
 
 #include "migration/channel.h"
 #include "migration/engine.h"
+#include "migration/multifd.h"
 #include "util/logging.h"
 
 #define LOG "incoming"
@@ -22,6 +23,9 @@ struct dest {
 	struct vfm_migration_params p;
 	struct vfm_stream *in;
 	struct vfm_stream *rp;        /* NULL without a return path */
+	struct vfm_listener *l;       /* multifd channels connect here too */
+	int fd;
+	struct vfm_mf_dst *mf;
 	struct vfm_savable *by_section[256];
 	bool saw_eos;
 };
@@ -121,6 +125,11 @@ static int load_records(struct dest *d, struct vfm_error *err)
 		}
 		case VFM_REC_SWITCHOVER:
 			vfm__mig_set_status(d->m, VFM_MIG_DEVICE);
+			vfm__mf_dst_switchover(d->mf);
+			break;
+		case VFM_REC_MF_CHANNELS:
+			ret = vfm__mf_dst_open(d->m, d->rp ? d->l : NULL, d->fd, &d->p, pl, h.length,
+					       &d->mf, err);
 			break;
 		case VFM_REC_SECTION_END:
 			if (!lookup(d, h.section, err))
@@ -128,7 +137,10 @@ static int load_records(struct dest *d, struct vfm_error *err)
 			break;
 		case VFM_REC_EOS:
 			d->saw_eos = true;
+			ret = vfm__mf_dst_check(d->mf, err);
 			break;
+		case VFM_REC_PAD:
+			break;  /* the source's bandwidth probe */
 		default:
 			return vfm_error_set(err, VFM_ESTREAM, "unexpected record type %u", h.type);
 		}
@@ -147,6 +159,9 @@ static int finish_load(struct dest *d, struct vfm_error *err)
 	const void *pl;
 	int ret;
 
+	/* Every multifd buffer is in its device (checked at EOS): channels go. */
+	vfm__mf_dst_close(d->mf);
+	d->mf = NULL;
 	for (unsigned i = 0; i < m->nsv; i++) {
 		struct vfm_savable *sv = &m->sv[i];
 
@@ -235,6 +250,8 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 	if (ret)
 		goto out;
 	t0 = vfm__now_ns();
+	d.l = l;
+	d.fd = fd;
 	vfm__mig_set_status(m, VFM_MIG_ACTIVE);
 	ret = vfm_stream_open(fd, (int)d.p.timeout_ms, &d.in, err);
 	if (!ret && vfm_uri_has_return_path(&u))
@@ -245,6 +262,19 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 		ret = load_records(&d, err);
 	if (!ret)
 		ret = finish_load(&d, err);
+	if (ret && d.mf) {
+		/* A channel or load thread failing cuts main short: its reason is the one. */
+		struct vfm_error why = { 0 };
+		int r2 = vfm__mf_dst_error(d.mf, &why);
+
+		if (r2) {
+			ret = r2;
+			if (err)
+				*err = why;
+		}
+	}
+	vfm__mf_dst_close(d.mf);
+	d.mf = NULL;
 	if (ret && d.rp) {
 		/* Tell the source why, so it can roll back with a clear message. */
 		unsigned char msg[4 + VFM_ERROR_MSG_MAX];

@@ -44,7 +44,15 @@ struct vfm_mig_device {
 	uint64_t data_buf_size;
 	unsigned char *buf;
 	_Atomic uint64_t transferred;
+	/* Multifd (multifd.c). Source: stop-copy state goes over the extra
+	 * channels; destination: packets for it are accepted. */
+	bool mf_use;
+	struct vfm_mf_devq *mfq;               /* destination queue */
+	_Atomic uint64_t mf_out_of_order;      /* destination: packets ahead of their turn */
 };
+
+/* DATA record flag of a device section: multifd end marker, u32 packets. */
+#define VFM__DEV_MF_END 3
 
 struct vfm_ram;
 
@@ -93,6 +101,12 @@ struct vfm_migration {
 	bool committed;             /* guarded by lock: GO sent, no rollback */
 	atomic_int sock_fd;         /* main channel, shut down to unblock on cancel */
 
+	struct vfm_mf_src *mf_src;  /* guarded by lock (cancel shuts its channels down) */
+	struct vfm_mf_dst *mf_dst;  /* incoming thread */
+	/* Test hook (destination): this channel's packets are delayed. */
+	int mf_delay_chan;
+	unsigned mf_delay_ms;
+
 	/* Test hook: set before a migration starts, read by the source thread. */
 	vfm__mig_phase_fn phase_hook;
 	void *phase_opaque;
@@ -131,6 +145,14 @@ extern const struct vfm_savable_ops vfm__vfio_savable_ops;
 void vfm__log_sync(struct vfm_migration *m, bool in_precopy);
 int vfm__dirty_tracking_start(struct vfm_migration *m, struct vfm_error *err);
 void vfm__dirty_tracking_stop(struct vfm_migration *m);
+
+/* multifd.c: cancel (under m->lock) unblocks every channel write. */
+struct vfm_mf_src;
+void vfm__mf_src_shutdown(struct vfm_mf_src *mf);
+/* Tests: the fd of the source's multifd channel idx, -1 if none. */
+int vfm__mf_src_channel_fd(struct vfm_migration *m, unsigned idx);
+/* Tests (destination): delay each packet of channel chan by ms. */
+void vfm__multifd_set_test_delay(struct vfm_migration *m, int chan, unsigned ms);
 
 /* Source thread body (source.c) and destination (dest.c). */
 void *vfm__source_thread(void *arg);

@@ -68,6 +68,7 @@ void vfm_migration_params_default(struct vfm_migration_params *p)
 	p->multifd_channels = 2;
 	p->multifd_transfer = VFM_AUTO;
 	p->timeout_ms = 10000;
+	p->max_queued_buffers_size = 64ull << 20;
 }
 
 static int prop_bool(const char *key, const char *val, bool *out, struct vfm_error *err)

@@ -17,6 +17,7 @@
 
 #include "migration/channel.h"
 #include "migration/engine.h"
+#include "migration/multifd.h"
 #include "util/logging.h"
 
 #define LOG "migration"
@@ -24,6 +25,11 @@
 #define ITER_BUDGET (8ull << 20)
 #define ITER_BUDGET_MIN (64ull << 10)
 #define BW_WINDOW_NS 100000000ull   /* bandwidth recomputed every 100 ms */
+/* A window that moved less than this says little about the link. */
+#define BW_REAL_MIN (1ull << 20)
+/* The link probe when no window measured it: PAD records, timed to the flush. */
+#define PROBE_BYTES (8ull << 20)
+#define PROBE_RECORD (1u << 20)
 
 struct source {
 	struct vfm_migration *m;
@@ -32,6 +38,7 @@ struct source {
 	int fd;
 	struct vfm_stream *out;
 	struct vfm_stream *rp;
+	struct vfm_mf_src *mf;       /* NULL: no multifd channels */
 	bool guest_stopped;
 	bool committed;              /* GO sent (or file written): no way back */
 	uint64_t t_start, t_stop, rtt_ns;
@@ -39,6 +46,10 @@ struct source {
 	uint64_t win_start, win_bytes0;
 	bool win_busy;
 	double bw;                   /* bytes per second */
+	bool bw_real;                /* measured on a busy window or by the probe */
+	bool probed;
+	bool have_expected;          /* the estimate at the switchover decision */
+	double expected_ms;
 	uint64_t ping_token;
 	bool phase_done[VFM__PH_COUNT];
 };
@@ -62,7 +73,11 @@ static void update_stats(struct source *src, uint64_t pending)
 	st->device_transferred_bytes = dev;
 	st->pending_bytes = pending;
 	st->bandwidth_bps = src->bw;
-	st->expected_downtime_ms = src->bw > 0 ? (double)pending * 1000.0 / src->bw : 0;
+	/* From the switchover decision on, the estimate made then stands. */
+	if (src->have_expected)
+		st->expected_downtime_ms = src->expected_ms;
+	else
+		st->expected_downtime_ms = src->bw > 0 ? (double)pending * 1000.0 / src->bw : 0;
 	st->total_time_ms = (now - src->t_start) / 1000000ull;
 	if (st->total_time_ms)
 		st->throughput_mbps = (double)st->transferred_bytes * 8.0 / 1000.0 /
@@ -168,10 +183,16 @@ static void bandwidth_tick(struct source *src)
 
 	if (el < BW_WINDOW_NS)
 		return;
-	/* An idle window (nothing left to send) says nothing about the link. */
-	if (src->win_busy || src->bw == 0)
-		if (bytes)
-			src->bw = (double)bytes * 1e9 / (double)el;
+	/*
+	 * An idle window (nothing left to send) says nothing about the link;
+	 * one that moved little only stands in until something better.
+	 */
+	if (bytes && (src->win_busy || bytes >= BW_REAL_MIN)) {
+		src->bw = (double)bytes * 1e9 / (double)el;
+		src->bw_real = true;
+	} else if (bytes && !src->bw_real) {
+		src->bw = (double)bytes * 1e9 / (double)el;
+	}
 	src->win_start = now;
 	src->win_bytes0 = out_bytes(src);
 	src->win_busy = false;
@@ -217,6 +238,43 @@ static void rate_limit(struct source *src)
 		nanosleep(&ts, NULL);
 		wait -= slice;
 	}
+}
+
+/*
+ * No window measured the link (the data that remains can only move at
+ * stop-copy and the guest dirties little): time a few MiB of PAD records to
+ * their flush, once, so the threshold is not bandwidth-of-an-idle-link x limit.
+ */
+static int probe_bandwidth(struct source *src, struct vfm_error *err)
+{
+	unsigned char *pad = calloc(1, PROBE_RECORD);
+	uint64_t t0, b0 = out_bytes(src), el;
+
+	if (!pad)
+		return vfm_error_set(err, -ENOMEM, "out of memory");
+	vfm_stream_flush(src->out);
+	t0 = vfm__now_ns();
+	for (uint64_t sent = 0; sent < PROBE_BYTES; sent += PROBE_RECORD)
+		vfm_stream_put_record(src->out, VFM_REC_PAD, 0, 0, pad, PROBE_RECORD);
+	vfm_stream_flush(src->out);
+	el = vfm__now_ns() - t0;
+	free(pad);
+	if (vfm_stream_error(src->out, err))
+		return err ? err->code : -EIO;
+	src->probed = src->bw_real = true;
+	src->bw = (double)(out_bytes(src) - b0) * 1e9 / (double)(el ? el : 1);
+	vfm_debug(LOG, "link probe: %.1f MB/s", src->bw / 1e6);
+	/* The probe's bytes are not pre-copy progress: restart the window. */
+	src->win_start = vfm__now_ns();
+	src->win_bytes0 = out_bytes(src);
+	return 0;
+}
+
+/* Bytes per second the switchover decision assumes. */
+static double switchover_bw(const struct source *src)
+{
+	return src->p.avail_switchover_bandwidth ? (double)src->p.avail_switchover_bandwidth
+						 : src->bw;
 }
 
 static void phase(struct source *src, enum vfm__mig_phase ph)
@@ -294,6 +352,8 @@ static int do_setup(struct source *src, struct vfm_error *err)
 	}
 	if (src->rp && (ret = measure_rtt(src, err)))
 		return ret;
+	if ((ret = vfm__mf_src_open(m, &src->uri, &src->p, src->out, &src->mf, err)))
+		return ret;
 	vfm__dirty_tracking_start(m, err);
 	for (unsigned i = 0; i < m->nsv; i++) {
 		struct vfm_savable *sv = &m->sv[i];
@@ -321,7 +381,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 	src->win_start = vfm__now_ns();
 	src->win_bytes0 = out_bytes(src);
 	for (;;) {
-		double threshold;
+		double threshold, bw;
 		bool all_done = true;
 
 		if (atomic_load(&m->cancel))
@@ -329,17 +389,24 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 		if ((ret = poll_return_path(src, err)))
 			return ret;
 		bandwidth_tick(src);
-		threshold = src->bw * (double)src->p.downtime_limit_ms / 1000.0;
+		if (!src->bw_real && !src->probed && src->bw > 0 && !src->p.avail_switchover_bandwidth &&
+		    (ret = probe_bandwidth(src, err)))
+			return ret;
+		bw = switchover_bw(src);
+		threshold = bw * (double)src->p.downtime_limit_ms / 1000.0;
 		pending = pending_estimate(m);
-		if (src->bw > 0 && (double)pending <= threshold) {
+		if (bw > 0 && (double)pending <= threshold) {
 			vfm__log_sync(m, true);
 			iterations++;
 			if ((ret = pending_exact(m, &pending, err)))
 				return ret;
 			update_stats(src, pending);
 			if ((double)pending <= threshold) {
-				if (all_acked(m))
+				if (all_acked(m)) {
+					src->expected_ms = (double)pending * 1000.0 / bw;
+					src->have_expected = true;
 					break;
+				}
 				phase(src, VFM__PH_ACK_WAIT);
 			}
 		}
@@ -404,6 +471,8 @@ static int stop_devices(struct vfm_migration *m, struct vfm_error *err)
 		struct vfm_mig_device *md = m->devs[i];
 		enum vfm_state st = vfm_device_state(md->dev);
 
+		if (md->mf_use)
+			continue;  /* its save thread does it */
 		ret = vfm_device_set_state(md->dev, VFM_STATE_STOP_COPY, st, err);
 		if (ret)
 			return vfm_error_set(err, ret, "%s: to STOP_COPY", vfm_device_id(md->dev));
@@ -426,12 +495,17 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	src->guest_stopped = true;
 	if ((ret = stop_devices(m, err)))
 		return ret;
+	if (src->mf && (ret = vfm__mf_src_stop_devices(src->mf, err)))
+		return ret;
 	{
 		unsigned char ts[8];
 		vfm_put_le64(ts, src->t_stop);
 		vfm_stream_put_record(src->out, VFM_REC_SWITCHOVER, 0, 0, ts, sizeof(ts));
 	}
 	vfm__log_sync(m, false);
+	/* Every device is quiet and synced: the save threads may read. */
+	if (src->mf)
+		vfm__mf_src_go(src->mf);
 	phase(src, VFM__PH_STOP_COPY);
 	/* All data first, then every config state (QEMU: iterable sections
 	 * complete before the non-iterable ones), so the destination loads
@@ -442,6 +516,8 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		if (sv->ops->save_complete && (ret = sv->ops->save_complete(sv->opaque, src->out, err)))
 			return vfm_error_set(err, ret, "stop-copy of %s", sv->name);
 	}
+	if (src->mf && (ret = vfm__mf_src_finish(src->mf, src->out, err)))
+		return ret;
 	vfm_stream_flush(src->out);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
@@ -527,6 +603,9 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 		err = &why;
 	}
 
+	/* Save threads first: nothing may touch a device while it rolls back. */
+	vfm__mf_src_close(src->mf);
+	src->mf = NULL;
 	for (unsigned i = 0; i < m->nsv; i++)
 		if (m->sv[i].ops->save_cleanup)
 			m->sv[i].ops->save_cleanup(m->sv[i].opaque, !rollback);
@@ -660,6 +739,8 @@ void vfm_migration_cancel(struct vfm_migration *m)
 		fd = atomic_load(&m->sock_fd);
 		if (fd >= 0)
 			shutdown(fd, SHUT_RDWR);
+		if (m->mf_src)
+			vfm__mf_src_shutdown(m->mf_src);
 		/* Under the lock: the thread's final status can only come after. */
 		m->stats.status = VFM_MIG_CANCELLING;
 		cb = m->event_cb;

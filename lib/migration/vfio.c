@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "migration/engine.h"
+#include "migration/multifd.h"
 #include "util/bitmap.h"
 #include "vfiomig/vfio_user.h"
 #include "util/logging.h"
@@ -70,6 +71,11 @@ static uint32_t section_of(const struct vfm_mig_device *md)
 		if (m->sv[i].opaque == md)
 			return m->sv[i].section;
 	return 0;
+}
+
+uint32_t vfm__vfio_section(const struct vfm_mig_device *md)
+{
+	return section_of(md);
 }
 
 static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error *err)
@@ -223,6 +229,8 @@ static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_err
 	uint64_t deadline = vfm__now_ns() + md->m->params.timeout_ms * 1000000ull;
 	ssize_t n;
 
+	if (md->mf_use)
+		return 0;  /* a multifd save thread sends it */
 	/* The engine has moved the device to STOP_COPY: read until 0. */
 	for (;;) {
 		n = move_block(md, s, section, err);
@@ -239,20 +247,34 @@ static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_err
 	}
 }
 
+int vfm__vfio_read_config(struct vfm_mig_device *md, unsigned char *cfg, size_t cap, size_t *len,
+			  struct vfm_error *err)
+{
+	struct vfm_region_info ri;
+	int ret;
+
+	*len = 0;
+	if (vfm_device_region_info(md->dev, PCI_CONFIG_REGION, &ri, NULL) || !ri.size)
+		return 0;  /* not a PCI device: no config state */
+	*len = ri.size < cap ? (size_t)ri.size : cap;
+	ret = vfm_device_region_read(md->dev, PCI_CONFIG_REGION, 0, cfg, *len, err);
+	if (ret)
+		return vfm_error_set(err, ret, "%s: reading config space", md_id(md));
+	return 0;
+}
+
 static int vfio_save_state(void *opaque, struct vfm_stream *s, struct vfm_error *err)
 {
 	struct vfm_mig_device *md = opaque;
-	struct vfm_region_info ri;
 	unsigned char cfg[PCI_CONFIG_MAX];
 	size_t len;
 	int ret;
 
-	if (vfm_device_region_info(md->dev, PCI_CONFIG_REGION, &ri, NULL) || !ri.size)
-		return 0;  /* not a PCI device: no config state */
-	len = ri.size < sizeof(cfg) ? (size_t)ri.size : sizeof(cfg);
-	ret = vfm_device_region_read(md->dev, PCI_CONFIG_REGION, 0, cfg, len, err);
-	if (ret)
-		return vfm_error_set(err, ret, "%s: reading config space", md_id(md));
+	if (md->mf_use)
+		return 0;  /* the last multifd packet carried it */
+	ret = vfm__vfio_read_config(md, cfg, sizeof(cfg), &len, err);
+	if (ret || !len)
+		return ret;
 	vfm_stream_put_record(s, VFM_REC_CONFIG, 0, section_of(md), cfg, len);
 	return vfm_stream_error(s, err);
 }
@@ -274,6 +296,7 @@ static void vfio_save_cleanup(void *opaque, bool succeeded)
 			vfm_info(md_id(md), "back to RUNNING");
 	}
 	md->use_precopy = false;
+	md->mf_use = false;
 	free(md->buf);
 	md->buf = NULL;
 }
@@ -313,7 +336,6 @@ static int vfio_load_state(void *opaque, uint16_t type, uint16_t rflags, const v
 			   size_t len, struct vfm_error *err)
 {
 	struct vfm_mig_device *md = opaque;
-	int ret;
 
 	if (type == VFM_REC_CONFIG)
 		return load_config(md, buf, len, err);
@@ -325,8 +347,23 @@ static int vfio_load_state(void *opaque, uint16_t type, uint16_t rflags, const v
 		md->flags = vfm_device_mig_flags(md->dev);
 		return 0;
 	}
+	if (rflags == VFM__DEV_MF_END) {
+		if (len != 4)
+			return vfm_error_set(err, VFM_ESTREAM, "%s: bad multifd end marker", md_id(md));
+		return vfm__mf_dst_dev_end(md, vfm_get_le32(buf), err);
+	}
 	if (rflags != DEV_STATE)
 		return vfm_error_set(err, VFM_ESTREAM, "%s: unknown data kind %u", md_id(md), rflags);
+	return vfm__vfio_load_buffer(md, false, buf, len, err);
+}
+
+int vfm__vfio_load_buffer(struct vfm_mig_device *md, bool config, const void *buf, size_t len,
+			  struct vfm_error *err)
+{
+	int ret;
+
+	if (config)
+		return load_config(md, buf, len, err);
 	ret = vfm_device_write_data(md->dev, buf, len, err);
 	if (ret)
 		return vfm_error_set(err, ret, "%s: device refused migration data", md_id(md));

@@ -56,7 +56,8 @@ const char *md_dir(void)
 static void devsrv_main(const char *path, const struct md_opts *o, uint64_t churn, uint64_t seed,
 			int ready_fd)
 {
-	struct vfm_dmadev_opts dopts = { .id = strrchr(path, '/') + 1, .state_size = MD_DEV_STATE,
+	struct vfm_dmadev_opts dopts = { .id = strrchr(path, '/') + 1,
+					 .state_size = o->state_size ? o->state_size : MD_DEV_STATE,
 					 .churn_rate = churn, .seed = seed,
 					 .mig_flags = o->mig_flags };
 	struct vfm_error err = { 0 };
@@ -227,6 +228,22 @@ static void *writer_main(void *arg)
 	return NULL;
 }
 
+/* A guest that dirties (almost) nothing: one page now and then. */
+static void *quiet_main(void *arg)
+{
+	struct md_side *s = arg;
+	struct md_guest *g = &s->g;
+
+	while (atomic_load(&g->run)) {
+		uint64_t *p = vfm_guest_mem_ptr(s->mem, MD_WRITER_GPA, MD_PG);
+
+		__atomic_store_n(p, atomic_fetch_add(&g->writes, 1) + 1, __ATOMIC_RELAXED);
+		vfm_dirty_mark(s->mem, MD_WRITER_GPA, 8);
+		usleep(20000);
+	}
+	return NULL;
+}
+
 static int guest_stop(void *opaque)
 {
 	struct md_guest *g = opaque;
@@ -250,7 +267,8 @@ static int guest_start(void *opaque)
 	g->started = true;
 	if (g->workload) {
 		atomic_store(&g->run, true);
-		CHECK_EQ(pthread_create(&g->writer, NULL, writer_main, g->side), 0);
+		CHECK_EQ(pthread_create(&g->writer, NULL, g->quiet ? quiet_main : writer_main, g->side),
+			 0);
 		CHECK_EQ(pthread_create(&g->driver, NULL, driver_main, g->side), 0);
 	}
 	return 0;
@@ -278,6 +296,7 @@ void md_side_init(struct md_side *s, const struct md_devsrv *srv, const struct m
 	s->g.side = s;
 	s->g.seed = seed ? seed : 1;
 	s->g.workload = workload;
+	s->g.quiet = o->quiet;
 	CHECK_EQ(vfm_guest_mem_new(MD_PG, &s->mem, &err), 0);
 	CHECK_EQ(vfm_guest_mem_add(s->mem, 0, MD_MEM, "ram", &err), 0);
 	r = vfm_guest_mem_region(s->mem, 0);
@@ -339,6 +358,13 @@ void md_params(struct vfm_migration_params *p)
 	p->timeout_ms = 5000;
 }
 
+void md_params_for(struct vfm_migration_params *p, const struct md_opts *o)
+{
+	md_params(p);
+	if (o->mf_channels)
+		p->multifd_channels = o->mf_channels - 1;
+}
+
 void md_wait(struct md_side *s, struct vfm_migration_stats *st)
 {
 	CHECK_EQ(vfm_migration_wait(s->m, 30000), 0);
@@ -385,12 +411,18 @@ static void dest_main(const char *uri, const struct md_opts *o, int rfd, int wfd
 		md_devsrv_spawn(&srv[i], name, o, 0, 1000 + i);
 	}
 	md_side_init(&s, srv, o, false, 0);
-	md_params(&p);
+	md_params_for(&p, o);
+	if (o->mf_delay_chan)
+		vfm__multifd_set_test_delay(s.m, o->mf_delay_chan - 1, 30);
+
 	res.status = vfm_migration_incoming(s.m, uri, &p, dest_ready, &rfd, &err);
 	if (res.status)
 		snprintf(res.error, sizeof(res.error), "%s", err.msg);
 	res.guest_starts = (uint32_t)atomic_load(&s.g.starts);
 	res.mem_hash = md_mem_hash(s.mem);
+	for (unsigned i = 0; i < s.m->ndevs; i++)
+		res.mf_out_of_order += atomic_load(&s.m->devs[i]->mf_out_of_order);
+
 	for (unsigned i = 0; i < o->ndev; i++) {
 		res.dev_state[i] = (int32_t)md_dev_state(s.dev[i]);
 		res.dev_sum[i] = md_reg(s.dev[i], DMADEV_REG_CHECKSUM);

@@ -19,7 +19,7 @@
 #define MD_PG        4096ull
 #define MD_MEM       (8ull << 20)
 #define MD_DEV_STATE (1ull << 20)
-#define MD_MAXDEV    2
+#define MD_MAXDEV    4
 #define MD_RING_N    16u
 /* Layout of guest memory: device i's ring in page i, the device's DMA
  * target buffers in [1M, 2M) (half each), the writer dirties [2M, 8M). */
@@ -38,6 +38,10 @@ struct md_opts {
 	bool by_messages;         /* DMA_MAP without fd: DMA_READ/WRITE messages */
 	uint64_t mig_flags;       /* 0: the device's default (STOP_COPY|P2P|PRE_COPY) */
 	uint64_t churn;           /* source device churn, bytes/s */
+	uint64_t state_size;      /* device state bytes, 0: MD_DEV_STATE */
+	bool quiet;               /* the guest dirties little: no writer thread */
+	unsigned mf_channels;     /* multifd-channels + 1 (0: the default) */
+	int mf_delay_chan;        /* destination: delay this channel + 1 (0: none) */
 };
 
 struct md_side;
@@ -50,6 +54,7 @@ struct md_guest {
 	atomic_uint_fast64_t writes, completed, errors, starts;
 	unsigned seed;
 	bool workload;            /* false: start/stop only count (destination) */
+	bool quiet;               /* md_opts.quiet */
 	uint64_t tail[MD_MAXDEV];
 };
 
@@ -66,6 +71,7 @@ struct md_result {
 	uint32_t guest_starts;
 	uint64_t mem_hash;
 	uint64_t dev_sum[MD_MAXDEV];
+	uint64_t mf_out_of_order;   /* multifd buffers that came before their turn */
 	int32_t dev_state[MD_MAXDEV];
 	char error[VFM_ERROR_MSG_MAX];
 };
@@ -110,6 +116,8 @@ int md_dest_wait(struct md_dest *d, struct md_result *r);
 
 /* Source flow: params defaults with a short timeout. */
 void md_params(struct vfm_migration_params *p);
+/* md_params plus what o asks (multifd channels). */
+void md_params_for(struct vfm_migration_params *p, const struct md_opts *o);
 /* Waits for the source migration to end; returns the final stats. */
 void md_wait(struct md_side *s, struct vfm_migration_stats *st);
 

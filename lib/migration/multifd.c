@@ -1,0 +1,382 @@
+/*
+ * Multifd device state, source and destination: extra channels with a
+ * handshake, a save thread per device feeding indexed packets to the least
+ * busy channel, reader threads per channel and an in-order load thread per
+ * device on the destination. Format and rules: docs/multifd.md.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "migration/multifd.h"
+#include "util/logging.h"
+
+#define LOG "multifd"
+#define MF_BUF (1u << 20)            /* device data per packet (QEMU: 1 MiB) */
+#define MF_MAX_IDX (1u << 24)        /* 16 TiB of state at 1 MiB: beyond is bogus */
+#define PCI_CONFIG_MAX 4096
+
+static void sleep_ms(unsigned ms)
+{
+	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+
+	nanosleep(&ts, NULL);
+}
+
+/* ======================================================================== */
+/* Source                                                                    */
+
+struct mf_chan {
+	pthread_mutex_t lock;        /* one packet at a time on the stream */
+	int fd;
+	struct vfm_stream *s;
+};
+
+struct mf_saver {
+	struct vfm_mf_src *mf;
+	struct vfm_mig_device *md;
+	pthread_t thread;
+	bool started;
+	uint32_t packets;            /* written once the thread ended */
+	int ret;
+	struct vfm_error err;
+};
+
+struct vfm_mf_src {
+	struct vfm_migration *m;
+	unsigned n;
+	struct mf_chan *ch;
+	struct mf_saver sv[VFM_MAX_DEVICES];
+	unsigned nsv;
+	uint64_t timeout_ms;
+	atomic_uint rr;
+	atomic_bool stop;
+	pthread_mutex_t lock;        /* guards stopped, go */
+	pthread_cond_t cond;
+	unsigned stopped;            /* savers done with STOP_COPY (ok or not) */
+	bool go;
+};
+
+static bool dev_wants_multifd(const struct vfm_mig_device *md, enum vfm_onoff mig,
+			      bool have_channels, struct vfm_error *err, int *ret)
+{
+	enum vfm_onoff v = md->props.multifd_transfer != VFM_AUTO ? md->props.multifd_transfer : mig;
+
+	*ret = 0;
+	if (v == VFM_ON && !have_channels)
+		*ret = vfm_error_set(err, -EINVAL, "%s: multifd-transfer=on needs multifd channels "
+				     "(a tcp: or unix: URI and multifd-channels > 0)",
+				     vfm_device_id(md->dev));
+	return v != VFM_OFF && have_channels;
+}
+
+int vfm__mf_src_open(struct vfm_migration *m, const struct vfm_uri *uri,
+		     const struct vfm_migration_params *p, struct vfm_stream *main,
+		     struct vfm_mf_src **out, struct vfm_error *err)
+{
+	/* file: and fd: carry one stream: channels fall back to 0 (docs/multifd.md). */
+	unsigned n = vfm_uri_has_return_path(uri) ? p->multifd_channels : 0;
+	struct vfm_mf_src *mf;
+	unsigned char buf[16];
+	uint64_t id = 0;
+	unsigned users = 0;
+	int ret;
+
+	*out = NULL;
+	if (n > VFM_MF_MAX_CHANNELS)
+		return vfm_error_set(err, -EINVAL, "multifd-channels %u: at most %u", n,
+				     VFM_MF_MAX_CHANNELS);
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		m->devs[i]->mf_use = dev_wants_multifd(m->devs[i], p->multifd_transfer, n > 0, err, &ret);
+		if (ret)
+			return ret;
+		users += m->devs[i]->mf_use;
+	}
+	if (!users)
+		return 0;  /* RAM stays on main: nobody needs the channels */
+	mf = calloc(1, sizeof(*mf));
+	if (!mf || !(mf->ch = calloc(n, sizeof(*mf->ch)))) {
+		free(mf);
+		return vfm_error_set(err, -ENOMEM, "out of memory");
+	}
+	mf->m = m;
+	mf->timeout_ms = p->timeout_ms;
+	pthread_mutex_init(&mf->lock, NULL);
+	pthread_cond_init(&mf->cond, NULL);
+	for (unsigned i = 0; i < n; i++) {
+		pthread_mutex_init(&mf->ch[i].lock, NULL);
+		mf->ch[i].fd = -1;
+	}
+	mf->n = n;
+	pthread_mutex_lock(&m->lock);
+	m->mf_src = mf;
+	pthread_mutex_unlock(&m->lock);
+	*out = mf;
+	if (getrandom(&id, sizeof(id), 0) != sizeof(id))
+		id = vfm__now_ns() ^ (uint64_t)getpid() << 32;
+	vfm_put_le64(buf, id);
+	vfm_put_le32(buf + 8, n);
+	vfm_stream_put_record(main, VFM_REC_MF_CHANNELS, 0, 0, buf, 12);
+	vfm_stream_flush(main);
+	if ((ret = vfm_stream_error(main, err)))
+		return ret;
+	for (unsigned i = 0; i < n; i++) {
+		struct mf_chan *c = &mf->ch[i];
+		int fd;
+
+		ret = vfm_connect(uri, (int)p->timeout_ms, &fd, err);
+		if (ret)
+			return vfm_error_set(err, ret, "multifd channel %u", i);
+		pthread_mutex_lock(&m->lock);
+		c->fd = fd;
+		pthread_mutex_unlock(&m->lock);
+		if ((ret = vfm_stream_open(fd, (int)p->timeout_ms, &c->s, err)))
+			return ret;
+		vfm_stream_write_header(c->s);
+		vfm_put_le64(buf, id);
+		vfm_put_le32(buf + 8, i);
+		vfm_put_le32(buf + 12, n);
+		vfm_stream_put_record(c->s, VFM_REC_MF_HELLO, 0, 0, buf, 16);
+		vfm_stream_flush(c->s);
+		if ((ret = vfm_stream_error(c->s, err)))
+			return vfm_error_set(err, ret, "multifd channel %u", i);
+	}
+	pthread_mutex_lock(&m->lock);
+	m->stats.multifd_channels = n;
+	pthread_mutex_unlock(&m->lock);
+	vfm_info(LOG, "%u channels, %u device(s) send stop-copy state over them", n, users);
+	return 0;
+}
+
+/* Least busy channel: the first one free, else the next in turn (waiting). */
+static struct mf_chan *take_channel(struct vfm_mf_src *mf)
+{
+	unsigned start = atomic_fetch_add(&mf->rr, 1) % mf->n;
+
+	for (unsigned k = 0; k < mf->n; k++) {
+		struct mf_chan *c = &mf->ch[(start + k) % mf->n];
+
+		if (!pthread_mutex_trylock(&c->lock))
+			return c;
+	}
+	pthread_mutex_lock(&mf->ch[start].lock);
+	return &mf->ch[start];
+}
+
+static int send_packet(struct mf_saver *w, uint32_t idx, uint32_t flags, const void *data,
+		       size_t len)
+{
+	unsigned char hdr[VFM_MF_PKT_HDR];
+	struct iovec iov[2] = { { hdr, sizeof(hdr) }, { (void *)data, len } };
+	struct mf_chan *c = take_channel(w->mf);
+	int ret;
+
+	vfm_put_le32(hdr, VFM_MF_VERSION);
+	vfm_put_le32(hdr + 4, idx);
+	vfm_put_le32(hdr + 8, flags);
+	vfm_stream_put_recordv(c->s, VFM_REC_MF_DEV_STATE, 0, vfm__vfio_section(w->md), iov,
+			       len ? 2 : 1);
+	vfm_stream_flush(c->s);
+	ret = vfm_stream_error(c->s, &w->err);
+	pthread_mutex_unlock(&c->lock);
+	if (!ret)
+		atomic_fetch_add(&w->md->transferred, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
+	return ret;
+}
+
+static int save_data(struct mf_saver *w)
+{
+	struct vfm_mig_device *md = w->md;
+	uint64_t deadline = vfm__now_ns() + w->mf->timeout_ms * 1000000ull;
+	unsigned char *buf = malloc(MF_BUF);
+	size_t clen = 0;
+	uint32_t idx = 0;
+	ssize_t n;
+	int ret = 0;
+
+	if (!buf)
+		return vfm_error_set(&w->err, -ENOMEM, "out of memory");
+	for (;;) {
+		if (atomic_load(&w->mf->stop) || atomic_load(&w->mf->m->cancel)) {
+			ret = vfm_error_set(&w->err, VFM_ECANCELED, "migration cancelled");
+			break;
+		}
+		n = vfm_device_read_data(md->dev, buf, MF_BUF, &w->err);
+		if (n > 0) {
+			if ((ret = send_packet(w, idx++, 0, buf, (size_t)n)))
+				break;
+			deadline = vfm__now_ns() + w->mf->timeout_ms * 1000000ull;
+			continue;
+		}
+		if (n == 0)
+			break;
+		if ((n == -EAGAIN || n == -ENOMSG) && vfm__now_ns() < deadline) {
+			sleep_ms(1);
+			continue;
+		}
+		ret = vfm_error_set(&w->err, (int)n, "reading stop-copy data");
+		break;
+	}
+	if (!ret)
+		ret = vfm__vfio_read_config(md, buf, PCI_CONFIG_MAX, &clen, &w->err);
+	if (!ret && clen)
+		ret = send_packet(w, idx++, VFM_MF_FLAG_CONFIG, buf, clen);
+	free(buf);
+	w->packets = idx;
+	return ret;
+}
+
+static void *saver_main(void *arg)
+{
+	struct mf_saver *w = arg;
+	struct vfm_mf_src *mf = w->mf;
+	enum vfm_state st = vfm_device_state(w->md->dev);
+	bool go;
+
+	w->ret = vfm_device_set_state(w->md->dev, VFM_STATE_STOP_COPY, st, &w->err);
+	if (w->ret)
+		vfm_error_set(&w->err, w->ret, "to STOP_COPY");
+	pthread_mutex_lock(&mf->lock);
+	mf->stopped++;
+	pthread_cond_broadcast(&mf->cond);
+	while (!mf->go && !atomic_load(&mf->stop))
+		pthread_cond_wait(&mf->cond, &mf->lock);
+	go = mf->go && !atomic_load(&mf->stop);
+	pthread_mutex_unlock(&mf->lock);
+	if (!w->ret && go)
+		w->ret = save_data(w);
+	else if (!w->ret)
+		w->ret = vfm_error_set(&w->err, VFM_ECANCELED, "stopped before sending");
+	if (w->ret)
+		atomic_store(&mf->stop, true);  /* the others stop at their next packet */
+	return NULL;
+}
+
+int vfm__mf_src_stop_devices(struct vfm_mf_src *mf, struct vfm_error *err)
+{
+	struct vfm_migration *m = mf->m;
+	int ret;
+
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct mf_saver *w;
+
+		if (!m->devs[i]->mf_use)
+			continue;
+		w = &mf->sv[mf->nsv++];
+		w->mf = mf;
+		w->md = m->devs[i];
+		if ((ret = pthread_create(&w->thread, NULL, saver_main, w))) {
+			mf->nsv--;
+			return vfm_error_set(err, -ret, "starting a multifd save thread");
+		}
+		w->started = true;
+	}
+	pthread_mutex_lock(&mf->lock);
+	while (mf->stopped < mf->nsv)
+		pthread_cond_wait(&mf->cond, &mf->lock);
+	pthread_mutex_unlock(&mf->lock);
+	for (unsigned i = 0; i < mf->nsv; i++)
+		if (mf->sv[i].ret)
+			return vfm_error_set(err, mf->sv[i].ret, "%s: %s",
+					     vfm_device_id(mf->sv[i].md->dev), mf->sv[i].err.msg);
+	return 0;
+}
+
+void vfm__mf_src_go(struct vfm_mf_src *mf)
+{
+	pthread_mutex_lock(&mf->lock);
+	mf->go = true;
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
+}
+
+static void join_savers(struct vfm_mf_src *mf)
+{
+	for (unsigned i = 0; i < mf->nsv; i++) {
+		if (mf->sv[i].started)
+			pthread_join(mf->sv[i].thread, NULL);
+		mf->sv[i].started = false;
+	}
+}
+
+int vfm__mf_src_finish(struct vfm_mf_src *mf, struct vfm_stream *main, struct vfm_error *err)
+{
+	unsigned char pl[4];
+	int ret;
+
+	join_savers(mf);
+	for (unsigned i = 0; i < mf->nsv; i++)
+		if (mf->sv[i].ret)
+			return vfm_error_set(err, mf->sv[i].ret, "%s: multifd: %s",
+					     vfm_device_id(mf->sv[i].md->dev), mf->sv[i].err.msg);
+	/* Every channel must be whole: a dead one may hold nothing of ours yet. */
+	for (unsigned i = 0; i < mf->n; i++)
+		if ((ret = vfm_stream_error(mf->ch[i].s, err)))
+			return vfm_error_set(err, ret, "multifd channel %u", i);
+	for (unsigned i = 0; i < mf->nsv; i++) {
+		vfm_put_le32(pl, mf->sv[i].packets);
+		vfm_stream_put_record(main, VFM_REC_DATA, VFM__DEV_MF_END,
+				      vfm__vfio_section(mf->sv[i].md), pl, sizeof(pl));
+	}
+	return vfm_stream_error(main, err);
+}
+
+/* Under m->lock (cancel): unblock every channel write. */
+void vfm__mf_src_shutdown(struct vfm_mf_src *mf)
+{
+	atomic_store(&mf->stop, true);
+	for (unsigned i = 0; i < mf->n; i++)
+		if (mf->ch[i].fd >= 0)
+			shutdown(mf->ch[i].fd, SHUT_RDWR);
+}
+
+void vfm__mf_src_close(struct vfm_mf_src *mf)
+{
+	struct vfm_migration *m;
+
+	if (!mf)
+		return;
+	m = mf->m;
+	pthread_mutex_lock(&mf->lock);
+	if (!mf->go)
+		atomic_store(&mf->stop, true);
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
+	join_savers(mf);
+	pthread_mutex_lock(&m->lock);
+	m->mf_src = NULL;
+	pthread_mutex_unlock(&m->lock);
+	for (unsigned i = 0; i < mf->n; i++) {
+		vfm_stream_free(mf->ch[i].s);
+		if (mf->ch[i].fd >= 0)
+			close(mf->ch[i].fd);
+		pthread_mutex_destroy(&mf->ch[i].lock);
+	}
+	pthread_cond_destroy(&mf->cond);
+	pthread_mutex_destroy(&mf->lock);
+	free(mf->ch);
+	free(mf);
+}
+
+int vfm__mf_src_channel_fd(struct vfm_migration *m, unsigned idx)
+{
+	int fd = -1;
+
+	pthread_mutex_lock(&m->lock);
+	if (m->mf_src && idx < m->mf_src->n)
+		fd = m->mf_src->ch[idx].fd;
+	pthread_mutex_unlock(&m->lock);
+	return fd;
+}
+
+void vfm__multifd_set_test_delay(struct vfm_migration *m, int chan, unsigned ms)
+{
+	m->mf_delay_chan = chan;
+	m->mf_delay_ms = ms;
+}

@@ -1,0 +1,60 @@
+/*
+ * Multifd: extra channels next to the main one that carry devices' stop-copy
+ * state in indexed packets, sent by a save thread per device and loaded in
+ * index order by a load thread per device. Design: docs/multifd.md.
+ */
+#ifndef VFM_MIGRATION_MULTIFD_H
+#define VFM_MIGRATION_MULTIFD_H
+
+#include "migration/channel.h"
+#include "migration/engine.h"
+
+#define VFM_MF_VERSION 1u
+#define VFM_MF_PKT_HDR 12u          /* u32 version, u32 idx, u32 flags */
+#define VFM_MF_FLAG_CONFIG 1u       /* the device's config state: the last packet */
+#define VFM_MF_MAX_CHANNELS 255u
+
+struct vfm_mf_src;
+struct vfm_mf_dst;
+
+/*
+ * Source. Decides which devices use the channels (md->mf_use) and, if any
+ * channel is wanted, announces them on main and connects them. *out is NULL
+ * when no channel is used (file:, fd:, 0 channels).
+ */
+int vfm__mf_src_open(struct vfm_migration *m, const struct vfm_uri *uri,
+		     const struct vfm_migration_params *p, struct vfm_stream *main,
+		     struct vfm_mf_src **out, struct vfm_error *err);
+/* Starts the save threads: each moves its device to STOP_COPY; returns once
+ * all did (or one failed). Data flows after vfm__mf_src_go. */
+int vfm__mf_src_stop_devices(struct vfm_mf_src *mf, struct vfm_error *err);
+void vfm__mf_src_go(struct vfm_mf_src *mf);
+/* Joins the save threads, then puts each device's end marker on main. */
+int vfm__mf_src_finish(struct vfm_mf_src *mf, struct vfm_stream *main, struct vfm_error *err);
+/* Stops and joins everything (safe at any point), closes the channels. */
+void vfm__mf_src_close(struct vfm_mf_src *mf);
+
+/* Destination: MF_CHANNELS came on main: accept and check the channels,
+ * start readers and load threads. main_fd is shut down if a thread fails. */
+int vfm__mf_dst_open(struct vfm_migration *m, struct vfm_listener *l, int main_fd,
+		     const struct vfm_migration_params *p, const void *pl, size_t len,
+		     struct vfm_mf_dst **out, struct vfm_error *err);
+/* Main reached SWITCHOVER: every pre-copy record is loaded, packets may go in. */
+void vfm__mf_dst_switchover(struct vfm_mf_dst *mf);
+/* A device's end marker: total packets; waits until all are loaded. */
+int vfm__mf_dst_dev_end(struct vfm_mig_device *md, uint32_t total, struct vfm_error *err);
+/* At EOS: every device that got packets got its end marker; no thread failed. */
+int vfm__mf_dst_check(struct vfm_mf_dst *mf, struct vfm_error *err);
+/* The first failure of a channel or load thread, if any (0 otherwise). */
+int vfm__mf_dst_error(struct vfm_mf_dst *mf, struct vfm_error *err);
+void vfm__mf_dst_close(struct vfm_mf_dst *mf);
+
+/* vfio.c: one buffer into the device (config: the PCI config state). */
+int vfm__vfio_load_buffer(struct vfm_mig_device *md, bool config, const void *buf, size_t len,
+			  struct vfm_error *err);
+/* vfio.c: the device's config state, 0 bytes if it has none. */
+int vfm__vfio_read_config(struct vfm_mig_device *md, unsigned char *cfg, size_t cap, size_t *len,
+			  struct vfm_error *err);
+uint32_t vfm__vfio_section(const struct vfm_mig_device *md);
+
+#endif

@@ -1,0 +1,475 @@
+/*
+ * Multifd, destination: accept the extra channels and check their handshake,
+ * a reader thread per channel that validates and queues packets per device,
+ * and a load thread per device that writes them in index order.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "migration/multifd.h"
+#include "util/logging.h"
+
+#define LOG "multifd"
+#define MF_MAX_IDX (1u << 24)
+
+struct pkt {
+	struct pkt *next;            /* sorted by idx */
+	uint32_t idx, flags;
+	size_t len;
+	unsigned char data[];
+};
+
+/* Per device (md->mfq). Guarded by dst->lock. */
+struct vfm_mf_devq {
+	struct vfm_mf_dst *mf;
+	struct vfm_mig_device *md;
+	pthread_t thread;
+	bool started;
+	struct pkt *head;
+	uint32_t next;               /* the index to load next */
+	uint64_t queued;             /* bytes waiting */
+	bool got_any, total_known, done;
+	uint32_t seen_max;           /* highest index arrived so far */
+	uint32_t total;
+};
+
+struct dchan {
+	struct vfm_mf_dst *mf;
+	unsigned idx;
+	int fd;
+	struct vfm_stream *s;
+	pthread_t thread;
+	bool started;
+};
+
+struct vfm_mf_dst {
+	struct vfm_migration *m;
+	unsigned n;
+	int main_fd;
+	uint64_t max_queued, timeout_ms;
+	struct dchan *ch;
+	struct vfm_mf_devq q[VFM_MAX_DEVICES];
+	pthread_mutex_t lock;
+	pthread_cond_t cond;         /* any progress, or the end */
+	bool stop;                   /* guarded by lock */
+	bool switched;               /* guarded by lock: main passed SWITCHOVER */
+	int fail_code;               /* guarded by lock: the first failure */
+	struct vfm_error fail;
+};
+
+static void VFM_PRINTF(3, 4) fail_locked(struct vfm_mf_dst *mf, int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!mf->fail_code) {
+		va_start(ap, fmt);
+		vfm_error_setv(&mf->fail, code, fmt, ap);
+		va_end(ap);
+		mf->fail_code = code ? code : -EIO;
+		vfm_err(LOG, "%s", mf->fail.msg);
+		/* The incoming thread reads main: make it see the end now. */
+		if (mf->main_fd >= 0)
+			shutdown(mf->main_fd, SHUT_RD);
+	}
+	pthread_cond_broadcast(&mf->cond);
+}
+
+static struct vfm_mf_devq *devq_of(struct vfm_mf_dst *mf, uint32_t section)
+{
+	for (unsigned i = 0; i < mf->m->ndevs; i++)
+		if (vfm__vfio_section(mf->m->devs[i]) == section)
+			return &mf->q[i];
+	return NULL;
+}
+
+/* Under lock: validate and queue one packet (takes p or frees it). */
+static int enqueue(struct vfm_mf_dst *mf, struct vfm_mf_devq *q, struct pkt *p, unsigned ch)
+{
+	struct pkt **at = &q->head;
+	const char *id = vfm_device_id(q->md->dev);
+
+	if (p->idx >= MF_MAX_IDX || (q->total_known && p->idx >= q->total) || p->idx < q->next) {
+		fail_locked(mf, VFM_ESTREAM, "%s: multifd packet index %u %s (channel %u)", id,
+			    p->idx, p->idx < q->next ? "already loaded (duplicate)" : "out of range",
+			    ch);
+		free(p);
+		return -1;
+	}
+	while (*at && (*at)->idx < p->idx)
+		at = &(*at)->next;
+	if (*at && (*at)->idx == p->idx) {
+		fail_locked(mf, VFM_ESTREAM, "%s: duplicate multifd packet index %u (channel %u)", id,
+			    p->idx, ch);
+		free(p);
+		return -1;
+	}
+	if (q->queued + p->len > mf->max_queued) {
+		fail_locked(mf, -ENOBUFS, "%s: multifd buffers waiting for their turn exceed "
+			    "max-queued-buffers-size (%" PRIu64 " bytes)", id, mf->max_queued);
+		free(p);
+		return -1;
+	}
+	/* Late: a higher index came first (over another channel). */
+	if (q->got_any && p->idx < q->seen_max)
+		atomic_fetch_add(&q->md->mf_out_of_order, 1);
+	if (!q->got_any || p->idx > q->seen_max)
+		q->seen_max = p->idx;
+	p->next = *at;
+	*at = p;
+	q->queued += p->len;
+	q->got_any = true;
+	pthread_cond_broadcast(&mf->cond);
+	return 0;
+}
+
+static void *reader_main(void *arg)
+{
+	struct dchan *c = arg;
+	struct vfm_mf_dst *mf = c->mf;
+	struct vfm_migration *m = mf->m;
+	struct vfm_error err = { 0 };
+	struct vfm_rec_hdr h;
+	const void *pl;
+
+	for (;;) {
+		bool stop;
+
+		pthread_mutex_lock(&mf->lock);
+		stop = mf->stop || mf->fail_code;
+		pthread_mutex_unlock(&mf->lock);
+		if (stop)
+			break;
+		/* Idle through pre-copy, which may last longer than any timeout. */
+		if (!vfm_stream_readable(c->s, 100))
+			continue;
+		if (vfm_stream_get_record(c->s, &h, &pl, VFM_STREAM_MAX_RECORD, &err)) {
+			pthread_mutex_lock(&mf->lock);
+			if (!mf->stop)
+				fail_locked(mf, err.code, "multifd channel %u: %s", c->idx, err.msg);
+			pthread_mutex_unlock(&mf->lock);
+			break;
+		}
+		if (h.type != VFM_REC_MF_DEV_STATE || h.length < VFM_MF_PKT_HDR ||
+		    vfm_get_le32(pl) != VFM_MF_VERSION) {
+			pthread_mutex_lock(&mf->lock);
+			if (h.type != VFM_REC_MF_DEV_STATE)
+				fail_locked(mf, VFM_ESTREAM, "multifd channel %u: unexpected record %s",
+					    c->idx, vfm_rec_type_name(h.type));
+			else if (h.length < VFM_MF_PKT_HDR)
+				fail_locked(mf, VFM_ESTREAM, "multifd channel %u: short packet (%u bytes)",
+					    c->idx, h.length);
+			else
+				fail_locked(mf, VFM_ESTREAM, "multifd channel %u: packet version %u "
+					    "unknown (this build reads %u)", c->idx, vfm_get_le32(pl),
+					    VFM_MF_VERSION);
+			pthread_mutex_unlock(&mf->lock);
+			break;
+		}
+		if ((int)c->idx == m->mf_delay_chan && m->mf_delay_ms) {
+			/* Test hook: this channel is the slow one. */
+			struct timespec ts = { 0, (long)m->mf_delay_ms * 1000000L };
+			nanosleep(&ts, NULL);
+		}
+		struct vfm_mf_devq *q = devq_of(mf, h.section);
+		struct pkt *p = q ? malloc(sizeof(*p) + h.length - VFM_MF_PKT_HDR) : NULL;
+		int ret;
+
+		pthread_mutex_lock(&mf->lock);
+		if (!q || !q->md->mf_use || !p) {
+			fail_locked(mf, !q || !q->md->mf_use ? VFM_ESTREAM : -ENOMEM,
+				    "multifd channel %u: packet for section %u, %s", c->idx, h.section,
+				    p ? "not a device loading over multifd" : "out of memory");
+			pthread_mutex_unlock(&mf->lock);
+			free(p);
+			break;
+		}
+		p->idx = vfm_get_le32((const unsigned char *)pl + 4);
+		p->flags = vfm_get_le32((const unsigned char *)pl + 8);
+		p->len = h.length - VFM_MF_PKT_HDR;
+		memcpy(p->data, (const unsigned char *)pl + VFM_MF_PKT_HDR, p->len);
+		ret = enqueue(mf, q, p, c->idx);
+		pthread_mutex_unlock(&mf->lock);
+		if (ret)
+			break;
+	}
+	return NULL;
+}
+
+static void *loader_main(void *arg)
+{
+	struct vfm_mf_devq *q = arg;
+	struct vfm_mig_device *md = q->md;
+	struct vfm_mf_dst *mf = q->mf;
+	struct vfm_error err = { 0 };
+
+	pthread_mutex_lock(&mf->lock);
+	for (;;) {
+		struct pkt *p;
+		int ret;
+
+		if (mf->stop || mf->fail_code)
+			break;
+		if (q->total_known && q->next == q->total) {
+			q->done = true;
+			pthread_cond_broadcast(&mf->cond);
+			break;
+		}
+		if (!mf->switched || !q->head || q->head->idx != q->next) {
+			/* Pre-copy data on main goes in first; or a gap: the packet
+			 * is still on another channel. */
+			pthread_cond_wait(&mf->cond, &mf->lock);
+			continue;
+		}
+		p = q->head;
+		q->head = p->next;
+		q->queued -= p->len;
+		pthread_mutex_unlock(&mf->lock);
+		/* Config is the last packet: one after it is beyond the end marker's
+		 * total and fails there (or as out of range). */
+		ret = vfm__vfio_load_buffer(md, p->flags & VFM_MF_FLAG_CONFIG, p->data, p->len, &err);
+		free(p);
+		pthread_mutex_lock(&mf->lock);
+		if (ret) {
+			fail_locked(mf, ret, "%s", err.msg);
+			break;
+		}
+		q->next++;
+		pthread_cond_broadcast(&mf->cond);
+	}
+	pthread_mutex_unlock(&mf->lock);
+	return NULL;
+}
+
+static int accept_channel(struct vfm_mf_dst *mf, struct vfm_listener *l, uint64_t id,
+			  struct vfm_error *err)
+{
+	struct vfm_rec_hdr h;
+	const void *pl;
+	struct vfm_stream *s = NULL;
+	uint32_t idx, cnt;
+	int fd, ret;
+
+	ret = vfm_accept(l, (int)mf->timeout_ms, &fd, err);
+	if (ret)
+		return vfm_error_set(err, ret, "multifd: waiting for the source's channels");
+	ret = vfm_stream_open(fd, (int)mf->timeout_ms, &s, err);
+	if (!ret)
+		ret = vfm_stream_read_header(s, err);
+	if (!ret)
+		ret = vfm_stream_get_record(s, &h, &pl, 64, err);
+	if (!ret && (h.type != VFM_REC_MF_HELLO || h.length != 16))
+		ret = vfm_error_set(err, VFM_ESTREAM, "multifd: a connection that is no multifd "
+				    "channel (record %s)", vfm_rec_type_name(h.type));
+	if (!ret) {
+		idx = vfm_get_le32((const unsigned char *)pl + 8);
+		cnt = vfm_get_le32((const unsigned char *)pl + 12);
+		if (vfm_get_le64(pl) != id)
+			ret = vfm_error_set(err, VFM_ESTREAM, "multifd: a channel of another migration");
+		else if (cnt != mf->n || idx >= mf->n || mf->ch[idx].s)
+			ret = vfm_error_set(err, VFM_ESTREAM, "multifd: bad or duplicate channel "
+					    "index %u of %u", idx, cnt);
+	}
+	if (ret) {
+		vfm_stream_free(s);
+		close(fd);
+		return ret;
+	}
+	mf->ch[idx].fd = fd;
+	mf->ch[idx].s = s;
+	return 0;
+}
+
+int vfm__mf_dst_open(struct vfm_migration *m, struct vfm_listener *l, int main_fd,
+		     const struct vfm_migration_params *p, const void *pl, size_t len,
+		     struct vfm_mf_dst **out, struct vfm_error *err)
+{
+	struct vfm_mf_dst *mf;
+	uint64_t id;
+	unsigned n;
+	int ret;
+
+	if (*out)
+		return vfm_error_set(err, VFM_ESTREAM, "multifd channels announced twice");
+	if (len != 12)
+		return vfm_error_set(err, VFM_ESTREAM, "bad MF_CHANNELS record (%zu bytes)", len);
+	id = vfm_get_le64(pl);
+	n = vfm_get_le32((const unsigned char *)pl + 8);
+	if (!n || n > VFM_MF_MAX_CHANNELS || !l || vfm_listener_fd(l) < 0)
+		return vfm_error_set(err, VFM_ESTREAM, "multifd: %u channels %s", n,
+				     n && n <= VFM_MF_MAX_CHANNELS ? "on a URI without connections"
+								   : "is out of range");
+	mf = calloc(1, sizeof(*mf));
+	if (!mf || !(mf->ch = calloc(n, sizeof(*mf->ch)))) {
+		free(mf);
+		return vfm_error_set(err, -ENOMEM, "out of memory");
+	}
+	mf->m = m;
+	mf->n = n;
+	mf->main_fd = main_fd;
+	mf->timeout_ms = p->timeout_ms;
+	mf->max_queued = p->max_queued_buffers_size ? p->max_queued_buffers_size : 64ull << 20;
+	pthread_mutex_init(&mf->lock, NULL);
+	pthread_cond_init(&mf->cond, NULL);
+	m->mf_dst = mf;
+	*out = mf;
+	for (unsigned i = 0; i < n; i++) {
+		mf->ch[i].mf = mf;
+		mf->ch[i].idx = i;
+		mf->ch[i].fd = -1;
+	}
+	for (unsigned i = 0; i < n; i++)
+		if ((ret = accept_channel(mf, l, id, err)))
+			return ret;
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct vfm_mf_devq *q = &mf->q[i];
+
+		q->mf = mf;
+		q->md = m->devs[i];
+		q->md->mfq = q;
+		q->md->mf_use = true;    /* may load over multifd; the source decides */
+		atomic_store(&q->md->mf_out_of_order, 0);
+		if ((ret = pthread_create(&q->thread, NULL, loader_main, q)))
+			return vfm_error_set(err, -ret, "starting a multifd load thread");
+		q->started = true;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		if ((ret = pthread_create(&mf->ch[i].thread, NULL, reader_main, &mf->ch[i])))
+			return vfm_error_set(err, -ret, "starting a multifd reader thread");
+		mf->ch[i].started = true;
+	}
+	pthread_mutex_lock(&m->lock);
+	m->stats.multifd_channels = n;
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
+int vfm__mf_dst_dev_end(struct vfm_mig_device *md, uint32_t total, struct vfm_error *err)
+{
+	struct vfm_mf_dst *mf = md->m->mf_dst;
+	struct vfm_mf_devq *q = md->mfq;
+	struct timespec ts;
+	int ret = 0;
+
+	if (!mf || !q)
+		return vfm_error_set(err, VFM_ESTREAM, "%s: multifd end marker without multifd "
+				     "channels", vfm_device_id(md->dev));
+	pthread_mutex_lock(&mf->lock);
+	if (q->total_known || total > MF_MAX_IDX || total < q->next) {
+		pthread_mutex_unlock(&mf->lock);
+		return vfm_error_set(err, VFM_ESTREAM, "%s: bad multifd end marker (%u packets)",
+				     vfm_device_id(md->dev), total);
+	}
+	q->total = total;
+	q->total_known = true;
+	pthread_cond_broadcast(&mf->cond);
+	for (uint32_t last = q->next;;) {
+		if (mf->fail_code) {
+			ret = vfm_error_set(err, mf->fail_code, "%s", mf->fail.msg);
+			break;
+		}
+		if (q->done)
+			break;
+		if (q->head && q->head->idx >= total) {
+			ret = vfm_error_set(err, VFM_ESTREAM, "%s: multifd packet %u beyond the end (%u)",
+					    vfm_device_id(md->dev), q->head->idx, total);
+			break;
+		}
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += (time_t)(mf->timeout_ms / 1000) + 1;
+		if (pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) == ETIMEDOUT) {
+			if (q->next == last) {
+				ret = vfm_error_set(err, -ETIMEDOUT, "%s: multifd buffer %u did not come "
+						    "within %" PRIu64 " ms", vfm_device_id(md->dev),
+						    q->next, mf->timeout_ms);
+				break;
+			}
+			last = q->next;
+		}
+	}
+	pthread_mutex_unlock(&mf->lock);
+	return ret;
+}
+
+void vfm__mf_dst_switchover(struct vfm_mf_dst *mf)
+{
+	if (!mf)
+		return;
+	pthread_mutex_lock(&mf->lock);
+	mf->switched = true;
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
+}
+
+int vfm__mf_dst_error(struct vfm_mf_dst *mf, struct vfm_error *err)
+{
+	int ret = 0;
+
+	if (!mf)
+		return 0;
+	pthread_mutex_lock(&mf->lock);
+	if (mf->fail_code)
+		ret = vfm_error_set(err, mf->fail_code, "%s", mf->fail.msg);
+	pthread_mutex_unlock(&mf->lock);
+	return ret;
+}
+
+int vfm__mf_dst_check(struct vfm_mf_dst *mf, struct vfm_error *err)
+{
+	int ret = vfm__mf_dst_error(mf, err);
+
+	if (ret || !mf)
+		return ret;
+	pthread_mutex_lock(&mf->lock);
+	for (unsigned i = 0; i < mf->m->ndevs && !ret; i++)
+		if (mf->q[i].got_any && !mf->q[i].done)
+			ret = vfm_error_set(err, VFM_ESTREAM, "%s: multifd buffers but no end marker",
+					    vfm_device_id(mf->q[i].md->dev));
+	pthread_mutex_unlock(&mf->lock);
+	return ret;
+}
+
+void vfm__mf_dst_close(struct vfm_mf_dst *mf)
+{
+	if (!mf)
+		return;
+	pthread_mutex_lock(&mf->lock);
+	mf->stop = true;
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
+	for (unsigned i = 0; i < mf->n; i++) {
+		if (mf->ch[i].fd >= 0)
+			shutdown(mf->ch[i].fd, SHUT_RDWR);
+		if (mf->ch[i].started)
+			pthread_join(mf->ch[i].thread, NULL);
+		vfm_stream_free(mf->ch[i].s);
+		if (mf->ch[i].fd >= 0)
+			close(mf->ch[i].fd);
+	}
+	for (unsigned i = 0; i < mf->m->ndevs; i++) {
+		struct vfm_mf_devq *q = &mf->q[i];
+
+		if (q->started)
+			pthread_join(q->thread, NULL);
+		while (q->head) {
+			struct pkt *p = q->head;
+			q->head = p->next;
+			free(p);
+		}
+		if (q->md) {
+			q->md->mfq = NULL;
+			q->md->mf_use = false;
+		}
+	}
+	mf->m->mf_dst = NULL;
+	pthread_cond_destroy(&mf->cond);
+	pthread_mutex_destroy(&mf->lock);
+	free(mf->ch);
+	free(mf);
+}
