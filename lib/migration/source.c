@@ -503,10 +503,10 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		vfm_stream_put_record(src->out, VFM_REC_SWITCHOVER, 0, 0, ts, sizeof(ts));
 	}
 	vfm__log_sync(m, false);
+	phase(src, VFM__PH_STOP_COPY);
 	/* Every device is quiet and synced: the save threads may read. */
 	if (src->mf)
 		vfm__mf_src_go(src->mf);
-	phase(src, VFM__PH_STOP_COPY);
 	/* All data first, then every config state (QEMU: iterable sections
 	 * complete before the non-iterable ones), so the destination loads
 	 * config only once every device has its data. */

@@ -17,7 +17,7 @@
 #include "migdma.h"
 #include "migration/channel.h"
 
-enum action { ACT_CANCEL, ACT_CUT };
+enum action { ACT_CANCEL, ACT_CUT, ACT_CUT_MF };
 
 struct hook {
 	enum vfm__mig_phase at;
@@ -36,6 +36,11 @@ static void on_phase(void *opaque, struct vfm_migration *m, enum vfm__mig_phase 
 	vfm_migration_get_stats(m, &h->st);
 	if (h->act == ACT_CANCEL) {
 		vfm_migration_cancel(m);
+	} else if (h->act == ACT_CUT_MF) {
+		/* One multifd channel dies before the device state goes out. */
+		fd = vfm__mf_src_channel_fd(m, 0);
+		CHECK(fd >= 0);
+		shutdown(fd, SHUT_RDWR);
 	} else {
 		/* The channel goes away under the source, as a dead link would. */
 		fd = atomic_load(&m->sock_fd);
@@ -86,7 +91,7 @@ static void check_recovered(struct md_side *s, const struct vfm_migration_stats 
 
 static void fail_at(const char *kind, enum vfm__mig_phase at, enum action act, unsigned ndev)
 {
-	struct md_opts o = { .ndev = ndev };
+	struct md_opts o = { .ndev = ndev, .state_size = act == ACT_CUT_MF ? 4u << 20 : 0 };
 	struct md_devsrv srv[MD_MAXDEV];
 	struct vfm_migration_params p;
 	struct vfm_migration_stats st;
@@ -137,6 +142,40 @@ TEST_TIMEOUT(channel_closed_before_config, 60) { fail_at("tcp", VFM__PH_CONFIG, 
 TEST_TIMEOUT(channel_closed_waiting_for_loaded, 60)
 {
 	fail_at("unix", VFM__PH_LOADED_WAIT, ACT_CUT, 1);
+}
+
+TEST_TIMEOUT(multifd_channel_closed_in_stop_copy, 60)
+{
+	fail_at("unix", VFM__PH_STOP_COPY, ACT_CUT_MF, 2);
+}
+TEST_TIMEOUT(multifd_channel_closed_in_stop_copy_tcp, 60)
+{
+	fail_at("tcp", VFM__PH_STOP_COPY, ACT_CUT_MF, 1);
+}
+
+TEST_TIMEOUT(multifd_on_with_a_file_uri_refused, 60)
+{
+	struct md_opts o = { .ndev = 1, .props = "migration-multifd-transfer=on" };
+	struct md_devsrv srv[1];
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct md_side s;
+	char uri[256];
+
+	spawn_sources(srv, &o);
+	md_make_uri("file", uri, sizeof(uri));
+	md_side_init(&s, srv, &o, true, 7);
+	start_guest(&s);
+	md_params(&p);
+	CHECK_EQ(vfm_migration_start(s.m, uri, &p, &err), 0);
+	md_wait(&s, &st);
+	fprintf(stderr, "# source: %s: %s\n", vfm_mig_status_name(st.status), st.error);
+	CHECK_EQ(st.status, VFM_MIG_FAILED);
+	CHECK(strstr(st.error, "multifd-transfer=on needs multifd channels") != NULL);
+	check_recovered(&s, &st, false);
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
 }
 
 /* LOADED came back, but GO cannot be sent: nobody runs the VM but the source. */
