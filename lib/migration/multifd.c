@@ -56,6 +56,7 @@ struct vfm_mf_src {
 	unsigned nsv;
 	uint64_t timeout_ms;
 	atomic_uint rr;
+	_Atomic uint64_t bytes;      /* written on the channels, headers included */
 	atomic_bool stop;
 	pthread_mutex_t lock;        /* guards stopped, go */
 	pthread_cond_t cond;
@@ -185,8 +186,10 @@ static int send_packet(struct mf_saver *w, uint32_t idx, uint32_t flags, const v
 	vfm_stream_flush(c->s);
 	ret = vfm_stream_error(c->s, &w->err);
 	pthread_mutex_unlock(&c->lock);
-	if (!ret)
+	if (!ret) {
 		atomic_fetch_add(&w->md->transferred, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
+		atomic_fetch_add(&w->mf->bytes, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
+	}
 	return ret;
 }
 
@@ -362,6 +365,11 @@ void vfm__mf_src_close(struct vfm_mf_src *mf)
 	pthread_mutex_destroy(&mf->lock);
 	free(mf->ch);
 	free(mf);
+}
+
+uint64_t vfm__mf_src_bytes(struct vfm_mf_src *mf)
+{
+	return mf ? atomic_load(&mf->bytes) : 0;
 }
 
 int vfm__mf_src_channel_fd(struct vfm_migration *m, unsigned idx)

@@ -31,6 +31,8 @@ int vfm__mf_src_stop_devices(struct vfm_mf_src *mf, struct vfm_error *err);
 void vfm__mf_src_go(struct vfm_mf_src *mf);
 /* Joins the save threads, then puts each device's end marker on main. */
 int vfm__mf_src_finish(struct vfm_mf_src *mf, struct vfm_stream *main, struct vfm_error *err);
+/* Packet bytes written on the channels so far (atomic: any thread). */
+uint64_t vfm__mf_src_bytes(struct vfm_mf_src *mf);
 /* Stops and joins everything (safe at any point), closes the channels. */
 void vfm__mf_src_close(struct vfm_mf_src *mf);
 

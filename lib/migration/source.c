@@ -39,6 +39,7 @@ struct source {
 	struct vfm_stream *out;
 	struct vfm_stream *rp;
 	struct vfm_mf_src *mf;       /* NULL: no multifd channels */
+	uint64_t mf_bytes;           /* the channels' bytes once they are closed */
 	bool guest_stopped;
 	bool committed;              /* GO sent (or file written): no way back */
 	uint64_t t_start, t_stop, rtt_ns;
@@ -68,7 +69,7 @@ static void update_stats(struct source *src, uint64_t pending)
 	for (unsigned i = 0; i < m->ndevs; i++)
 		dev += atomic_load(&m->devs[i]->transferred);
 	pthread_mutex_lock(&m->lock);
-	st->transferred_bytes = out_bytes(src);
+	st->transferred_bytes = out_bytes(src) + (src->mf ? vfm__mf_src_bytes(src->mf) : src->mf_bytes);
 	st->ram_transferred_bytes = vfm__ram_transferred(m->ram);
 	st->device_transferred_bytes = dev;
 	st->pending_bytes = pending;
@@ -604,6 +605,7 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 	}
 
 	/* Save threads first: nothing may touch a device while it rolls back. */
+	src->mf_bytes = vfm__mf_src_bytes(src->mf);
 	vfm__mf_src_close(src->mf);
 	src->mf = NULL;
 	for (unsigned i = 0; i < m->nsv; i++)
