@@ -26,7 +26,8 @@ static void ctl_usage(FILE *out)
 		"  cancel                cancel the outgoing migration (the source keeps running)\n"
 		"  set KEY=VALUE...      migration parameters for the next migration:\n"
 		"                          downtime-limit=300ms  max-bandwidth=100M/s\n"
-		"                          multifd-channels=2    switchover-ack=on|off\n"
+		"                          avail-switchover-bandwidth=1G/s (0: measured)\n"
+		"                          multifd-channels=2 (0: none)  switchover-ack=on|off\n"
 		"                          pre-copy-dirty-page-tracking=on|off\n"
 		"                          multifd-transfer=on|off|auto\n"
 		"  stop | cont           pause or resume the guest\n"
@@ -169,12 +170,12 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 		if ((r = vfm_parse_duration_ns(val, &n, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_int64((int64_t)(n / 1000000)));
-	} else if (!strcmp(key, "max-bandwidth")) {
+	} else if (!strcmp(key, "max-bandwidth") || !strcmp(key, "avail-switchover-bandwidth")) {
 		if ((r = vfm_parse_rate(val, &n, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_int64((int64_t)n));
 	} else if (!strcmp(key, "multifd-channels")) {
-		if ((r = vfm_parse_uint(val, 1, 255, &n, err)))
+		if ((r = vfm_parse_uint(val, 0, 255, &n, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_int64((int64_t)n));
 	} else if (!strcmp(key, "switchover-ack") || !strcmp(key, "pre-copy-dirty-page-tracking")) {
@@ -188,7 +189,7 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 			sw == VFM_ON ? "on" : sw == VFM_OFF ? "off" : "auto"));
 	} else {
 		return vfm_error_set(err, -EINVAL, "unknown parameter '%s' (downtime-limit, "
-				     "max-bandwidth, multifd-channels, switchover-ack, "
+				     "max-bandwidth, avail-switchover-bandwidth, multifd-channels, switchover-ack, "
 				     "pre-copy-dirty-page-tracking, multifd-transfer)", key);
 	}
 	return 0;

@@ -184,8 +184,11 @@ int vm_set_params(struct vm *vm, json_object *args, struct vfm_error *err)
 			ret = int_arg(key, v, 0, DOWNTIME_LIMIT_MAX_MS, &p.downtime_limit_ms, err);
 		} else if (!strcmp(key, "max-bandwidth")) {
 			ret = int_arg(key, v, 0, INT64_MAX, &p.max_bandwidth, err);
+		} else if (!strcmp(key, "avail-switchover-bandwidth")) {
+			ret = int_arg(key, v, 0, INT64_MAX, &p.avail_switchover_bandwidth, err);
 		} else if (!strcmp(key, "multifd-channels")) {
-			ret = int_arg(key, v, 1, 255, &n, err);
+			/* 0: everything on the main channel. */
+			ret = int_arg(key, v, 0, 255, &n, err);
 			p.multifd_channels = (unsigned)n;
 		} else if (!strcmp(key, "switchover-ack")) {
 			ret = bool_arg(key, v, &p.switchover_ack, err);
@@ -226,6 +229,7 @@ json_object *vm_query_params(struct vm *vm)
 	pthread_mutex_unlock(&vm->lock);
 	json_object_object_add(o, "downtime-limit", ju64(p.downtime_limit_ms));
 	json_object_object_add(o, "max-bandwidth", ju64(p.max_bandwidth));
+	json_object_object_add(o, "avail-switchover-bandwidth", ju64(p.avail_switchover_bandwidth));
 	json_object_object_add(o, "multifd-channels", ju64(p.multifd_channels));
 	json_object_object_add(o, "switchover-ack", json_object_new_boolean(p.switchover_ack));
 	json_object_object_add(o, "pre-copy-dirty-page-tracking",

@@ -79,6 +79,11 @@ ctl "$tmp/src" cont && ok "cont after cancel" || bad "cont after cancel"
 # The destination takes the next attempt; this one runs to the end.
 wait_status "$tmp/dst" "migration: failed" || bad "destination did not see the attempt fail"
 ctl "$tmp/src" set max-bandwidth=0 downtime-limit=300 || bad "set back"
+# The last run goes without multifd channels and with a stated switchover bandwidth.
+ctl "$tmp/src" set multifd-channels=0 avail-switchover-bandwidth=2G/s && ok "set channels 0" \
+	|| bad "set multifd-channels=0 avail-switchover-bandwidth"
+ctl "$tmp/src" set avail-switchover-bandwidth=fast 2>/dev/null; [ $? = 2 ] \
+	&& ok "bad avail-switchover-bandwidth is a usage error" || bad "bad value accepted"
 i=0
 until out=$(ctl "$tmp/src" migrate "unix:$tmp/mig" --wait 2>&1); do
 	# The destination re-listens right after its failure; a connect may beat it.
