@@ -28,6 +28,7 @@
 /* A window that moved less than this says little about the link. */
 #define BW_REAL_MIN (1ull << 20)
 /* The link probe when no window measured it: PAD records, timed to the flush. */
+#define PROBE_MAX 4
 #define PROBE_BYTES (8ull << 20)
 #define PROBE_RECORD (1u << 20)
 
@@ -49,6 +50,13 @@ struct source {
 	double bw;                   /* bytes per second */
 	bool bw_real;                /* measured on a busy window or by the probe */
 	bool probed;
+	/* The figure in bw came from probes (not from pre-copy traffic): a
+	 * migration that still cannot converge probes again, up to PROBE_MAX
+	 * times a second apart, and keeps the best (a loaded machine can
+	 * stall one probe; the link is at least as fast as its best). */
+	bool bw_from_probe;
+	unsigned nprobes;
+	uint64_t probe_ns;
 	bool have_expected;          /* the estimate at the switchover decision */
 	double expected_ms;
 	uint64_t ping_token;
@@ -188,9 +196,14 @@ static void bandwidth_tick(struct source *src)
 	 * An idle window (nothing left to send) says nothing about the link;
 	 * one that moved little only stands in until something better.
 	 */
-	if (bytes && (src->win_busy || bytes >= BW_REAL_MIN)) {
+	/* After a probe, only a window that moved real volume replaces it: a
+	 * "busy" window of zero-page headers measures the sender, not the link. */
+	if (src->bw_from_probe && bytes < BW_REAL_MIN) {
+		/* keep the probe's figure */
+	} else if (bytes && (src->win_busy || bytes >= BW_REAL_MIN)) {
 		src->bw = (double)bytes * 1e9 / (double)el;
 		src->bw_real = true;
+		src->bw_from_probe = false;
 	} else if (bytes && !src->bw_real) {
 		src->bw = (double)bytes * 1e9 / (double)el;
 	}
@@ -262,9 +275,14 @@ static int probe_bandwidth(struct source *src, struct vfm_error *err)
 	free(pad);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
-	src->probed = src->bw_real = true;
-	src->bw = (double)(out_bytes(src) - b0) * 1e9 / (double)(el ? el : 1);
-	vfm_debug(LOG, "link probe: %.1f MB/s", src->bw / 1e6);
+	double bw = (double)(out_bytes(src) - b0) * 1e9 / (double)(el ? el : 1);
+
+	src->bw = src->bw_from_probe && src->bw > bw ? src->bw : bw;
+	src->probed = src->bw_real = src->bw_from_probe = true;
+	src->nprobes++;
+	src->probe_ns = vfm__now_ns();
+	vfm_debug(LOG, "link probe %u: %.1f MB/s (using %.1f MB/s)", src->nprobes, bw / 1e6,
+		  src->bw / 1e6);
 	/* The probe's bytes are not pre-copy progress: restart the window. */
 	src->win_start = vfm__now_ns();
 	src->win_bytes0 = out_bytes(src);
@@ -396,6 +414,13 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 		bw = switchover_bw(src);
 		threshold = bw * (double)src->p.downtime_limit_ms / 1000.0;
 		pending = pending_estimate(m);
+		if (src->bw_from_probe && (double)pending > threshold && src->nprobes < PROBE_MAX &&
+		    vfm__now_ns() - src->probe_ns >= 1000000000ull) {
+			if ((ret = probe_bandwidth(src, err)))
+				return ret;
+			bw = switchover_bw(src);
+			threshold = bw * (double)src->p.downtime_limit_ms / 1000.0;
+		}
 		if (bw > 0 && (double)pending <= threshold) {
 			vfm__log_sync(m, true);
 			iterations++;
