@@ -28,14 +28,16 @@ check: all
 	-$(MESON) test -C $(BUILD) $(TEST_OPTS)
 	./scripts/test-summary.py $(BUILD)/meson-logs
 
+# Sanitized builds run several times slower: meson's per-test timeouts x3.
 check-asan:
 	$(MAKE) check BUILD=build-asan \
-		MESON_OPTS="-Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug"
+		MESON_OPTS="-Db_sanitize=address,undefined -Db_lundef=false -Dbuildtype=debug" \
+		TEST_OPTS="$(TEST_OPTS) --timeout-multiplier 3"
 
 # TSan needs a fixed address layout on kernels with high mmap randomness.
 check-tsan:
 	$(MAKE) check BUILD=build-tsan MESON_OPTS="-Db_sanitize=thread -Db_lundef=false" \
-		TEST_OPTS="$(TEST_OPTS) --wrapper 'setarch $(shell uname -m) -R'"
+		TEST_OPTS="$(TEST_OPTS) --timeout-multiplier 3 --wrapper 'setarch $(shell uname -m) -R'"
 
 # The unit tests and fuzz corpora under valgrind memcheck (leaks are errors).
 # VALGRIND_SKIP: tests too slow under valgrind (memory-heavy migrations).
