@@ -242,7 +242,36 @@ def main():
 
     # 6. Multifd.
     w('## 6. Multifd scaling\n')
-    w('Not measured: multifd (issue 6) has not landed; this section fills in when it does.\n')
+    mf_state = '8M' if QUICK else '16M'
+    w('4 `dma` devices with %s of state each and `--save-latency 10000` (10 ms per MiB '
+      'read: emulated device firmware), pre-copy off so all device state moves in '
+      'stop-and-copy, 64 MiB guest, UNIX socket; `multifd-channels` 0 (all on the main '
+      'channel) to 4; median of 3 runs. Ratio = downtime with N channels / with 0.\n' % mf_state)
+    w('| channels | downtime ms (runs) | total ms | ratio to 0 channels |')
+    w('|---:|---|---:|---:|')
+    base = None
+    mf_series = []
+    for ch in (0, 1, 2, 4):
+        runs = [migrate(kind='unix', mem='64M', devices=4, device_state=mf_state, precopy='off',
+                        save_latency=10000, channels=ch) for _ in range(3)]
+        runs = [x for x in runs if x]
+        if not runs:
+            w('| %d | failed | | |' % ch)
+            continue
+        ds = sorted(x['downtime_ms'] for x in runs)
+        med = ds[len(ds) // 2]
+        tot = sorted(x['total_time_ms'] for x in runs)[len(runs) // 2]
+        if ch == 0:
+            base = med
+        ratio = med / base if base else float('nan')
+        w('| %d | %.1f (%s) | %d | %.2f |' % (ch, med, ', '.join('%.1f' % x for x in ds), tot, ratio))
+        mf_series.append((ch, med))
+        if ch == 4 and base:
+            targets.append(('multifd: downtime with 4 channels / 0 channels ≤ 0.5', ratio <= 0.5))
+    png = plot('multifd-downtime', 'Downtime vs multifd channels (4 devices, slow firmware)',
+               'channels', 'downtime (ms)', [('4 devices', mf_series)])
+    if png:
+        w('\n![multifd downtime](%s)' % png)
 
     # 7. CPU cost.
     w('## 7. CPU cost\n')
