@@ -27,6 +27,8 @@
 #define BW_WINDOW_NS 100000000ull   /* bandwidth recomputed every 100 ms */
 /* A window that moved less than this says little about the link. */
 #define BW_REAL_MIN (1ull << 20)
+/* Times the source lets the destination drain its backlog before a switchover. */
+#define DRAIN_MAX 3
 /* The link probe when no window measured it: PAD records, timed to the flush. */
 #define PROBE_MAX 4
 #define PROBE_BYTES (8ull << 20)
@@ -395,6 +397,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
 	uint64_t pending = 0, iterations = 0, budget = vfm__iter_budget(src->p.max_bandwidth);
+	unsigned drains = 0;
 	int ret;
 
 	src->win_start = vfm__now_ns();
@@ -428,6 +431,23 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 				return ret;
 			update_stats(src, pending);
 			if ((double)pending <= threshold) {
+				if (all_acked(m) && src->rp && drains < DRAIN_MAX) {
+					/*
+					 * Let the destination catch up before the guest
+					 * stops: what sits in socket buffers (MiBs) would
+					 * otherwise load inside the downtime. A PING is
+					 * answered once everything before it is loaded;
+					 * then decide again on fresh figures.
+					 */
+					drains++;
+					if ((ret = measure_rtt(src, err)))
+						return ret;
+					vfm__log_sync(m, true);
+					if ((ret = pending_exact(m, &pending, err)))
+						return ret;
+					if ((double)pending > threshold)
+						continue;
+				}
 				if (all_acked(m)) {
 					src->expected_ms = (double)pending * 1000.0 / bw;
 					src->have_expected = true;
