@@ -25,11 +25,11 @@ for t in "${targets[@]}"; do
 		-print_final_stats=1 -artifact_prefix="$build/fuzz-artifacts/$t-" \
 		"$work" "$root/tests/fuzz/corpus/$t" >"$log" 2>&1
 	rc=$?
-	execs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')
-	cov=$(grep -E '#[0-9]+.*(DONE|pulse).*cov:' "$log" | tail -n1 | sed -E 's/.*cov: ([0-9]+).*/\1/')
+	execs=$(grep -aE '^stat::number_of_executed_units' "$log" | awk '{print $2}')
+	cov=$(grep -aE '#[0-9]+.*(DONE|pulse).*cov:' "$log" | tail -n1 | sed -E 's/.*cov: ([0-9]+).*/\1/')
 	if [ $rc -ne 0 ]; then
 		echo "fuzz $t: FAILED after ${execs:-?} executions (see $log)"
-		grep -E 'ERROR|SUMMARY' "$log" | head -n 5
+		grep -aE 'ERROR|SUMMARY' "$log" | head -n 5
 		status=1
 	else
 		echo "fuzz $t: ok, ${execs:-?} executions in ${secs}s, coverage ${cov:-?} edges"
