@@ -25,16 +25,16 @@ wait_sock() {  # up to 10 s for a socket file
 		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
 	done
 }
-ctl() { timeout 30 "$bin" ctl "$@"; }
+ctl() { timeout -k 5 30 "$bin" ctl "$@"; }
 
 state=4M
-bg dev0-src timeout 60 "$bin" device dma --socket "$tmp/dev0-src.sock" --state-size $state \
+bg dev0-src timeout -k 5 60 "$bin" device dma --socket "$tmp/dev0-src.sock" --state-size $state \
 	--churn 8M/s
-bg dev0-dst timeout 60 "$bin" device dma --socket "$tmp/dev0-dst.sock" --state-size $state
+bg dev0-dst timeout -k 5 60 "$bin" device dma --socket "$tmp/dev0-dst.sock" --state-size $state
 wait_sock "$tmp/dev0-src.sock" && wait_sock "$tmp/dev0-dst.sock" || die "devices did not start"
-bg vm-src timeout 60 "$bin" vm --mem 64M --dirty-rate 16M/s --control "$tmp/src.ctl" \
+bg vm-src timeout -k 5 60 "$bin" vm --mem 64M --dirty-rate 16M/s --control "$tmp/src.ctl" \
 	--device "vfio-user:$tmp/dev0-src.sock,id=dev0,allow-pre-copy=$precopy"
-bg vm-dst timeout 60 "$bin" vm --mem 64M --control "$tmp/dst.ctl" \
+bg vm-dst timeout -k 5 60 "$bin" vm --mem 64M --control "$tmp/dst.ctl" \
 	--device "vfio-user:$tmp/dev0-dst.sock,id=dev0,allow-pre-copy=$precopy" \
 	--incoming "unix:$tmp/mig.sock"
 wait_sock "$tmp/src.ctl" && wait_sock "$tmp/dst.ctl" || { die "VMs did not start"; cat "$tmp"/*.log; exit 1; }

@@ -22,7 +22,7 @@ wait_sock() {
 		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
 	done
 }
-ctl() { timeout 20 "$bin" ctl "$@"; }
+ctl() { timeout -k 5 20 "$bin" ctl "$@"; }
 wait_status() {  # wait_status SOCKET PATTERN [TENTHS]: until `ctl status` matches
 	i=0
 	while ! ctl "$1" status 2>/dev/null | grep -q "$2"; do
@@ -36,16 +36,16 @@ killtree() { kill -9 $(pgrep -P "$1") "$1" 2>/dev/null; }
 # start NAME "SRC_DEV_OPTS" "DST_DEV_OPTS" "SRC_VM_OPTS" "DST_VM_OPTS" [DEVPROPS]
 start() {
 	cell=$1; c=$tmp/$1
-	bg timeout 90 "$bin" device dma --socket "$c.sd" --state-size 4M --churn 1M/s $2
+	bg timeout -k 5 90 "$bin" device dma --socket "$c.sd" --state-size 4M --churn 1M/s $2
 	sdev=$last
-	bg timeout 90 "$bin" device dma --socket "$c.dd" --state-size 4M $3
+	bg timeout -k 5 90 "$bin" device dma --socket "$c.dd" --state-size 4M $3
 	ddev=$last
 	wait_sock "$c.sd" && wait_sock "$c.dd" || { bad "devices did not start"; return 1; }
-	bg timeout 90 "$bin" vm --mem 16M --device "vfio-user:$c.sd${6:-}" --dirty-rate 4M/s \
+	bg timeout -k 5 90 "$bin" vm --mem 16M --device "vfio-user:$c.sd${6:-}" --dirty-rate 4M/s \
 		--control "$c.src" $4
 	src=$last
 	# shellcheck disable=SC2086
-	bg timeout 90 "$bin" vm --mem 16M --device "vfio-user:$c.dd${6:-}" $5 \
+	bg timeout -k 5 90 "$bin" vm --mem 16M --device "vfio-user:$c.dd${6:-}" $5 \
 		--incoming "unix:$c.mig" --control "$c.dst"
 	dst=$last
 	wait_sock "$c.src" && wait_sock "$c.dst" || { bad "VMs did not start"; return 1; }

@@ -50,7 +50,7 @@ start mem-mismatch "" "" "" "--mem 32M" && {
 
 # setup: the migration connection closes (a peer that reads a little, hangs up).
 start conn-closed "" "" "" "" && {
-	timeout 30 python3 -c '
+	timeout -k 5 30 python3 -c '
 import socket, sys
 s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)
 c, _ = s.accept(); c.recv(4096); c.close()' "$c.peer" &

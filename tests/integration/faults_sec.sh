@@ -7,16 +7,16 @@ bin=$1
 . "$(dirname "$0")/faults-lib.sh"
 known_failures="${FAULTS_KNOWN:-}"
 cell=sec
-bg timeout 60 "$bin" vm --mem 4M --guest none --control "$tmp/vm"
+bg timeout -k 5 60 "$bin" vm --mem 4M --guest none --control "$tmp/vm"
 vm=$last
 wait_sock "$tmp/vm" || { bad "VM did not start"; finish; }
 [ "$(stat -c %a "$tmp/vm")" = 600 ] && ok "control socket is 0600" \
 	|| bad "mode $(stat -c %a "$tmp/vm")"
 mkdir "$tmp/open" && chmod 777 "$tmp/open"
-out=$(timeout 20 "$bin" vm --mem 4M --guest none --control "$tmp/open/vm" 2>&1); rc=$?
+out=$(timeout -k 5 20 "$bin" vm --mem 4M --guest none --control "$tmp/open/vm" 2>&1); rc=$?
 [ $rc = 1 ] && echo "$out" | grep -q "others may write" && ok "world-writable directory refused" \
 	|| bad "open directory: rc $rc: $out"
-if timeout 20 python3 - "$tmp/vm" <<'PY'
+if timeout -k 5 20 python3 - "$tmp/vm" <<'PY'
 import json, socket, sys, time
 def conn():
     s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(5); return s

@@ -29,10 +29,10 @@ wait_sock() {
 		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
 	done
 }
-ctl() { timeout 20 "$bin" ctl "$@"; }
+ctl() { timeout -k 5 20 "$bin" ctl "$@"; }
 expect() {  # expect STATUS MESSAGE_PATTERN ARGS...: exit status and stderr
 	want=$1; pat=$2; shift 2
-	out=$(timeout 20 "$bin" "$@" 2>&1); got=$?
+	out=$(timeout -k 5 20 "$bin" "$@" 2>&1); got=$?
 	if [ "$got" != "$want" ]; then
 		bad "vfiomig $* exited $got, want $want: $(echo "$out" | head -3)"
 	elif [ -n "$pat" ] && ! echo "$out" | grep -qi -- "$pat"; then
@@ -77,9 +77,9 @@ expect 1 "symbolic link" vm --mem 16M --guest none --control "$tmp/link"
 [ ! -e "$tmp/elsewhere" ] && ok "nothing created through the symlink" || bad "symlink followed"
 
 # A device that may not migrate, next to one that may, in a --guest none VM.
-for d in d0 e0; do bg timeout 60 "$bin" device dma --socket "$tmp/$d" --state-size 1M; done
+for d in d0 e0; do bg timeout -k 5 60 "$bin" device dma --socket "$tmp/$d" --state-size 1M; done
 wait_sock "$tmp/d0" && wait_sock "$tmp/e0" || bad "devices did not start"
-bg timeout 60 "$bin" vm --mem 16M --guest none \
+bg timeout -k 5 60 "$bin" vm --mem 16M --guest none \
 	--device "vfio-user:$tmp/d0,id=blocked,enable-migration=off" --control "$tmp/nomig"
 nomig_pid=$last
 wait_sock "$tmp/nomig" || bad "VM with a blocked device did not start"
@@ -90,9 +90,9 @@ exited_ok $nomig_pid "VM with a blocked device"
 wait_sock "$tmp/d0" || bad "device d0 gone"
 
 # --guest none, a device it knows nothing about: migrate and compare.
-bg timeout 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/d0" --control "$tmp/src"
+bg timeout -k 5 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/d0" --control "$tmp/src"
 src_pid=$last
-bg timeout 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/e0" \
+bg timeout -k 5 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/e0" \
 	--incoming "tcp:127.0.0.1:0" --control "$tmp/dst"
 dst_pid=$last
 wait_sock "$tmp/src" && wait_sock "$tmp/dst" || { bad "VMs did not start"; cat "$tmp/log"; exit 1; }
@@ -129,7 +129,7 @@ ctl "$tmp/dst" status | grep -q "^vm: postmigrate" && ok "postmigrate after file
 	|| bad "after file: $(ctl "$tmp/dst" status)"
 ctl "$tmp/dst" quit || bad "destination quit"
 exited_ok $dst_pid "destination VM"
-bg timeout 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/d0" \
+bg timeout -k 5 60 "$bin" vm --mem 16M --guest none --device "vfio-user:$tmp/d0" \
 	--incoming "file:$tmp/image" --control "$tmp/third"
 third_pid=$last
 wait_sock "$tmp/third" || bad "VM loading the file did not start"

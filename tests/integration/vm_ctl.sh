@@ -31,7 +31,7 @@ wait_sock() {  # wait_sock PATH: up to 10 s for a socket file
 		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
 	done
 }
-ctl() { timeout 20 "$bin" ctl "$@"; }
+ctl() { timeout -k 5 20 "$bin" ctl "$@"; }
 field() {  # field SOCKET KEY: the value after KEY in `ctl status` (first match)
 	ctl "$1" status | sed -n "s/.*$2 \([^ ,]*\).*/\1/p" | head -1
 }
@@ -44,13 +44,13 @@ wait_status() {  # wait_status SOCKET PATTERN: until `ctl status` matches (10 s)
 
 for d in d0 d1 e0 e1; do
 	churn=0; case $d in *0) churn=2M/s ;; esac
-	bg timeout 60 "$bin" device dma --socket "$tmp/$d" --state-size 4M --churn $churn
+	bg timeout -k 5 60 "$bin" device dma --socket "$tmp/$d" --state-size 4M --churn $churn
 done
 for d in d0 d1 e0 e1; do wait_sock "$tmp/$d" || bad "device $d did not start"; done
-bg timeout 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/d0" --device "vfio-user:$tmp/d1" \
+bg timeout -k 5 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/d0" --device "vfio-user:$tmp/d1" \
 	--dirty-rate 16M/s --control "$tmp/src"
 src_pid=$last
-bg timeout 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/e0" --device "vfio-user:$tmp/e1" \
+bg timeout -k 5 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/e0" --device "vfio-user:$tmp/e1" \
 	--incoming "unix:$tmp/mig" --control "$tmp/dst"
 dst_pid=$last
 wait_sock "$tmp/src" && wait_sock "$tmp/dst" || { bad "VMs did not start"; cat "$tmp/log"; exit 1; }
@@ -112,7 +112,7 @@ sleep 0.5
 ctl "$tmp/dst" verify && ok "destination verified while running on" || bad "destination verify"
 
 # Garbage on the control socket gets error replies; the socket survives.
-if timeout 10 python3 - "$tmp/dst" <<'EOF'
+if timeout -k 5 10 python3 - "$tmp/dst" <<'EOF'
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])

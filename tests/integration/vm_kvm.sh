@@ -28,18 +28,18 @@ wait_sock() {  # wait_sock PATH: up to 10 s for a socket file
 		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
 	done
 }
-ctl() { timeout 30 "$bin" ctl "$@"; }
+ctl() { timeout -k 5 30 "$bin" ctl "$@"; }
 # jq_status SOCKET EXPR: prints a Python expression over the status object g
 jq_status() { ctl "$1" status --json | python3 -c "import json,sys; g=json.load(sys.stdin); print($2)"; }
 
-bg timeout 60 "$bin" device dma --socket "$tmp/d0" --state-size 4M --churn 1M/s
-bg timeout 60 "$bin" device dma --socket "$tmp/e0" --state-size 4M
+bg timeout -k 5 60 "$bin" device dma --socket "$tmp/d0" --state-size 4M --churn 1M/s
+bg timeout -k 5 60 "$bin" device dma --socket "$tmp/e0" --state-size 4M
 wait_sock "$tmp/d0" && wait_sock "$tmp/e0" || { bad "devices did not start"; exit 1; }
 common="--guest kvm --mem 32M --working-set 1M --vcpus 2"
-bg timeout 60 "$bin" vm $common --device "vfio-user:$tmp/d0" --dirty-rate 2M/s \
+bg timeout -k 5 60 "$bin" vm $common --device "vfio-user:$tmp/d0" --dirty-rate 2M/s \
 	--control "$tmp/src"
 src_pid=$last
-bg timeout 60 "$bin" vm $common --device "vfio-user:$tmp/e0" --incoming "unix:$tmp/mig" \
+bg timeout -k 5 60 "$bin" vm $common --device "vfio-user:$tmp/e0" --incoming "unix:$tmp/mig" \
 	--control "$tmp/dst"
 dst_pid=$last
 wait_sock "$tmp/src" && wait_sock "$tmp/dst" || { bad "VMs did not start"; cat "$tmp/log"; exit 1; }
