@@ -100,20 +100,6 @@ static int usage_error(const char *fmt, ...)
 	return VFM_EXIT_USAGE;
 }
 
-/* "--name VALUE" or "--name=VALUE"; *i advances past what it used. */
-static const char *opt_value(int argc, char **argv, int *i, const char *name)
-{
-	size_t n = strlen(name);
-
-	if (strncmp(argv[*i], name, n))
-		return NULL;
-	if (argv[*i][n] == '=')
-		return argv[*i] + n + 1;
-	if (argv[*i][n] == '\0' && *i + 1 < argc)
-		return argv[++*i];
-	return NULL;
-}
-
 static int parse_opts(int argc, char **argv, struct demo_opts *o)
 {
 	struct vfm_error err = { 0 };
@@ -131,44 +117,44 @@ static int parse_opts(int argc, char **argv, struct demo_opts *o)
 		vfm_error_clear(&err);
 		if (!strcmp(a, "--json")) {
 			o->json = true;
-		} else if ((v = opt_value(argc, argv, &i, "--guest"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--guest"))) {
 			if (strcmp(v, "synthetic") && strcmp(v, "kvm"))
 				return usage_error("--guest: '%s': expected synthetic or kvm", v);
 			o->guest = v;
-		} else if ((v = opt_value(argc, argv, &i, "--mem"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--mem"))) {
 			if (vfm_parse_size(v, &o->mem, &err))
 				return usage_error("--mem: %s", err.msg);
 			/* What the VM accepts: refusing here makes it a usage error. */
 			if (o->mem < (1u << 20) || o->mem % 4096)
 				return usage_error("--mem: at least 1M, a multiple of 4K");
-		} else if ((v = opt_value(argc, argv, &i, "--devices"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--devices"))) {
 			if (vfm_parse_uint(v, 1, DEMO_MAX_DEVICES, &x, &err))
 				return usage_error("--devices: %s", err.msg);
 			o->devices = (unsigned)x;
-		} else if ((v = opt_value(argc, argv, &i, "--device-state"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--device-state"))) {
 			if (vfm_parse_size(v, &o->device_state, &err) || !o->device_state)
 				return usage_error("--device-state: %s",
 						   err.msg[0] ? err.msg : "must not be 0");
 			if (o->device_state % 4096)
 				return usage_error("--device-state: must be a multiple of 4K");
-		} else if ((v = opt_value(argc, argv, &i, "--dirty-rate"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--dirty-rate"))) {
 			if (vfm_parse_rate(v, &o->dirty_rate, &err))
 				return usage_error("--dirty-rate: %s", err.msg);
-		} else if ((v = opt_value(argc, argv, &i, "--downtime-limit"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--downtime-limit"))) {
 			if (vfm_parse_duration_ns(v, &ns, &err))
 				return usage_error("--downtime-limit: %s", err.msg);
 			o->downtime_limit_ms = ns / 1000000;
 			if (!o->downtime_limit_ms)
 				return usage_error("--downtime-limit: must be at least 1 ms");
-		} else if ((v = opt_value(argc, argv, &i, "--channels"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--channels"))) {
 			if (vfm_parse_uint(v, 0, 64, &x, &err))
 				return usage_error("--channels: %s", err.msg);
 			o->channels = (int)x;
-		} else if ((v = opt_value(argc, argv, &i, "--uri"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--uri"))) {
 			if (!*v)
 				return usage_error("--uri: empty");
 			o->uri = v;
-		} else if ((v = opt_value(argc, argv, &i, "--save-latency"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--save-latency"))) {
 			if (vfm_parse_uint(v, 0, 10000000, &o->save_latency_us, &err))
 				return usage_error("--save-latency: %s", err.msg);
 		} else {

@@ -38,20 +38,6 @@ static void device_usage(FILE *out)
 		"  -v                   more logging (-vv, -vvv)\n");
 }
 
-/* "--name VALUE" or "--name=VALUE"; *i advances past what it used. */
-static const char *opt_value(int argc, char **argv, int *i, const char *name)
-{
-	size_t n = strlen(name);
-
-	if (strncmp(argv[*i], name, n))
-		return NULL;
-	if (argv[*i][n] == '=')
-		return argv[*i] + n + 1;
-	if (argv[*i][n] == '\0' && *i + 1 < argc)
-		return argv[++*i];
-	return NULL;
-}
-
 static int usage_error(const char *fmt, ...) VFM_PRINTF(1, 2);
 
 static int usage_error(const char *fmt, ...)
@@ -138,18 +124,18 @@ int cmd_device(int argc, char **argv)
 			return VFM_EXIT_OK;
 		} else if (!strcmp(a, "--once")) {
 			once = true;
-		} else if ((v = opt_value(argc, argv, &i, "--socket"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--socket"))) {
 			socket = v;
-		} else if ((v = opt_value(argc, argv, &i, "--state-size"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--state-size"))) {
 			if (vfm_parse_size(v, &o.state_size, &err) || !o.state_size)
 				return usage_error("--state-size: %s", err.msg[0] ? err.msg : "must not be 0");
-		} else if ((v = opt_value(argc, argv, &i, "--churn"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--churn"))) {
 			if (vfm_parse_rate(v, &o.churn_rate, &err))
 				return usage_error("--churn: %s", err.msg);
-		} else if ((v = opt_value(argc, argv, &i, "--save-latency"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--save-latency"))) {
 			if (vfm_parse_uint(v, 0, 10000000, &o.save_latency_us, &err))
 				return usage_error("--save-latency: %s", err.msg);
-		} else if ((v = opt_value(argc, argv, &i, "--fault"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--fault"))) {
 			if (vfm_dmadev_parse_faults(v, faults, &o.nfaults, DMADEV_FAULTS_MAX, &err))
 				return usage_error("--fault: %s", err.msg);
 		} else {

@@ -56,20 +56,6 @@ static int usage_error(const char *fmt, ...)
 	return VFM_EXIT_USAGE;
 }
 
-/* "--name VALUE" or "--name=VALUE"; *i advances past what it used. */
-static const char *opt_value(int argc, char **argv, int *i, const char *name)
-{
-	size_t n = strlen(name);
-
-	if (strncmp(argv[*i], name, n))
-		return NULL;
-	if (argv[*i][n] == '=')
-		return argv[*i] + n + 1;
-	if (argv[*i][n] == '\0' && *i + 1 < argc)
-		return argv[++*i];
-	return NULL;
-}
-
 static int parse_args(int argc, char **argv, struct vm_config *cfg, const char **control)
 {
 	struct vfm_error err = { 0 };
@@ -82,38 +68,38 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 		const char *a = argv[i];
 
 		vfm_error_clear(&err);
-		if ((v = opt_value(argc, argv, &i, "--mem"))) {
+		if ((v = tool_opt_value(argc, argv, &i, "--mem"))) {
 			if (vfm_parse_size(v, &cfg->mem_size, &err) || cfg->mem_size < (1u << 20) ||
 			    cfg->mem_size % 4096)
 				return usage_error("--mem: %s", err.msg[0] ? err.msg :
 						   "at least 1M, a multiple of 4K");
-		} else if ((v = opt_value(argc, argv, &i, "--device"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--device"))) {
 			if (cfg->ndevices == VM_MAX_DEVICES)
 				return usage_error("at most %d devices", VM_MAX_DEVICES);
 			cfg->devices[cfg->ndevices++] = v;
-		} else if ((v = opt_value(argc, argv, &i, "--guest"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--guest"))) {
 			if (strcmp(v, "synthetic") && strcmp(v, "kvm") && strcmp(v, "auto") &&
 			    strcmp(v, "none"))
 				return usage_error("--guest: '%s' is not synthetic, kvm, auto or none",
 						   v);
 			cfg->guest = v;
-		} else if ((v = opt_value(argc, argv, &i, "--vcpus"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--vcpus"))) {
 			if (vfm_parse_uint(v, 1, 64, &n, &err))
 				return usage_error("--vcpus: %s", err.msg);
 			cfg->vcpus = (unsigned)n;
-		} else if ((v = opt_value(argc, argv, &i, "--dirty-rate"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--dirty-rate"))) {
 			if (vfm_parse_rate(v, &cfg->dirty_rate, &err))
 				return usage_error("--dirty-rate: %s", err.msg);
-		} else if ((v = opt_value(argc, argv, &i, "--working-set"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--working-set"))) {
 			if (vfm_parse_size(v, &cfg->working_set, &err) || cfg->working_set < 4096 ||
 			    cfg->working_set % 4096)
 				return usage_error("--working-set: %s", err.msg[0] ? err.msg :
 						   "at least 4K, a multiple of 4K");
-		} else if ((v = opt_value(argc, argv, &i, "--incoming"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--incoming"))) {
 			if (!*v)
 				return usage_error("%s", "--incoming: empty URI");
 			cfg->incoming = v;
-		} else if ((v = opt_value(argc, argv, &i, "--control"))) {
+		} else if ((v = tool_opt_value(argc, argv, &i, "--control"))) {
 			*control = v;
 		} else {
 			return usage_error("unknown or incomplete option '%s'", a);

@@ -28,4 +28,9 @@ int cmd_load(int argc, char **argv);
  */
 int tool_take_verbose(int argc, char **argv);
 
+/* "--name VALUE" or "--name=VALUE" at argv[*i]: the value, or NULL when
+ * argv[*i] is not that option (or its value is missing); *i advances past
+ * what it used. */
+const char *tool_opt_value(int argc, char **argv, int *i, const char *name);
+
 #endif

@@ -29,3 +29,16 @@ int tool_take_verbose(int argc, char **argv)
 	argv[out] = NULL;
 	return out;
 }
+
+const char *tool_opt_value(int argc, char **argv, int *i, const char *name)
+{
+	size_t n = strlen(name);
+
+	if (strncmp(argv[*i], name, n))
+		return NULL;
+	if (argv[*i][n] == '=')
+		return argv[*i] + n + 1;
+	if (argv[*i][n] == '\0' && *i + 1 < argc)
+		return argv[++*i];
+	return NULL;
+}
