@@ -386,7 +386,7 @@ TEST(oversize_claim_not_allocated)
 	int sv[2];
 	void *probe;
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 	SKIP("sanitizer allocator");
 #endif
 	if (pre && strstr(pre, "vgpreload"))
