@@ -188,27 +188,8 @@ out:
 
 int cmd_load(int argc, char **argv)
 {
-	const char *args[2] = { NULL, NULL };
-	int n = 0;
+	const char *device, *file;
+	int r = devtool_device_file_args("load", argc, argv, load_usage, &device, &file);
 
-	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-			load_usage(stdout);
-			return VFM_EXIT_OK;
-		}
-		if (argv[i][0] == '-' || n == 2) {
-			fprintf(stderr, "vfiomig load: unexpected argument '%s'\n", argv[i]);
-			load_usage(stderr);
-			return VFM_EXIT_USAGE;
-		}
-		args[n++] = argv[i];
-	}
-	if (n != 2) {
-		fprintf(stderr, "vfiomig load: needs DEVICE and FILE\n");
-		load_usage(stderr);
-		return VFM_EXIT_USAGE;
-	}
-	if (!devtool_spec_ok("load", args[0]))
-		return VFM_EXIT_USAGE;
-	return load_run(args[0], args[1]);
+	return r >= 0 ? r : load_run(device, file);
 }

@@ -155,27 +155,8 @@ out:
 
 int cmd_save(int argc, char **argv)
 {
-	const char *args[2] = { NULL, NULL };
-	int n = 0;
+	const char *device, *file;
+	int r = devtool_device_file_args("save", argc, argv, save_usage, &device, &file);
 
-	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-			save_usage(stdout);
-			return VFM_EXIT_OK;
-		}
-		if (argv[i][0] == '-' || n == 2) {
-			fprintf(stderr, "vfiomig save: unexpected argument '%s'\n", argv[i]);
-			save_usage(stderr);
-			return VFM_EXIT_USAGE;
-		}
-		args[n++] = argv[i];
-	}
-	if (n != 2) {
-		fprintf(stderr, "vfiomig save: needs DEVICE and FILE\n");
-		save_usage(stderr);
-		return VFM_EXIT_USAGE;
-	}
-	if (!devtool_spec_ok("save", args[0]))
-		return VFM_EXIT_USAGE;
-	return save_run(args[0], args[1]);
+	return r >= 0 ? r : save_run(device, file);
 }

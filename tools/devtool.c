@@ -7,6 +7,7 @@
 #include <time.h>
 #include <xxhash.h>
 
+#include "commands.h"
 #include "devtool.h"
 #include "vfiomig/log.h"
 #include "vfiomig/vfio_user.h"
@@ -22,6 +23,36 @@ bool devtool_spec_ok(const char *cmd, const char *spec)
 		return true;
 	fprintf(stderr, "vfiomig %s: %s\n", cmd, err.msg);
 	return false;
+}
+
+int devtool_device_file_args(const char *cmd, int argc, char **argv, void (*usage)(FILE *),
+			     const char **device, const char **file)
+{
+	const char *args[2] = { NULL, NULL };
+	int n = 0;
+
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+			usage(stdout);
+			return VFM_EXIT_OK;
+		}
+		if (argv[i][0] == '-' || n == 2) {
+			fprintf(stderr, "vfiomig %s: unexpected argument '%s'\n", cmd, argv[i]);
+			usage(stderr);
+			return VFM_EXIT_USAGE;
+		}
+		args[n++] = argv[i];
+	}
+	if (n != 2) {
+		fprintf(stderr, "vfiomig %s: needs DEVICE and FILE\n", cmd);
+		usage(stderr);
+		return VFM_EXIT_USAGE;
+	}
+	if (!devtool_spec_ok(cmd, args[0]))
+		return VFM_EXIT_USAGE;
+	*device = args[0];
+	*file = args[1];
+	return -1;
 }
 
 int devtool_open(const char *spec, struct vfm_device **out, struct vfm_device_props *props,

@@ -18,6 +18,14 @@
 /* Whether spec parses; prints "vfiomig CMD: reason" when it does not. */
 bool devtool_spec_ok(const char *cmd, const char *spec);
 
+/*
+ * "vfiomig CMD DEVICE FILE" (save, load): -1 with *device and *file set when
+ * the arguments are good, else the exit status (usage printed on --help to
+ * stdout, on a usage error to stderr with the reason).
+ */
+int devtool_device_file_args(const char *cmd, int argc, char **argv, void (*usage)(FILE *),
+			     const char **device, const char **file);
+
 /* Opens "vfio-user:PATH" or "vfio:NAME" (with ,key=value properties). */
 int devtool_open(const char *spec, struct vfm_device **out, struct vfm_device_props *props,
 		 struct vfm_error *err);
