@@ -6,29 +6,8 @@
 # usage: vm_bad.sh PATH_TO_VFIOMIG
 set -u
 bin=$1
-tmp=$(mktemp -d /tmp/vfm-vmbad-XXXXXX)
-pids=""
-fail=0
-cleanup() {
-	for p in $pids; do kill "$p" 2>/dev/null; done
-	wait 2>/dev/null
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-ok() { echo "ok: $*"; }
-bad() { echo "FAIL: $*"; fail=1; }
-bg() { "$@" >>"$tmp/log" 2>&1 & last=$!; pids="$pids $last"; }
-exited_ok() {  # exited_ok PID NAME: the process ended (after quit) with status 0
-	wait "$1"; st=$?
-	[ $st = 0 ] && ok "$2 exited 0" || bad "$2 exited $st"
-}
-wait_sock() {
-	i=0
-	while [ ! -S "$1" ]; do
-		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
-	done
-}
+lib_name=vmbad
+. "$(dirname "$0")/vm_lib.sh"
 ctl() { timeout -k 5 20 "$bin" ctl "$@"; }
 expect() {  # expect STATUS MESSAGE_PATTERN ARGS...: exit status and stderr
 	want=$1; pat=$2; shift 2

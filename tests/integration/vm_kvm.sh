@@ -9,25 +9,8 @@ bin=$1
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
 	echo "SKIP: no usable /dev/kvm"; exit 77
 fi
-tmp=$(mktemp -d /tmp/vfm-vmkvm-XXXXXX)
-pids=""
-fail=0
-cleanup() {
-	for p in $pids; do kill "$p" 2>/dev/null; done
-	wait 2>/dev/null
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-ok() { echo "ok: $*"; }
-bad() { echo "FAIL: $*"; fail=1; }
-bg() { "$@" >>"$tmp/log" 2>&1 & last=$!; pids="$pids $last"; }
-wait_sock() {  # wait_sock PATH: up to 10 s for a socket file
-	i=0
-	while [ ! -S "$1" ]; do
-		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
-	done
-}
+lib_name=vmkvm
+. "$(dirname "$0")/vm_lib.sh"
 ctl() { timeout -k 5 30 "$bin" ctl "$@"; }
 # jq_status SOCKET EXPR: prints a Python expression over the status object g
 jq_status() { ctl "$1" status --json | python3 -c "import json,sys; g=json.load(sys.stdin); print($2)"; }
