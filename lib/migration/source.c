@@ -642,9 +642,10 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 	bool cancelled = rollback && atomic_load(&m->cancel);
 	struct vfm_error why = { 0 };
 
-	/* A cancel shuts the socket down, so it often surfaces as a write or
-	 * read error: report it as what it is. */
-	if (cancelled && err->code != VFM_ECANCELED) {
+	/* A cancel shuts the socket down and stops the save threads, so it often
+	 * surfaces as a write or read error or as a thread that stopped early
+	 * (code VFM_ECANCELED, another message): report it as what it is. */
+	if (cancelled && strncmp(err->msg, "migration cancelled", 19) != 0) {
 		vfm_error_set(&why, VFM_ECANCELED, "migration cancelled (%s)", err->msg);
 		err = &why;
 	}
