@@ -499,7 +499,8 @@ static void *incoming_main(void *arg)
 		pthread_mutex_lock(&vm->lock);
 		if (vm->incoming_ready)
 			snprintf(uri, sizeof(uri), "%s", vm->incoming_uri);   /* port 0 resolved */
-		if (!ret || !vm->incoming_ready || !retry || vm->state == VM_SHUTDOWN)
+		if (!ret || !vm->incoming_ready || !retry || vm->state == VM_SHUTDOWN ||
+		    ret == VFM_ECANCELED)
 			break;
 		pthread_mutex_unlock(&vm->lock);
 		vfm_err(LOG, "incoming migration failed: %s; waiting for another on %s", err.msg, uri);
@@ -562,13 +563,10 @@ void vm_destroy(struct vm *vm)
 	ended = vm->incoming_ended;
 	pthread_mutex_unlock(&vm->lock);
 	if (vm->incoming_thread_live && !ended) {
-		/*
-		 * The engine cannot interrupt an incoming migration (it may be
-		 * waiting for a connection): leave it, and what it uses, to the
-		 * process exit, which is what comes next.
-		 */
-		vfm_debug(LOG, "incoming migration still waiting: left to the exit");
-		return;
+		/* Waiting for a source or loading: cut it short (devices are reset
+		 * as after any failed load), then join. */
+		vfm_debug(LOG, "cancelling the incoming migration");
+		vfm_migration_incoming_cancel(vm->mig);
 	}
 	if (vm->incoming_thread_live)
 		pthread_join(vm->incoming_thread, NULL);

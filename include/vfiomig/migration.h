@@ -178,6 +178,13 @@ VFM_EXPORT int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 				      const struct vfm_migration_params *params,
 				      void (*ready)(void *opaque, const char *uri),
 				      void *ready_opaque, struct vfm_error *err);
+/*
+ * Destination, from any thread, for teardown: the running (or next)
+ * vfm_migration_incoming fails with VFM_ECANCELED within about 200 ms: a wait
+ * for a connection ends, a load in progress is cut (devices are reset as on
+ * any failed load). Sticky: later calls of vfm_migration_incoming fail too.
+ */
+VFM_EXPORT void vfm_migration_incoming_cancel(struct vfm_migration *m);
 
 /* Event callback for status changes (the control socket's MIGRATION event). */
 VFM_EXPORT void vfm_migration_set_event_cb(struct vfm_migration *m,

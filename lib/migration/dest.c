@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "migration/channel.h"
@@ -17,6 +18,7 @@
 #include "util/logging.h"
 
 #define LOG "incoming"
+#define ACCEPT_SLICE_MS 200   /* how soon a cancel ends the wait for a source */
 
 struct dest {
 	struct vfm_migration *m;
@@ -218,6 +220,36 @@ static int finish_load(struct dest *d, struct vfm_error *err)
 	return 0;
 }
 
+/*
+ * Waits for the main connection in short slices so that a cancel (the VM
+ * quitting) ends the wait; the accepted fd is published for cancel to cut.
+ */
+static int accept_main(struct vfm_migration *m, struct vfm_listener *l, int *fd,
+		       struct vfm_error *err)
+{
+	int ret;
+
+	do {
+		if (atomic_load(&m->in_cancel))
+			return vfm_error_set(err, VFM_ECANCELED, "incoming migration cancelled");
+		ret = vfm_accept(l, ACCEPT_SLICE_MS, fd, err);
+		if (ret == -ETIMEDOUT)
+			vfm_error_clear(err);   /* a slice ended: not an error */
+	} while (ret == -ETIMEDOUT);
+	if (ret)
+		return ret;
+	pthread_mutex_lock(&m->lock);
+	if (atomic_load(&m->in_cancel)) {
+		pthread_mutex_unlock(&m->lock);
+		close(*fd);
+		*fd = -1;
+		return vfm_error_set(err, VFM_ECANCELED, "incoming migration cancelled");
+	}
+	atomic_store(&m->sock_fd, *fd);
+	pthread_mutex_unlock(&m->lock);
+	return 0;
+}
+
 int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 			   const struct vfm_migration_params *params,
 			   void (*ready)(void *opaque, const char *uri), void *ready_opaque,
@@ -234,6 +266,8 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 		d.p = *params;
 	else
 		vfm_migration_params_default(&d.p);
+	if (atomic_load(&m->in_cancel))
+		return vfm_error_set(err, VFM_ECANCELED, "incoming migration cancelled");
 	ret = vfm_uri_parse(uri, &u, err);
 	if (ret)
 		return ret;
@@ -246,7 +280,7 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 		return ret;
 	if (ready)
 		ready(ready_opaque, vfm_uri_str(&u, ubuf, sizeof(ubuf)));
-	ret = vfm_accept(l, -1, &fd, err);
+	ret = accept_main(m, l, &fd, err);
 	if (ret)
 		goto out;
 	t0 = vfm__now_ns();
@@ -275,6 +309,16 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 	}
 	vfm__mf_dst_close(d.mf);
 	d.mf = NULL;
+	if (ret && ret != VFM_ECANCELED && atomic_load(&m->in_cancel)) {
+		/* The cut connection is the symptom; say what happened. */
+		struct vfm_error why = { 0 };
+
+		vfm_error_set(&why, VFM_ECANCELED, "incoming migration cancelled (%s)",
+			      err ? err->msg : "");
+		ret = VFM_ECANCELED;
+		if (err)
+			*err = why;
+	}
 	if (ret && d.rp) {
 		/* Tell the source why, so it can roll back with a clear message. */
 		unsigned char msg[4 + VFM_ERROR_MSG_MAX];
@@ -304,8 +348,23 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 	vfm_stream_free(d.rp);
 	vfm_stream_free(d.in);
 out:
+	pthread_mutex_lock(&m->lock);
+	atomic_store(&m->sock_fd, -1);   /* before close: cancel never hits a reused fd */
+	pthread_mutex_unlock(&m->lock);
 	if (fd >= 0)
 		close(fd);
 	vfm_listener_close(l);
 	return ret;
+}
+
+void vfm_migration_incoming_cancel(struct vfm_migration *m)
+{
+	int fd;
+
+	pthread_mutex_lock(&m->lock);
+	atomic_store(&m->in_cancel, true);
+	fd = atomic_load(&m->sock_fd);
+	if (fd >= 0)
+		shutdown(fd, SHUT_RDWR);   /* every read and write on main fails now */
+	pthread_mutex_unlock(&m->lock);
 }

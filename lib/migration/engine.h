@@ -99,7 +99,9 @@ struct vfm_migration {
 
 	atomic_bool cancel;
 	bool committed;             /* guarded by lock: GO sent, no rollback */
-	atomic_int sock_fd;         /* main channel, shut down to unblock on cancel */
+	atomic_int sock_fd;         /* main channel, shut down to unblock on cancel
+	                             * (destination: set and cleared under lock) */
+	atomic_bool in_cancel;      /* destination: sticky, the VM is going away */
 
 	struct vfm_mf_src *mf_src;  /* guarded by lock (cancel shuts its channels down) */
 	struct vfm_mf_dst *mf_dst;  /* incoming thread */

@@ -485,3 +485,111 @@ TEST_TIMEOUT(max_bandwidth_honoured, 60)
 	md_side_free(&s);
 	md_devsrv_kill(&srv[0]);
 }
+
+/* ------------------------------------------------------------------------ */
+/* Destination cancel (the VM quitting while it waits or loads)              */
+
+struct incoming_run {
+	struct md_side *s;
+	char uri[256];
+	atomic_bool ready;
+	int ret;
+	struct vfm_error err;
+};
+
+static void incoming_ready(void *opaque, const char *uri)
+{
+	struct incoming_run *in = opaque;
+
+	snprintf(in->uri, sizeof(in->uri), "%s", uri);
+	atomic_store(&in->ready, true);
+}
+
+static void *incoming_thread(void *arg)
+{
+	struct incoming_run *in = arg;
+	struct vfm_migration_params p;
+
+	md_params(&p);
+	in->ret = vfm_migration_incoming(in->s->m, in->uri, &p, incoming_ready, in, &in->err);
+	return NULL;
+}
+
+static void incoming_begin(struct incoming_run *in, struct md_side *s, pthread_t *t)
+{
+	in->s = s;
+	md_make_uri("unix", in->uri, sizeof(in->uri));
+	CHECK_EQ(pthread_create(t, NULL, incoming_thread, in), 0);
+	while (!atomic_load(&in->ready))
+		usleep(1000);
+}
+
+TEST_TIMEOUT(incoming_cancel_ends_the_wait_for_a_source, 30)
+{
+	struct md_opts o = { .ndev = 1, .quiet = true };
+	struct md_devsrv srv[1];
+	struct incoming_run in = { 0 };
+	struct vfm_error err = { 0 };
+	struct md_side d;
+	pthread_t t;
+
+	md_devsrv_spawn(&srv[0], "dst0", &o, 0, 9);
+	md_side_init(&d, srv, &o, false, 9);
+	incoming_begin(&in, &d, &t);
+	vfm_migration_incoming_cancel(d.m);
+	pthread_join(t, NULL);
+	fprintf(stderr, "# incoming: %d: %s\n", in.ret, in.err.msg);
+	CHECK_EQ(in.ret, VFM_ECANCELED);
+	CHECK(strstr(in.err.msg, "cancelled") != NULL);
+	CHECK_EQ(atomic_load(&d.g.starts), 0);
+	/* Sticky: the next attempt does not even listen. */
+	CHECK_EQ(vfm_migration_incoming(d.m, in.uri, NULL, NULL, NULL, &err), VFM_ECANCELED);
+	md_side_free(&d);
+	md_devsrv_kill(&srv[0]);
+}
+
+static void cancel_dest(void *opaque, struct vfm_migration *m, enum vfm__mig_phase ph)
+{
+	struct md_side *dst = opaque;
+
+	(void)m;
+	if (ph == VFM__PH_PRECOPY)
+		vfm_migration_incoming_cancel(dst->m);
+}
+
+/* The destination quits mid-load: it reports cancelled, never runs the guest,
+ * and the source rolls back as for any lost destination. */
+TEST_TIMEOUT(incoming_cancel_during_a_load, 60)
+{
+	struct md_opts o = { .ndev = 1 };
+	struct md_devsrv srv[1], dsrv[1];
+	struct incoming_run in = { 0 };
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct md_side s, d;
+	pthread_t t;
+
+	md_devsrv_spawn(&srv[0], "src0", &o, 1u << 20, 7);
+	md_devsrv_spawn(&dsrv[0], "dst0", &o, 0, 9);
+	md_side_init(&d, dsrv, &o, false, 9);
+	md_side_init(&s, srv, &o, true, 7);
+	incoming_begin(&in, &d, &t);
+	vfm__migration_set_phase_hook(s.m, cancel_dest, &d);
+	start_guest(&s);
+	md_params(&p);
+	CHECK_EQ(vfm_migration_start(s.m, in.uri, &p, &err), 0);
+	md_wait(&s, &st);
+	pthread_join(t, NULL);
+	fprintf(stderr, "# source: %s: %s\n", vfm_mig_status_name(st.status), st.error);
+	fprintf(stderr, "# incoming: %d: %s\n", in.ret, in.err.msg);
+	CHECK_EQ(in.ret, VFM_ECANCELED);
+	CHECK(strstr(in.err.msg, "cancelled") != NULL);
+	CHECK_EQ(atomic_load(&d.g.starts), 0);
+	CHECK_EQ(st.status, VFM_MIG_FAILED);
+	check_recovered(&s, &st, false);
+	md_side_free(&s);
+	md_side_free(&d);
+	md_devsrv_kill(&srv[0]);
+	md_devsrv_kill(&dsrv[0]);
+}
