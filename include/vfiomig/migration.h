@@ -77,6 +77,7 @@ struct vfm_migration_stats {
 	double throughput_mbps;         /* transferred over total time, Mbit/s */
 	unsigned multifd_channels;
 	bool downtime_from_same_clock;  /* false: corrected by RTT (other host) */
+	uint64_t multifd_ram_bytes;     /* part of ram_transferred_bytes on the multifd channels */
 };
 
 /*

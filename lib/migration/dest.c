@@ -338,6 +338,7 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 	m->stats.total_time_ms = (vfm__now_ns() - t0) / 1000000ull;
 	m->stats.transferred_bytes = d.in ? vfm_stream_bytes(d.in) : 0;
 	m->stats.ram_transferred_bytes = vfm__ram_transferred(m->ram);
+	m->stats.multifd_ram_bytes = vfm__ram_mf_transferred(m->ram);
 	pthread_mutex_unlock(&m->lock);
 	if (ret) {
 		vfm__mig_set_error(m, err);

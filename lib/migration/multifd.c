@@ -36,6 +36,7 @@ struct mf_chan {
 	pthread_mutex_t lock;        /* one packet at a time on the stream */
 	int fd;
 	struct vfm_stream *s;
+	uint32_t ram_seq;            /* guarded by lock: MF_RAM packets sent */
 };
 
 struct mf_saver {
@@ -99,8 +100,10 @@ int vfm__mf_src_open(struct vfm_migration *m, const struct vfm_uri *uri,
 			return ret;
 		users += m->devs[i]->mf_use;
 	}
-	if (!users)
-		return 0;  /* RAM stays on main: nobody needs the channels */
+	/* With no device on them the channels still carry the stop-copy RAM
+	 * pass: n > 0 on a socket URI is enough. */
+	if (!n)
+		return 0;
 	mf = calloc(1, sizeof(*mf));
 	if (!mf || !(mf->ch = calloc(n, sizeof(*mf->ch)))) {
 		free(mf);
@@ -151,7 +154,7 @@ int vfm__mf_src_open(struct vfm_migration *m, const struct vfm_uri *uri,
 	pthread_mutex_lock(&m->lock);
 	m->stats.multifd_channels = n;
 	pthread_mutex_unlock(&m->lock);
-	vfm_info(LOG, "%u channels, %u device(s) send stop-copy state over them", n, users);
+	vfm_info(LOG, "%u channels: stop-copy RAM and %u device(s) send over them", n, users);
 	return 0;
 }
 
@@ -370,6 +373,80 @@ void vfm__mf_src_close(struct vfm_mf_src *mf)
 uint64_t vfm__mf_src_bytes(struct vfm_mf_src *mf)
 {
 	return mf ? atomic_load(&mf->bytes) : 0;
+}
+
+struct vfm_mf_src *vfm__mf_src_of(struct vfm_migration *m)
+{
+	struct vfm_mf_src *mf;
+
+	pthread_mutex_lock(&m->lock);
+	mf = m->mf_src;
+	pthread_mutex_unlock(&m->lock);
+	return mf;
+}
+
+unsigned vfm__mf_src_nchannels(const struct vfm_mf_src *mf)
+{
+	return mf ? mf->n : 0;
+}
+
+int vfm__mf_src_put_ram(struct vfm_mf_src *mf, unsigned chan, const void *batch,
+			const void *pages, size_t plen, struct vfm_error *err)
+{
+	struct mf_chan *c = &mf->ch[chan];
+	unsigned char hdr[VFM_MF_PKT_HDR];
+	struct iovec iov[3] = { { hdr, sizeof(hdr) }, { (void *)batch, VFM_MF_RAM_BATCH },
+				{ (void *)pages, plen } };
+	size_t bytes = sizeof(struct vfm_rec_hdr) + VFM_MF_PKT_HDR + VFM_MF_RAM_BATCH + plen;
+	int ret;
+
+	pthread_mutex_lock(&c->lock);
+	vfm_put_le32(hdr, VFM_MF_VERSION);
+	vfm_put_le32(hdr + 4, c->ram_seq);
+	vfm_put_le32(hdr + 8, 0);
+	/* No flush per packet: the stream sends once its buffer is full, or a
+	 * device packet on this channel flushes it, or the pass ends. */
+	vfm_stream_put_recordv(c->s, VFM_REC_MF_RAM, 0, VFM_MF_RAM_SECTION, iov, plen ? 3 : 2);
+	ret = vfm_stream_error(c->s, err);
+	if (!ret)
+		c->ram_seq++;
+	pthread_mutex_unlock(&c->lock);
+	if (ret)
+		return vfm_error_set(err, ret, "multifd channel %u", chan);
+	atomic_fetch_add(&mf->bytes, bytes);
+	return 0;
+}
+
+int vfm__mf_src_flush(struct vfm_mf_src *mf, unsigned chan, struct vfm_error *err)
+{
+	struct mf_chan *c = &mf->ch[chan];
+	int ret;
+
+	pthread_mutex_lock(&c->lock);
+	vfm_stream_flush(c->s);
+	ret = vfm_stream_error(c->s, err);
+	pthread_mutex_unlock(&c->lock);
+	return ret ? vfm_error_set(err, ret, "multifd channel %u", chan) : 0;
+}
+
+uint32_t vfm__mf_src_ram_packets(struct vfm_mf_src *mf, unsigned chan)
+{
+	uint32_t n;
+
+	pthread_mutex_lock(&mf->ch[chan].lock);
+	n = mf->ch[chan].ram_seq;
+	pthread_mutex_unlock(&mf->ch[chan].lock);
+	return n;
+}
+
+bool vfm__mf_src_stopping(struct vfm_mf_src *mf)
+{
+	return atomic_load(&mf->stop) || atomic_load(&mf->m->cancel);
+}
+
+void vfm__mf_src_fail(struct vfm_mf_src *mf)
+{
+	atomic_store(&mf->stop, true);
 }
 
 int vfm__mf_src_channel_fd(struct vfm_migration *m, unsigned idx)

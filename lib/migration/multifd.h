@@ -13,6 +13,13 @@
 #define VFM_MF_PKT_HDR 12u          /* u32 version, u32 idx, u32 flags */
 #define VFM_MF_FLAG_CONFIG 1u       /* the device's config state: the last packet */
 #define VFM_MF_MAX_CHANNELS 255u
+/* RAM over the channels (docs/multifd.md): MF_RAM packets carry the same
+ * 16-byte batch as a RAM DATA record after the packet header; on main, a
+ * RAM DATA record with this header flag ends the pass with per-channel
+ * packet counts. */
+#define VFM_MF_RAM_SECTION 1u
+#define VFM_MF_RAM_END 1u
+#define VFM_MF_RAM_BATCH 16u
 
 struct vfm_mf_src;
 struct vfm_mf_dst;
@@ -33,6 +40,19 @@ void vfm__mf_src_go(struct vfm_mf_src *mf);
 int vfm__mf_src_finish(struct vfm_mf_src *mf, struct vfm_stream *main, struct vfm_error *err);
 /* Packet bytes written on the channels so far (atomic: any thread). */
 uint64_t vfm__mf_src_bytes(struct vfm_mf_src *mf);
+/* The channels of the current migration (the migration thread), NULL if none. */
+struct vfm_mf_src *vfm__mf_src_of(struct vfm_migration *m);
+unsigned vfm__mf_src_nchannels(const struct vfm_mf_src *mf);
+/* One MF_RAM packet on channel chan: batch (16 bytes) then plen page bytes
+ * (guest memory, which must not change: the guest is stopped). */
+int vfm__mf_src_put_ram(struct vfm_mf_src *mf, unsigned chan, const void *batch,
+			const void *pages, size_t plen, struct vfm_error *err);
+int vfm__mf_src_flush(struct vfm_mf_src *mf, unsigned chan, struct vfm_error *err);
+/* MF_RAM packets sent on chan so far. */
+uint32_t vfm__mf_src_ram_packets(struct vfm_mf_src *mf, unsigned chan);
+/* A thread failed or the migration is cancelled: senders stop. */
+bool vfm__mf_src_stopping(struct vfm_mf_src *mf);
+void vfm__mf_src_fail(struct vfm_mf_src *mf);
 /* Stops and joins everything (safe at any point), closes the channels. */
 void vfm__mf_src_close(struct vfm_mf_src *mf);
 
@@ -45,7 +65,11 @@ int vfm__mf_dst_open(struct vfm_migration *m, struct vfm_listener *l, int main_f
 void vfm__mf_dst_switchover(struct vfm_mf_dst *mf);
 /* A device's end marker: total packets; waits until all are loaded. */
 int vfm__mf_dst_dev_end(struct vfm_mig_device *md, uint32_t total, struct vfm_error *err);
-/* At EOS: every device that got packets got its end marker; no thread failed. */
+/* RAM's end marker (payload: u32 channels, u32 packets per channel): waits
+ * until every channel applied exactly that many MF_RAM packets. */
+int vfm__mf_dst_ram_end(struct vfm_mf_dst *mf, const void *pl, size_t len, struct vfm_error *err);
+/* At EOS: every device that got packets got its end marker, RAM packets had
+ * theirs; no thread failed. */
 int vfm__mf_dst_check(struct vfm_mf_dst *mf, struct vfm_error *err);
 /* The first failure of a channel or load thread, if any (0 otherwise). */
 int vfm__mf_dst_error(struct vfm_mf_dst *mf, struct vfm_error *err);
@@ -58,5 +82,12 @@ int vfm__vfio_load_buffer(struct vfm_mig_device *md, bool config, const void *bu
 int vfm__vfio_read_config(struct vfm_mig_device *md, unsigned char *cfg, size_t cap, size_t *len,
 			  struct vfm_error *err);
 uint32_t vfm__vfio_section(const struct vfm_mig_device *md);
+
+/* ram.c: one page batch (16-byte header + pages, no layout) into guest
+ * memory; any thread (the batches of one pass are disjoint). */
+int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, bool from_channel,
+			struct vfm_error *err);
+/* ram.c: bytes of RAM that went over (source) or came from (destination) the channels. */
+uint64_t vfm__ram_mf_transferred(struct vfm_ram *ram);
 
 #endif

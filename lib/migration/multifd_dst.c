@@ -47,6 +47,10 @@ struct dchan {
 	struct vfm_stream *s;
 	pthread_t thread;
 	bool started;
+	/* Guarded by mf->lock: MF_RAM packets applied, and the end marker's count. */
+	uint32_t ram_next, ram_total;
+	bool ram_total_known;
+	bool ram_delayed;            /* test hook: the first RAM packet waited */
 };
 
 struct vfm_mf_dst {
@@ -60,6 +64,7 @@ struct vfm_mf_dst {
 	pthread_cond_t cond;         /* any progress, or the end */
 	bool stop;                   /* guarded by lock */
 	bool switched;               /* guarded by lock: main passed SWITCHOVER */
+	bool ram_end;                /* guarded by lock: RAM's end marker came */
 	int fail_code;               /* guarded by lock: the first failure */
 	struct vfm_error fail;
 };
@@ -129,6 +134,81 @@ static int enqueue(struct vfm_mf_dst *mf, struct vfm_mf_devq *q, struct pkt *p, 
 	return 0;
 }
 
+/*
+ * One MF_RAM packet: applied straight into guest memory, in channel order
+ * (seq must be the next one), and only once main passed SWITCHOVER, so every
+ * pre-copy version of a page on main is in place before its final one.
+ */
+static int ram_packet(struct dchan *c, const struct vfm_rec_hdr *h, const unsigned char *pl)
+{
+	struct vfm_mf_dst *mf = c->mf;
+	struct vfm_migration *m = mf->m;
+	struct vfm_error err = { 0 };
+	uint32_t seq;
+	int ret;
+
+	pthread_mutex_lock(&mf->lock);
+	if (h->length < VFM_MF_PKT_HDR + VFM_MF_RAM_BATCH) {
+		fail_locked(mf, VFM_ESTREAM, "multifd channel %u: short RAM packet (%u bytes)",
+			    c->idx, h->length);
+		goto bad;
+	}
+	if (vfm_get_le32(pl) != VFM_MF_VERSION) {
+		fail_locked(mf, VFM_ESTREAM, "multifd channel %u: RAM packet version %u unknown "
+			    "(this build reads %u)", c->idx, vfm_get_le32(pl), VFM_MF_VERSION);
+		goto bad;
+	}
+	if (h->section != VFM_MF_RAM_SECTION || vfm_get_le32(pl + 8)) {
+		fail_locked(mf, VFM_ESTREAM, "multifd channel %u: RAM packet with section %u, "
+			    "flags 0x%x", c->idx, h->section, vfm_get_le32(pl + 8));
+		goto bad;
+	}
+	seq = vfm_get_le32(pl + 4);
+	while (!mf->switched && !mf->stop && !mf->fail_code)
+		pthread_cond_wait(&mf->cond, &mf->lock);
+	if (mf->stop || mf->fail_code)
+		goto bad;
+	if (c->ram_total_known && seq >= c->ram_total) {
+		fail_locked(mf, VFM_ESTREAM, "multifd channel %u: RAM packet %u beyond the end "
+			    "marker (%u packets)", c->idx, seq, c->ram_total);
+		goto bad;
+	}
+	if (seq != c->ram_next) {
+		fail_locked(mf, VFM_ESTREAM, "multifd channel %u: RAM packet %u where %u was due (%s)",
+			    c->idx, seq, c->ram_next, seq < c->ram_next ? "duplicate"
+			    : "one is missing or out of order");
+		goto bad;
+	}
+	pthread_mutex_unlock(&mf->lock);
+	if ((int)c->idx == m->mf_delay_chan && m->mf_delay_ms && !c->ram_delayed) {
+		/* Test hook: the channel's first RAM packet is late, so the end
+		 * marker on main must wait for it. */
+		struct timespec ts = { 0, (long)m->mf_delay_ms * 1000000L * 5 };
+		c->ram_delayed = true;
+		nanosleep(&ts, NULL);
+		/* A migration that ended meanwhile (a sync that did not wait) must
+		 * not have its memory changed behind its back. */
+		pthread_mutex_lock(&mf->lock);
+		if (mf->stop || mf->fail_code)
+			goto bad;
+		pthread_mutex_unlock(&mf->lock);
+	}
+	ret = vfm__ram_load_batch(m->ram, pl + VFM_MF_PKT_HDR, h->length - VFM_MF_PKT_HDR, true,
+				  &err);
+	pthread_mutex_lock(&mf->lock);
+	if (ret) {
+		fail_locked(mf, ret, "multifd channel %u: %s", c->idx, err.msg);
+		goto bad;
+	}
+	c->ram_next++;
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
+	return 0;
+bad:
+	pthread_mutex_unlock(&mf->lock);
+	return -1;
+}
+
 static void *reader_main(void *arg)
 {
 	struct dchan *c = arg;
@@ -155,6 +235,11 @@ static void *reader_main(void *arg)
 				fail_locked(mf, err.code, "multifd channel %u: %s", c->idx, err.msg);
 			pthread_mutex_unlock(&mf->lock);
 			break;
+		}
+		if (h.type == VFM_REC_MF_RAM) {
+			if (ram_packet(c, &h, pl))
+				break;
+			continue;
 		}
 		if (h.type != VFM_REC_MF_DEV_STATE || h.length < VFM_MF_PKT_HDR ||
 		    vfm_get_le32(pl) != VFM_MF_VERSION) {
@@ -397,6 +482,76 @@ int vfm__mf_dst_dev_end(struct vfm_mig_device *md, uint32_t total, struct vfm_er
 	return ret;
 }
 
+int vfm__mf_dst_ram_end(struct vfm_mf_dst *mf, const void *pl, size_t len, struct vfm_error *err)
+{
+	const unsigned char *b = pl;
+	struct timespec ts;
+	uint64_t last = UINT64_MAX;
+	bool timed_out = false;
+	uint32_t n;
+	int ret = 0;
+
+	if (!mf)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: multifd end marker without multifd "
+				     "channels");
+	n = len >= 4 ? vfm_get_le32(b) : 0;
+	if (len < 4 || n != mf->n || len != 4 + 4 * (size_t)n)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: bad multifd end marker (%zu bytes, "
+				     "%u channels; %u here)", len, n, mf->n);
+	pthread_mutex_lock(&mf->lock);
+	if (mf->ram_end) {
+		pthread_mutex_unlock(&mf->lock);
+		return vfm_error_set(err, VFM_ESTREAM, "ram: a second multifd end marker");
+	}
+	for (unsigned k = 0; k < n; k++) {
+		struct dchan *c = &mf->ch[k];
+
+		c->ram_total = vfm_get_le32(b + 4 + 4 * k);
+		c->ram_total_known = true;
+		if (c->ram_next > c->ram_total) {
+			ret = vfm_error_set(err, VFM_ESTREAM, "ram: channel %u applied %u RAM packets, "
+					    "the end marker says %u", k, c->ram_next, c->ram_total);
+			break;
+		}
+	}
+	mf->ram_end = true;
+	pthread_cond_broadcast(&mf->cond);
+	/* The sync: nothing goes on (EOS, LOADED, the guest) before every page
+	 * sent on a channel is in guest memory. */
+	while (!ret) {
+		uint64_t applied = 0;
+		bool all = true;
+
+		if (mf->fail_code) {
+			ret = vfm_error_set(err, mf->fail_code, "%s", mf->fail.msg);
+			break;
+		}
+		for (unsigned k = 0; k < n; k++) {
+			applied += mf->ch[k].ram_next;
+			all = all && mf->ch[k].ram_next == mf->ch[k].ram_total;
+		}
+		if (all)
+			break;
+		if (timed_out && applied == last) {
+			for (unsigned k = 0; k < n && !ret; k++)
+				if (mf->ch[k].ram_next != mf->ch[k].ram_total)
+					ret = vfm_error_set(err, -ETIMEDOUT, "ram: channel %u applied %u of %u "
+							    "RAM packets, no progress in %" PRIu64 " ms",
+							    k, mf->ch[k].ram_next, mf->ch[k].ram_total,
+							    mf->timeout_ms);
+			break;
+		}
+		if (applied != last) {
+			last = applied;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_sec += (time_t)(mf->timeout_ms / 1000) + 1;
+		}
+		timed_out = pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) == ETIMEDOUT;
+	}
+	pthread_mutex_unlock(&mf->lock);
+	return ret;
+}
+
 void vfm__mf_dst_switchover(struct vfm_mf_dst *mf)
 {
 	if (!mf)
@@ -431,6 +586,11 @@ int vfm__mf_dst_check(struct vfm_mf_dst *mf, struct vfm_error *err)
 		if (mf->q[i].got_any && !mf->q[i].done)
 			ret = vfm_error_set(err, VFM_ESTREAM, "%s: multifd buffers but no end marker",
 					    vfm_device_id(mf->q[i].md->dev));
+	/* A source with channels always ends its RAM pass with the marker, even
+	 * when no page went over them: without it, packets may be missing. */
+	if (!ret && !mf->ram_end)
+		ret = vfm_error_set(err, VFM_ESTREAM, "ram: multifd channels but no RAM end marker "
+				    "(%u packets on channel 0)", mf->ch[0].ram_next);
 	pthread_mutex_unlock(&mf->lock);
 	return ret;
 }

@@ -14,6 +14,7 @@
 
 #include "memory_access.h"
 #include "migration/engine.h"
+#include "migration/multifd.h"
 #include "util/bitmap.h"
 #include "util/logging.h"
 
@@ -37,6 +38,7 @@ struct vfm_ram {
 	unsigned char *bounce;
 	bool guest_stopped;   /* in save_complete: pages cannot change, no bounce */
 	_Atomic uint64_t transferred;
+	_Atomic uint64_t mf_transferred;  /* part of transferred that used the channels */
 };
 
 int vfm__register_ram(struct vfm_migration *m, const struct vfm_savable_ops *ops, void *opaque,
@@ -62,6 +64,11 @@ void vfm__ram_sync(struct vfm_ram *ram)
 uint64_t vfm__ram_transferred(struct vfm_ram *ram)
 {
 	return ram ? atomic_load(&ram->transferred) : 0;
+}
+
+uint64_t vfm__ram_mf_transferred(struct vfm_ram *ram)
+{
+	return ram ? atomic_load(&ram->mf_transferred) : 0;
 }
 
 static int ram_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error *err)
@@ -196,12 +203,156 @@ static int ram_pending_exact(void *opaque, uint64_t *pending, struct vfm_error *
 	return 0;
 }
 
+/*
+ * The stop-copy pass over the multifd channels: worker k sends the 1 MiB
+ * chunks k, k + n, k + 2n, ... of every region on channel k. A chunk is
+ * RAM_BATCH_PAGES pages, 4 bitmap words: no two workers touch one word.
+ * The guest is stopped, so packets point into guest memory (no copy).
+ */
+struct ram_worker {
+	struct vfm_ram *ram;
+	struct vfm_mf_src *mf;
+	unsigned k, n;
+	pthread_t thread;
+	bool started;
+	uint64_t pages;
+	int ret;
+	struct vfm_error err;
+};
+
+static int send_chunk(struct ram_worker *w, const struct vfm_mem_region *r, uint64_t *set,
+		      uint64_t p, uint64_t end)
+{
+	struct vfm_ram *ram = w->ram;
+
+	while (p < end) {
+		unsigned char hdr[RAM_HDR];
+		const char *host;
+		uint64_t first, count;
+		bool zero;
+		int ret;
+
+		if (!(set[p / 64] >> (p % 64) & 1)) {
+			p = (p % 64) == 0 && !set[p / 64] ? p + 64 : p + 1;
+			continue;
+		}
+		first = p;
+		host = (const char *)r->host + first * ram->page_size;
+		zero = page_is_zero(host, ram->page_size);
+		count = 0;
+		while (p < end && (set[p / 64] >> (p % 64) & 1) &&
+		       (count == 0 ||
+			page_is_zero((const char *)r->host + p * ram->page_size, ram->page_size) == zero)) {
+			set[p / 64] &= ~(1ull << (p % 64));
+			count++;
+			p++;
+		}
+		vfm_put_le64(hdr, r->gpa + first * ram->page_size);
+		vfm_put_le32(hdr + 8, (uint32_t)count);
+		vfm_put_le32(hdr + 12, zero ? RAM_ZERO : 0);
+		ret = vfm__mf_src_put_ram(w->mf, w->k, hdr, zero ? NULL : host,
+					  zero ? 0 : count * ram->page_size, &w->err);
+		if (ret)
+			return ret;
+		w->pages += count;
+		atomic_fetch_add(&ram->transferred, sizeof(struct vfm_rec_hdr) + VFM_MF_PKT_HDR +
+				 RAM_HDR + (zero ? 0 : count * ram->page_size));
+		atomic_fetch_add(&ram->mf_transferred, sizeof(struct vfm_rec_hdr) + VFM_MF_PKT_HDR +
+				 RAM_HDR + (zero ? 0 : count * ram->page_size));
+	}
+	return 0;
+}
+
+static void *ram_worker_main(void *arg)
+{
+	struct ram_worker *w = arg;
+	struct vfm_ram *ram = w->ram;
+
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(ram->mem) && !w->ret; i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+
+		for (uint64_t c = w->k; c * RAM_BATCH_PAGES < r->npages; c += w->n) {
+			uint64_t p = c * RAM_BATCH_PAGES, end = p + RAM_BATCH_PAGES;
+
+			if (vfm__mf_src_stopping(w->mf)) {
+				w->ret = vfm_error_set(&w->err, VFM_ECANCELED, "stopped");
+				break;
+			}
+			if ((w->ret = send_chunk(w, r, ram->send[i], p, end < r->npages ? end : r->npages)))
+				break;
+		}
+	}
+	if (!w->ret)
+		w->ret = vfm__mf_src_flush(w->mf, w->k, &w->err);
+	if (w->ret)
+		vfm__mf_src_fail(w->mf);  /* the other senders stop too */
+	return NULL;
+}
+
+static int complete_on_channels(struct vfm_ram *ram, struct vfm_mf_src *mf, struct vfm_stream *s,
+				struct vfm_error *err)
+{
+	unsigned n = vfm__mf_src_nchannels(mf);
+	struct ram_worker *w = calloc(n, sizeof(*w));
+	unsigned char *end = malloc(4 + 4 * (size_t)n);
+	uint64_t sent = 0;
+	int ret = 0;
+
+	if (!w || !end) {
+		free(w);
+		free(end);
+		return vfm_error_set(err, -ENOMEM, "out of memory");
+	}
+	/* SWITCHOVER (buffered on main) must reach the destination: its readers
+	 * apply channel RAM only after it. */
+	vfm_stream_flush(s);
+	if ((ret = vfm_stream_error(s, err)))
+		goto out;
+	for (unsigned k = 0; k < n; k++) {
+		w[k] = (struct ram_worker){ .ram = ram, .mf = mf, .k = k, .n = n };
+		if ((ret = pthread_create(&w[k].thread, NULL, ram_worker_main, &w[k]))) {
+			vfm__mf_src_fail(mf);
+			ret = vfm_error_set(err, -ret, "starting a multifd RAM thread");
+			break;
+		}
+		w[k].started = true;
+	}
+	for (unsigned k = 0; k < n; k++) {
+		if (w[k].started)
+			pthread_join(w[k].thread, NULL);
+		sent += w[k].pages;
+	}
+	ram->send_pages -= sent < ram->send_pages ? sent : ram->send_pages;
+	for (unsigned k = 0; k < n && !ret; k++)
+		if (w[k].ret && w[k].ret != VFM_ECANCELED)
+			ret = vfm_error_set(err, w[k].ret, "ram over multifd: %s", w[k].err.msg);
+	for (unsigned k = 0; k < n && !ret; k++)
+		if (w[k].ret)   /* only stopped: another thread's failure, or a cancel */
+			ret = vfm_error_set(err, w[k].ret, "ram over multifd: %s", w[k].err.msg);
+	if (ret)
+		goto out;
+	/* The sync point: the destination lets nothing run before every
+	 * channel applied exactly this many RAM packets. */
+	vfm_put_le32(end, n);
+	for (unsigned k = 0; k < n; k++)
+		vfm_put_le32(end + 4 + 4 * k, vfm__mf_src_ram_packets(mf, k));
+	vfm_stream_put_record(s, VFM_REC_DATA, VFM_MF_RAM_END, VFM_MF_RAM_SECTION, end, 4 + 4 * (size_t)n);
+	ret = vfm_stream_error(s, err);
+out:
+	free(w);
+	free(end);
+	return ret;
+}
+
 static int ram_save_complete(void *opaque, struct vfm_stream *s, struct vfm_error *err)
 {
 	struct vfm_ram *ram = opaque;
+	struct vfm_mf_src *mf = vfm__mf_src_of(ram->m);
 	int ret;
 
 	vfm__ram_sync(ram);
+	if (vfm__mf_src_nchannels(mf))
+		return complete_on_channels(ram, mf, s, err);
 	ram->cur_region = 0;
 	ram->cur_page = 0;
 	ram->guest_stopped = true;
@@ -283,18 +434,33 @@ static int ram_load_state(void *opaque, uint16_t type, uint16_t rflags, const vo
 {
 	struct vfm_ram *ram = opaque;
 	const unsigned char *p = buf;
+
+	if (type != VFM_REC_DATA || (len < RAM_HDR && rflags != VFM_MF_RAM_END))
+		return vfm_error_set(err, VFM_ESTREAM, "ram: bad record (type %u, %zu bytes)",
+				     type, len);
+	if (rflags == VFM_MF_RAM_END)
+		return vfm__mf_dst_ram_end(ram->m->mf_dst, buf, len, err);
+	if (rflags)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: unknown record flags 0x%x", rflags);
+	if (vfm_get_le32(p + 12) & RAM_LAYOUT)
+		return load_layout(ram, p, len, vfm_get_le32(p + 8), err);
+	return vfm__ram_load_batch(ram, buf, len, false, err);
+}
+
+int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, bool from_channel,
+			struct vfm_error *err)
+{
+	size_t wire = len + sizeof(struct vfm_rec_hdr) + (from_channel ? VFM_MF_PKT_HDR : 0);
+	const unsigned char *p = buf;
 	uint64_t gpa, bytes;
 	uint32_t npages, flags;
 	void *dst;
 
-	if (type != VFM_REC_DATA || len < RAM_HDR)
-		return vfm_error_set(err, VFM_ESTREAM, "ram: bad record (type %u, %zu bytes)",
-				     type, len);
+	if (len < RAM_HDR)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: short batch (%zu bytes)", len);
 	gpa = vfm_get_le64(p);
 	npages = vfm_get_le32(p + 8);
 	flags = vfm_get_le32(p + 12);
-	if (flags & RAM_LAYOUT)
-		return load_layout(ram, p, len, npages, err);
 	if (flags & ~RAM_ZERO || !npages || npages > RAM_BATCH_PAGES)
 		return vfm_error_set(err, VFM_ESTREAM, "ram: bad batch (flags 0x%x, %u pages)",
 				     flags, npages);
@@ -310,7 +476,9 @@ static int ram_load_state(void *opaque, uint16_t type, uint16_t rflags, const vo
 		zero_pages(ram, gpa, dst, bytes);
 	else
 		memcpy(dst, p + RAM_HDR, bytes);
-	atomic_fetch_add(&ram->transferred, len + sizeof(struct vfm_rec_hdr));
+	atomic_fetch_add(&ram->transferred, wire);
+	if (from_channel)
+		atomic_fetch_add(&ram->mf_transferred, wire);
 	return 0;
 }
 

@@ -81,6 +81,7 @@ static void update_stats(struct source *src, uint64_t pending)
 	pthread_mutex_lock(&m->lock);
 	st->transferred_bytes = out_bytes(src) + (src->mf ? vfm__mf_src_bytes(src->mf) : src->mf_bytes);
 	st->ram_transferred_bytes = vfm__ram_transferred(m->ram);
+	st->multifd_ram_bytes = vfm__ram_mf_transferred(m->ram);
 	st->device_transferred_bytes = dev;
 	st->pending_bytes = pending;
 	st->bandwidth_bps = src->bw;

@@ -92,6 +92,7 @@ static const char *const type_names[] = {
 	[VFM_REC_MF_CHANNELS] = "MF_CHANNELS",
 	[VFM_REC_MF_HELLO] = "MF_HELLO",
 	[VFM_REC_MF_DEV_STATE] = "MF_DEV_STATE",
+	[VFM_REC_MF_RAM] = "MF_RAM",
 	[VFM_REC_RP_ACK] = "RP_ACK",
 	[VFM_REC_RP_RESUMED] = "RP_RESUMED",
 	[VFM_REC_RP_ERROR] = "RP_ERROR",

@@ -35,6 +35,7 @@ enum vfm_rec_type {
 	VFM_REC_MF_CHANNELS = 11,    /* main: u64 migration id, u32 extra channels */
 	VFM_REC_MF_HELLO = 12,       /* extra channel: u64 migration id, u32 index, u32 count */
 	VFM_REC_MF_DEV_STATE = 13,   /* extra channel: u32 version, u32 idx, u32 flags, data */
+	VFM_REC_MF_RAM = 14,         /* extra channel: u32 version, u32 seq, u32 flags, RAM batch */
 	/* Return path, destination -> source. */
 	VFM_REC_RP_ACK = 64,         /* switchover-ack for a section */
 	VFM_REC_RP_RESUMED = 65,     /* destination guest running (timing payload) */

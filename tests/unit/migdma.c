@@ -179,6 +179,8 @@ static void *driver_main(void *arg)
 	uint64_t half = MD_BUF_SIZE / MD_MAXDEV;
 
 	while (atomic_load(&g->run)) {
+		if (!s->ndev)
+			usleep(1000);  /* no device to drive: do not spin */
 		for (unsigned i = 0; i < s->ndev; i++) {
 			unsigned r = (unsigned)rand_r(&seed);
 			uint64_t len = MD_PG * (1 + r % 4);
@@ -422,6 +424,12 @@ static void dest_main(const char *uri, const struct md_opts *o, int rfd, int wfd
 	res.mem_hash = md_mem_hash(s.mem);
 	for (unsigned i = 0; i < s.m->ndevs; i++)
 		res.mf_out_of_order += atomic_load(&s.m->devs[i]->mf_out_of_order);
+	{
+		struct vfm_migration_stats st;
+
+		vfm_migration_get_stats(s.m, &st);
+		res.mf_ram_bytes = st.multifd_ram_bytes;
+	}
 
 	for (unsigned i = 0; i < o->ndev; i++) {
 		res.dev_state[i] = (int32_t)md_dev_state(s.dev[i]);

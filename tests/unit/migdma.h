@@ -72,6 +72,7 @@ struct md_result {
 	uint64_t mem_hash;
 	uint64_t dev_sum[MD_MAXDEV];
 	uint64_t mf_out_of_order;   /* multifd buffers that came before their turn */
+	uint64_t mf_ram_bytes;      /* RAM bytes that came over the multifd channels */
 	int32_t dev_state[MD_MAXDEV];
 	char error[VFM_ERROR_MSG_MAX];
 };

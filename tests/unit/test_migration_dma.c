@@ -17,6 +17,12 @@ struct scenario {
 	bool out_of_order;         /* the destination must have seen packets early */
 };
 
+/* Guest progress to wait for: ring descriptors, or writes without devices. */
+static uint64_t progress(struct md_side *s)
+{
+	return s->ndev ? atomic_load(&s->g.completed) : atomic_load(&s->g.writes);
+}
+
 static void run(const struct scenario *sc)
 {
 	struct md_devsrv srv[MD_MAXDEV];
@@ -45,7 +51,7 @@ static void run(const struct scenario *sc)
 	md_side_init(&s, srv, &sc->o, true, 7);
 	md_vm_ops.start(&s.g);
 	/* Let the guest and the devices get going before setup. */
-	while (atomic_load(&s.g.completed) < 20 && atomic_load(&s.g.errors) == 0)
+	while (progress(&s) < 20 && atomic_load(&s.g.errors) == 0)
 		usleep(1000);
 	md_params_for(&p, &sc->o);
 	if (vfm_migration_start(s.m, uri, &p, &err))
@@ -56,7 +62,7 @@ static void run(const struct scenario *sc)
 	CHECK(!s.g.started);                       /* the source stays stopped */
 	CHECK_EQ(atomic_load(&s.g.errors), 0);
 	completed = atomic_load(&s.g.completed);
-	CHECK(completed >= 20);
+	CHECK(progress(&s) >= 20);
 	for (unsigned i = 0; i < sc->o.ndev; i++) {
 		CHECK_EQ(md_dev_state(s.dev[i]), VFM_STATE_STOP);
 		sums[i] = md_reg(s.dev[i], DMADEV_REG_CHECKSUM);
@@ -85,13 +91,24 @@ static void run(const struct scenario *sc)
 	CHECK(st.expected_downtime_ms > 0);
 	if (sc->channels >= 0)
 		CHECK_EQ(st.multifd_channels, sc->channels);
+	/* The stop-copy RAM pass uses the channels whenever there are any, on
+	 * both sides: at least the pages the writer dirtied last. */
+	if (st.multifd_channels) {
+		CHECK(st.multifd_ram_bytes > 0);
+		CHECK(st.multifd_ram_bytes < st.ram_transferred_bytes);
+		CHECK_EQ(r.mf_ram_bytes, st.multifd_ram_bytes);
+	} else {
+		CHECK_EQ(st.multifd_ram_bytes, 0);
+		CHECK_EQ(r.mf_ram_bytes, 0);
+	}
 	if (sc->out_of_order)
 		CHECK(r.mf_out_of_order > 0);
 	fprintf(stderr, "# %s %u dev, %u channels: %" PRIu64 " descriptors, %" PRIu64 " writes, %"
-		PRIu64 " iterations, downtime %.1f ms (expected %.1f), %" PRIu64 " out of order\n",
+		PRIu64 " iterations, downtime %.1f ms (expected %.1f), %" PRIu64 " out of order, %"
+		PRIu64 " RAM bytes on the channels\n",
 		sc->kind, sc->o.ndev, st.multifd_channels, completed,
 		(uint64_t)atomic_load(&s.g.writes), st.precopy_iterations, st.downtime_ms,
-		st.expected_downtime_ms, r.mf_out_of_order);
+		st.expected_downtime_ms, r.mf_out_of_order, st.multifd_ram_bytes);
 	md_side_free(&s);
 	for (unsigned i = 0; i < sc->o.ndev; i++)
 		md_devsrv_kill(&srv[i]);
@@ -177,16 +194,32 @@ static void run_mf(const char *kind, unsigned ndev, unsigned channels)
 	run(&sc);
 }
 
+/* The 3 x 3 matrix: 1, 2, 4 devices x 1, 2, 4 channels (unix and tcp mixed). */
 TEST_TIMEOUT(multifd_1_device_1_channel, 60) { run_mf("unix", 1, 1); }
+TEST_TIMEOUT(multifd_1_device_2_channels, 60) { run_mf("tcp", 1, 2); }
 TEST_TIMEOUT(multifd_1_device_4_channels, 60) { run_mf("tcp", 1, 4); }
+TEST_TIMEOUT(multifd_2_devices_1_channel, 60) { run_mf("tcp", 2, 1); }
 TEST_TIMEOUT(multifd_2_devices_2_channels, 60) { run_mf("unix", 2, 2); }
+TEST_TIMEOUT(multifd_2_devices_4_channels, 60) { run_mf("unix", 2, 4); }
 TEST_TIMEOUT(multifd_4_devices_1_channel, 60) { run_mf("unix", 4, 1); }
+TEST_TIMEOUT(multifd_4_devices_2_channels, 60) { run_mf("tcp", 4, 2); }
 TEST_TIMEOUT(multifd_4_devices_4_channels, 60) { run_mf("tcp", 4, 4); }
 
-TEST_TIMEOUT(multifd_off_uses_the_main_channel, 60)
+/* No device: the channels carry only the stop-copy RAM pass. */
+TEST_TIMEOUT(multifd_ram_only_1_channel, 60) { run_mf("unix", 0, 1); }
+TEST_TIMEOUT(multifd_ram_only_4_channels, 60) { run_mf("tcp", 0, 4); }
+
+TEST_TIMEOUT(multifd_zero_channels_keeps_everything_on_main, 60)
 {
+	struct scenario sc = { "unix", { .ndev = 1, .mf_channels = 1 }, 0, false };
+	run(&sc);
+}
+
+TEST_TIMEOUT(multifd_off_keeps_device_state_on_main, 60)
+{
+	/* The devices opt out; RAM still uses the (default 2) channels. */
 	struct scenario sc = { "unix", { .ndev = 2, .props = "migration-multifd-transfer=off" },
-			       0, false };
+			       2, false };
 	run(&sc);
 }
 
@@ -194,8 +227,20 @@ TEST_TIMEOUT(multifd_out_of_order_delivery, 60)
 {
 	/* Channel 0 of the destination is slow: buffers sent on channel 1
 	 * come before their turn and wait; the device still gets them in order. */
+	/* A quiet guest: the RAM pass is a few packets that do not hold a
+	 * channel while the device's packets go out. */
 	struct scenario sc = { "unix", { .ndev = 1, .state_size = 4u << 20, .mf_channels = 3,
-					 .mf_delay_chan = 1 }, 2, true };
+					 .mf_delay_chan = 1, .quiet = true }, 2, true };
+	run(&sc);
+}
+
+TEST_TIMEOUT(multifd_ram_sync_waits_for_a_slow_channel, 60)
+{
+	/* The first RAM packet of channel 0 is late (150 ms), after main's end
+	 * marker: the destination must wait for it before it loads on, else the
+	 * page never lands and the memory hash differs. */
+	struct scenario sc = { "unix", { .ndev = 0, .mf_channels = 3, .mf_delay_chan = 1 }, 2,
+			       false };
 	run(&sc);
 }
 

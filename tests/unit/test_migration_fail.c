@@ -16,6 +16,7 @@
 #include "harness.h"
 #include "migdma.h"
 #include "migration/channel.h"
+#include "migration/multifd.h"
 
 enum action { ACT_CANCEL, ACT_CUT, ACT_CUT_MF };
 
@@ -63,7 +64,9 @@ static void spawn_sources(struct md_devsrv *srv, const struct md_opts *o)
 static void start_guest(struct md_side *s)
 {
 	md_vm_ops.start(&s->g);
-	while (atomic_load(&s->g.completed) < 10 && atomic_load(&s->g.errors) == 0)
+	/* Without devices the driver completes nothing: wait for writes. */
+	while ((s->ndev ? atomic_load(&s->g.completed) : atomic_load(&s->g.writes)) < 10 &&
+	       atomic_load(&s->g.errors) == 0)
 		usleep(1000);
 }
 
@@ -152,6 +155,81 @@ TEST_TIMEOUT(multifd_channel_closed_in_stop_copy_tcp, 60)
 {
 	fail_at("tcp", VFM__PH_STOP_COPY, ACT_CUT_MF, 1);
 }
+
+/* The channels carry RAM only (no device): one dies before the RAM pass. */
+TEST_TIMEOUT(multifd_ram_channel_closed_in_stop_copy, 60)
+{
+	fail_at("unix", VFM__PH_STOP_COPY, ACT_CUT_MF, 0);
+}
+TEST_TIMEOUT(multifd_ram_cancel_in_switchover, 60)
+{
+	fail_at("tcp", VFM__PH_STOP_COPY, ACT_CANCEL, 0);
+}
+
+struct canceller {
+	struct vfm_migration *m;
+	pthread_t thread;
+	atomic_bool saw_ram;
+};
+
+static void *cancel_when_ram_flows(void *arg)
+{
+	struct canceller *c = arg;
+
+	for (int i = 0; i < 40000 && !vfm__ram_mf_transferred(c->m->ram); i++)
+		usleep(500);
+	atomic_store(&c->saw_ram, vfm__ram_mf_transferred(c->m->ram) > 0);
+	vfm_migration_cancel(c->m);
+	return NULL;
+}
+
+/*
+ * Cancel once RAM pages are on the channels. The destination holds channel
+ * 0's first RAM packet for 150 ms, so the source cannot have committed yet.
+ */
+static void cancel_during_ram(const char *kind, unsigned ndev)
+{
+	struct md_opts o = { .ndev = ndev, .state_size = 4u << 20, .mf_channels = 3,
+			     .mf_delay_chan = 1 };
+	struct md_devsrv srv[MD_MAXDEV];
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct canceller c = { 0 };
+	struct md_result r;
+	struct md_dest d;
+	struct md_side s;
+	char uri[256];
+	int status;
+
+	spawn_sources(srv, &o);
+	md_make_uri(kind, uri, sizeof(uri));
+	md_dest_start(&d, uri, &o);
+	md_side_init(&s, srv, &o, true, 7);
+	start_guest(&s);
+	md_params_for(&p, &o);
+	c.m = s.m;
+	if (vfm_migration_start(s.m, d.uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	CHECK_EQ(pthread_create(&c.thread, NULL, cancel_when_ram_flows, &c), 0);
+	md_wait(&s, &st);
+	pthread_join(c.thread, NULL);
+	fprintf(stderr, "# source: %s: %s\n", vfm_mig_status_name(st.status), st.error);
+	CHECK(atomic_load(&c.saw_ram));
+	CHECK_EQ(st.status, VFM_MIG_CANCELLED);
+	CHECK(strstr(st.error, "cancelled") != NULL);
+	check_recovered(&s, &st, true);
+	status = md_dest_wait(&d, &r);
+	fprintf(stderr, "# destination: exit %d: %s\n", status, r.error);
+	CHECK(status != 0);
+	CHECK_EQ(r.guest_starts, 0);
+	md_side_free(&s);
+	for (unsigned i = 0; i < ndev; i++)
+		md_devsrv_kill(&srv[i]);
+}
+
+TEST_TIMEOUT(multifd_cancel_while_ram_flows, 60) { cancel_during_ram("unix", 0); }
+TEST_TIMEOUT(multifd_cancel_while_ram_and_device_state_flow, 60) { cancel_during_ram("tcp", 2); }
 
 TEST_TIMEOUT(multifd_on_with_a_file_uri_refused, 60)
 {

@@ -314,11 +314,11 @@ TEST(type_names)
 	CHECK_STR(vfm_rec_type_name(VFM_REC_RP_LOADED), "RP_LOADED");
 	CHECK_STR(vfm_rec_type_name(0), "unknown");
 	CHECK_STR(vfm_rec_type_name(10), "PAD");
-	CHECK_STR(vfm_rec_type_name(14), "unknown");
+	CHECK_STR(vfm_rec_type_name(15), "unknown");
 	CHECK_STR(vfm_rec_type_name(63), "unknown");
 	CHECK_STR(vfm_rec_type_name(70), "unknown");
 	CHECK_STR(vfm_rec_type_name(0xffff), "unknown");
-	for (unsigned t = 1; t <= 13; t++)
+	for (unsigned t = 1; t <= 14; t++)
 		CHECK(vfm_rec_type_known((uint16_t)t));
 	for (unsigned t = 64; t <= 69; t++)
 		CHECK(vfm_rec_type_known((uint16_t)t));
@@ -424,7 +424,7 @@ TEST(writer_rejects_bad_records)
 	vfm_stream_free(s);
 
 	s = open_stream(fd, -1);
-	vfm_stream_put_record(s, 14, 0, 1, NULL, 0);
+	vfm_stream_put_record(s, 15, 0, 1, NULL, 0);
 	CHECK_EQ(vfm_stream_error(s, NULL), -EINVAL);
 	vfm_stream_free(s);
 
@@ -824,7 +824,7 @@ TEST(reject_bad_record_header)
 
 	CHECK(b);
 	/* Unknown type, even with a checksum that matches. */
-	static const uint16_t bad_types[] = { 0, 14, 63, 70, 0xffff };
+	static const uint16_t bad_types[] = { 0, 15, 63, 70, 0xffff };
 	for (size_t i = 0; i < sizeof(bad_types) / sizeof(bad_types[0]); i++) {
 		memcpy(b, v, len);
 		b[OFF_DATA] = (unsigned char)bad_types[i];
