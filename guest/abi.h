@@ -29,6 +29,47 @@
 #define KG_TABLE_GPA     UINT64_C(0x200000)  /* u64 generation per working-set page */
 #define KG_PAGE_SIZE     UINT64_C(4096)
 
+/*
+ * Devices: `dma` sample devices (docs/devices/dma.md). Device i's BAR0 is at
+ * mmio_gpa + i * KG_MMIO_STRIDE, a window outside RAM (no memory slot, so
+ * every access exits to the VMM, which forwards it to the device); the
+ * identity map covers it. Each device has a block of KG_DEV_PAGES pages in
+ * RAM after the working set: its record (struct kg_dev), its descriptor
+ * ring (one page, KG_RING_ENTRIES descriptors), then KG_DEV_TARGETS target
+ * pages the device writes by DMA.
+ */
+#define KG_MMIO_MIN_GPA  UINT64_C(0x100000000)  /* 4 GiB, or the first GiB above RAM */
+#define KG_MMIO_STRIDE   UINT64_C(0x10000)      /* per device; BAR0 must fit */
+#define KG_MAX_DEVS      16
+#define KG_RING_ENTRIES  64
+#define KG_DEV_TARGETS   8
+#define KG_DEV_PAGES     (2 + KG_DEV_TARGETS)
+#define KG_DMA_EVERY     8            /* page rewrites between two copies per device */
+
+/* The dma device's BAR0 registers and descriptors, as docs/devices/dma.md. */
+#define KG_DMA_REG_ID        0x00
+#define KG_DMA_REG_MEM_SIZE  0x10
+#define KG_DMA_REG_CTRL      0x18
+#define KG_DMA_REG_STATUS    0x20
+#define KG_DMA_REG_RING_BASE 0x28
+#define KG_DMA_REG_RING_SIZE 0x30
+#define KG_DMA_REG_RING_HEAD 0x38
+#define KG_DMA_REG_RING_TAIL 0x40
+#define KG_DMA_ID            UINT64_C(0x31414d44564d4656)
+#define KG_DMA_CTRL_ENABLE   1u
+#define KG_DMA_STATUS_HALTED 1u
+#define KG_DMA_STATUS_QUIESCED 2u
+#define KG_DMA_OP_COPY_TO_DEV 1u
+#define KG_DMA_OP_COPY_FROM_DEV 2u
+#define KG_DMA_DESC_OK       1u
+
+struct kg_desc {
+	uint32_t op, flags;
+	uint64_t guest, dev, len, pattern, reserved;
+	uint32_t status, reserved2;   /* written back by the device */
+	uint64_t result;
+};
+
 /* I/O ports (port I/O exits to the VMM). */
 #define KG_PORT_CONSOLE  0xe9         /* out8: one console byte (QEMU's debugcon port) */
 #define KG_PORT_IDLE     0xe0         /* out32: microseconds with nothing to do */
@@ -50,6 +91,55 @@ struct kg_vcpu_stats {
 };
 #define KG_NONE (~UINT64_C(0))
 
+/* What a target page holds: a copy of working-set frame src at generation
+ * gen ({0, 0}: nothing yet, a zero page). */
+struct kg_tag {
+	uint64_t src, gen;
+};
+
+/* Why a device check failed (kg_dev.check_what). */
+enum {
+	KG_DEVBAD_NONE = 0,
+	KG_DEVBAD_TARGET = 1,     /* a target is not the copy the device wrote */
+	KG_DEVBAD_COMPLETION = 2, /* a used descriptor without an OK status */
+	KG_DEVBAD_HEAD = 3,       /* RING_HEAD is not the guest's tail */
+	KG_DEVBAD_FAILED = 4,     /* the guest gave up on the device (failed) */
+};
+
+/* Why the guest stopped driving a device (kg_dev.failed). */
+enum {
+	KG_DEVFAIL_ID = 1,        /* BAR0's ID register is not a dma device's */
+	KG_DEVFAIL_GONE = 2,      /* STATUS read all-ones: the VMM could not reach it */
+	KG_DEVFAIL_STATUS = 3,    /* a descriptor completed with an error */
+	KG_DEVFAIL_STUCK = 4,     /* not completed, and the device is not quiesced */
+};
+
+/* Device i's record, the first page of its block. */
+struct kg_dev {
+	/* Set by the VMM at boot. */
+	uint64_t bar_gpa;
+	uint64_t ring_gpa;
+	uint64_t target_gpa;      /* KG_DEV_TARGETS pages */
+	uint64_t owner;           /* the vCPU that drives it (i mod vCPUs) */
+	/* Written by the owner only. */
+	uint64_t ready;           /* 1 once the guest programmed the ring */
+	uint64_t mem_size;        /* the device's memory, read from MEM_SIZE */
+	uint64_t tail;            /* descriptors handed to the device (free-running) */
+	uint64_t ops;             /* copies completed */
+	uint64_t busy;            /* a copy is in flight: the pending_* fields say which */
+	uint64_t pending_tail;    /* its first descriptor */
+	uint64_t pending_target;  /* the target it writes ... */
+	struct kg_tag pending;    /* ... and what the target will hold */
+	uint64_t failed;          /* nonzero: why the guest stopped driving it */
+	uint64_t failed_status;   /* the descriptor status or register read then */
+	uint64_t quiesced_waits;  /* polls that found the device quiesced */
+	uint64_t check_seq;       /* last self-check of this device */
+	uint64_t check_errors;
+	uint64_t check_what;      /* KG_DEVBAD_* of the first error */
+	uint64_t check_bad;       /* its frame (target, ring) or register value */
+	struct kg_tag tag[KG_DEV_TARGETS];
+};
+
 struct kg_mailbox {
 	/* Set by the VMM at boot, read-only for the guest. */
 	uint64_t magic;
@@ -63,7 +153,12 @@ struct kg_mailbox {
 	volatile uint64_t tsc_khz;        /* for pacing by RDTSC */
 	volatile uint64_t rate_pages;     /* page rewrites per second over all vCPUs */
 	volatile uint64_t check_req;      /* each vCPU runs its self-check when this changes */
-	uint64_t reserved[8];
+	/* Set by the VMM at boot (zero: no devices, as in version-1 guests
+	 * without them; the multiboot image has none). */
+	uint64_t ndev;            /* dma devices, at most KG_MAX_DEVS */
+	uint64_t dev_gpa;         /* device i's block: dev_gpa + i * KG_DEV_PAGES pages */
+	uint64_t mmio_gpa;        /* device i's BAR0: mmio_gpa + i * KG_MMIO_STRIDE */
+	uint64_t reserved[5];
 	struct kg_vcpu_stats vcpu[KG_MAX_VCPUS];
 };
 

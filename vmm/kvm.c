@@ -180,13 +180,14 @@ static void exit_io(struct kvm_vcpu *v)
 	}
 }
 
-static void exit_mmio(struct kvm_vcpu *v)
+static void mmio_handlers(struct kvm_vcpu *v)
 {
 	struct kvm_run *run = v->run;
 	const struct vfm_kvm_mmio_ops *mmio = v->k->opts.mmio;
 	unsigned len = run->mmio.len;
 
-	v->pending = true;
+	if (vfm__kvm_dev_mmio(v->k, run->mmio.phys_addr, run->mmio.data, len, run->mmio.is_write))
+		return;
 	if (run->mmio.is_write) {
 		if (!mmio || !mmio->write ||
 		    mmio->write(v->k->opts.mmio_opaque, run->mmio.phys_addr, run->mmio.data, len))
@@ -200,6 +201,23 @@ static void exit_mmio(struct kvm_vcpu *v)
 		vfm_debug("kvm", "vCPU %u: MMIO read of %u at 0x%llx: all-ones", v->idx, len,
 			  run->mmio.phys_addr);
 	}
+}
+
+/*
+ * The access completes whatever stop does meanwhile (a device doorbell is
+ * not half rung): the kick stays pending while the handler runs and sets
+ * immediate_exit when it is unblocked, before the vCPU parks.
+ */
+static void exit_mmio(struct kvm_vcpu *v)
+{
+	sigset_t kick, old;
+
+	v->pending = true;
+	sigemptyset(&kick);
+	sigaddset(&kick, KICK_SIGNAL);
+	pthread_sigmask(SIG_BLOCK, &kick, &old);
+	mmio_handlers(v);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 static void handle_exit(struct kvm_vcpu *v)
@@ -444,8 +462,11 @@ static void kvm_stats(struct vfm_guest *g, struct vfm_guest_stats *st)
 	struct kvm_guest *k = (struct kvm_guest *)g;
 
 	memset(st, 0, sizeof(*st));
-	if (k->mb->magic == KG_MAGIC)
+	if (k->mb->magic == KG_MAGIC) {
 		st->page_writes = vfm__kvm_written(k) - k->written_base;
+		st->dma_ops = vfm__kvm_dev_ops(k) - k->dma_base;
+	}
+	st->dma_errors = vfm__kvm_dev_failed(k);
 }
 
 static const struct vfm_guest_ops kvm_ops = {
@@ -601,7 +622,8 @@ int vfm_guest_kvm_new(struct vfm_guest_mem *mem, const struct vfm_kvm_opts *opts
 		ret = vfm_error_set(err, -errno, "KVM_CREATE_VM: %s", strerror(errno));
 		goto err_free;
 	}
-	if ((ret = vfm__kvm_layout(k, err)) || (ret = add_slots(k, err)))
+	if ((ret = vfm__kvm_dev_init(k, err)) || (ret = vfm__kvm_layout(k, err)) ||
+	    (ret = add_slots(k, err)))
 		goto err_free;
 	for (unsigned i = 0; i < k->nvcpus; i++)
 		if ((ret = create_vcpu(k, i, run_size, err)))
@@ -611,7 +633,8 @@ int vfm_guest_kvm_new(struct vfm_guest_mem *mem, const struct vfm_kvm_opts *opts
 		vfm__kvm_mark(k, k->mb, KG_PAGE_SIZE);
 	}
 	k->state_ready = k->opts.fresh;
-	vfm_info("kvm", "VM with %u vCPUs over %u memory slots%s", k->nvcpus, k->nslots,
+	vfm_info("kvm", "VM with %u vCPUs over %u memory slots, %u dma device%s%s", k->nvcpus,
+		 k->nslots, k->ndev, k->ndev == 1 ? "" : "s",
 		 k->opts.fresh ? "" : ", waiting for migrated state");
 	*out = &k->g;
 	return 0;

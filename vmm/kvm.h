@@ -37,7 +37,21 @@ struct vfm_kvm_opts {
 	unsigned check_timeout_ms;  /* bound on the guest's own check; default 10000 */
 	const struct vfm_kvm_mmio_ops *mmio;
 	void *mmio_opaque;
+	/*
+	 * `dma` sample devices the guest program drives through their BAR0
+	 * (region 0), at most 16: device d's BAR0 appears at guest physical
+	 * mmio_gpa + d * 64 KiB (docs/kvm-guest.md), vCPU d mod vcpus drives it.
+	 * Borrowed: they stay open for the guest's lifetime with all guest
+	 * memory mapped for DMA. A fresh guest programs their rings; on a
+	 * destination the same devices (their state migrated) continue.
+	 */
+	struct vfm_device **dma_devs;
+	unsigned ndma;
 };
+
+/* Where device d's BAR0 is for a VM over mem (the first GiB boundary at or
+ * above 4 GiB and above all RAM). */
+uint64_t vfm_kvm_bar_gpa(const struct vfm_guest_mem *mem, unsigned d);
 
 /* Whether /dev/kvm opens and speaks the stable API; reason (optional) says why not. */
 bool vfm_kvm_available(char *reason, size_t reason_len);

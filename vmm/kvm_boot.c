@@ -56,8 +56,10 @@ static uint64_t mem_top(struct kvm_guest *k)
 
 static void write_page_tables(struct kvm_guest *k)
 {
-	/* At least 4 GiB so that BARs in a 32-bit hole are reachable too. */
-	uint64_t ngb = (mem_top(k) + GIB - 1) / GIB;
+	/* At least 4 GiB so that BARs in a 32-bit hole are reachable too, and
+	 * the devices' MMIO window above RAM. */
+	uint64_t top = k->ndev ? k->mmio_gpa + KG_MAX_DEVS * KG_MMIO_STRIDE : mem_top(k);
+	uint64_t ngb = (top + GIB - 1) / GIB;
 	uint64_t *pml4 = gpa_ptr(k, KG_PML4_GPA, KG_PAGE_SIZE);
 	uint64_t *pdpt = gpa_ptr(k, KG_PDPT_GPA, KG_PAGE_SIZE);
 
@@ -121,9 +123,13 @@ int vfm__kvm_layout(struct kvm_guest *k, struct vfm_error *err)
 	if (!k->opts.fresh)
 		return 0;       /* the layout arrives with the migrated RAM */
 
-	/* Working set: as asked, clamped to what fits after the table. */
+	/* Working set: as asked, clamped to what fits after the table (and
+	 * the device blocks after it). */
 	want = k->opts.working_set ? k->opts.working_set : 4ull << 20;
-	room = r0->size - KG_TABLE_GPA;
+	if (r0->size < KG_TABLE_GPA + vfm__kvm_dev_bytes(k) + KG_PAGE_SIZE * (k->nvcpus + 1))
+		return vfm_error_set(err, -EINVAL, "kvm guest: no room for %u dma devices' rings "
+				     "and buffers in %" PRIu64 " bytes", k->ndev, r0->size);
+	room = r0->size - KG_TABLE_GPA - vfm__kvm_dev_bytes(k);
 	ws_pages = (want < room ? want : room) / KG_PAGE_SIZE;
 	if (ws_pages < k->nvcpus)
 		ws_pages = k->nvcpus;
@@ -164,6 +170,7 @@ int vfm__kvm_layout(struct kvm_guest *k, struct vfm_error *err)
 		mb->vcpu[i].check_first_bad = KG_NONE;
 	}
 	vfm__kvm_mark(k, mb, KG_PAGE_SIZE);
+	vfm__kvm_dev_layout(k, mb->ws_gpa + ws_pages * KG_PAGE_SIZE);
 	vfm_debug("kvm", "layout: %u vCPUs, working set %" PRIu64 " pages at 0x%" PRIx64
 		  ", image %zu bytes", k->nvcpus, ws_pages, mb->ws_gpa,
 		  vfm__kvm_guest_image_size);

@@ -26,7 +26,7 @@ static int bad_layout(const struct kvm_guest *k, const struct kg_mailbox *mb, ch
 	else if (!mb->ws_pages || mb->ws_gpa % KG_PAGE_SIZE || ws_end > k->ram0_size ||
 		 ws_end < mb->ws_gpa || table_end > mb->ws_gpa || mb->table_gpa < KG_TABLE_GPA)
 		snprintf(detail, len, "guest mailbox describes a working set outside RAM");
-	else
+	else if (!vfm__kvm_dev_bad_layout(k, detail, len))
 		return 0;
 	return -EINVAL;
 }
@@ -69,6 +69,7 @@ int vfm__kvm_host_check(struct kvm_guest *k, struct vfm_guest_verify *out)
 			out->errors++;
 		}
 	}
+	vfm__kvm_dev_check(k, out);
 	return 0;
 }
 
@@ -118,13 +119,15 @@ int vfm_guest_kvm_self_check(struct vfm_guest *g, struct vfm_guest_verify *out)
 #else
 	__atomic_thread_fence(__ATOMIC_ACQUIRE);
 #endif
+	/* A device's own words first: they say what was lost. */
+	vfm__kvm_dev_check_detail(k, req, out->detail, sizeof(out->detail));
 	for (unsigned i = 0; i < k->nvcpus; i++) {
 		const struct kg_vcpu_stats *st = &mb->vcpu[i];
 
 		if (st->check_seq != req)
 			continue;
 		out->pages_checked += st->check_pages;
-		if (st->check_errors && !out->errors)
+		if (st->check_errors && !out->errors && !out->detail[0])
 			snprintf(out->detail, sizeof(out->detail), "guest check: vCPU %u found "
 				 "page 0x%" PRIx64 " wrong", i, st->check_first_bad * KG_PAGE_SIZE);
 		out->errors += st->check_errors;

@@ -5,6 +5,7 @@
 
 #include <linux/kvm.h>
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "../guest/abi.h"
 #include "kvm.h"
@@ -61,6 +62,13 @@ struct kvm_guest {
 	struct kvm_vcpu vcpu[VFM_KVM_MAX_VCPUS];
 	struct kvm_savable *savables;   /* vfm_guest_kvm_register entries */
 	uint64_t written_base;  /* guest rewrites that happened before this process */
+	/* dma devices (opts.dma_devs): BAR0 of device i at mmio_gpa + i * KG_MMIO_STRIDE. */
+	unsigned ndev;
+	struct vfm_device *dev[KG_MAX_DEVS];
+	uint64_t bar_size[KG_MAX_DEVS];
+	uint64_t mmio_gpa;
+	uint64_t dma_base;      /* device copies that happened before this process */
+	_Atomic uint64_t mmio_errors;   /* forwarded accesses the device refused */
 
 	pthread_mutex_t dirty_lock;     /* serializes dirty log reads */
 
@@ -92,6 +100,23 @@ int vfm__kvm_host_check(struct kvm_guest *k, struct vfm_guest_verify *out);
 int vfm__kvm_verify(struct vfm_guest *g, struct vfm_guest_verify *out);
 /* quick_verify: the host check and the vCPUs' failure flags (the guest does not run). */
 int vfm__kvm_quick_verify(struct vfm_guest *g, struct vfm_guest_verify *out);
+
+/* kvm_dev.c: the guest's dma devices (docs/kvm-guest.md, "Devices"). */
+int vfm__kvm_dev_init(struct kvm_guest *k, struct vfm_error *err);
+uint64_t vfm__kvm_dev_bytes(const struct kvm_guest *k);
+/* Fresh guest: the device blocks at dev_gpa (zeroed) and the mailbox fields. */
+void vfm__kvm_dev_layout(struct kvm_guest *k, uint64_t dev_gpa);
+/* An MMIO exit in a device's BAR0: forwarded, true. Elsewhere: false. */
+bool vfm__kvm_dev_mmio(struct kvm_guest *k, uint64_t gpa, void *data, unsigned len,
+		       bool is_write);
+/* Stopped guest: the devices' bookkeeping in RAM and their ring heads. */
+void vfm__kvm_dev_check(struct kvm_guest *k, struct vfm_guest_verify *out);
+/* The mailbox's device fields describe this VM; else a reason in detail (optional). */
+int vfm__kvm_dev_bad_layout(const struct kvm_guest *k, char *detail, size_t len);
+/* After a self-check answered by every vCPU: the first device error, if any. */
+bool vfm__kvm_dev_check_detail(struct kvm_guest *k, uint64_t seq, char *detail, size_t len);
+uint64_t vfm__kvm_dev_ops(struct kvm_guest *k);
+uint64_t vfm__kvm_dev_failed(struct kvm_guest *k);
 
 /* kvm_state.c */
 void vfm__kvm_free_savables(struct kvm_guest *k);

@@ -387,6 +387,7 @@ int vfm_guest_kvm_load_vcpus(struct vfm_guest *g, const void *data, size_t len,
 			 k->tsc_khz, khz);
 	if (k->mb->magic == KG_MAGIC) {
 		k->written_base = vfm__kvm_written(k);
+		k->dma_base = vfm__kvm_dev_ops(k);
 		k->mb->tsc_khz = k->tsc_khz;
 		vfm__kvm_mark(k, &k->mb->tsc_khz, sizeof(k->mb->tsc_khz));
 	}

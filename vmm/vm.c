@@ -381,12 +381,17 @@ static int open_device(struct vm *vm, const char *spec, unsigned idx, struct vfm
 static int make_kvm_guest(struct vm *vm, const struct vm_config *cfg, struct vfm_error *err)
 {
 #ifdef VFM_HAVE_KVM
+	struct vfm_device *dma[VM_MAX_DEVICES];
 	struct vfm_kvm_opts ko = {
 		.vcpus = cfg->vcpus, .dirty_rate = cfg->dirty_rate,
-		.working_set = cfg->working_set, .fresh = !cfg->incoming,
+		.working_set = cfg->working_set, .fresh = !cfg->incoming, .dma_devs = dma,
 	};
 	char why[256];
 
+	/* The guest program drives the dma devices through their BARs. */
+	for (unsigned i = 0; i < vm->ndevs; i++)
+		if (vm->devs[i].is_dma)
+			dma[ko.ndma++] = vm->devs[i].dev;
 	if (!vfm_kvm_available(why, sizeof(why)))
 		return vfm_error_set(err, -ENODEV, "--guest kvm: %s", why);
 	return vfm_guest_kvm_new(vm->mem, &ko, &vm->guest, err);
