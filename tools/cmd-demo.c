@@ -16,6 +16,9 @@
 #include "demo.h"
 #include "vfiomig/log.h"
 #include "vfiomig/parse.h"
+#ifdef VFM_HAVE_KVM
+#include "vmm/kvm.h"
+#endif
 
 #define DEMO_MAX_DEVICES 16
 /* Bounds of the waits: generous, they only turn a hang into an error. */
@@ -26,7 +29,8 @@
 
 struct demo_opts {
 	bool json;
-	const char *guest;
+	const char *guest;      /* synthetic or kvm (auto is resolved at start) */
+	char guest_why[160];    /* --guest auto: why this kind */
 	uint64_t mem, device_state, dirty_rate, downtime_limit_ms, save_latency_us;
 	unsigned devices;
 	int channels;           /* -1: leave the VM's default */
@@ -63,14 +67,16 @@ static void on_signal(int sig)
 static void demo_usage(FILE *out)
 {
 	fprintf(out,
-		"usage: vfiomig demo [--json] [--guest synthetic|kvm] [--mem SIZE] [--devices N]\n"
+		"usage: vfiomig demo [--json] [--guest synthetic|kvm|auto] [--mem SIZE] [--devices N]\n"
 		"                    [--device-state SIZE] [--dirty-rate RATE] [--downtime-limit MS]\n"
 		"                    [--channels N] [--uri URI] [--save-latency US]\n\n"
 		"Starts 'dma' vfio-user device servers and two VMs (a source running a guest\n"
 		"and an incoming destination) in a private temp dir, migrates the source live,\n"
 		"and verifies that no guest write and no device byte was lost.\n\n"
 		"  --json               print one JSON object instead of the report\n"
-		"  --guest KIND         synthetic (default) or kvm\n"
+		"  --guest KIND         synthetic (default), kvm (a KVM VM whose guest program\n"
+		"                       drives the devices; needs /dev/kvm), or auto (kvm when\n"
+		"                       /dev/kvm works, else synthetic)\n"
 		"  --mem SIZE           guest memory (default 256M)\n"
 		"  --devices N          dma devices, 1..%d (default 1)\n"
 		"  --device-state SIZE  state of each device (default 64M)\n"
@@ -118,8 +124,8 @@ static int parse_opts(int argc, char **argv, struct demo_opts *o)
 		if (!strcmp(a, "--json")) {
 			o->json = true;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--guest"))) {
-			if (strcmp(v, "synthetic") && strcmp(v, "kvm"))
-				return usage_error("--guest: '%s': expected synthetic or kvm", v);
+			if (strcmp(v, "synthetic") && strcmp(v, "kvm") && strcmp(v, "auto"))
+				return usage_error("--guest: '%s': expected synthetic, kvm or auto", v);
 			o->guest = v;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--mem"))) {
 			if (vfm_parse_size(v, &o->mem, &err))
@@ -621,6 +627,24 @@ out:
 
 /* ---- the whole run ---- */
 
+/* --guest auto: kvm when this build has it and /dev/kvm works, else synthetic. */
+static void resolve_guest(struct demo_opts *o)
+{
+	char why[128] = "this build has no KVM guest";
+
+	if (strcmp(o->guest, "auto"))
+		return;
+#ifdef VFM_HAVE_KVM
+	if (vfm_kvm_available(why, sizeof(why))) {
+		o->guest = "kvm";
+		snprintf(o->guest_why, sizeof(o->guest_why), "--guest auto: kvm (/dev/kvm works)");
+		return;
+	}
+#endif
+	o->guest = "synthetic";
+	snprintf(o->guest_why, sizeof(o->guest_why), "--guest auto: synthetic (%s)", why);
+}
+
 static int run(struct demo *d)
 {
 	char mem[32], state[32], rate[32];
@@ -630,6 +654,8 @@ static int run(struct demo *d)
 		return demo_fail(d, "%s", err.msg);
 	if (choose_uri(d))
 		return -1;
+	if (d->o.guest_why[0])
+		event(d, "start", "%s", d->o.guest_why);
 	event(d, "start", "%u dma device%s (%s state each), 2 VMs with %s (%s guest)",
 	      d->o.devices, d->o.devices == 1 ? "" : "s",
 	      vfm_format_size(d->o.device_state, state, sizeof(state)),
@@ -744,6 +770,7 @@ int cmd_demo(int argc, char **argv)
 	d.t0 = demo_now_ms();
 	d.progress_tty = isatty(STDERR_FILENO);
 	d.progress_log = !d.progress_tty && vfm_log_enabled(VFM_LOG_INFO);
+	resolve_guest(&d.o);
 	d.res = demo_result_new(d.o.guest, d.o.uri, d.o.downtime_limit_ms);
 	ok = run(&d) == 0;
 	json_object_object_add(d.res, "live", json_object_new_boolean(!d.file_mode));
