@@ -188,18 +188,33 @@ ssize_t dmadev_read_data(struct vfm_vfu_ctx *ctx, void *buf, size_t len)
 	struct vfm_dmadev *dev = vfm_vfu_priv(ctx);
 	struct dmadev_save *s = &dev->save;
 	size_t n = 0;
-	uint64_t ms = 0;
-	bool active;
+	uint64_t ms = 0, trickle_ms;
+	bool active, trickle_gave;
 
 	pthread_mutex_lock(&dev->lock);
 	active = s->active;
+	trickle_ms = s->trickle_ms;
+	trickle_gave = s->trickle_gave;
+	s->trickle_gave = false;
 	pthread_mutex_unlock(&dev->lock);
 	if (!active)
 		return -EINVAL;
+	/*
+	 * Trickle: the server calls us until the request is full; one byte per
+	 * request, then "nothing now" ends it (a short reply, not the end). Every
+	 * request is answered in time, yet stop-copy lasts bytes x ms.
+	 */
+	if (trickle_gave)
+		return -ENOMSG;
 	if (dmadev_fault(dev, DMADEV_FAULT_READ, 0, 0, NULL))
 		return -EIO;
 	if (dmadev_fault(dev, DMADEV_FAULT_STALL, 0, 0, &ms))
 		sleep_us(ms * 1000);
+	if (trickle_ms) {
+		sleep_us(trickle_ms * 1000);
+		if (len > 1)
+			len = 1;
+	}
 	pthread_mutex_lock(&dev->lock);
 	if (!s->active) {
 		pthread_mutex_unlock(&dev->lock);
@@ -215,6 +230,8 @@ ssize_t dmadev_read_data(struct vfm_vfu_ctx *ctx, void *buf, size_t len)
 		s->rec_off += take;
 		n += take;
 	}
+	if (trickle_ms && n)
+		s->trickle_gave = true;
 	pthread_mutex_unlock(&dev->lock);
 	save_delay(dev, n);
 	return (ssize_t)n;

@@ -30,6 +30,8 @@ struct dmadev_save {
 	size_t rec_len, rec_off;
 	enum dmadev_rec_kind rec_kind;
 	uint64_t latency_acc;         /* bytes * us not yet slept, in 1/MiB units */
+	uint64_t trickle_ms;          /* trickle fault: each STOP_COPY read sleeps, gives 1 byte */
+	bool trickle_gave;            /* the byte of this request is out: end the request */
 };
 
 /* A load session (RESUMING): the stream is staged, committed only when valid. */

@@ -335,6 +335,7 @@ static void *churn_main(void *arg)
 static const char *const fault_names[] = {
 	[DMADEV_FAULT_ARC] = "arc", [DMADEV_FAULT_READ] = "read", [DMADEV_FAULT_WRITE] = "write",
 	[DMADEV_FAULT_SIZE] = "size", [DMADEV_FAULT_STALL] = "stall",
+	[DMADEV_FAULT_TRICKLE] = "trickle",
 };
 
 /* "N" (from 1) or "*" (0: every one); NULL or "" is the first. */
@@ -389,20 +390,25 @@ static int parse_fault(char *item, struct vfm_dmadev_fault *f, struct vfm_error 
 		f->kind = DMADEV_FAULT_SIZE;
 		return 0;
 	}
-	if (!strcmp(item, "stall")) {
+	if (!strcmp(item, "stall") || !strcmp(item, "trickle")) {
+		/* A trickle's sleeps must each end inside the client's request timeout. */
+		uint64_t max = item[0] == 's' ? 3600000 : 1000;
+
 		if (!arg || !*arg)
-			return vfm_error_set(err, -EINVAL, "fault stall wants stall:MS[:N]");
+			return vfm_error_set(err, -EINVAL, "fault %s wants %s:MS[:N]", item, item);
 		if ((more = strchr(arg, ':')))
 			*more++ = '\0';
 		errno = 0;
 		f->ms = strtoull(arg, &end, 10);
-		if (errno || *end || *arg == '-' || *arg == '+' || f->ms > 3600000)
-			return vfm_error_set(err, -EINVAL, "fault stall '%s': milliseconds up to 3600000",
-					     arg);
-		f->kind = DMADEV_FAULT_STALL;
+		if (errno || *end || *arg == '-' || *arg == '+' || f->ms > max ||
+		    (item[0] == 't' && !f->ms))
+			return vfm_error_set(err, -EINVAL, "fault %s '%s': milliseconds up to %" PRIu64,
+					     item, arg, max);
+		f->kind = item[0] == 's' ? DMADEV_FAULT_STALL : DMADEV_FAULT_TRICKLE;
 		return parse_nth(more, &f->nth, err);
 	}
-	return vfm_error_set(err, -EINVAL, "unknown fault '%s' (arc, read, write, size, stall)", item);
+	return vfm_error_set(err, -EINVAL, "unknown fault '%s' (arc, read, write, size, stall, "
+			     "trickle)", item);
 }
 
 int vfm_dmadev_parse_faults(const char *spec, struct vfm_dmadev_fault *f, unsigned *n,
@@ -460,10 +466,14 @@ bool dmadev_fault(struct vfm_dmadev *dev, enum vfm_dmadev_fault_kind kind, unsig
 static int dma_transition(struct vfm_vfu_ctx *ctx, enum vfm_state from, enum vfm_state to)
 {
 	struct vfm_dmadev *dev = vfm_vfu_priv(ctx);
+	uint64_t trickle_ms = 0;
 	int r = 0;
 
 	if (dmadev_fault(dev, DMADEV_FAULT_ARC, (unsigned)from, (unsigned)to, NULL))
 		return -EIO;
+	/* Counted per entry into STOP_COPY: the session it slows down. */
+	if (to == VFM_STATE_STOP_COPY)
+		dmadev_fault(dev, DMADEV_FAULT_TRICKLE, 0, 0, &trickle_ms);
 
 	if (from == VFM_STATE_STOP && to == VFM_STATE_RESUMING)
 		r = dmadev_load_open(dev);
@@ -477,8 +487,10 @@ static int dma_transition(struct vfm_vfu_ctx *ctx, enum vfm_state from, enum vfm
 	else if (vfm_state_is_saving(from) && !vfm_state_is_saving(to))
 		dmadev_save_close_locked(dev);
 	if (!r) {
-		if (to == VFM_STATE_STOP_COPY)
+		if (to == VFM_STATE_STOP_COPY) {
 			dev->save.stop = true;
+			dev->save.trickle_ms = trickle_ms;
+		}
 		dev->running = state_running(to);
 		dev->dma_ok = state_dma_ok(to);
 	}

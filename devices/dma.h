@@ -118,18 +118,19 @@ enum vfm_dmadev_fault_kind {
 	DMADEV_FAULT_WRITE,           /* a RESUMING data write fails (-EIO) */
 	DMADEV_FAULT_SIZE,            /* stop-copy and pre-copy sizes reported 16x too small */
 	DMADEV_FAULT_STALL,           /* a migration data read first sleeps ms */
+	DMADEV_FAULT_TRICKLE,         /* a STOP_COPY session: reads sleep ms, give 1 byte */
 };
 #define DMADEV_FAULTS_MAX 16
 struct vfm_dmadev_fault {
 	enum vfm_dmadev_fault_kind kind;
 	unsigned from, to;            /* ARC: enum vfm_state */
 	uint64_t nth;                 /* the occurrence it hits, from 1; 0 = every one */
-	uint64_t ms;                  /* STALL */
+	uint64_t ms;                  /* STALL, TRICKLE */
 };
 
 /*
  * Appends the faults in spec to f[*n..max): a comma list of arc:FROM>TO[:N],
- * read[:N], write[:N], size, stall:MS[:N] (N: the occurrence, default 1, `*`
+ * read[:N], write[:N], size, stall:MS[:N], trickle:MS[:N] (N: the occurrence, default 1, `*`
  * every one). docs/devices/dma.md has the details.
  */
 int vfm_dmadev_parse_faults(const char *spec, struct vfm_dmadev_fault *f, unsigned *n,
