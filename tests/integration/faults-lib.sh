@@ -1,7 +1,12 @@
 # Shared by faults_src.sh and faults_dst.sh: one fault-matrix cell = a dma
 # device and a VM per side, a fault, then every expectation asserted.
 # Sourced; the caller sets bin and calls cell_* functions, then finish.
+# VFIOMIG_WRAP (e.g. "valgrind -q --error-exitcode=1"): a command the vm and
+# device processes run under; VFIOMIG_TIME_SCALE multiplies their timeouts.
 set -u
+wrap=${VFIOMIG_WRAP:-}
+tscale=${VFIOMIG_TIME_SCALE:-1}
+life=$((90 * tscale))
 tmp=$(mktemp -d /tmp/vfm-faults-XXXXXX)
 pids=""
 fail=0
@@ -19,14 +24,20 @@ bg() { "$@" >>"$tmp/$cell.log" 2>&1 & last=$!; pids="$pids $last"; }
 wait_sock() {
 	i=0
 	while [ ! -S "$1" ]; do
-		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
+		i=$((i + 1)); [ $i -gt $((200 * tscale)) ] && return 1; sleep 0.05
 	done
 }
-ctl() { timeout -k 5 20 "$bin" ctl "$@"; }
+ctl() { timeout -k 5 $((20 * tscale)) "$bin" ctl "$@"; }
 wait_status() {  # wait_status SOCKET PATTERN [TENTHS]: until `ctl status` matches
 	i=0
 	while ! ctl "$1" status 2>/dev/null | grep -q "$2"; do
-		i=$((i + 1)); [ $i -gt "${3:-150}" ] && return 1; sleep 0.1
+		i=$((i + 1)); [ $i -gt $((${3:-150} * tscale)) ] && return 1; sleep 0.1
+	done
+}
+wait_log() {  # wait_log PATTERN [TENTHS]: until the cell's log matches
+	i=0
+	while ! grep -q -- "$1" "$tmp/$cell.log"; do
+		i=$((i + 1)); [ $i -gt $((${2:-150} * tscale)) ] && return 1; sleep 0.1
 	done
 }
 alive() { kill -0 "$1" 2>/dev/null; }
@@ -36,24 +47,40 @@ killtree() { kill -9 $(pgrep -P "$1") "$1" 2>/dev/null; }
 # start NAME "SRC_DEV_OPTS" "DST_DEV_OPTS" "SRC_VM_OPTS" "DST_VM_OPTS" [DEVPROPS]
 start() {
 	cell=$1; c=$tmp/$1
-	bg timeout -k 5 90 "$bin" device dma --socket "$c.sd" --state-size 4M --churn 1M/s $2
+	# shellcheck disable=SC2086
+	bg timeout -k 5 $life $wrap "$bin" device dma --socket "$c.sd" --state-size 4M --churn 1M/s $2
 	sdev=$last
-	bg timeout -k 5 90 "$bin" device dma --socket "$c.dd" --state-size 4M $3
+	# shellcheck disable=SC2086
+	bg timeout -k 5 $life $wrap "$bin" device dma --socket "$c.dd" --state-size 4M $3
 	ddev=$last
 	wait_sock "$c.sd" && wait_sock "$c.dd" || { bad "devices did not start"; return 1; }
-	bg timeout -k 5 90 "$bin" vm --mem 16M --device "vfio-user:$c.sd${6:-}" --dirty-rate 4M/s \
-		--control "$c.src" $4
-	src=$last
 	# shellcheck disable=SC2086
-	bg timeout -k 5 90 "$bin" vm --mem 16M --device "vfio-user:$c.dd${6:-}" $5 \
-		--incoming "unix:$c.mig" --control "$c.dst"
-	dst=$last
+	bg timeout -k 5 $life $wrap "$bin" vm --mem 16M --device "vfio-user:$c.sd${6:-}" \
+		--dirty-rate 4M/s --control "$c.src" $4
+	src=$last
+	dst_opts="$5"; dst_props="${6:-}"
+	start_dst
 	wait_sock "$c.src" && wait_sock "$c.dst" || { bad "VMs did not start"; return 1; }
 	# The guest must have driven its device before the fault means anything.
 	i=0
 	while ctl "$c.src" status --json | grep -q '"dma_ops":0[,}]'; do
-		i=$((i + 1)); [ $i -gt 100 ] && { bad "no guest DMA"; break; }; sleep 0.1
+		i=$((i + 1)); [ $i -gt $((100 * tscale)) ] && { bad "no guest DMA"; break; }; sleep 0.1
 	done
+}
+
+# The destination VM (again, after a fault killed it: the device server
+# serves one client after another).
+start_dst() {
+	rm -f "$c.dst" "$c.mig"
+	# shellcheck disable=SC2086
+	bg timeout -k 5 $life $wrap "$bin" vm --mem 16M --device "vfio-user:$c.dd$dst_props" \
+		$dst_opts --incoming "unix:$c.mig" --control "$c.dst"
+	dst=$last
+}
+restart_dst() {
+	wait "$dst" 2>/dev/null
+	start_dst
+	wait_sock "$c.dst" || bad "the new destination did not start"
 }
 
 # Before the destination resumed: the source runs on as if nothing happened.
