@@ -221,6 +221,26 @@ static void make_stale_target(struct rig *r)
 		w[k] = kg_page_word(d->tag[t].src, d->tag[t].gen - 1);
 }
 
+/* The window is above RAM however big (no KVM needed: pure layout). */
+TEST(bar_window_sits_above_ram)
+{
+	static const struct { uint64_t ram, bar0; } cases[] = {
+		{ 8ull << 20, 4ull << 30 }, { 4ull << 30, 4ull << 30 },
+		{ (4ull << 30) + PG, 5ull << 30 }, { 9ull << 30, 9ull << 30 },
+	};
+	struct vfm_error err = { 0 };
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct vfm_guest_mem *mem;
+
+		CHECK_EQ(vfm_guest_mem_new(PG, &mem, &err), 0);
+		CHECK_EQ(vfm_guest_mem_add(mem, 0, cases[i].ram, "ram", &err), 0);
+		CHECK_EQ(vfm_kvm_bar_gpa(mem, 0), cases[i].bar0);
+		CHECK_EQ(vfm_kvm_bar_gpa(mem, 3), cases[i].bar0 + 3 * KG_MMIO_STRIDE);
+		vfm_guest_mem_free(mem);
+	}
+}
+
 TEST_TIMEOUT(guest_drives_its_devices_through_bar0, 60)
 {
 	struct rig r;
