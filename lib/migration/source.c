@@ -552,8 +552,17 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	vfm__log_sync(m, false);
 	phase(src, VFM__PH_STOP_COPY);
 	/* Every device is quiet and synced: the save threads may read. */
-	if (src->mf)
+	if (src->mf) {
+		/*
+		 * SWITCHOVER must reach the destination now: its load threads
+		 * (and RAM packets) wait for it. Left in main's write buffer it
+		 * came only with the end of stream, so every device's state
+		 * loaded after all of it was sent: save then load, in series
+		 * (why 4 channels gave 0.53 of the downtime, not ~0.25).
+		 */
+		vfm_stream_flush(src->out);
 		vfm__mf_src_go(src->mf);
+	}
 	/* All data first, then every config state (QEMU: iterable sections
 	 * complete before the non-iterable ones), so the destination loads
 	 * config only once every device has its data. */
