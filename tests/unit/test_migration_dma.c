@@ -87,15 +87,19 @@ static void run(const struct scenario *sc)
 	CHECK(st.ram_transferred_bytes >= MD_MEM / 4);
 	CHECK(st.device_transferred_bytes >=
 	      (sc->o.state_size ? sc->o.state_size : MD_DEV_STATE) * sc->o.ndev);
-	/* The estimate made at the switchover decision is kept. */
-	CHECK(st.expected_downtime_ms > 0);
+	/* The estimate made at the switchover decision is kept (without a
+	 * device, the guest may have dirtied nothing at that point: 0). */
+	if (sc->o.ndev)
+		CHECK(st.expected_downtime_ms > 0);
 	if (sc->channels >= 0)
 		CHECK_EQ(st.multifd_channels, sc->channels);
 	/* The stop-copy RAM pass uses the channels whenever there are any, on
 	 * both sides: at least the pages the writer dirtied last. */
 	if (st.multifd_channels) {
 		CHECK(st.multifd_ram_bytes > 0);
-		CHECK(st.multifd_ram_bytes < st.ram_transferred_bytes);
+		/* All of it when the source switched over before any pre-copy
+		 * pass (a slow, sanitized build can measure enough bandwidth). */
+		CHECK(st.multifd_ram_bytes <= st.ram_transferred_bytes);
 		CHECK_EQ(r.mf_ram_bytes, st.multifd_ram_bytes);
 	} else {
 		CHECK_EQ(st.multifd_ram_bytes, 0);
