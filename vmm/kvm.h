@@ -1,6 +1,7 @@
 /*
  * The KVM guest: a real virtual machine over the VM's memfd guest memory,
- * vCPUs in 64-bit long mode running the freestanding program in guest/, with
+ * vCPUs in 64-bit long mode running the freestanding program in guest/
+ * (which drives `dma` devices through their BAR0: MMIO exits forwarded), with
  * KVM's dirty log feeding the memory layer and the vCPU state as a savable
  * entry. Docs: docs/kvm-guest.md.
  */
