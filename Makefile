@@ -9,7 +9,7 @@ MESON_OPTS ?=
 TEST_OPTS  ?= --print-errorlogs
 
 .PHONY: all deps demo check check-asan check-tsan clean install fuzz fuzz-seeds bench bench-quick \
-	valgrind
+	valgrind valgrind-integration
 
 all: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -47,6 +47,13 @@ valgrind: all
 		$(filter-out $(VALGRIND_SKIP),$(shell $(MESON) test -C $(BUILD) --list --suite unit \
 			--suite fuzz 2>/dev/null | sed -n 's|.* / ||p')) \
 		--wrapper 'valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect --track-fds=no'
+
+# Integration scripts with their vm and device processes under valgrind
+# (scripts/valgrind-integration.sh; VALGRIND_SCRIPTS: which, default the fault
+# matrix and vm_ctl/vm_bad). Low priority: it is long and CPU-bound.
+VALGRIND_SCRIPTS ?=
+valgrind-integration: all
+	nice ./scripts/valgrind-integration.sh $(BUILD) $(VALGRIND_SCRIPTS)
 
 # Benchmarks: write docs/performance.md (+ docs/perf/*.png). Not tests.
 bench: all

@@ -1,13 +1,12 @@
-# Shared by faults_src.sh and faults_dst.sh: one fault-matrix cell = a dma
-# device and a VM per side, a fault, then every expectation asserted.
+# Shared by faults_src.sh, faults_dst.sh, faults_late.sh, faults_sec.sh: one
+# fault-matrix cell = a dma device and a VM per side, a fault, then every
+# expectation asserted.
 # Sourced; the caller sets bin and calls cell_* functions, then finish.
-# VFIOMIG_WRAP (e.g. "valgrind -q --error-exitcode=1"): a command the vm and
-# device processes run under; VFIOMIG_TIME_SCALE multiplies their timeouts.
+# VFIOMIG_WRAP / VFIOMIG_TIME_SCALE: wrap-lib.sh (valgrind runs).
 set -u
-wrap=${VFIOMIG_WRAP:-}
-tscale=${VFIOMIG_TIME_SCALE:-1}
-life=$((90 * tscale))
 tmp=$(mktemp -d /tmp/vfm-faults-XXXXXX)
+. "$(dirname "$0")/wrap-lib.sh"
+life=$((90 * tscale))
 pids=""
 fail=0
 cells_failed=""
@@ -48,14 +47,14 @@ killtree() { kill -9 $(pgrep -P "$1") "$1" 2>/dev/null; }
 start() {
 	cell=$1; c=$tmp/$1
 	# shellcheck disable=SC2086
-	bg timeout -k 5 $life $wrap "$bin" device dma --socket "$c.sd" --state-size 4M --churn 1M/s $2
+	bg timeout -k 5 $life "$bin" device dma --socket "$c.sd" --state-size 4M --churn 1M/s $2
 	sdev=$last
 	# shellcheck disable=SC2086
-	bg timeout -k 5 $life $wrap "$bin" device dma --socket "$c.dd" --state-size 4M $3
+	bg timeout -k 5 $life "$bin" device dma --socket "$c.dd" --state-size 4M $3
 	ddev=$last
 	wait_sock "$c.sd" && wait_sock "$c.dd" || { bad "devices did not start"; return 1; }
 	# shellcheck disable=SC2086
-	bg timeout -k 5 $life $wrap "$bin" vm --mem 16M --device "vfio-user:$c.sd${6:-}" \
+	bg timeout -k 5 $life "$bin" vm --mem 16M --device "vfio-user:$c.sd${6:-}" \
 		--dirty-rate 4M/s --control "$c.src" $4
 	src=$last
 	dst_opts="$5"; dst_props="${6:-}"
@@ -73,7 +72,7 @@ start() {
 start_dst() {
 	rm -f "$c.dst" "$c.mig"
 	# shellcheck disable=SC2086
-	bg timeout -k 5 $life $wrap "$bin" vm --mem 16M --device "vfio-user:$c.dd$dst_props" \
+	bg timeout -k 5 $life "$bin" vm --mem 16M --device "vfio-user:$c.dd$dst_props" \
 		$dst_opts --incoming "unix:$c.mig" --control "$c.dst"
 	dst=$last
 }

@@ -2,6 +2,7 @@
 # children started with bg() and killed on exit, ok/bad reporting into $fail,
 # and waits for sockets and exits. Expects $bin (the vfiomig binary).
 tmp=$(mktemp -d "/tmp/vfm-$lib_name-XXXXXX")
+. "$(dirname "$0")/wrap-lib.sh"  # VFIOMIG_WRAP: valgrind runs
 pids=""
 fail=0
 cleanup() {
