@@ -11,6 +11,8 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "memory_access.h"
 #include "migration/engine.h"
@@ -33,6 +35,12 @@ struct vfm_ram {
 	uint64_t send_pages;
 	unsigned cur_region;
 	uint64_t cur_page;
+	/* Per region, since the last sync: pages [lo, hi) are all hole (never
+	 * written: zero without reading them) or hold data (read to test). */
+	struct ram_extent {
+		uint64_t lo, hi;
+		bool valid, hole;
+	} ext[VFM_MEM_MAX_REGIONS];
 	/* The pages of one record, copied out of guest memory first: the guest
 	 * may write them while they are checksummed and sent. */
 	unsigned char *bounce;
@@ -58,7 +66,62 @@ void vfm__ram_sync(struct vfm_ram *ram)
 
 		vfm_dirty_collect(ram->mem, i, ram->send[i]);
 		ram->send_pages += vfm_bitmap_weight(ram->send[i], VFM_BITMAP_WORDS(r->npages)) - before;
+		/* What was a hole may hold data now: ask again this round. */
+		ram->ext[i].valid = false;
 	}
+}
+
+/*
+ * Whether page p of region ri is a hole of its memfd (SEEK_DATA/SEEK_HOLE),
+ * so zero without being read: reading a hole of a memfd allocates the page,
+ * which on a fresh 256 MiB guest cost the source ~400 ms and 256 MiB. The
+ * answer may go stale during a round, and that is safe: the extents are
+ * learnt after the sync, so a write that made a hole into data either came
+ * before (and is seen) or is marked dirty after it (and is sent next round).
+ * Swapped-out pages count as data.
+ */
+static bool page_is_hole(struct vfm_ram *ram, unsigned ri, const struct vfm_mem_region *r,
+			 uint64_t p)
+{
+	struct ram_extent *e = &ram->ext[ri];
+	uint64_t ps = ram->page_size;
+	off_t off, d, h;
+
+	if (r->fd < 0)
+		return false;
+	if (e->valid && p >= e->lo && p < e->hi)
+		return e->hole;
+	off = (off_t)(r->fd_offset + p * ps);
+	d = lseek(r->fd, off, SEEK_DATA);
+	if (d < 0 && errno == ENXIO) {
+		*e = (struct ram_extent){ p, r->npages, true, true };   /* hole to the end */
+	} else if (d < 0) {
+		e->valid = false;                                      /* no SEEK_DATA: read */
+		return false;
+	} else if (d >= off + (off_t)ps) {
+		/* Whole pages before the one holding d are hole. */
+		*e = (struct ram_extent){ p, ((uint64_t)d - r->fd_offset) / ps, true, true };
+	} else {
+		h = lseek(r->fd, off, SEEK_HOLE);
+		if (h < 0) {
+			e->valid = false;
+			return false;
+		}
+		/* Every page that holds a byte of [off, h) is data. */
+		*e = (struct ram_extent){ p, ((uint64_t)h - r->fd_offset + ps - 1) / ps, true, false };
+		if (e->hi <= p)
+			e->hi = p + 1;
+	}
+	if (e->hi > r->npages)
+		e->hi = r->npages;
+	return e->hole;
+}
+
+/* Zero test for the main channel's sender (the migration thread only). */
+static bool page_zero(struct vfm_ram *ram, unsigned ri, const struct vfm_mem_region *r, uint64_t p)
+{
+	return page_is_hole(ram, ri, r, p) ||
+	       page_is_zero((const char *)r->host + p * ram->page_size, ram->page_size);
 }
 
 uint64_t vfm__ram_transferred(struct vfm_ram *ram)
@@ -124,7 +187,7 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
 		}
 		first = p;
 		host = (const char *)r->host + first * ram->page_size;
-		zero = page_is_zero(host, ram->page_size);
+		zero = page_zero(ram, ram->cur_region, r, p);
 		/* The first page is in the run whatever it holds by now: the guest may
 		 * have written it since the test above, and asking again could end
 		 * with an empty run (a 0-page record the destination refuses). A page
@@ -134,7 +197,7 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
 		p++;
 		/* Extend the run over set bits of the same kind (zero or data). */
 		while (p < r->npages && count < RAM_BATCH_PAGES && (set[p / 64] >> (p % 64) & 1) &&
-		       page_is_zero((const char *)r->host + p * ram->page_size, ram->page_size) == zero) {
+		       page_zero(ram, ram->cur_region, r, p) == zero) {
 			set[p / 64] &= ~(1ull << (p % 64));
 			count++;
 			p++;
@@ -409,15 +472,39 @@ static int load_layout(struct vfm_ram *ram, const unsigned char *p, size_t len, 
 	return 0;
 }
 
+/* Whether every page of [p, p + bytes) is resident (mapped memory, no hole). */
+static bool resident(void *p, uint64_t bytes)
+{
+	unsigned char vec[RAM_BATCH_PAGES];
+	long pg = sysconf(_SC_PAGESIZE);
+	uint64_t n = (bytes + (uint64_t)pg - 1) / (uint64_t)pg;
+
+	if (pg <= 0 || (uintptr_t)p % (uintptr_t)pg || n > sizeof(vec) ||
+	    mincore(p, (size_t)bytes, vec))
+		return false;
+	for (uint64_t i = 0; i < n; i++)
+		if (!(vec[i] & 1))
+			return false;
+	return true;
+}
+
 /*
- * Zero runs on the destination: punch the range out of the memfd rather than
- * memset it. A fresh destination's memory is all hole, so this costs no page
- * fault and no allocation (memset of 256 MiB of fresh memfd took ~400 ms of
- * downtime here); every mapping of the memfd, a device server's included,
- * then reads zeros.
+ * Zero runs on the destination. Memory the destination preallocated (the
+ * usual case: vfm_migration_incoming populates it first) is resident and
+ * mostly still zero: check and leave it, as QEMU does, or memset it; never
+ * free it, which costs a free now and a fault on the guest's first touch
+ * (punching 256 MiB of populated memory kept the destination ~600 ms behind
+ * the source). Memory that is not resident is punched out of the memfd: no
+ * fault, no allocation (memset of 256 MiB of fresh memfd took ~400 ms), and
+ * every mapping of the memfd, a device server's included, reads zeros.
  */
 static void zero_pages(struct vfm_ram *ram, uint64_t gpa, void *dst, uint64_t bytes)
 {
+	if (resident(dst, bytes)) {
+		if (!vfm__guest_is_zero(dst, (size_t)bytes))
+			memset(dst, 0, bytes);
+		return;
+	}
 	for (unsigned i = 0; i < vfm_guest_mem_num_regions(ram->mem); i++) {
 		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
 

@@ -52,6 +52,7 @@ struct source {
 	double bw;                   /* bytes per second */
 	bool bw_real;                /* measured on a busy window or by the probe */
 	bool probed;
+	bool pass_done;              /* a pre-copy pass went over everything dirty */
 	/* The figure in bw came from probes (not from pre-copy traffic): a
 	 * migration that still cannot converge probes again, up to PROBE_MAX
 	 * times a second apart, and keeps the best (a loaded machine can
@@ -412,7 +413,11 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 		if ((ret = poll_return_path(src, err)))
 			return ret;
 		bandwidth_tick(src);
-		if (!src->bw_real && !src->probed && src->bw > 0 && !src->p.avail_switchover_bandwidth &&
+		/* No real window yet: probe once the first window measured something
+		 * or, sooner, once a whole pass is out (an idle guest need not wait
+		 * the 100 ms window to learn the link). */
+		if (!src->bw_real && !src->probed && (src->bw > 0 || src->pass_done) &&
+		    !src->p.avail_switchover_bandwidth &&
 		    (ret = probe_bandwidth(src, err)))
 			return ret;
 		bw = switchover_bw(src);
@@ -474,6 +479,10 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			vfm_stream_flush(src->out);
 			vfm__log_sync(m, true);
 			iterations++;
+			src->pass_done = iterations > 1;   /* pass 1 ran before the first sync */
+			vfm_debug(LOG, "pass %" PRIu64 " done: %" PRIu64 " bytes out, %" PRIu64
+				  " pending, %.1f MB/s", iterations, out_bytes(src),
+				  pending_estimate(m), switchover_bw(src) / 1e6);
 			if (pending_estimate(m) == 0) {
 				/* Idle: wait for the guest or for acks rather than spin. */
 				struct timespec ts = { 0, 5000000 };

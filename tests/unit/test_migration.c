@@ -368,6 +368,62 @@ TEST(no_devices)
 	run_scenario(&sc);
 }
 
+/* Bytes of the memfd behind guest memory that are allocated. */
+static uint64_t allocated(struct vfm_guest_mem *mem)
+{
+	struct stat st;
+
+	CHECK_EQ(fstat(vfm_guest_mem_region(mem, 0)->fd, &st), 0);
+	return (uint64_t)st.st_blocks * 512;
+}
+
+/* Memory the guest never wrote is a hole of its memfd: the source sends it
+ * as zero without reading it (which would allocate every page). */
+TEST(untouched_memory_is_not_read)
+{
+	struct side s;
+	struct vfm_error err = { 0 };
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct result r;
+	char uri[160];
+	int pfd[2], rfd[2], status;
+	uint64_t before;
+	pid_t pid;
+
+	make_uri("unix", uri, sizeof(uri));
+	side_init(&s, 0, 0, 0, NULL, 0);
+	for (uint64_t off = 5 * PG; off < MEM_SIZE; off += MEM_SIZE / 4)
+		*(uint64_t *)vfm_guest_mem_ptr(s.mem, off, 8) = off | 1;
+	before = allocated(s.mem);
+	CHECK(before <= 64 * PG);
+	CHECK_EQ(pipe(pfd), 0);
+	CHECK_EQ(pipe(rfd), 0);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		close(pfd[0]);
+		run_destination(uri, pfd[1], 0, 0, rfd[1]);
+	}
+	close(rfd[1]);
+	close(pfd[1]);
+	wait_listener(rfd[0]);
+	vfm_migration_params_default(&p);
+	p.timeout_ms = 5000;
+	CHECK_EQ(vfm_migration_start(s.m, uri, &p, &err), 0);
+	CHECK_EQ(vfm_migration_wait(s.m, 25000), 0);
+	vfm_migration_get_stats(s.m, &st);
+	CHECK_EQ(st.status, VFM_MIG_COMPLETED);
+	fprintf(stderr, "# allocated before %" PRIu64 " KiB, after %" PRIu64 " KiB\n",
+		before >> 10, allocated(s.mem) >> 10);
+	CHECK_EQ(allocated(s.mem), before);
+	CHECK_EQ(read(pfd[0], &r, sizeof(r)), sizeof(r));
+	CHECK_EQ(waitpid(pid, &status, 0), pid);
+	CHECK_EQ(r.status, 0);
+	CHECK(r.mem == mem_hash(s.mem));
+	vfm_migration_free(s.m);
+}
+
 TEST(refusals)
 {
 	struct side s;
