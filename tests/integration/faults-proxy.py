@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 # A migration-channel relay for the fault matrix: forwards every connection on
 # LISTEN to TARGET both ways, withholds the first connection's RP_ACK records
-# (the destination's switchover-acks) so the source waits for them for good,
-# and closes everything on SIGUSR1 (the migration connection is cut).
-# usage: faults-proxy.py LISTEN_PATH TARGET_PATH
+# (the destination's switchover-acks) so the source waits for them for good
+# (unless --pass-acks), and closes everything on SIGUSR1 (the migration
+# connection is cut).
+# usage: faults-proxy.py LISTEN_PATH TARGET_PATH [--pass-acks]
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ RP_ACK = 64          # lib/migration/stream.h, docs/stream-format.md
 HDR = 24             # record header: u16 type, u16 flags, u32 section, u32 length, ...
 
 listen_path, target_path = sys.argv[1], sys.argv[2]
+hold_acks = "--pass-acks" not in sys.argv[3:]
 socks = []
 lock = threading.Lock()
 
@@ -101,7 +103,7 @@ while True:
         socks.extend((c, t))
     pair = (c, t)
     # The source opens the main channel first, multifd channels after it.
-    back = relay_rp if n == 0 else relay
+    back = relay_rp if n == 0 and hold_acks else relay
     threading.Thread(target=relay, args=(c, t, pair), daemon=True).start()
     threading.Thread(target=back, args=(t, c, pair), daemon=True).start()
     say("connection %u relayed" % n)

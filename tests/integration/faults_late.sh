@@ -1,7 +1,7 @@
 #!/bin/sh
 # Fault matrix, the late phases (docs/reliability.md): the migration
-# connection cut, the destination VM or its device server killed while the
-# source waits for the switchover-ack, and while the source is in
+# connection cut, the destination VM or its device server killed, while the
+# source waits for the switchover-ack and while the source is in
 # stop-and-copy (guest stopped). Before the destination resumed the source
 # must run on verified with its device RUNNING and `failed`.
 # usage: faults_late.sh PATH_TO_VFIOMIG
@@ -64,8 +64,8 @@ start ack-dstdev-killed "" "" "-vv" "" && {
 # second, each request answered in time), so the guest stays stopped with the
 # device in STOP_COPY until the destination's own 10 s no-progress timeout on
 # the main channel; the cell acts right after seeing that state.
-stopcopy_hold() {
-	ctl "$c.src" migrate "unix:$c.mig" >/dev/null || { bad "migrate did not start"; return 1; }
+stopcopy_hold() {  # [URI]
+	ctl "$c.src" migrate "${1:-unix:$c.mig}" >/dev/null || { bad "migrate did not start"; return 1; }
 	wait_log "fault injected: trickle" || { bad "the source never entered STOP_COPY"; return 1; }
 	st=$(ctl "$c.src" status)
 	echo "$st" | grep -q "^vm: paused" && echo "$st" | grep -q "^migration: device" \
@@ -84,6 +84,19 @@ start stopcopy-dstvm-killed "--fault trickle:1000" "" "" "" && {
 		expect_source_intact "."; expect_dest_clean
 		restart_dst; expect_retry_ok
 	}
+}; stop_cell
+
+# stop-and-copy: the migration connection is cut (through a relay that
+# passes everything until then); the destination stays up for the retry.
+start stopcopy-conn-cut "--fault trickle:1000" "" "" "" && {
+	bg timeout -k 5 $life python3 "$here/faults-proxy.py" "$c.px" "$c.mig" --pass-acks
+	proxy=$last
+	wait_sock "$c.px" || bad "proxy did not listen"
+	stopcopy_hold "unix:$c.px" && {
+		kill -USR1 $(pgrep -P "$proxy")
+		expect_source_intact "."; expect_dest_clean; expect_retry_ok
+	}
+	stop_proxy
 }; stop_cell
 
 # stop-and-copy: the destination's device server is SIGKILLed.
