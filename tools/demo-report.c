@@ -24,6 +24,7 @@ static const struct {
 	{ "device_transferred_bytes", false },
 	{ "throughput_mbps", true },
 	{ "multifd_channels", false },
+	{ "multifd_ram_bytes", false },
 };
 
 static json_object *get(json_object *o, const char *key)

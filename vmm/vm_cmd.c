@@ -271,6 +271,7 @@ json_object *vm_query_migrate(struct vm *vm)
 	json_object_object_add(o, "bandwidth_bps", ju64((uint64_t)st.bandwidth_bps));
 	json_object_object_add(o, "throughput_mbps", jdouble(st.throughput_mbps));
 	json_object_object_add(o, "multifd_channels", ju64(st.multifd_channels));
+	json_object_object_add(o, "multifd_ram_bytes", ju64(st.multifd_ram_bytes));
 	return o;
 }
 

@@ -84,6 +84,10 @@ dst_sums=$(echo "$dst_status" | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p' | t
 [ "$(echo "$src_sums" | wc -w)" = 2 ] || bad "expected 2 device checksums: '$src_sums'"
 ctl "$tmp/dst" status --json | grep -q '"verified":true' && ok "status --json verified" \
 	|| bad "status --json"
+# This run had multifd-channels=0: no channel, no RAM on one.
+src_json=$(ctl "$tmp/src" status --json)
+echo "$src_json" | grep -q '"multifd_channels":0,"multifd_ram_bytes":0' \
+	&& ok "0 multifd channels, 0 RAM bytes on them" || bad "multifd stats: $src_json"
 out=$(ctl "$tmp/src" cont 2>&1); rc=$?
 [ $rc = 1 ] && echo "$out" | grep -q postmigrate && ok "cont refused after migrating" \
 	|| bad "cont on postmigrate: rc $rc: $out"
