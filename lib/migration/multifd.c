@@ -21,6 +21,7 @@
 #define MF_BUF (1u << 20)            /* device data per packet (QEMU: 1 MiB) */
 #define MF_MAX_IDX (1u << 24)        /* 16 TiB of state at 1 MiB: beyond is bogus */
 #define PCI_CONFIG_MAX 4096
+#define MF_KEEPALIVE_S 1             /* a PAD on main while the save threads run */
 
 static void sleep_ms(unsigned ms)
 {
@@ -62,6 +63,7 @@ struct vfm_mf_src {
 	pthread_mutex_t lock;        /* guards stopped, go */
 	pthread_cond_t cond;
 	unsigned stopped;            /* savers done with STOP_COPY (ok or not) */
+	unsigned ended;              /* savers whose thread function returned */
 	bool go;
 };
 
@@ -261,6 +263,10 @@ static void *saver_main(void *arg)
 		w->ret = vfm_error_set(&w->err, VFM_ECANCELED, "stopped before sending");
 	if (w->ret)
 		atomic_store(&mf->stop, true);  /* the others stop at their next packet */
+	pthread_mutex_lock(&mf->lock);
+	mf->ended++;
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
 	return NULL;
 }
 
@@ -311,12 +317,42 @@ static void join_savers(struct vfm_mf_src *mf)
 	}
 }
 
+/*
+ * Waits for the save threads. Main carries nothing meanwhile, and the
+ * destination gives up on a main channel silent for its timeout even while
+ * the channels make progress: a PAD record every second keeps main alive
+ * through a long stop-copy (a slow device, seconds of state).
+ */
+static void wait_savers(struct vfm_mf_src *mf, struct vfm_stream *main)
+{
+	unsigned started = 0;
+	unsigned char none = 0;
+
+	for (unsigned i = 0; i < mf->nsv; i++)
+		started += mf->sv[i].started;
+	pthread_mutex_lock(&mf->lock);
+	while (mf->ended < started) {
+		struct timespec ts;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += MF_KEEPALIVE_S;
+		if (pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) != ETIMEDOUT)
+			continue;
+		pthread_mutex_unlock(&mf->lock);
+		vfm_stream_put_record(main, VFM_REC_PAD, 0, 0, &none, 0);
+		vfm_stream_flush(main);
+		pthread_mutex_lock(&mf->lock);
+	}
+	pthread_mutex_unlock(&mf->lock);
+	join_savers(mf);
+}
+
 int vfm__mf_src_finish(struct vfm_mf_src *mf, struct vfm_stream *main, struct vfm_error *err)
 {
 	unsigned char pl[4];
 	int ret;
 
-	join_savers(mf);
+	wait_savers(mf, main);
 	for (unsigned i = 0; i < mf->nsv; i++)
 		if (mf->sv[i].ret)
 			return vfm_error_set(err, mf->sv[i].ret, "%s: multifd: %s",

@@ -28,6 +28,7 @@
  * so downtime is never under-estimated. */
 #define DEV_STOP_COPY_UNKNOWN (100ull << 30)
 #define PCI_CONFIG_REGION 7
+#define STOP_COPY_FLUSH_NS 100000000ull   /* 100 ms */
 #define PCI_CONFIG_MAX 4096
 
 static const char *md_id(const struct vfm_mig_device *md)
@@ -229,13 +230,27 @@ static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_err
 	uint64_t deadline = vfm__now_ns() + md->m->params.timeout_ms * 1000000ull;
 	ssize_t n;
 
+	uint64_t flushed = vfm__now_ns();
+
 	if (md->mf_use)
 		return 0;  /* a multifd save thread sends it */
 	/* The engine has moved the device to STOP_COPY: read until 0. */
 	for (;;) {
+		if (atomic_load(&md->m->cancel))
+			return vfm_error_set(err, VFM_ECANCELED, "migration cancelled");
+		if (vfm_stream_error(s, err))
+			return vfm_error_set(err, err ? err->code : -EIO, "%s: stop-copy", md_id(md));
 		n = move_block(md, s, section, err);
-		if (n > 0)
+		if (n > 0) {
+			/* A slow device's blocks go out as they come, not when the
+			 * buffer fills: the destination sees progress (its timeout)
+			 * and a dead destination is seen here. */
+			if (vfm__now_ns() - flushed >= STOP_COPY_FLUSH_NS) {
+				vfm_stream_flush(s);
+				flushed = vfm__now_ns();
+			}
 			continue;
+		}
 		if (n == 0)
 			return 0;
 		if ((n == -EAGAIN || n == -ENOMSG) && vfm__now_ns() < deadline) {

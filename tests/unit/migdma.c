@@ -59,7 +59,8 @@ static void devsrv_main(const char *path, const struct md_opts *o, uint64_t chur
 	struct vfm_dmadev_opts dopts = { .id = strrchr(path, '/') + 1,
 					 .state_size = o->state_size ? o->state_size : MD_DEV_STATE,
 					 .churn_rate = churn, .seed = seed,
-					 .mig_flags = o->mig_flags };
+					 .mig_flags = o->mig_flags,
+					 .save_latency_us = o->save_latency_us };
 	struct vfm_error err = { 0 };
 	struct vfm_dmadev *dev;
 
@@ -363,6 +364,8 @@ void md_params(struct vfm_migration_params *p)
 void md_params_for(struct vfm_migration_params *p, const struct md_opts *o)
 {
 	md_params(p);
+	if (o->timeout_ms)
+		p->timeout_ms = o->timeout_ms;
 	if (o->mf_channels)
 		p->multifd_channels = o->mf_channels - 1;
 }

@@ -42,6 +42,8 @@ struct md_opts {
 	bool quiet;               /* the guest dirties little: no writer thread */
 	unsigned mf_channels;     /* multifd-channels + 1 (0: the default) */
 	int mf_delay_chan;        /* destination: delay this channel + 1 (0: none) */
+	uint64_t save_latency_us; /* devices: firmware latency per MiB saved */
+	unsigned timeout_ms;      /* both sides' migration timeout (0: 5000) */
 };
 
 struct md_side;

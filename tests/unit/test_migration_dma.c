@@ -227,6 +227,25 @@ TEST_TIMEOUT(multifd_off_keeps_device_state_on_main, 60)
 	run(&sc);
 }
 
+/*
+ * A stop-and-copy longer than the migration timeout that makes progress all
+ * along: 4 MiB at 500 ms per MiB against a 1.2 s timeout. Over the channels
+ * main is silent meanwhile unless PAD keepalives go out (the multifd case
+ * fails without them); on main every block arrives within the timeout.
+ */
+static void slow_stop_copy(unsigned channels)
+{
+	struct scenario sc = { "unix", { .ndev = 1, .state_size = 4u << 20,
+					 .mig_flags = VFM_MIG_STOP_COPY | VFM_MIG_P2P,
+					 .save_latency_us = 500000, .timeout_ms = 1200,
+					 .mf_channels = channels + 1, .quiet = true },
+			       (int)channels, false };
+	run(&sc);
+}
+
+TEST_TIMEOUT(slow_stop_copy_longer_than_the_timeout_multifd, 60) { slow_stop_copy(2); }
+TEST_TIMEOUT(slow_stop_copy_longer_than_the_timeout_main, 60) { slow_stop_copy(0); }
+
 TEST_TIMEOUT(multifd_out_of_order_delivery, 60)
 {
 	/* Channel 0 of the destination is slow: buffers sent on channel 1
