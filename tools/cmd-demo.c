@@ -426,8 +426,10 @@ static json_object *jget(json_object *o, const char *key)
 static const char *jstr(json_object *o, const char *key)
 {
 	json_object *v = jget(o, key);
+	const char *s = v && json_object_is_type(v, json_type_string) ? json_object_get_string(v)
+								       : NULL;
 
-	return v && json_object_is_type(v, json_type_string) ? json_object_get_string(v) : "";
+	return s ? s : "";
 }
 
 /* tcp:HOST:0 → the port the destination bound, from vm.incoming_uri. */
@@ -505,7 +507,8 @@ static int wait_migration(struct demo *d, int side, double bound_ms, const char 
 		if (strcmp(st, last)) {
 			char phase[48];
 
-			snprintf(phase, sizeof(phase), "%s%s", prefix, st);
+			/* Never NULL; gcc -O2 with the sanitizers cannot tell (-Wformat-truncation). */
+			snprintf(phase, sizeof(phase), "%s%s", prefix ? prefix : "", st ? st : "");
 			event(d, phase, "%s", !strcmp(st, "failed") ? jstr(mig, "error") :
 			      side == DST ? "" :
 			      !strcmp(st, "active") ? (d->file_mode ? "saving" : "pre-copy") :

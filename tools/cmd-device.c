@@ -32,7 +32,8 @@ static void device_usage(FILE *out)
 		"  --churn RATE         bytes per second rewritten while running (8M/s); 0 = none\n"
 		"  --save-latency US    added per MiB of state read while saving (emulated firmware)\n"
 		"  --fault SPEC         inject faults (tests), a comma list of arc:FROM>TO[:N],\n"
-		"                       read[:N], write[:N], size, stall:MS[:N]; N = which\n"
+		"                       read[:N], write[:N], size, stall:MS[:N],\n"
+		"                       trickle:MS[:N]; N = which\n"
 		"                       occurrence (default 1, * = every); docs/devices/dma.md\n"
 		"  --once               exit after the first client leaves\n"
 		"  -v                   more logging (-vv, -vvv)\n");
