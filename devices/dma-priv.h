@@ -34,10 +34,10 @@ struct dmadev_save {
 	bool trickle_gave;            /* the byte of this request is out: end the request */
 };
 
-/* A load session (RESUMING): the stream is staged, committed only when valid. */
+/* A load session (RESUMING): pages in place, registers committed only when valid. */
 struct dmadev_load {
 	bool active;
-	uint8_t *stage;               /* mem_size bytes */
+	uint8_t *stage;               /* where pages load: the device memory */
 	struct dmadev_regs regs;
 	struct dmadev_rec hdr;
 	size_t hdr_got;
