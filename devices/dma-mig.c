@@ -1,7 +1,7 @@
 /*
  * The dma device's migration stream: saving (every page once, then the pages
- * changed since they were sent, then registers and a trailer with the state
- * checksum) and loading (each record checked as it arrives, pages written in
+ * changed since they were sent, then BAR2's window, the registers and a
+ * trailer with the state checksum) and loading (each record checked as it arrives, pages written in
  * place, the registers applied only when the whole stream proved valid).
  * Format: docs/devices/dma.md.
  */
@@ -40,9 +40,12 @@ _Static_assert(sizeof(((struct dmadev_load *)0)->small) >= sizeof(struct dmadev_
 	       sizeof(((struct dmadev_load *)0)->small) >= sizeof(struct dmadev_rec_end),
 	       "every non-page payload fits the small buffer");
 
-uint64_t dmadev_state_hash(const uint8_t *mem, uint64_t size, const struct dmadev_regs *regs)
+uint64_t dmadev_state_hash(const uint8_t *mem, uint64_t size, const uint8_t *win,
+			   const struct dmadev_regs *regs)
 {
-	return XXH3_64bits_withSeed(regs, sizeof(*regs), XXH3_64bits(mem, size));
+	uint64_t h = XXH3_64bits_withSeed(win, DMADEV_WIN_SIZE, XXH3_64bits(mem, size));
+
+	return XXH3_64bits_withSeed(regs, sizeof(*regs), h);
 }
 
 static uint64_t rec_csum(const struct dmadev_rec *h, const void *payload)
@@ -143,6 +146,13 @@ static bool next_record_locked(struct vfm_dmadev *dev)
 	}
 	if (!s->stop)
 		return false;
+	/* Small and changed without our knowing (clients map it): whole, once. */
+	if (!s->win_done) {
+		memcpy(s->win, dev->win, DMADEV_WIN_SIZE);
+		rec_build(s, DMADEV_REC_WINDOW, 0, s->win, DMADEV_WIN_SIZE, KIND_FINAL);
+		s->win_done = true;
+		return true;
+	}
 	if (!s->regs_done) {
 		rec_build(s, DMADEV_REC_REGS, 0, &dev->regs, sizeof(dev->regs), KIND_FINAL);
 		s->regs_done = true;
@@ -151,7 +161,7 @@ static bool next_record_locked(struct vfm_dmadev *dev)
 	if (!s->end_done) {
 		struct dmadev_rec_end e = {
 			.records = s->seq,
-			.checksum = dmadev_state_hash(dev->mem, dev->mem_size, &dev->regs),
+			.checksum = dmadev_state_hash(dev->mem, dev->mem_size, s->win, &dev->regs),
 		};
 
 		rec_build(s, DMADEV_REC_END, 0, &e, sizeof(e), KIND_FINAL);
@@ -279,11 +289,12 @@ int dmadev_stop_copy_size(struct vfm_vfu_ctx *ctx, uint64_t *bytes)
 	pthread_mutex_lock(&dev->lock);
 	if (s->active)
 		*bytes = initial_left_locked(dev) + dirty_left_locked(dev) +
-			 (s->regs_done ? 0 : DMADEV_REGS_REC) + (s->end_done ? 0 : DMADEV_END_REC) +
+			 (s->win_done ? 0 : DMADEV_WIN_REC) + (s->regs_done ? 0 : DMADEV_REGS_REC) +
+			 (s->end_done ? 0 : DMADEV_END_REC) +
 			 rec_left(s, KIND_FINAL);
 	else
-		*bytes = DMADEV_HEADER_REC + dev->npages * DMADEV_PAGE_REC + DMADEV_REGS_REC +
-			 DMADEV_END_REC;
+		*bytes = DMADEV_HEADER_REC + dev->npages * DMADEV_PAGE_REC + DMADEV_WIN_REC +
+			 DMADEV_REGS_REC + DMADEV_END_REC;
 	pthread_mutex_unlock(&dev->lock);
 	if (dmadev_fault(dev, DMADEV_FAULT_SIZE, 0, 0, NULL))
 		*bytes /= 16;
@@ -352,12 +363,13 @@ static int load_header(struct vfm_dmadev *dev)
 		[DMADEV_REC_PAGE] = DMADEV_PAGE,
 		[DMADEV_REC_REGS] = sizeof(struct dmadev_regs),
 		[DMADEV_REC_END] = sizeof(struct dmadev_rec_end),
+		[DMADEV_REC_WINDOW] = DMADEV_WIN_SIZE,
 	};
 
 	if (h->magic != DMADEV_REC_MAGIC || h->version != DMADEV_STREAM_VERSION)
 		return load_fail(dev, "record %" PRIu32 ": magic %#" PRIx32 " version %u",
 				 l->seq, h->magic, (unsigned)h->version);
-	if (h->type < DMADEV_REC_HEADER || h->type > DMADEV_REC_END || h->len != sizes[h->type])
+	if (h->type < DMADEV_REC_HEADER || h->type > DMADEV_REC_MAX || h->len != sizes[h->type])
 		return load_fail(dev, "record %" PRIu32 ": type %u with %" PRIu32 " bytes", l->seq,
 				 (unsigned)h->type, h->len);
 	if (h->seq != l->seq)
@@ -371,6 +383,8 @@ static int load_header(struct vfm_dmadev *dev)
 		if (h->arg >= dev->npages)
 			return load_fail(dev, "page %" PRIu64 " beyond %" PRIu64, h->arg, dev->npages);
 		l->dst = l->stage + h->arg * DMADEV_PAGE;
+	} else if (h->type == DMADEV_REC_WINDOW) {
+		l->dst = l->win;
 	} else {
 		l->dst = l->small;
 	}
@@ -400,16 +414,21 @@ static int load_record(struct vfm_dmadev *dev)
 					 sh.page_size, dev->mem_size);
 		l->have_header = true;
 		break;
+	case DMADEV_REC_WINDOW:
+		/* Already in l->win, applied at commit. */
+		l->have_win = true;
+		break;
 	case DMADEV_REC_REGS:
 		memcpy(&l->regs, l->small, sizeof(l->regs));
 		l->have_regs = true;
 		break;
 	case DMADEV_REC_END:
 		memcpy(&e, l->small, sizeof(e));
-		if (!l->have_regs || e.records != h->seq)
+		if (!l->have_regs || !l->have_win || e.records != h->seq)
 			return load_fail(dev, "end after %" PRIu32 " records claims %" PRIu64
-					 "%s", h->seq, e.records, l->have_regs ? "" : ", no registers");
-		if (dmadev_state_hash(l->stage, dev->mem_size, &l->regs) != e.checksum)
+					 "%s%s", h->seq, e.records, l->have_regs ? "" : ", no registers",
+					 l->have_win ? "" : ", no window");
+		if (dmadev_state_hash(l->stage, dev->mem_size, l->win, &l->regs) != e.checksum)
 			return load_fail(dev, "state checksum mismatch: pages missing or stale");
 		l->have_end = true;
 		break;
@@ -475,6 +494,7 @@ int dmadev_load_commit(struct vfm_dmadev *dev)
 	pthread_mutex_lock(&dev->lock);
 	dev->regs = l->regs;
 	dev->regs.status &= DMADEV_STATUS_HALTED;
+	memcpy(dev->win, l->win, DMADEV_WIN_SIZE);
 	pthread_mutex_unlock(&dev->lock);
 	vfm_info(dev->id, "loaded %" PRIu32 " records (%" PRIu64 " bytes)", l->seq, l->bytes);
 	dmadev_load_close(dev);

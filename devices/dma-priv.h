@@ -13,6 +13,8 @@
 #define DMADEV_HEADER_REC (sizeof(struct dmadev_rec) + sizeof(struct dmadev_rec_header))
 #define DMADEV_REGS_REC   (sizeof(struct dmadev_rec) + sizeof(struct dmadev_regs))
 #define DMADEV_END_REC    (sizeof(struct dmadev_rec) + sizeof(struct dmadev_rec_end))
+#define DMADEV_WIN_REC    (sizeof(struct dmadev_rec) + DMADEV_WIN_SIZE)
+_Static_assert(DMADEV_WIN_SIZE <= DMADEV_PAGE, "a WINDOW record fits the record buffer");
 
 enum dmadev_rec_kind { KIND_NONE, KIND_INITIAL, KIND_DIRTY, KIND_FINAL };
 
@@ -20,13 +22,16 @@ enum dmadev_rec_kind { KIND_NONE, KIND_INITIAL, KIND_DIRTY, KIND_FINAL };
 struct dmadev_save {
 	bool active;
 	bool stop;                    /* STOP_COPY: finish with REGS and END */
-	bool header_done, regs_done, end_done;
+	bool header_done, win_done, regs_done, end_done;
 	uint64_t cursor;              /* next page of the initial pass */
 	uint64_t *dirty;              /* pages sent, then changed */
 	uint64_t ndirty;
 	uint64_t scan;                /* next dirty page to look at */
 	uint32_t seq;
 	uint8_t rec[sizeof(struct dmadev_rec) + DMADEV_PAGE]; /* record being read out */
+	/* BAR2 as the WINDOW record sent it: END's checksum covers this copy,
+	 * whatever a client that maps the window wrote since. */
+	uint8_t win[DMADEV_WIN_SIZE];
 	size_t rec_len, rec_off;
 	enum dmadev_rec_kind rec_kind;
 	uint64_t latency_acc;         /* bytes * us not yet slept, in 1/MiB units */
@@ -39,13 +44,14 @@ struct dmadev_load {
 	bool active;
 	uint8_t *stage;               /* where pages load: the device memory */
 	struct dmadev_regs regs;
+	uint8_t win[DMADEV_WIN_SIZE]; /* BAR2, applied with the registers */
 	struct dmadev_rec hdr;
 	size_t hdr_got;
 	uint8_t *dst;                 /* where the current payload goes */
 	size_t need, got;
 	uint8_t small[128];           /* payloads other than pages */
 	uint32_t seq;
-	bool have_header, have_regs, have_end;
+	bool have_header, have_win, have_regs, have_end;
 	int error;                    /* sticky: the stream is bad */
 	char why[192];
 	uint64_t bytes;
@@ -69,6 +75,9 @@ struct vfm_dmadev {
 	pthread_mutex_t lock;
 	pthread_cond_t cond;          /* wakes the churn thread */
 	uint8_t *mem;
+	uint8_t *win;                 /* BAR2: our MAP_SHARED view of win_fd (clients map
+				       * it too: they change it without the lock) */
+	int win_fd;
 	struct dmadev_regs regs;
 	uint64_t churn_count;
 	bool running;                 /* internal activity (churn) allowed */
@@ -93,7 +102,8 @@ bool dmadev_fault(struct vfm_dmadev *dev, enum vfm_dmadev_fault_kind kind, unsig
 		  unsigned to, uint64_t *ms);
 
 /* dma-mig.c. Functions named _locked want dev->lock held. */
-uint64_t dmadev_state_hash(const uint8_t *mem, uint64_t size, const struct dmadev_regs *regs);
+uint64_t dmadev_state_hash(const uint8_t *mem, uint64_t size, const uint8_t *win,
+			   const struct dmadev_regs *regs);
 void dmadev_mem_dirty_locked(struct vfm_dmadev *dev, uint64_t off, uint64_t len);
 int dmadev_save_open_locked(struct vfm_dmadev *dev);
 void dmadev_save_close_locked(struct vfm_dmadev *dev);

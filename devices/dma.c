@@ -1,6 +1,6 @@
 /*
  * The "dma" sample vfio-user device: BAR0 registers, a descriptor ring in
- * guest memory run on the doorbell, device memory rewritten at a set rate
+ * guest memory run on the doorbell, BAR2 a RAM window clients may map, device memory rewritten at a set rate
  * while running (emulated firmware), and single migration arcs. The stream
  * itself lives in dma-mig.c; docs/devices/dma.md has the interface.
  */
@@ -9,8 +9,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <xxhash.h>
 
@@ -169,7 +171,7 @@ static uint64_t reg_read_locked(struct vfm_dmadev *dev, uint64_t off)
 	case DMADEV_REG_RING_TAIL: return r->tail;
 	case DMADEV_REG_COMPLETED: return r->completed;
 	case DMADEV_REG_ERRORS: return r->errors;
-	case DMADEV_REG_CHECKSUM: return dmadev_state_hash(dev->mem, dev->mem_size, r);
+	case DMADEV_REG_CHECKSUM: return dmadev_state_hash(dev->mem, dev->mem_size, dev->win, r);
 	case DMADEV_REG_CHURN: return dev->churn_count;
 	case DMADEV_REG_SCRATCH: return r->scratch;
 	default: return 0;
@@ -512,6 +514,7 @@ static int dma_reset(struct vfm_vfu_ctx *ctx)
 	pthread_mutex_lock(&dev->lock);
 	dmadev_save_close_locked(dev);
 	dev->regs = (struct dmadev_regs){ 0 };
+	memset(dev->win, 0, DMADEV_WIN_SIZE);
 	dev->running = dev->dma_ok = true;
 	pthread_mutex_unlock(&dev->lock);
 	pthread_cond_signal(&dev->cond);
@@ -555,6 +558,12 @@ static int setup_server(struct vfm_dmadev *dev, const char *path,
 		.size = DMADEV_BAR0_SIZE, .flags = VFM_VFU_REGION_READ | VFM_VFU_REGION_WRITE,
 		.ops = &bar0_ops, .fd = -1,
 	};
+	/* No ops: REGION_READ/WRITE go to the memfd, the same bytes clients map. */
+	static const struct vfm_vfu_mmap_area win_area = { 0, DMADEV_WIN_SIZE };
+	const struct vfm_vfu_region bar2 = {
+		.size = DMADEV_WIN_SIZE, .flags = VFM_VFU_REGION_READ | VFM_VFU_REGION_WRITE,
+		.fd = dev->win_fd, .areas = &win_area, .nr_areas = 1,
+	};
 	struct vfm_vfu_opts vo = { .id = dev->id, .max_data_xfer_size = o->max_data_xfer_size };
 	int r;
 
@@ -562,6 +571,7 @@ static int setup_server(struct vfm_dmadev *dev, const char *path,
 	r = r ?: vfm_vfu_set_device_ops(dev->ctx, &dma_dev_ops, err);
 	r = r ?: vfm_vfu_pci_init(dev->ctx, &ids, err);
 	r = r ?: vfm_vfu_setup_region(dev->ctx, VFM_VFU_PCI_BAR0, &bar0, err);
+	r = r ?: vfm_vfu_setup_region(dev->ctx, DMADEV_BAR2, &bar2, err);
 	r = r ?: vfm_vfu_setup_irqs(dev->ctx, VFM_VFU_IRQ_INTX, 1, err);
 	r = r ?: vfm_vfu_setup_irqs(dev->ctx, VFM_VFU_IRQ_MSI, 1, err);
 	dev->mig_ops = dma_mig_ops;
@@ -595,6 +605,7 @@ int vfm_dmadev_create(const char *socket_path, const struct vfm_dmadev_opts *opt
 	dev->churn_rate = o.churn_rate;
 	dev->save_latency_us = o.save_latency_us;
 	dev->running = dev->dma_ok = true;
+	dev->win_fd = -1;
 	if (o.nfaults > DMADEV_FAULTS_MAX || (o.nfaults && !o.faults)) {
 		free(dev);
 		return vfm_error_set(err, -EINVAL, "at most %u faults", DMADEV_FAULTS_MAX);
@@ -624,6 +635,18 @@ int vfm_dmadev_create(const char *socket_path, const struct vfm_dmadev_opts *opt
 		memcpy(dev->mem + i, &w, 8);
 	}
 	dev->rng = seed;
+	/* BAR2 starts zeroed, as a fresh memfd is. */
+	dev->win_fd = memfd_create("dma-bar2", MFD_CLOEXEC);
+	if (dev->win_fd < 0 || ftruncate(dev->win_fd, DMADEV_WIN_SIZE)) {
+		r = vfm_error_set(err, -errno, "BAR2 memfd: %s", strerror(errno));
+		goto err_free;
+	}
+	dev->win = mmap(NULL, DMADEV_WIN_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, dev->win_fd, 0);
+	if (dev->win == MAP_FAILED) {
+		dev->win = NULL;
+		r = vfm_error_set(err, -errno, "mapping BAR2: %s", strerror(errno));
+		goto err_free;
+	}
 	r = setup_server(dev, socket_path, &o, err);
 	if (r)
 		goto err_free;
@@ -661,6 +684,10 @@ void vfm_dmadev_destroy(struct vfm_dmadev *dev)
 	dmadev_load_close(dev);
 	dmadev_save_close_locked(dev);
 	dmadev_mem_free(dev->mem, dev->mem_size);
+	if (dev->win)
+		munmap(dev->win, DMADEV_WIN_SIZE);
+	if (dev->win_fd >= 0)
+		close(dev->win_fd);
 	pthread_cond_destroy(&dev->cond);
 	pthread_mutex_destroy(&dev->lock);
 	free(dev);
@@ -676,7 +703,12 @@ uint64_t vfm_dmadev_checksum(struct vfm_dmadev *dev)
 	uint64_t v;
 
 	pthread_mutex_lock(&dev->lock);
-	v = dmadev_state_hash(dev->mem, dev->mem_size, &dev->regs);
+	v = dmadev_state_hash(dev->mem, dev->mem_size, dev->win, &dev->regs);
 	pthread_mutex_unlock(&dev->lock);
 	return v;
+}
+
+uint8_t *vfm_dmadev_window(struct vfm_dmadev *dev)
+{
+	return dev->win;
 }

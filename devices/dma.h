@@ -1,7 +1,7 @@
 /*
  * The "dma" sample vfio-user device: a DMA engine with its own memory (the
  * migratable state), driven through BAR0 registers and a descriptor ring in
- * guest memory. docs/devices/dma.md describes the hardware interface and the
+ * guest memory, plus a small RAM window (BAR2) clients may map. docs/devices/dma.md describes the hardware interface and the
  * migration stream; this header is that interface in C, plus the functions
  * that run an instance.
  */
@@ -44,6 +44,13 @@ struct vfm_dmadev;
 #define DMADEV_STATUS_HALTED   (1ull << 0)  /* a ring error stopped the engine */
 #define DMADEV_STATUS_QUIESCED (1ull << 1)  /* migration state forbids DMA now */
 
+/*
+ * ---- BAR2: a 4 KiB RAM window, mmap-able (a memfd shared with the client,
+ * one sparse area covering it), any access size; part of the state ----
+ */
+#define DMADEV_BAR2          2u
+#define DMADEV_WIN_SIZE      4096u
+
 /* ---- Descriptors: 64 bytes in guest memory, little-endian ---- */
 enum dmadev_op {
 	DMADEV_OP_COPY_TO_DEV = 1,    /* guest [guest, +len) -> device [dev, +len) */
@@ -74,13 +81,15 @@ _Static_assert(sizeof(struct dmadev_desc) == 64, "descriptor is 64 bytes");
 
 /* ---- Migration stream: records, each a header then len payload bytes ---- */
 #define DMADEV_REC_MAGIC   0x52414d44u  /* "DMAR" */
-#define DMADEV_STREAM_VERSION 1u
+#define DMADEV_STREAM_VERSION 2u   /* 2: the WINDOW record */
 enum dmadev_rec_type {
 	DMADEV_REC_HEADER = 1,        /* first: struct dmadev_rec_header */
 	DMADEV_REC_PAGE = 2,          /* arg = page index, 4096 bytes */
 	DMADEV_REC_REGS = 3,          /* struct dmadev_regs */
 	DMADEV_REC_END = 4,           /* last: struct dmadev_rec_end */
+	DMADEV_REC_WINDOW = 5,        /* BAR2's DMADEV_WIN_SIZE bytes, before REGS */
 };
+#define DMADEV_REC_MAX DMADEV_REC_WINDOW
 #define DMADEV_PAGE 4096u
 
 struct dmadev_rec {
@@ -159,5 +168,7 @@ void vfm_dmadev_destroy(struct vfm_dmadev *dev);
 struct vfm_vfu_ctx *vfm_dmadev_ctx(struct vfm_dmadev *dev);
 /* DMADEV_REG_CHECKSUM, read in-process. */
 uint64_t vfm_dmadev_checksum(struct vfm_dmadev *dev);
+/* The device's own mapping of BAR2 (DMADEV_WIN_SIZE bytes), in-process. */
+uint8_t *vfm_dmadev_window(struct vfm_dmadev *dev);
 
 #endif

@@ -467,6 +467,19 @@ int vfm_device_region_write(struct vfm_device *dev, uint32_t index, uint64_t off
 	return region_io(dev, true, index, offset, (void *)buf, len, err);
 }
 
+int vfm_device_region_areas(struct vfm_device *dev, uint32_t index,
+			    struct vfm_region_area *areas, unsigned max, unsigned *count,
+			    struct vfm_error *err)
+{
+	if (!count || (max && !areas))
+		return vfm_error_set(err, -EINVAL, "%s: region areas: no room given", dev->id);
+	*count = 0;
+	if (!dev->ops->region_areas)
+		return vfm_error_set(err, -ENOTSUP, "%s: the %s backend maps no region",
+				     dev->id, vfm_device_backend(dev));
+	return dev->ops->region_areas(dev, index, areas, max, count, err);
+}
+
 int vfm_device_dma_map(struct vfm_device *dev, const struct vfm_dma_map *map,
 		       struct vfm_error *err)
 {

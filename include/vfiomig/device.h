@@ -34,6 +34,17 @@ struct vfm_region_info {
 	uint64_t size;
 };
 
+/*
+ * A part of a region mapped into this process (VFM_REGION_MMAP regions):
+ * loads and stores at ptr are accesses to the region at offset, with no
+ * message or syscall. Valid until the device is freed.
+ */
+struct vfm_region_area {
+	uint64_t offset;       /* in the region */
+	uint64_t size;
+	void *ptr;
+};
+
 /* A range of guest memory given to a device for DMA. IOVA = guest physical. */
 #define VFM_DMA_READ  (1u << 0)  /* device may read guest memory */
 #define VFM_DMA_WRITE (1u << 1)  /* device may write guest memory */
@@ -124,6 +135,13 @@ struct vfm_device_ops {
 
 	const struct vfm_migration_ops *mig;      /* NULL: no migration */
 	const struct vfm_dma_logging_ops *log;    /* NULL: no DMA logging */
+	/*
+	 * Optional (NULL: the backend maps no region): the mapped areas of
+	 * region index, the first max of them into areas, their number in
+	 * *count. A region with none gives 0 and *count = 0.
+	 */
+	int (*region_areas)(struct vfm_device *dev, uint32_t index, struct vfm_region_area *areas,
+			    unsigned max, unsigned *count, struct vfm_error *err);
 };
 
 /* ---- For backends ---- */
@@ -192,6 +210,16 @@ VFM_EXPORT int vfm_device_region_read(struct vfm_device *dev, uint32_t index,
 VFM_EXPORT int vfm_device_region_write(struct vfm_device *dev, uint32_t index,
 				       uint64_t offset, const void *buf, size_t len,
 				       struct vfm_error *err);
+/*
+ * The areas of region index mapped into this process (offset in the region,
+ * size, host pointer; valid until the device is freed), sorted by offset:
+ * the first max into areas (may be NULL with max 0), the total in *count.
+ * A region nothing of which is mapped gives 0 with *count = 0; -ENOTSUP when
+ * the backend maps no region at all; -EINVAL for a bad index.
+ */
+VFM_EXPORT int vfm_device_region_areas(struct vfm_device *dev, uint32_t index,
+				       struct vfm_region_area *areas, unsigned max,
+				       unsigned *count, struct vfm_error *err);
 VFM_EXPORT int vfm_device_dma_map(struct vfm_device *dev, const struct vfm_dma_map *map,
 				  struct vfm_error *err);
 VFM_EXPORT int vfm_device_dma_unmap(struct vfm_device *dev, uint64_t iova, uint64_t size,

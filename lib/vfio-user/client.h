@@ -168,6 +168,8 @@ int vfu_cli_get_info(struct vfm_device *dev, struct vfm_device_info *info,
 		     struct vfm_error *err);
 int vfu_cli_region_info(struct vfm_device *dev, uint32_t index,
 			struct vfm_region_info *info, struct vfm_error *err);
+int vfu_cli_region_areas(struct vfm_device *dev, uint32_t index, struct vfm_region_area *areas,
+			 unsigned max, unsigned *count, struct vfm_error *err);
 ssize_t vfu_cli_region_read(struct vfm_device *dev, uint32_t index, uint64_t offset,
 			    void *buf, size_t len, struct vfm_error *err);
 ssize_t vfu_cli_region_write(struct vfm_device *dev, uint32_t index, uint64_t offset,

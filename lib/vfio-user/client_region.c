@@ -106,6 +106,15 @@ static void map_areas(struct vfu_client *c, struct cli_region *rg, int fd,
 		}
 		rg->areas[rg->nareas++] = (struct cli_area){ a->offset, a->size, p };
 	}
+	/* Sorted by offset, as vfm_device_region_areas() promises (few: insertion). */
+	for (unsigned i = 1; i < rg->nareas; i++) {
+		struct cli_area t = rg->areas[i];
+		unsigned j = i;
+
+		for (; j && rg->areas[j - 1].offset > t.offset; j--)
+			rg->areas[j] = rg->areas[j - 1];
+		rg->areas[j] = t;
+	}
 	if (rg->nareas)
 		rg->info.flags |= VFM_REGION_MMAP;
 }
@@ -233,6 +242,24 @@ int vfu_cli_region_info(struct vfm_device *dev, uint32_t index,
 		return vfm_error_set(err, -EINVAL, "%s: no region %u (%u regions)", c->id, index,
 				     c->info.num_regions);
 	*info = c->regions[index].info;
+	return 0;
+}
+
+/* The table never changes after open: no lock, as for the I/O fast path. */
+int vfu_cli_region_areas(struct vfm_device *dev, uint32_t index, struct vfm_region_area *areas,
+			 unsigned max, unsigned *count, struct vfm_error *err)
+{
+	struct vfu_client *c = cli_of(dev);
+	const struct cli_region *rg;
+
+	if (index >= c->info.num_regions)
+		return vfm_error_set(err, -EINVAL, "%s: no region %u (%u regions)", c->id, index,
+				     c->info.num_regions);
+	rg = &c->regions[index];
+	for (unsigned i = 0; i < rg->nareas && i < max; i++)
+		areas[i] = (struct vfm_region_area){ rg->areas[i].offset, rg->areas[i].size,
+						     rg->areas[i].ptr };
+	*count = rg->nareas;
 	return 0;
 }
 

@@ -15,7 +15,12 @@
 
 static void kv_close(struct vfm_device *dev);
 
-/* Four tables: migration and DMA logging are each optional (as in the kernel). */
+/*
+ * Four tables: migration and DMA logging are each optional (as in the kernel).
+ * No region_areas: this backend reaches regions with pread/pwrite on the
+ * device fd and mmap()s none of them (not even VFIO_REGION_INFO_FLAG_MMAP
+ * ones), so vfm_device_region_areas() answers -ENOTSUP for it.
+ */
 #define KV_OPS(name_, mig_, log_)                                             \
 	static const struct vfm_device_ops name_ = {                          \
 		.backend = "vfio",                                            \

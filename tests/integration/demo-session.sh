@@ -61,8 +61,8 @@ s, d = src["devices"][0], dst["devices"][0]
 assert s["id"] == d["id"] == "dev0"
 assert s["state_checksum"] == d["state_checksum"], (s, d)
 # One pass over the state, with its headers (docs/devices/dma.md: 56 + pages x
-# 4128 + 152 bytes), and at most a few hundred bytes of engine framing.
-one_copy = 56 + (state // 4096) * 4128 + 152
+# 4128 + 4128 + 152 bytes), and at most a few hundred bytes of engine framing.
+one_copy = 56 + (state // 4096) * 4128 + 4128 + 152
 moved = s["transferred_bytes"]
 assert moved >= one_copy, (moved, one_copy)
 if precopy == "off":

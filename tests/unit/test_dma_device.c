@@ -3,7 +3,8 @@
  * its descriptor ring, DMA logging of its writes, P2P quiescing, exact
  * pre-copy and stop-copy sizes, save -> load between two instances with
  * equal state checksums, corrupted streams rejected with the destination
- * untouched, and the 'vfiomig device dma' command as a process.
+ * untouched, BAR2's window (mapped by the client or by messages) as state,
+ * and the 'vfiomig device dma' command as a process.
  */
 #include <fcntl.h>
 #include <poll.h>
@@ -19,6 +20,7 @@
 
 #include "../../devices/dma.h"
 #include "harness.h"
+#include "vfiomig/vfio_user.h"
 #include "vfiomig/vfu_server.h"
 #include "vfu_rawclient.h"
 
@@ -336,7 +338,7 @@ static void load(struct rc *c, const uint8_t *p, size_t len, size_t chunk)
 #define REC 32u
 #define HDR_REC (REC + 24u)
 #define PAGE_REC (REC + 4096u)
-#define TAIL_RECS (REC + sizeof(struct dmadev_regs) + REC + 16u)
+#define TAIL_RECS (REC + DMADEV_WIN_SIZE + REC + sizeof(struct dmadev_regs) + REC + 16u)
 
 TEST_TIMEOUT(exact_sizes, 60)
 {
@@ -403,6 +405,7 @@ TEST_TIMEOUT(save_load_roundtrip_with_churn, 120)
 	drv_init(&g, &cs);
 	queue(&g, DMADEV_OP_FILL, 0, 4096, 3 * 4096, 0x5555, true);
 	rc_write64(&cs, 0, DMADEV_REG_SCRATCH, 0xfeedface);
+	rc_write64(&cs, DMADEV_BAR2, 0, 0x77696e646f77ull);
 	CHECK_EQ(rc_set_state(&cs, VFM_STATE_PRE_COPY), 0);
 	/* Pre-copy: initial_bytes falls by exactly what was read. */
 	for (;;) {
@@ -427,6 +430,9 @@ TEST_TIMEOUT(save_load_roundtrip_with_churn, 120)
 	CHECK(b.len > HDR_REC + (mem / 4096) * PAGE_REC);
 	CHECK_EQ(rc_set_state(&cs, VFM_STATE_PRE_COPY_P2P), 0);
 	CHECK_EQ(rc_set_state(&cs, VFM_STATE_STOP_COPY), 0);
+	/* Written while saving (a client's mapping may do that): the final part
+	 * carries the window as it is at stop-copy. */
+	rc_write64(&cs, DMADEV_BAR2, DMADEV_WIN_SIZE - 8, 0x5a5a);
 	read_rest(&cs, &b);
 	sum_src = reg(&cs, DMADEV_REG_CHECKSUM);
 	/* STOP_COPY is stopped: the churn is still. */
@@ -441,6 +447,9 @@ TEST_TIMEOUT(save_load_roundtrip_with_churn, 120)
 	CHECK(reg(&cd, DMADEV_REG_SCRATCH) == 0xfeedface);
 	CHECK(reg(&cd, DMADEV_REG_RING_BASE) == G_IOVA);
 	CHECK_EQ(reg(&cd, DMADEV_REG_COMPLETED), 1);
+	CHECK_EQ(rc_read64(&cd, DMADEV_BAR2, 0), 0x77696e646f77ull);
+	CHECK_EQ(rc_read64(&cd, DMADEV_BAR2, DMADEV_WIN_SIZE - 8), 0x5a5a);
+	CHECK(memcmp(vfm_dmadev_window(dst.dev), vfm_dmadev_window(src.dev), DMADEV_WIN_SIZE) == 0);
 	fprintf(stderr, "# %zu bytes of stream for %llu bytes of state (%llu churn writes)\n",
 		b.len, (unsigned long long)mem, (unsigned long long)reg(&cs, DMADEV_REG_CHURN));
 	free(b.p);
@@ -466,6 +475,8 @@ static void expect_rejected(struct rc *cd, uint64_t scratch0, const uint8_t *p, 
 	CHECK_EQ(st, VFM_STATE_RESUMING);
 	if (reg(cd, DMADEV_REG_SCRATCH) != scratch0)
 		FAIL("%s: the destination's registers changed", what);
+	if (rc_read64(cd, DMADEV_BAR2, 64) != scratch0)
+		FAIL("%s: the destination's window changed", what);
 }
 
 TEST_TIMEOUT(corrupted_streams_rejected, 120)
@@ -481,11 +492,13 @@ TEST_TIMEOUT(corrupted_streams_rejected, 120)
 	dsrv_start(&src, &(struct vfm_dmadev_opts){ .state_size = mem }, &cs);
 	dsrv_start(&dst, &(struct vfm_dmadev_opts){ .state_size = mem }, &cd);
 	rc_write64(&cs, 0, DMADEV_REG_SCRATCH, 77);
+	rc_write64(&cs, DMADEV_BAR2, 64, 78);
 	CHECK_EQ(rc_set_state(&cs, VFM_STATE_STOP_COPY), 0);
 	read_rest(&cs, &b);
 	CHECK_EQ(b.len, HDR_REC + pages * PAGE_REC + TAIL_RECS);
 	bad = malloc(b.len + PAGE_REC);
 	rc_write64(&cd, 0, DMADEV_REG_SCRATCH, scratch0);
+	rc_write64(&cd, DMADEV_BAR2, 64, scratch0);
 	CHECK_EQ(rc_set_state(&cd, VFM_STATE_RESUMING), 0);
 
 	/* Nothing at all. */
@@ -513,6 +526,18 @@ TEST_TIMEOUT(corrupted_streams_rejected, 120)
 	memcpy(bad, b.p, at + PAGE_REC);
 	memcpy(bad + at + PAGE_REC, b.p + at, b.len - at);
 	expect_rejected(&cd, scratch0, bad, b.len + PAGE_REC, "duplicated page");
+	/* One bit of the window (the record after the pages). */
+	memcpy(bad, b.p, b.len);
+	bad[HDR_REC + pages * PAGE_REC + REC + 64] ^= 4;
+	expect_rejected(&cd, scratch0, bad, b.len, "flipped window bit");
+	/* The window record missing (the sequence numbers notice). */
+	{
+		size_t wat = HDR_REC + pages * PAGE_REC, n = b.len - DMADEV_WIN_SIZE - REC;
+
+		memcpy(bad, b.p, wat);
+		memcpy(bad + wat, b.p + wat + REC + DMADEV_WIN_SIZE, b.len - wat - REC - DMADEV_WIN_SIZE);
+		expect_rejected(&cd, scratch0, bad, n, "missing window");
+	}
 	/* The trailer's checksum. */
 	memcpy(bad, b.p, b.len);
 	bad[b.len - 1] ^= 0x80;
@@ -533,11 +558,91 @@ TEST_TIMEOUT(corrupted_streams_rejected, 120)
 	CHECK_EQ(rc_set_state(&cd, VFM_STATE_RUNNING), 0);
 	CHECK(reg(&cd, DMADEV_REG_CHECKSUM) == reg(&cs, DMADEV_REG_CHECKSUM));
 	CHECK_EQ(reg(&cd, DMADEV_REG_SCRATCH), 77);
+	CHECK_EQ(rc_read64(&cd, DMADEV_BAR2, 64), 78);
 	free(bad);
 	free(b.p);
 	free(ob.p);
 	dsrv_stop(&src, &cs);
 	dsrv_stop(&dst, &cd);
+}
+
+/* BAR2 by messages: any size and alignment, the device's memfd, state. */
+TEST(window_by_messages_is_state)
+{
+	uint8_t in[13] = "hello window", out[13];
+	uint64_t sum;
+	struct dsrv d;
+	struct rc c;
+
+	dsrv_start(&d, &(struct vfm_dmadev_opts){ .state_size = 1 << 20 }, &c);
+	CHECK_EQ(rc_read64(&c, DMADEV_BAR2, 0), 0);   /* starts zeroed */
+	sum = reg(&c, DMADEV_REG_CHECKSUM);
+	CHECK_EQ(rc_region_write(&c, DMADEV_BAR2, 4001, in, sizeof(in)), 0);
+	CHECK(memcmp(vfm_dmadev_window(d.dev) + 4001, in, sizeof(in)) == 0);
+	CHECK_EQ(rc_region_read(&c, DMADEV_BAR2, 4001, out, sizeof(out)), 0);
+	CHECK(memcmp(out, in, sizeof(in)) == 0);
+	CHECK(reg(&c, DMADEV_REG_CHECKSUM) != sum);
+	CHECK_EQ(reg(&c, DMADEV_REG_CHECKSUM), vfm_dmadev_checksum(d.dev));
+	/* Beyond the window: refused. */
+	CHECK_EQ(rc_region_write(&c, DMADEV_BAR2, DMADEV_WIN_SIZE - 4, in, 8), -EINVAL);
+	/* Reset clears it with the registers. */
+	CHECK_EQ(rc_call(&c, VFU_CMD_DEVICE_RESET, NULL, 0, NULL, 0, NULL), 0);
+	CHECK_EQ(rc_region_read(&c, DMADEV_BAR2, 4001, out, sizeof(out)), 0);
+	CHECK(memcmp(out, (uint8_t[13]){ 0 }, sizeof(out)) == 0);
+	dsrv_stop(&d, &c);
+}
+
+/* BAR2 through the client library: one mapped area, plain stores reach the
+ * device (its checksum moves), and BAR0 is not mapped. */
+TEST(window_mapped_by_the_client)
+{
+	struct vfm_vfio_user_opts o = { .version = VFM_VFIO_USER_OPTS_V1, .id = "map",
+					.timeout_ms = 5000 };
+	struct vfm_error err = { 0 };
+	struct vfm_region_area a[4];
+	struct vfm_region_info ri;
+	struct vfm_device *dev;
+	uint64_t sum, sum2;
+	unsigned n = 99;
+	struct dsrv d;
+	int sv[2];
+
+	memset(&d, 0, sizeof(d));
+	if (vfm_dmadev_create(NULL, &(struct vfm_dmadev_opts){ .state_size = 1 << 20 }, &d.dev,
+			      &err))
+		FAIL("dma device: %s", err.msg);
+	CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+	if (vfm_vfu_attach_fd(vfm_dmadev_ctx(d.dev), sv[0], &err))
+		FAIL("attach: %s", err.msg);
+	CHECK_EQ(pthread_create(&d.thread, NULL, dsrv_main, &d), 0);
+	if (vfm_vfio_user_open_fd(sv[1], "socketpair", &o, &dev, &err))
+		FAIL("open: %s", err.msg);
+	CHECK_EQ(vfm_device_region_info(dev, DMADEV_BAR2, &ri, &err), 0);
+	CHECK_EQ(ri.size, DMADEV_WIN_SIZE);
+	CHECK_EQ(ri.flags, VFM_REGION_READ | VFM_REGION_WRITE | VFM_REGION_MMAP);
+	CHECK_EQ(vfm_device_region_areas(dev, DMADEV_BAR2, a, 4, &n, &err), 0);
+	CHECK_EQ(n, 1);
+	CHECK_EQ(a[0].offset, 0);
+	CHECK_EQ(a[0].size, DMADEV_WIN_SIZE);
+	CHECK(a[0].ptr != NULL);
+	CHECK_EQ(vfm_device_region_areas(dev, 0, a + 1, 3, &n, &err), 0);
+	CHECK_EQ(n, 0);
+
+	if (vfm_device_region_read(dev, 0, DMADEV_REG_CHECKSUM, &sum, 8, &err))
+		FAIL("checksum: %s", err.msg);
+	((volatile uint64_t *)a[0].ptr)[7] = 0x1122334455667788ull;
+	CHECK_EQ(memcmp(vfm_dmadev_window(d.dev) + 56, &(uint64_t){ 0x1122334455667788ull }, 8), 0);
+	CHECK_EQ(vfm_device_region_read(dev, 0, DMADEV_REG_CHECKSUM, &sum2, 8, &err), 0);
+	CHECK(sum2 != sum);
+	CHECK_EQ(sum2, vfm_dmadev_checksum(d.dev));
+	/* The device's side of the same bytes shows in the mapping. */
+	vfm_dmadev_window(d.dev)[100] = 0xab;
+	CHECK_EQ(((volatile uint8_t *)a[0].ptr)[100], 0xab);
+
+	vfm_device_free(dev);
+	__atomic_store_n(&d.stop, 1, __ATOMIC_RELEASE);
+	pthread_join(d.thread, NULL);
+	vfm_dmadev_destroy(d.dev);
 }
 
 static int64_t ms_now(void)

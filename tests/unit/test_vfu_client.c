@@ -341,6 +341,65 @@ TEST(region_mmap_path)
 	finish(&s, dev);
 }
 
+/* vfm_device_region_areas: what the client mapped, sorted, and live. */
+TEST(region_areas_accessor)
+{
+	struct vfm_error err = { 0 };
+	struct vfm_region_area a[32];
+	uint8_t got[16];
+	unsigned n = 99;
+	struct fake_srv s;
+	struct vfm_device *dev = start(&s, NULL, NULL);
+
+	/* One sparse area [0x1000, 0x3000) of a 16 KiB region. */
+	CHECK_EQ(vfm_device_region_areas(dev, FAKE_R_MMAP, a, 32, &n, &err), 0);
+	CHECK_EQ(n, 1);
+	CHECK_EQ(a[0].offset, 0x1000);
+	CHECK_EQ(a[0].size, 0x2000);
+	CHECK(a[0].ptr != NULL);
+	/* A store through the pointer is in the server's memfd: a read that
+	 * straddles the area's start goes by message and sees it. */
+	memcpy(a[0].ptr, "mapped!!", 8);
+	CHECK_EQ(vfm_device_region_read(dev, FAKE_R_MMAP, 0xff8, got, sizeof(got), &err), 0);
+	CHECK(memcmp(got + 8, "mapped!!", 8) == 0);
+	/* 20 areas: all counted, as many as asked for filled, in offset order. */
+	CHECK_EQ(vfm_device_region_areas(dev, FAKE_R_MANY, a, 3, &n, &err), 0);
+	CHECK_EQ(n, 20);
+	CHECK_EQ(vfm_device_region_areas(dev, FAKE_R_MANY, NULL, 0, &n, &err), 0);
+	CHECK_EQ(n, 20);
+	CHECK_EQ(vfm_device_region_areas(dev, FAKE_R_MANY, a, 32, &n, &err), 0);
+	for (unsigned i = 0; i < n; i++) {
+		CHECK(a[i].ptr != NULL && a[i].size > 0);
+		CHECK(i == 0 || a[i].offset >= a[i - 1].offset + a[i - 1].size);
+	}
+	/* Messages-only region: nothing mapped. Bad index, no room: refused. */
+	CHECK_EQ(vfm_device_region_areas(dev, FAKE_R_MEM, a, 32, &n, &err), 0);
+	CHECK_EQ(n, 0);
+	CHECK_EQ(vfm_device_region_areas(dev, 40, a, 32, &n, &err), -EINVAL);
+	CHECK_EQ(vfm_device_region_areas(dev, FAKE_R_MMAP, NULL, 4, &n, &err), -EINVAL);
+	finish(&s, dev);
+}
+
+static void bare_close(struct vfm_device *dev)
+{
+}
+
+/* A backend without the op (the kernel VFIO one maps no region): -ENOTSUP. */
+TEST(region_areas_without_backend_support)
+{
+	static const struct vfm_device_ops bare = { .backend = "test", .close = bare_close };
+	struct vfm_device *dev = vfm_device_new("bare", &bare, NULL);
+	struct vfm_error err = { 0 };
+	struct vfm_region_area a[2];
+	unsigned n = 5;
+
+	CHECK(dev != NULL);
+	CHECK_EQ(vfm_device_region_areas(dev, 0, a, 2, &n, &err), -ENOTSUP);
+	CHECK_EQ(n, 0);
+	CHECK(strstr(err.msg, "maps no region") != NULL);
+	vfm_device_free(dev);
+}
+
 TEST(region_errors)
 {
 	struct vfm_error err = { 0 };
