@@ -46,6 +46,19 @@
 #define KG_DEV_PAGES     (2 + KG_DEV_TARGETS)
 #define KG_DMA_EVERY     8            /* page rewrites between two copies per device */
 
+/*
+ * A device's mapped window (the dma device's BAR2, docs/devices/dma.md): when
+ * the client mapped all of it, the VMM installs its areas as KVM memory
+ * slots (no dirty log: the device migrates the window whole) at
+ * bar_gpa + KG_WIN_OFFSET, and the guest reads and writes it with plain
+ * loads and stores, no exit. Its content: word 0 the generation, every other
+ * word kg_win_word(device, generation); generation 0 is all zeros (a fresh
+ * window).
+ */
+#define KG_WIN_OFFSET    UINT64_C(0x8000)       /* in the device's MMIO stride */
+#define KG_WIN_MAX       (KG_MMIO_STRIDE - KG_WIN_OFFSET)
+#define KG_WIN_SEED      UINT64_C(0x57494e444f57)  /* "WINDOW" */
+
 /* The dma device's BAR0 registers and descriptors, as docs/devices/dma.md. */
 #define KG_DMA_REG_ID        0x00
 #define KG_DMA_REG_MEM_SIZE  0x10
@@ -104,6 +117,7 @@ enum {
 	KG_DEVBAD_COMPLETION = 2, /* a used descriptor without an OK status */
 	KG_DEVBAD_HEAD = 3,       /* RING_HEAD is not the guest's tail */
 	KG_DEVBAD_FAILED = 4,     /* the guest gave up on the device (failed) */
+	KG_DEVBAD_WINDOW = 5,     /* the mapped window is not the generation written */
 };
 
 /* Why the guest stopped driving a device (kg_dev.failed). */
@@ -136,8 +150,15 @@ struct kg_dev {
 	uint64_t check_seq;       /* last self-check of this device */
 	uint64_t check_errors;
 	uint64_t check_what;      /* KG_DEVBAD_* of the first error */
-	uint64_t check_bad;       /* its frame (target, ring) or register value */
+	uint64_t check_bad;       /* its frame (target, ring), register or window word 0 */
 	struct kg_tag tag[KG_DEV_TARGETS];
+	/* Set by the VMM at boot; 0: no mapped window (the layout of guests
+	 * before windows: these words were zero then). */
+	uint64_t win_gpa;         /* bar_gpa + KG_WIN_OFFSET */
+	uint64_t win_size;        /* bytes, a multiple of 4096, at most KG_WIN_MAX */
+	/* Written by the owner only. */
+	uint64_t win_gen;         /* the generation the window holds */
+	uint64_t win_busy;        /* being rewritten to win_gen + 1 */
 };
 
 struct kg_mailbox {
@@ -186,6 +207,12 @@ static inline uint64_t kg_mix(uint64_t x)
 static inline uint64_t kg_page_word(uint64_t p, uint64_t gen)
 {
 	return gen ? kg_mix((p << 20) ^ (gen << 40) ^ KG_PATTERN_SEED) | 1 : 0;
+}
+
+/* Word 1.. of device dev's window at generation gen (word 0 is gen). */
+static inline uint64_t kg_win_word(uint64_t dev, uint64_t gen)
+{
+	return gen ? kg_mix((dev << 56) ^ gen ^ KG_WIN_SEED) | 1 : 0;
 }
 
 #endif

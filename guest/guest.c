@@ -4,7 +4,8 @@
  * rewrites its share of the working set at the rate in the mailbox, keeping
  * the synthetic guest's bookkeeping (per-page generation table, page content
  * a pure function of frame and generation), drives the `dma` devices it
- * owns through their BAR0 (MMIO exits the VMM forwards), and checks itself
+ * owns through their BAR0 (MMIO exits the VMM forwards) and writes their
+ * mapped BAR2 windows with plain stores (memory slots), and checks itself
  * on request. The direction flag is clear from boot (rflags = 2), as rep
  * string ops need.
  */
@@ -212,6 +213,10 @@ static void dev_setup(struct vcpu *v, uint64_t i, struct kg_dev *d)
 	put_str(&l, ", ");
 	put_u64(&l, mem >> 10);
 	put_str(&l, " KiB of device memory");
+	if (d->win_gpa) {
+		put_str(&l, ", window at ");
+		put_hex(&l, d->win_gpa);
+	}
 	line_send(&l);
 }
 
@@ -298,13 +303,39 @@ static void dev_copy(struct vcpu *v, uint64_t i, struct kg_dev *d)
 	d->ops++;
 }
 
+/*
+ * The next generation into the mapped window: plain stores into a memory
+ * slot over the device's own memory, no exit. Announced (win_busy) so that a
+ * verifier of a stopped guest accepts a half-written window; word 0 last.
+ */
+static void win_update(uint64_t i, struct kg_dev *d)
+{
+	uint64_t gen = d->win_gen + 1;
+	volatile uint64_t *w = (volatile uint64_t *)d->win_gpa;
+	void *dst = (void *)(d->win_gpa + 8);
+	uint64_t n = d->win_size / 8 - 1;
+
+	d->win_busy = 1;
+	barrier();
+	__asm__ volatile("rep stosq" : "+D"(dst), "+c"(n) : "a"(kg_win_word(i, gen)) : "memory");
+	barrier();
+	w[0] = gen;
+	barrier();
+	d->win_gen = gen;
+	barrier();
+	d->win_busy = 0;
+}
+
 static void drive_devices(struct vcpu *v)
 {
 	for (uint64_t i = v->cpu; i < v->mb->ndev; i += v->ncpu) {
 		struct kg_dev *d = dev_rec(v, i);
 
-		if (d->ready && !d->failed)
+		if (d->ready && !d->failed) {
+			if (d->win_gpa)
+				win_update(i, d);
 			dev_copy(v, i, d);
+		}
 	}
 }
 
@@ -359,12 +390,31 @@ static uint64_t dev_check(struct vcpu *v, uint64_t i, struct kg_dev *d, uint64_t
 		if (head != d->tail)
 			dev_bad(d, KG_DEVBAD_HEAD, head);
 	}
+	/* The window as this device holds it: on a destination, what its
+	 * stream carried. Nothing here is half written (we are not in
+	 * win_update), so it must be win_gen exactly. */
+	if (d->win_gpa) {
+		const volatile uint64_t *w = (const volatile uint64_t *)d->win_gpa;
+		const void *p = (const void *)(d->win_gpa + 8);
+		uint64_t n = d->win_size / 8 - 1;
+		bool same;
+
+		__asm__ volatile("repe scasq" : "+D"(p), "+c"(n), "=@ccz"(same)
+			       : "a"(kg_win_word(i, d->win_gen)) : "memory");
+		if (w[0] != d->win_gen || !same)
+			dev_bad(d, KG_DEVBAD_WINDOW, w[0]);
+	}
 	dev_line(&l, v, i);
 	put_str(&l, "self-check ");
 	put_u64(&l, seq);
 	put_str(&l, d->check_errors ? ": FAILED, " : ": ok, ");
 	put_u64(&l, d->ops);
 	put_str(&l, " copies, ");
+	if (d->win_gpa) {
+		put_str(&l, "window generation ");
+		put_u64(&l, d->win_gen);
+		put_str(&l, ", ");
+	}
 	put_u64(&l, d->check_errors);
 	put_str(&l, " bad");
 	line_send(&l);

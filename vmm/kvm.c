@@ -623,7 +623,7 @@ int vfm_guest_kvm_new(struct vfm_guest_mem *mem, const struct vfm_kvm_opts *opts
 		goto err_free;
 	}
 	if ((ret = vfm__kvm_dev_init(k, err)) || (ret = vfm__kvm_layout(k, err)) ||
-	    (ret = add_slots(k, err)))
+	    (ret = add_slots(k, err)) || (ret = vfm__kvm_dev_slots(k, err)))
 		goto err_free;
 	for (unsigned i = 0; i < k->nvcpus; i++)
 		if ((ret = create_vcpu(k, i, run_size, err)))
@@ -633,8 +633,9 @@ int vfm_guest_kvm_new(struct vfm_guest_mem *mem, const struct vfm_kvm_opts *opts
 		vfm__kvm_mark(k, k->mb, KG_PAGE_SIZE);
 	}
 	k->state_ready = k->opts.fresh;
-	vfm_info("kvm", "VM with %u vCPUs over %u memory slots, %u dma device%s%s", k->nvcpus,
-		 k->nslots, k->ndev, k->ndev == 1 ? "" : "s",
+	vfm_info("kvm", "VM with %u vCPUs over %u memory slots, %u dma device%s (%u window "
+		 "slot%s)%s", k->nvcpus, k->nslots, k->ndev, k->ndev == 1 ? "" : "s", k->nwin_slots,
+		 k->nwin_slots == 1 ? "" : "s",
 		 k->opts.fresh ? "" : ", waiting for migrated state");
 	*out = &k->g;
 	return 0;

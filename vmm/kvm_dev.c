@@ -1,14 +1,17 @@
 /*
  * The KVM guest's `dma` devices: their BAR0 in an MMIO window outside RAM
- * (exits forwarded to the device's region 0), their blocks in guest RAM
- * (record, ring, target pages), and the host's check of that bookkeeping.
+ * (exits forwarded to the device's region 0), their mapped BAR2 windows as
+ * memory slots beside it, their blocks in guest RAM (record, ring, target
+ * pages), and the host's check of that bookkeeping.
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #include "../devices/dma.h"
 #include "kvm_int.h"
@@ -34,6 +37,93 @@ _Static_assert(sizeof(struct kg_desc) == sizeof(struct dmadev_desc) &&
 _Static_assert(sizeof(struct kg_dev) <= KG_PAGE_SIZE, "device record fits its page");
 _Static_assert(KG_RING_ENTRIES * sizeof(struct kg_desc) == KG_PAGE_SIZE, "ring is one page");
 _Static_assert(KG_MAX_DEVS <= KG_MMIO_STRIDE / 4096, "window < 1 GiB");
+_Static_assert(DMADEV_BAR0_SIZE <= KG_WIN_OFFSET && DMADEV_WIN_SIZE <= KG_WIN_MAX,
+	       "BAR0 and BAR2 fit their places in the stride");
+
+static uint64_t win_gpa(const struct kvm_guest *k, unsigned i)
+{
+	return k->mmio_gpa + (uint64_t)i * KG_MMIO_STRIDE + KG_WIN_OFFSET;
+}
+
+/*
+ * Device i's BAR2 becomes the guest's window only when its client mapped all
+ * of it in page-aligned areas (KVM slots are pages of this process); else the
+ * guest does without (win_size 0), and says nothing of it.
+ */
+static void probe_window(struct kvm_guest *k, unsigned i)
+{
+	struct vfm_region_area a[KG_WIN_MAX_AREAS];
+	struct vfm_device *dev = k->dev[i];
+	struct vfm_device_info di;
+	struct vfm_region_info ri;
+	uint64_t covered = 0;
+	unsigned n = 0;
+
+	k->win_size[i] = 0;
+	if (vfm_device_get_info(dev, &di, NULL) || di.num_regions <= DMADEV_BAR2 ||
+	    vfm_device_region_info(dev, DMADEV_BAR2, &ri, NULL) || !(ri.flags & VFM_REGION_MMAP) ||
+	    (ri.flags & (VFM_REGION_READ | VFM_REGION_WRITE)) !=
+		    (VFM_REGION_READ | VFM_REGION_WRITE) ||
+	    !ri.size || ri.size > KG_WIN_MAX || ri.size % KG_PAGE_SIZE ||
+	    vfm_device_region_areas(dev, DMADEV_BAR2, a, KG_WIN_MAX_AREAS, &n, NULL) ||
+	    n > KG_WIN_MAX_AREAS) {
+		vfm_debug("kvm", "%s: no mappable BAR2 window of at most %" PRIu64 " KiB",
+			  vfm_device_id(dev), KG_WIN_MAX >> 10);
+		return;
+	}
+	for (unsigned j = 0; j < n; j++) {
+		if (a[j].offset != covered || a[j].size % KG_PAGE_SIZE ||
+		    (uintptr_t)a[j].ptr % KG_PAGE_SIZE) {
+			vfm_debug("kvm", "%s: BAR2 area %u (0x%" PRIx64 "+0x%" PRIx64 ") leaves a gap "
+				  "or is not page-aligned: no window", vfm_device_id(dev), j,
+				  a[j].offset, a[j].size);
+			return;
+		}
+		covered += a[j].size;
+	}
+	if (covered != ri.size) {
+		vfm_debug("kvm", "%s: %" PRIu64 " of BAR2's %" PRIu64 " bytes mapped: no window",
+			  vfm_device_id(dev), covered, ri.size);
+		return;
+	}
+	memcpy(k->win_area[i], a, n * sizeof(a[0]));
+	k->win_nareas[i] = n;
+	k->win_size[i] = ri.size;
+}
+
+int vfm__kvm_dev_slots(struct kvm_guest *k, struct vfm_error *err)
+{
+	int max = ioctl(k->kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS);
+
+	for (unsigned i = 0; i < k->ndev; i++) {
+		for (unsigned j = 0; j < k->win_nareas[i] && k->win_size[i]; j++) {
+			const struct vfm_region_area *a = &k->win_area[i][j];
+			/* No dirty log: the device's stream carries the window whole. */
+			struct kvm_userspace_memory_region mr = {
+				.slot = KG_WIN_SLOT_BASE + i * KG_WIN_MAX_AREAS + j,
+				.guest_phys_addr = win_gpa(k, i) + a->offset,
+				.memory_size = a->size,
+				.userspace_addr = (uint64_t)(uintptr_t)a->ptr,
+			};
+
+			if (max > 0 && mr.slot >= (unsigned)max)
+				return vfm_error_set(err, -ENOSPC, "kvm guest: %s: window slot %u, "
+						     "KVM offers %d memory slots", vfm_device_id(k->dev[i]),
+						     mr.slot, max);
+			if (ioctl(k->vm_fd, KVM_SET_USER_MEMORY_REGION, &mr) < 0)
+				return vfm_error_set(err, -errno, "kvm guest: %s: BAR2 window slot at "
+						     "0x%llx+0x%llx: KVM_SET_USER_MEMORY_REGION: %s",
+						     vfm_device_id(k->dev[i]), mr.guest_phys_addr,
+						     mr.memory_size, strerror(errno));
+			k->nwin_slots++;
+		}
+		if (k->win_size[i])
+			vfm_debug("kvm", "%s: BAR2 window (%" PRIu64 " bytes, %u slot%s) at 0x%" PRIx64,
+				  vfm_device_id(k->dev[i]), k->win_size[i], k->win_nareas[i],
+				  k->win_nareas[i] == 1 ? "" : "s", win_gpa(k, i));
+	}
+	return 0;
+}
 
 uint64_t vfm_kvm_bar_gpa(const struct vfm_guest_mem *mem, unsigned d)
 {
@@ -75,11 +165,11 @@ int vfm__kvm_dev_init(struct kvm_guest *k, struct vfm_error *err)
 					     " bytes (flags 0x%x) does not fit a %" PRIu64
 					     " KiB read-write slot", vfm_device_id(dev), ri.size,
 					     ri.flags, KG_MMIO_STRIDE >> 10);
-		/* Not mapped into the guest even when mappable: the client API
-		 * offers no mapping of a region, so every access exits. */
+		/* BAR0 (registers) is never a slot: every access exits. */
 		k->dev[i] = dev;
 		k->bar_size[i] = ri.size;
 		k->ndev = i + 1;
+		probe_window(k, i);
 	}
 	return 0;
 }
@@ -114,6 +204,13 @@ void vfm__kvm_dev_layout(struct kvm_guest *k, uint64_t dev_gpa)
 		d->ring_gpa = block + KG_PAGE_SIZE;
 		d->target_gpa = block + 2 * KG_PAGE_SIZE;
 		d->owner = i % k->nvcpus;
+		if (k->win_size[i]) {
+			/* Generation 0 is a zeroed window, whatever a last user left. */
+			for (unsigned j = 0; j < k->win_nareas[i]; j++)
+				memset(k->win_area[i][j].ptr, 0, k->win_area[i][j].size);
+			d->win_gpa = win_gpa(k, i);
+			d->win_size = k->win_size[i];
+		}
 		vfm_debug("kvm", "%s: BAR0 at 0x%" PRIx64 ", ring at 0x%" PRIx64 ", driven by vCPU %"
 			  PRIu64, vfm_device_id(k->dev[i]), d->bar_gpa, d->ring_gpa, d->owner);
 	}
@@ -221,6 +318,41 @@ static bool tag_ok(const struct kg_mailbox *mb, const struct kg_tag *t)
 }
 
 /*
+ * The window as the device holds it (read through the device, whether the
+ * client maps it or not): generation win_gen, or on its way to the next one
+ * when the owner stopped inside win_update (word 0 is written last).
+ */
+static void check_window(struct kvm_guest *k, unsigned i, const struct kg_dev *d,
+			 struct vfm_guest_verify *out)
+{
+	const char *id = vfm_device_id(k->dev[i]);
+	uint64_t gen = d->win_gen, next = d->win_busy ? gen + 1 : gen;
+	uint64_t a = kg_win_word(i, gen), b = kg_win_word(i, next);
+	struct vfm_error err = { 0 };
+	uint64_t *w = malloc(d->win_size);
+
+	out->pages_checked += d->win_size / KG_PAGE_SIZE;
+	if (!w) {
+		bad(out, "%s: no memory to check the window", id);
+		return;
+	}
+	if (vfm_device_region_read(k->dev[i], DMADEV_BAR2, 0, w, d->win_size, &err)) {
+		bad(out, "%s: reading the BAR2 window: %s", id, err.msg);
+	} else if (w[0] != gen && w[0] != next) {
+		bad(out, "%s: BAR2 window word 0 is 0x%" PRIx64 ", not generation %" PRIu64
+		    " (a lost or stale window)", id, w[0], gen);
+	} else {
+		for (uint64_t j = 1; j < d->win_size / 8; j++)
+			if (w[j] != a && w[j] != b) {
+				bad(out, "%s: BAR2 window word %" PRIu64 " is 0x%" PRIx64 ", not generation %"
+				    PRIu64 "'s (a lost or stale window)", id, j, w[j], gen);
+				break;
+			}
+	}
+	free(w);
+}
+
+/*
  * Stopped guest. A vCPU may have stopped in the middle of a copy (busy): its
  * target then holds the old or the new copy, its two descriptors may not
  * have completed yet, and the device's head is before or after them.
@@ -240,6 +372,14 @@ static void check_one(struct kvm_guest *k, unsigned i, struct vfm_guest_verify *
 		bad(out, "dma device %u's record in guest RAM does not describe it", i);
 		return;
 	}
+	if (d->win_gpa && (d->win_gpa != win_gpa(k, i) || d->win_size != k->win_size[i])) {
+		bad(out, "%s: the guest uses a %" PRIu64 "-byte window at 0x%" PRIx64 ", this VM maps "
+		    "%" PRIu64 " bytes of the device's BAR2 there", id, d->win_size, d->win_gpa,
+		    k->win_size[i]);
+		return;
+	}
+	if (d->win_gpa)
+		check_window(k, i, d, out);
 	if (d->failed)
 		bad(out, "%s: the guest stopped driving it: %s (0x%" PRIx64 ")", id,
 		    fail_reason(d->failed), d->failed_status);
@@ -311,6 +451,11 @@ bool vfm__kvm_dev_check_detail(struct kvm_guest *k, uint64_t seq, char *detail, 
 		case KG_DEVBAD_HEAD:
 			snprintf(detail, len, "guest check: %s: ring head %" PRIu64 " but the guest "
 				 "handed it %" PRIu64 " descriptors", id, d->check_bad, d->tail);
+			break;
+		case KG_DEVBAD_WINDOW:
+			snprintf(detail, len, "guest check: %s: the BAR2 window (word 0: 0x%" PRIx64
+				 ") is not generation %" PRIu64 " (a lost or stale window)", id,
+				 d->check_bad, d->win_gen);
 			break;
 		default:
 			snprintf(detail, len, "guest check: %s: the guest stopped driving it: %s", id,

@@ -17,6 +17,11 @@ extern const size_t vfm__kvm_guest_image_size;
 struct kvm_guest;
 struct kvm_savable;
 
+/* Window memory slots: ids above every RAM slot's (RAM region i is slot i). */
+#define KG_WIN_MAX_AREAS 8
+#define KG_WIN_SLOT_BASE 32u
+_Static_assert(KG_WIN_SLOT_BASE >= VFM_MEM_MAX_REGIONS, "window slots after RAM slots");
+
 struct kvm_vcpu {
 	/* Never change after creation. */
 	struct kvm_guest *k;
@@ -66,6 +71,12 @@ struct kvm_guest {
 	unsigned ndev;
 	struct vfm_device *dev[KG_MAX_DEVS];
 	uint64_t bar_size[KG_MAX_DEVS];
+	/* Device i's window (BAR2 mapped by its client, all of it): win_size[i]
+	 * bytes at its BAR0 + KG_WIN_OFFSET as memory slots; 0: none. */
+	uint64_t win_size[KG_MAX_DEVS];
+	struct vfm_region_area win_area[KG_MAX_DEVS][KG_WIN_MAX_AREAS];
+	unsigned win_nareas[KG_MAX_DEVS];
+	unsigned nwin_slots;            /* window slots installed */
 	uint64_t mmio_gpa;
 	uint64_t dma_base;      /* device copies that happened before this process */
 	_Atomic uint64_t mmio_errors;   /* forwarded accesses the device refused */
@@ -103,6 +114,8 @@ int vfm__kvm_quick_verify(struct vfm_guest *g, struct vfm_guest_verify *out);
 
 /* kvm_dev.c: the guest's dma devices (docs/kvm-guest.md, "Devices"). */
 int vfm__kvm_dev_init(struct kvm_guest *k, struct vfm_error *err);
+/* The devices' windows as memory slots (after the RAM slots exist). */
+int vfm__kvm_dev_slots(struct kvm_guest *k, struct vfm_error *err);
 uint64_t vfm__kvm_dev_bytes(const struct kvm_guest *k);
 /* Fresh guest: the device blocks at dev_gpa (zeroed) and the mailbox fields. */
 void vfm__kvm_dev_layout(struct kvm_guest *k, uint64_t dev_gpa);

@@ -2,9 +2,11 @@
  * The KVM guest driving real `dma` device servers through their BAR0 (MMIO
  * exits forwarded by the VMM): completed descriptors, copies that match the
  * guest's data, both checks catching a lost DMA write and a lost completion,
- * and a migration through the engine with the device: verified, the guest
- * driving the destination's device, and a target page that arrives stale
- * caught on the destination. Skipped without /dev/kvm.
+ * the device's BAR2 window mapped into the guest as a memory slot (the
+ * guest's plain stores land in the device's memfd), and a migration through
+ * the engine with the device: verified, the guest driving the destination's
+ * device and window, and a target page that arrives stale or a window
+ * corrupted on the destination caught there. Skipped without /dev/kvm.
  */
 #include <time.h>
 
@@ -221,6 +223,30 @@ static void make_stale_target(struct rig *r)
 		w[k] = kg_page_word(d->tag[t].src, d->tag[t].gen - 1);
 }
 
+/* Device i's BAR2 as its device holds it, read through the device API. */
+static void read_window(struct rig *r, unsigned i, uint64_t *w)
+{
+	struct vfm_error err = { 0 };
+
+	if (vfm_device_region_read(r->dev[i], DMADEV_BAR2, 0, w, DMADEV_WIN_SIZE, &err))
+		FAIL("reading BAR2: %s", err.msg);
+}
+
+/* The window holds exactly the generation the guest's record names. */
+static void expect_window(struct rig *r, unsigned i)
+{
+	const struct kg_dev *d = record(r, i);
+	uint64_t w[DMADEV_WIN_SIZE / 8];
+
+	CHECK_EQ(d->win_busy, 0);
+	read_window(r, i, w);
+	CHECK_EQ(w[0], d->win_gen);
+	for (unsigned k = 1; k < DMADEV_WIN_SIZE / 8; k++)
+		if (w[k] != kg_win_word(i, d->win_gen))
+			FAIL("device %u window word %u: 0x%" PRIx64 ", not generation %" PRIu64, i, k,
+			     w[k], d->win_gen);
+}
+
 /* The window is above RAM however big (no KVM needed: pure layout). */
 TEST(bar_window_sits_above_ram)
 {
@@ -292,6 +318,75 @@ TEST_TIMEOUT(guest_drives_its_devices_through_bar0, 60)
 	for (unsigned i = 0; i < 2; i++)
 		CHECK(md_reg(r.dev[i], DMADEV_REG_COMPLETED) >= completed[i] + 6);
 	expect_verified(&r);
+	rig_free(&r);
+}
+
+/* BAR2 mapped as a slot: the guest's stores are in the device's memfd, the
+ * device's checksum covers them, and BAR0 still goes by exits. */
+TEST_TIMEOUT(guest_writes_the_mapped_window, 60)
+{
+	struct vfm_error err = { 0 };
+	struct vfm_region_area a;
+	uint64_t sum0[2];
+	unsigned n;
+	struct rig r;
+	char con[4096];
+
+	need_kvm();
+	spawn_servers(&r, 2);
+	open_devices(&r, false);
+	for (unsigned i = 0; i < 2; i++) {
+		CHECK_EQ(vfm_device_region_areas(r.dev[i], DMADEV_BAR2, &a, 1, &n, &err), 0);
+		CHECK_EQ(n, 1);
+		/* Dirty the window: a fresh guest starts it at generation 0. */
+		((volatile uint64_t *)a.ptr)[3] = 0xdead;
+	}
+	new_guest(&r, true);
+	for (unsigned i = 0; i < 2; i++) {
+		const struct kg_dev *d = record(&r, i);
+
+		CHECK_EQ(d->win_gpa, vfm_kvm_bar_gpa(r.mem, i) + KG_WIN_OFFSET);
+		CHECK_EQ(d->win_size, DMADEV_WIN_SIZE);
+		CHECK_EQ(d->win_gen, 0);
+		expect_window(&r, i);
+		sum0[i] = md_reg(r.dev[i], DMADEV_REG_CHECKSUM);
+	}
+	run_copies(&r, 10);
+	vfm_guest_kvm_console(r.g, con, sizeof(con));
+	if (!strstr(con, "window at 0x100008000") || !strstr(con, "window at 0x100018000"))
+		FAIL("no window in the device setup lines; console: '%s'", con);
+	for (unsigned i = 0; i < 2; i++) {
+		const struct kg_dev *d = record(&r, i);
+
+		/* One generation per copy (the owner may have stopped between them). */
+		CHECK(d->win_gen >= d->ops && d->win_gen <= d->ops + 1);
+		CHECK(d->win_gen >= 10);
+		if (!d->win_busy)
+			expect_window(&r, i);
+		/* BAR0 by exits as before: the guest's doorbells ran its copies. */
+		CHECK_EQ(md_reg(r.dev[i], DMADEV_REG_RING_HEAD), md_reg(r.dev[i], DMADEV_REG_COMPLETED));
+		CHECK(md_reg(r.dev[i], DMADEV_REG_COMPLETED) >= 2 * d->ops);
+		CHECK(md_reg(r.dev[i], DMADEV_REG_CHECKSUM) != sum0[i]);
+	}
+	expect_verified(&r);
+	rig_free(&r);
+}
+
+/* A window not what the guest wrote: both checks say so. */
+TEST_TIMEOUT(both_checks_catch_a_stale_window, 60)
+{
+	struct vfm_error err = { 0 };
+	uint64_t junk = 12345;
+	struct rig r;
+
+	need_kvm();
+	spawn_servers(&r, 1);
+	open_devices(&r, false);
+	new_guest(&r, true);
+	run_copies(&r, 3);
+	expect_verified(&r);
+	CHECK_EQ(vfm_device_region_write(r.dev[0], DMADEV_BAR2, 200 * 8, &junk, 8, &err), 0);
+	expect_loss(&r, "window");
 	rig_free(&r);
 }
 
@@ -382,6 +477,7 @@ struct side {
 	struct vfm_guest_verify quick;   /* destination: the check on load */
 	uint64_t csum;                   /* the device's checksum at the point of agreement */
 	bool stale_target;               /* destination: lose a DMA write before the check */
+	bool bad_window;                 /* destination: corrupt the loaded window */
 };
 
 static int vm_stop(void *opaque)
@@ -413,6 +509,11 @@ static void vm_loaded(void *opaque)
 	s->csum = md_reg(s->r.dev[0], DMADEV_REG_CHECKSUM);
 	if (s->stale_target)
 		make_stale_target(&s->r);
+	if (s->bad_window) {
+		uint64_t w = ~kg_win_word(0, record(&s->r, 0)->win_gen);
+
+		CHECK_EQ(vfm_device_region_write(s->r.dev[0], DMADEV_BAR2, 64, &w, 8, NULL), 0);
+	}
 	s->r.g->ops->quick_verify(s->r.g, &s->quick);
 }
 
@@ -435,14 +536,17 @@ static void side_engine(struct side *s)
 
 /* Source and destination in turn over a file; by_messages: the source's
  * device reaches guest memory through DMA_READ/WRITE messages. */
-static void migrate(bool by_messages, bool lose)
+enum loss { LOSE_NOTHING, LOSE_TARGET, LOSE_WINDOW };
+
+static void migrate(bool by_messages, enum loss lose)
 {
 	struct side src, dst;
 	struct vfm_migration_params p;
 	struct vfm_migration_stats st;
 	struct vfm_guest_verify v;
 	struct vfm_error err = { 0 };
-	uint64_t at_stop;
+	uint64_t at_stop, win_src[DMADEV_WIN_SIZE / 8], win_dst[DMADEV_WIN_SIZE / 8];
+	const char *what = lose == LOSE_WINDOW ? "window" : "lost DMA write";
 	char uri[128];
 
 	need_kvm();
@@ -468,9 +572,12 @@ static void migrate(bool by_messages, bool lose)
 	CHECK(!src.r.g->running);
 	src.csum = md_reg(src.r.dev[0], DMADEV_REG_CHECKSUM);
 	at_stop = record(&src.r, 0)->ops;
+	CHECK(record(&src.r, 0)->win_gen >= 3);
+	read_window(&src.r, 0, win_src);
 
 	open_devices(&dst.r, false);
-	dst.stale_target = lose;
+	dst.stale_target = lose == LOSE_TARGET;
+	dst.bad_window = lose == LOSE_WINDOW;
 	new_guest(&dst.r, false);
 	side_engine(&dst);
 	if (vfm_migration_incoming(dst.m, uri, &p, NULL, NULL, &err))
@@ -480,13 +587,16 @@ static void migrate(bool by_messages, bool lose)
 	CHECK_EQ(dst.csum, src.csum);
 	if (lose) {
 		CHECK(!dst.quick.verified);
-		if (!strstr(dst.quick.detail, "lost DMA write"))
+		if (!strstr(dst.quick.detail, what))
 			FAIL("check on load: '%s'", dst.quick.detail);
 		CHECK_EQ(vfm_guest_kvm_self_check(dst.r.g, &v), 0);
 		CHECK(!v.verified);
-		if (!strstr(v.detail, "guest check") || !strstr(v.detail, "lost DMA write"))
+		if (!strstr(v.detail, "guest check") || !strstr(v.detail, what))
 			FAIL("destination self-check: '%s'", v.detail);
 	} else {
+		/* The window came in the device's stream, not in guest RAM. */
+		read_window(&dst.r, 0, win_dst);
+		CHECK(memcmp(win_dst, win_src, sizeof(win_src)) == 0);
 		if (!dst.quick.verified)
 			FAIL("check on load: %s", dst.quick.detail);
 		/* The guest goes on driving the destination's device. */
@@ -499,6 +609,10 @@ static void migrate(bool by_messages, bool lose)
 			FAIL("destination self-check: %s", v.detail);
 		CHECK_EQ(dst.r.g->ops->stop(dst.r.g), 0);
 		expect_verified(&dst.r);
+		/* The guest went on writing the destination device's window. */
+		CHECK(record(&dst.r, 0)->win_gen > win_src[0]);
+		if (!record(&dst.r, 0)->win_busy)
+			expect_window(&dst.r, 0);
 	}
 	vfm_migration_free(dst.m);
 	vfm_migration_free(src.m);
@@ -509,15 +623,20 @@ static void migrate(bool by_messages, bool lose)
 
 TEST_TIMEOUT(migrates_with_its_device, 90)
 {
-	migrate(false, false);
+	migrate(false, LOSE_NOTHING);
 }
 
 TEST_TIMEOUT(migrates_with_its_device_dma_by_messages, 90)
 {
-	migrate(true, false);
+	migrate(true, LOSE_NOTHING);
 }
 
 TEST_TIMEOUT(a_stale_target_on_the_destination_fails_both_checks, 90)
 {
-	migrate(false, true);
+	migrate(false, LOSE_TARGET);
+}
+
+TEST_TIMEOUT(a_corrupted_window_on_the_destination_fails_both_checks, 90)
+{
+	migrate(false, LOSE_WINDOW);
 }
