@@ -74,6 +74,8 @@ int vfm__mf_dst_check(struct vfm_mf_dst *mf, struct vfm_error *err);
 /* The first failure of a channel or load thread, if any (0 otherwise). */
 int vfm__mf_dst_error(struct vfm_mf_dst *mf, struct vfm_error *err);
 void vfm__mf_dst_close(struct vfm_mf_dst *mf);
+/* Channels of the incoming migration (0: none, or mf NULL). */
+unsigned vfm__mf_dst_nchannels(const struct vfm_mf_dst *mf);
 
 /* vfio.c: one buffer into the device (config: the PCI config state). */
 int vfm__vfio_load_buffer(struct vfm_mig_device *md, bool config, const void *buf, size_t len,
@@ -83,10 +85,15 @@ int vfm__vfio_read_config(struct vfm_mig_device *md, unsigned char *cfg, size_t 
 			  struct vfm_error *err);
 uint32_t vfm__vfio_section(const struct vfm_mig_device *md);
 
-/* ram.c: one page batch (16-byte header + pages, no layout) into guest
- * memory; any thread (the batches of one pass are disjoint). */
-int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, bool from_channel,
-			struct vfm_error *err);
+/*
+ * ram.c: one page batch (16-byte header + pages, no layout) into guest
+ * memory. chan < 0: from main, refused while nchan channels carry RAM.
+ * From channel chan of nchan: the batch must lie in one 1 MiB chunk that
+ * maps to that channel (chunk mod nchan), so a page only ever comes on one
+ * channel, in order. Any thread: channels carry disjoint pages.
+ */
+int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, int chan,
+			unsigned nchan, struct vfm_error *err);
 /* ram.c: bytes of RAM that went over (source) or came from (destination) the channels. */
 uint64_t vfm__ram_mf_transferred(struct vfm_ram *ram);
 

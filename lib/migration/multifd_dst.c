@@ -135,9 +135,11 @@ static int enqueue(struct vfm_mf_dst *mf, struct vfm_mf_devq *q, struct pkt *p, 
 }
 
 /*
- * One MF_RAM packet: applied straight into guest memory, in channel order
- * (seq must be the next one), and only once main passed SWITCHOVER, so every
- * pre-copy version of a page on main is in place before its final one.
+ * One MF_RAM packet, pre-copy or stop-copy: applied straight into guest
+ * memory as it comes, in channel order (seq must be the next one). A page
+ * only ever travels on the channel of its chunk and main carries no page
+ * while channels exist (vfm__ram_load_batch checks both), so its versions
+ * land in the order they were sent.
  */
 static int ram_packet(struct dchan *c, const struct vfm_rec_hdr *h, const unsigned char *pl)
 {
@@ -164,8 +166,6 @@ static int ram_packet(struct dchan *c, const struct vfm_rec_hdr *h, const unsign
 		goto bad;
 	}
 	seq = vfm_get_le32(pl + 4);
-	while (!mf->switched && !mf->stop && !mf->fail_code)
-		pthread_cond_wait(&mf->cond, &mf->lock);
 	if (mf->stop || mf->fail_code)
 		goto bad;
 	if (c->ram_total_known && seq >= c->ram_total) {
@@ -193,7 +193,8 @@ static int ram_packet(struct dchan *c, const struct vfm_rec_hdr *h, const unsign
 			goto bad;
 		pthread_mutex_unlock(&mf->lock);
 	}
-	ret = vfm__ram_load_batch(m->ram, pl + VFM_MF_PKT_HDR, h->length - VFM_MF_PKT_HDR, true,
+	ret = vfm__ram_load_batch(m->ram, pl + VFM_MF_PKT_HDR, h->length - VFM_MF_PKT_HDR,
+				  (int)c->idx, mf->n,
 				  &err);
 	pthread_mutex_lock(&mf->lock);
 	if (ret) {
@@ -593,6 +594,11 @@ int vfm__mf_dst_check(struct vfm_mf_dst *mf, struct vfm_error *err)
 				    "(%u packets on channel 0)", mf->ch[0].ram_next);
 	pthread_mutex_unlock(&mf->lock);
 	return ret;
+}
+
+unsigned vfm__mf_dst_nchannels(const struct vfm_mf_dst *mf)
+{
+	return mf ? mf->n : 0;
 }
 
 void vfm__mf_dst_close(struct vfm_mf_dst *mf)

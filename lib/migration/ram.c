@@ -47,6 +47,8 @@ struct vfm_ram {
 	bool guest_stopped;   /* in save_complete: pages cannot change, no bounce */
 	_Atomic uint64_t transferred;
 	_Atomic uint64_t mf_transferred;  /* part of transferred that used the channels */
+	int chan_ret;                      /* migration thread: a channel write failed */
+	struct vfm_error chan_err;
 };
 
 int vfm__register_ram(struct vfm_migration *m, const struct vfm_savable_ops *ops, void *opaque,
@@ -154,19 +156,52 @@ static int ram_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error *
 	vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, buf, len);
 	ram->cur_region = 0;
 	ram->cur_page = 0;
+	ram->chan_ret = 0;
+	vfm_error_clear(&ram->chan_err);
 	return vfm_stream_error(s, err);
 }
 
-/* Sends one run of up to RAM_BATCH_PAGES pages from the send set; returns
- * bytes put on the stream, 0 when the set is empty. */
-static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
+/*
+ * Puts one run on the wire: on main, or, when multifd channels exist, on the
+ * channel its 1 MiB chunk maps to (chunk c of a region -> channel c mod n,
+ * the stop-copy pass's mapping too). A page thus always travels on the same
+ * channel, in order, and no version of it can overtake another: no per-round
+ * flush is needed. Returns the bytes, 0 after a channel error (ram->chan_ret).
+ */
+static uint64_t put_run(struct vfm_ram *ram, struct vfm_stream *s, struct vfm_mf_src *mf,
+			uint64_t chunk, const unsigned char *hdr, const void *pages, uint64_t plen)
+{
+	uint64_t rec = sizeof(struct vfm_rec_hdr) + RAM_HDR + plen;
+	unsigned n = vfm__mf_src_nchannels(mf);
+
+	if (n) {
+		if ((ram->chan_ret = vfm__mf_src_put_ram(mf, (unsigned)(chunk % n), hdr, pages,
+							 (size_t)plen, &ram->chan_err)))
+			return 0;
+		rec += VFM_MF_PKT_HDR;
+		atomic_fetch_add(&ram->mf_transferred, rec);
+	} else if (plen) {
+		struct iovec iov[2] = { { (void *)hdr, RAM_HDR }, { (void *)pages, plen } };
+
+		vfm_stream_put_recordv(s, VFM_REC_DATA, 0, 1, iov, 2);
+	} else {
+		vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, hdr, RAM_HDR);
+	}
+	atomic_fetch_add(&ram->transferred, rec);
+	return rec;
+}
+
+/* Sends one run of up to RAM_BATCH_PAGES pages (never across a chunk) from
+ * the send set; returns bytes put on the wire, 0 when the set is empty or a
+ * channel failed. */
+static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s, struct vfm_mf_src *mf)
 {
 	unsigned n = vfm_guest_mem_num_regions(ram->mem);
 
 	while (ram->send_pages && ram->cur_region < n) {
 		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, ram->cur_region);
 		uint64_t *set = ram->send[ram->cur_region];
-		uint64_t p = ram->cur_page, first, count = 0;
+		uint64_t p = ram->cur_page, first, count = 0, end;
 		unsigned char hdr[RAM_HDR];
 		const char *host;
 		bool zero;
@@ -186,6 +221,9 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
 			continue;
 		}
 		first = p;
+		end = (first / RAM_BATCH_PAGES + 1) * RAM_BATCH_PAGES;
+		if (end > r->npages)
+			end = r->npages;
 		host = (const char *)r->host + first * ram->page_size;
 		zero = page_zero(ram, ram->cur_region, r, p);
 		/* The first page is in the run whatever it holds by now: the guest may
@@ -196,7 +234,7 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
 		count = 1;
 		p++;
 		/* Extend the run over set bits of the same kind (zero or data). */
-		while (p < r->npages && count < RAM_BATCH_PAGES && (set[p / 64] >> (p % 64) & 1) &&
+		while (p < end && (set[p / 64] >> (p % 64) & 1) &&
 		       page_zero(ram, ram->cur_region, r, p) == zero) {
 			set[p / 64] &= ~(1ull << (p % 64));
 			count++;
@@ -207,24 +245,15 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s)
 		vfm_put_le64(hdr, r->gpa + first * ram->page_size);
 		vfm_put_le32(hdr + 8, (uint32_t)count);
 		vfm_put_le32(hdr + 12, zero ? RAM_ZERO : 0);
-		if (zero) {
-			vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, hdr, sizeof(hdr));
-			atomic_fetch_add(&ram->transferred, RAM_HDR + sizeof(struct vfm_rec_hdr));
-			return RAM_HDR + sizeof(struct vfm_rec_hdr);
-		}
+		if (zero)
+			return put_run(ram, s, mf, first / RAM_BATCH_PAGES, hdr, NULL, 0);
 		/* A page the guest writes after this copy is dirty again, and resent.
 		 * Once the guest is stopped nothing writes: send from guest memory. */
 		if (!ram->guest_stopped)
 			vfm__guest_read(ram->bounce, host, count * ram->page_size);
-		struct iovec iov[2] = {
-			{ .iov_base = hdr, .iov_len = sizeof(hdr) },
-			{ .iov_base = ram->guest_stopped ? (void *)host : ram->bounce,
-			  .iov_len = count * ram->page_size },
-		};
-		vfm_stream_put_recordv(s, VFM_REC_DATA, 0, 1, iov, 2);
-		atomic_fetch_add(&ram->transferred,
-				 RAM_HDR + count * ram->page_size + sizeof(struct vfm_rec_hdr));
-		return RAM_HDR + count * ram->page_size + sizeof(struct vfm_rec_hdr);
+		return put_run(ram, s, mf, first / RAM_BATCH_PAGES, hdr,
+			       ram->guest_stopped ? host : (const char *)ram->bounce,
+			       count * ram->page_size);
 	}
 	return 0;
 }
@@ -233,15 +262,25 @@ static int ram_save_iterate(void *opaque, struct vfm_stream *s, uint64_t budget,
 			    struct vfm_error *err)
 {
 	struct vfm_ram *ram = opaque;
+	struct vfm_mf_src *mf = vfm__mf_src_of(ram->m);
 	uint64_t sent = 0, n;
 
-	while (sent < budget && (n = send_one_run(ram, s)) > 0) {
+	while (sent < budget && (n = send_one_run(ram, s, mf)) > 0) {
 		sent += n;
 		if (vfm_stream_error(s, NULL))
 			break;
 	}
+	if (ram->chan_ret) {
+		if (err)
+			*err = ram->chan_err;
+		return ram->chan_ret;
+	}
 	if (vfm_stream_error(s, err))
 		return err ? err->code : -EIO;
+	/* A pass is out: what sits in the channels' buffers goes now. */
+	for (unsigned k = 0; ram->send_pages == 0 && k < vfm__mf_src_nchannels(mf); k++)
+		if ((ram->chan_ret = vfm__mf_src_flush(mf, k, err)))
+			return ram->chan_ret;
 	return ram->send_pages == 0 ? 1 : 0;
 }
 
@@ -531,12 +570,34 @@ static int ram_load_state(void *opaque, uint16_t type, uint16_t rflags, const vo
 		return vfm_error_set(err, VFM_ESTREAM, "ram: unknown record flags 0x%x", rflags);
 	if (vfm_get_le32(p + 12) & RAM_LAYOUT)
 		return load_layout(ram, p, len, vfm_get_le32(p + 8), err);
-	return vfm__ram_load_batch(ram, buf, len, false, err);
+	return vfm__ram_load_batch(ram, buf, len, -1, vfm__mf_dst_nchannels(ram->m->mf_dst), err);
 }
 
-int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, bool from_channel,
-			struct vfm_error *err)
+/* A channel's batch: inside one chunk of one region, the chunk of this channel. */
+static int check_chunk(struct vfm_ram *ram, uint64_t gpa, uint64_t npages, unsigned chan,
+		       unsigned nchan, struct vfm_error *err)
 {
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(ram->mem); i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+		uint64_t p;
+
+		if (gpa < r->gpa || gpa - r->gpa >= r->size)
+			continue;
+		p = (gpa - r->gpa) / ram->page_size;
+		if (p / RAM_BATCH_PAGES != (p + npages - 1) / RAM_BATCH_PAGES ||
+		    (p / RAM_BATCH_PAGES) % nchan != chan)
+			return vfm_error_set(err, VFM_ESTREAM, "ram: batch at 0x%" PRIx64 " (%" PRIu64
+					     " pages) does not belong on channel %u of %u", gpa,
+					     npages, chan, nchan);
+		return 0;
+	}
+	return 0;   /* outside memory: the caller says so */
+}
+
+int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, int chan,
+			unsigned nchan, struct vfm_error *err)
+{
+	bool from_channel = chan >= 0;
 	size_t wire = len + sizeof(struct vfm_rec_hdr) + (from_channel ? VFM_MF_PKT_HDR : 0);
 	const unsigned char *p = buf;
 	uint64_t gpa, bytes;
@@ -555,6 +616,11 @@ int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, bool f
 	if (len != (flags & RAM_ZERO ? RAM_HDR : RAM_HDR + bytes) || gpa % ram->page_size)
 		return vfm_error_set(err, VFM_ESTREAM, "ram: batch at 0x%" PRIx64 " has %zu bytes "
 				     "for %u pages", gpa, len, npages);
+	if (!from_channel && nchan)
+		return vfm_error_set(err, VFM_ESTREAM, "ram: page batch at 0x%" PRIx64 " on the main "
+				     "channel while %u multifd channels carry RAM", gpa, nchan);
+	if (from_channel && check_chunk(ram, gpa, npages, (unsigned)chan, nchan, err))
+		return VFM_ESTREAM;
 	dst = vfm_guest_mem_ptr(ram->mem, gpa, bytes);
 	if (!dst)
 		return vfm_error_set(err, VFM_ESTREAM, "ram: pages 0x%" PRIx64 "+0x%" PRIx64

@@ -66,9 +66,10 @@ struct source {
 	bool phase_done[VFM__PH_COUNT];
 };
 
+/* Bytes sent so far, on main and the channels (pre-copy RAM uses them). */
 static uint64_t out_bytes(struct source *src)
 {
-	return vfm_stream_bytes(src->out);
+	return vfm_stream_bytes(src->out) + (src->mf ? vfm__mf_src_bytes(src->mf) : 0);
 }
 
 static void update_stats(struct source *src, uint64_t pending)
@@ -80,7 +81,7 @@ static void update_stats(struct source *src, uint64_t pending)
 	for (unsigned i = 0; i < m->ndevs; i++)
 		dev += atomic_load(&m->devs[i]->transferred);
 	pthread_mutex_lock(&m->lock);
-	st->transferred_bytes = out_bytes(src) + (src->mf ? vfm__mf_src_bytes(src->mf) : src->mf_bytes);
+	st->transferred_bytes = out_bytes(src) + (src->mf ? 0 : src->mf_bytes);
 	st->ram_transferred_bytes = vfm__ram_transferred(m->ram);
 	st->multifd_ram_bytes = vfm__ram_mf_transferred(m->ram);
 	st->device_transferred_bytes = dev;

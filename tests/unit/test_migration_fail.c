@@ -175,17 +175,25 @@ struct canceller {
 static void *cancel_when_ram_flows(void *arg)
 {
 	struct canceller *c = arg;
+	struct vfm_migration_stats st;
 
-	for (int i = 0; i < 40000 && !vfm__ram_mf_transferred(c->m->ram); i++)
+	/* Pre-copy RAM goes over the channels too: wait for the guest to stop
+	 * (status device), so the cancel lands in the stop-copy pass. */
+	for (int i = 0; i < 40000; i++) {
+		vfm_migration_get_stats(c->m, &st);
+		if (st.status == VFM_MIG_DEVICE || st.status >= VFM_MIG_COMPLETED)
+			break;
 		usleep(500);
+	}
 	atomic_store(&c->saw_ram, vfm__ram_mf_transferred(c->m->ram) > 0);
 	vfm_migration_cancel(c->m);
 	return NULL;
 }
 
 /*
- * Cancel once RAM pages are on the channels. The destination holds channel
- * 0's first RAM packet for 150 ms, so the source cannot have committed yet.
+ * Cancel in stop-and-copy once RAM pages are on the channels. The destination
+ * holds channel 0's first RAM packet for 750 ms, so its RAM end marker, and
+ * the source's commit, wait meanwhile.
  */
 static void cancel_during_ram(const char *kind, unsigned ndev)
 {
@@ -399,6 +407,16 @@ static void fake_dest_main(const char *uri_text, enum ack_mode mode, int wfd)
 	_exit(0);
 }
 
+/* The defaults, but no multifd channels: the fake speaks the main channel only. */
+static struct vfm_migration_params fake_params(void)
+{
+	struct vfm_migration_params p;
+
+	vfm_migration_params_default(&p);
+	p.multifd_channels = 0;
+	return p;
+}
+
 static pid_t fake_dest(const char *uri, enum ack_mode mode, int *rfd)
 {
 	struct fake_result res;
@@ -431,6 +449,7 @@ static void fake_result(pid_t pid, int rfd, struct fake_result *res)
 
 TEST_TIMEOUT(switchover_waits_for_every_delayed_ack, 60)
 {
+	struct vfm_migration_params fp = fake_params();
 	struct md_opts o = { .ndev = 2 };
 	struct md_devsrv srv[2];
 	struct vfm_migration_stats st;
@@ -446,7 +465,7 @@ TEST_TIMEOUT(switchover_waits_for_every_delayed_ack, 60)
 	pid = fake_dest(uri, ACK_DELAY, &rfd);
 	md_side_init(&s, srv, &o, true, 7);
 	start_guest(&s);
-	CHECK_EQ(vfm_migration_start(s.m, uri, NULL, &err), 0);
+	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
 	md_wait(&s, &st);
 	if (st.status != VFM_MIG_COMPLETED)
 		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
@@ -463,6 +482,7 @@ TEST_TIMEOUT(switchover_waits_for_every_delayed_ack, 60)
 
 static void never_acked(enum action act)
 {
+	struct vfm_migration_params fp = fake_params();
 	struct md_opts o = { .ndev = 1 };
 	struct md_devsrv srv[1];
 	struct vfm_migration_stats st;
@@ -480,7 +500,7 @@ static void never_acked(enum action act)
 	md_side_init(&s, srv, &o, true, 7);
 	vfm__migration_set_phase_hook(s.m, act == ACT_CUT ? on_phase : NULL, &h);
 	start_guest(&s);
-	CHECK_EQ(vfm_migration_start(s.m, uri, NULL, &err), 0);
+	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
 	if (act == ACT_CANCEL) {
 		/* Converged but unacked: it keeps iterating, never switches over. */
 		for (int i = 0; i < 200; i++) {

@@ -2,8 +2,9 @@
  * RAM over the multifd channels, destination side, against a hand-written
  * source: the test writes the main stream and the channels record by record,
  * so it can send what a real source never would (duplicates, gaps, extra or
- * missing packets) and check the destination refuses each with a clear error,
- * and that channel pages wait for SWITCHOVER (pre-copy versions land first).
+ * missing packets, pages on main or on the wrong channel) and check the
+ * destination refuses each with a clear error, and that the versions of a
+ * page, which always travel on its chunk's channel, land in order.
  */
 #include <pthread.h>
 #include <sys/stat.h>
@@ -15,7 +16,8 @@
 #include "vfiomig/migration.h"
 
 #define PG 4096ull
-#define MEM (1ull << 20)
+#define MEM (4ull << 20)   /* 4 chunks of 256 pages: 0 and 2 on channel 0, 1 and 3 on 1 */
+#define C1 256u            /* the first page of chunk 1 (channel 1) */
 #define NCH 2u
 #define ID 0x1234567890abcdefull
 
@@ -230,27 +232,22 @@ static bool page_is(struct fake *f, uint64_t page, unsigned char v)
 	return true;
 }
 
-TEST_TIMEOUT(channel_pages_wait_for_switchover_and_commit, 30)
+TEST_TIMEOUT(channel_pages_apply_in_channel_order_and_commit, 30)
 {
 	struct vfm_rec_hdr h;
 	const void *pl;
 	struct fake f;
 
 	fake_start(&f);
-	/* The final versions go out on the channels first (and sit there)... */
-	ram_pkt(&f, 0, 0, 5, 1, 0x22);
-	ram_pkt(&f, 1, 0, 10, 2, 0);           /* a zero run */
-	ram_pkt(&f, 1, 1, 20, 3, 0x33);
-	ram_pkt(&f, 0, 1, 40, 1, 0x44);
-	usleep(100000);
-	/* ... the pre-copy versions of the same pages come on main later: they
-	 * must be overwritten, not win. */
-	main_pages(&f, 5, 1, 0x11);
-	main_pages(&f, 10, 2, 0x55);
-	main_pages(&f, 20, 3, 0x66);
-	main_pages(&f, 30, 1, 0x77);           /* only on main */
+	/* Pre-copy: two versions of page 5 on its channel; the later one wins. */
+	ram_pkt(&f, 0, 0, 5, 1, 0x11);
+	ram_pkt(&f, 1, 0, C1 + 10, 2, 0);          /* a zero run */
+	ram_pkt(&f, 0, 1, 5, 1, 0x22);
+	ram_pkt(&f, 1, 1, C1 + 20, 3, 0x33);
 	switchover(&f);
-	ram_end(&f, NCH, 2, 2);
+	/* Stop-copy: the final pass, on the same channels. */
+	ram_pkt(&f, 0, 2, 2 * C1 + 40, 1, 0x44);
+	ram_end(&f, NCH, 3, 2);
 	eos(&f);
 	CHECK_EQ(vfm_stream_get_record(f.rp, &h, &pl, 4096, NULL), 0);
 	CHECK_EQ(h.type, VFM_REC_RP_LOADED);
@@ -262,21 +259,48 @@ TEST_TIMEOUT(channel_pages_wait_for_switchover_and_commit, 30)
 	if (f.dret)
 		FAIL("destination: %s", f.derr.msg);
 	CHECK(page_is(&f, 5, 0x22));
-	CHECK(page_is(&f, 10, 0));
-	CHECK(page_is(&f, 11, 0));
-	for (uint64_t p = 20; p < 23; p++)
+	CHECK(page_is(&f, C1 + 10, 0));
+	CHECK(page_is(&f, C1 + 11, 0));
+	for (uint64_t p = C1 + 20; p < C1 + 23; p++)
 		CHECK(page_is(&f, p, 0x33));
-	CHECK(page_is(&f, 30, 0x77));
-	CHECK(page_is(&f, 40, 0x44));
-	CHECK(page_is(&f, 41, 0));
+	CHECK(page_is(&f, 2 * C1 + 40, 0x44));
+	CHECK(page_is(&f, 2 * C1 + 41, 0));
 	{
 		struct vfm_migration_stats st;
 
 		vfm_migration_get_stats(f.m, &st);
 		CHECK_EQ(st.multifd_channels, NCH);
-		CHECK_EQ(st.multifd_ram_bytes, 4 * (24 + VFM_MF_PKT_HDR + 16) + 5 * PG);
+		CHECK_EQ(st.multifd_ram_bytes, 5 * (24 + VFM_MF_PKT_HDR + 16) + 6 * PG);
 	}
 	fake_free(&f);
+}
+
+TEST_TIMEOUT(ram_pages_on_main_refused_while_channels_carry_ram, 30)
+{
+	struct fake f;
+
+	fake_start(&f);
+	main_pages(&f, 5, 1, 0x11);
+	vfm_stream_flush(f.out);
+	expect_fail(&f, "on the main channel while 2 multifd channels carry RAM");
+}
+
+TEST_TIMEOUT(ram_packet_on_the_wrong_channel_refused, 30)
+{
+	struct fake f;
+
+	fake_start(&f);
+	ram_pkt(&f, 1, 0, 5, 1, 0x22);              /* chunk 0 belongs on channel 0 */
+	expect_fail(&f, "does not belong on channel 1 of 2");
+}
+
+TEST_TIMEOUT(ram_packet_across_two_chunks_refused, 30)
+{
+	struct fake f;
+
+	fake_start(&f);
+	ram_pkt(&f, 0, 0, C1 - 2, 4, 0x22);         /* pages 254..257: chunks 0 and 1 */
+	expect_fail(&f, "does not belong on channel 0 of 2");
 }
 
 TEST_TIMEOUT(duplicate_ram_packet_refused, 30)
@@ -296,7 +320,7 @@ TEST_TIMEOUT(ram_packet_gap_refused, 30)
 
 	fake_start(&f);
 	switchover(&f);
-	ram_pkt(&f, 1, 1, 5, 1, 0x22);
+	ram_pkt(&f, 1, 1, C1 + 5, 1, 0x22);
 	expect_fail(&f, "multifd channel 1: RAM packet 1 where 0 was due (one is missing or out "
 		    "of order)");
 }
@@ -352,7 +376,7 @@ TEST_TIMEOUT(ram_packet_outside_guest_memory_refused, 30)
 
 	fake_start(&f);
 	switchover(&f);
-	ram_pkt(&f, 0, 0, MEM / PG - 1, 2, 0x22);
+	ram_pkt(&f, 0, 0, MEM / PG, 1, 0x22);          /* chunk 4: channel 0, past the end */
 	expect_fail(&f, "outside guest memory");
 }
 
