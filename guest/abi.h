@@ -39,7 +39,7 @@
  * pages the device writes by DMA.
  */
 #define KG_MMIO_MIN_GPA  UINT64_C(0x100000000)  /* 4 GiB, or the first GiB above RAM */
-#define KG_MMIO_STRIDE   UINT64_C(0x10000)      /* per device; BAR0 must fit */
+#define KG_MMIO_STRIDE   UINT64_C(0x10000)      /* per device: BAR0, then the window */
 #define KG_MAX_DEVS      16
 #define KG_RING_ENTRIES  64
 #define KG_DEV_TARGETS   8

@@ -1,7 +1,8 @@
 /*
  * The KVM guest: a real virtual machine over the VM's memfd guest memory,
  * vCPUs in 64-bit long mode running the freestanding program in guest/
- * (which drives `dma` devices through their BAR0: MMIO exits forwarded), with
+ * (which drives `dma` devices through their BAR0: MMIO exits forwarded, and
+ * writes their mapped BAR2 windows: memory slots), with
  * KVM's dirty log feeding the memory layer and the vCPU state as a savable
  * entry. Docs: docs/kvm-guest.md.
  */
@@ -42,6 +43,8 @@ struct vfm_kvm_opts {
 	 * `dma` sample devices the guest program drives through their BAR0
 	 * (region 0), at most 16: device d's BAR0 appears at guest physical
 	 * mmio_gpa + d * 64 KiB (docs/kvm-guest.md), vCPU d mod vcpus drives it.
+	 * A BAR2 its client mapped whole (vfm_device_region_areas) becomes
+	 * memory slots at BAR0 + KG_WIN_OFFSET that the guest writes directly.
 	 * Borrowed: they stay open for the guest's lifetime with all guest
 	 * memory mapped for DMA. A fresh guest programs their rings; on a
 	 * destination the same devices (their state migrated) continue.

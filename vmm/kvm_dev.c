@@ -158,13 +158,14 @@ int vfm__kvm_dev_init(struct kvm_guest *k, struct vfm_error *err)
 
 		if (ret)
 			return vfm_error_set(err, ret, "kvm guest: %s: BAR0", vfm_device_id(dev));
-		if (!ri.size || ri.size > KG_MMIO_STRIDE ||
+		/* The first half of the device's stride; the window is the second. */
+		if (!ri.size || ri.size > KG_WIN_OFFSET ||
 		    (ri.flags & (VFM_REGION_READ | VFM_REGION_WRITE)) !=
 			    (VFM_REGION_READ | VFM_REGION_WRITE))
 			return vfm_error_set(err, -EINVAL, "kvm guest: %s: BAR0 of %" PRIu64
 					     " bytes (flags 0x%x) does not fit a %" PRIu64
 					     " KiB read-write slot", vfm_device_id(dev), ri.size,
-					     ri.flags, KG_MMIO_STRIDE >> 10);
+					     ri.flags, KG_WIN_OFFSET >> 10);
 		/* BAR0 (registers) is never a slot: every access exits. */
 		k->dev[i] = dev;
 		k->bar_size[i] = ri.size;

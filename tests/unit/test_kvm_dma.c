@@ -478,6 +478,7 @@ struct side {
 	uint64_t csum;                   /* the device's checksum at the point of agreement */
 	bool stale_target;               /* destination: lose a DMA write before the check */
 	bool bad_window;                 /* destination: corrupt the loaded window */
+	uint64_t win[DMADEV_WIN_SIZE / 8];   /* destination: the window as loaded */
 };
 
 static int vm_stop(void *opaque)
@@ -507,6 +508,12 @@ static void vm_loaded(void *opaque)
 	struct side *s = opaque;
 
 	s->csum = md_reg(s->r.dev[0], DMADEV_REG_CHECKSUM);
+	/* Before the guest runs: it writes a new generation at its next copy. */
+	read_window(&s->r, 0, s->win);
+	/* A losing destination's guest must not repair the loss (a copy
+	 * rewrites the window and, in time, every target) before it checks. */
+	if (s->stale_target || s->bad_window)
+		vfm_guest_kvm_set_dirty_rate(s->r.g, 0);
 	if (s->stale_target)
 		make_stale_target(&s->r);
 	if (s->bad_window) {
@@ -545,7 +552,7 @@ static void migrate(bool by_messages, enum loss lose)
 	struct vfm_migration_stats st;
 	struct vfm_guest_verify v;
 	struct vfm_error err = { 0 };
-	uint64_t at_stop, win_src[DMADEV_WIN_SIZE / 8], win_dst[DMADEV_WIN_SIZE / 8];
+	uint64_t at_stop, win_src[DMADEV_WIN_SIZE / 8];
 	const char *what = lose == LOSE_WINDOW ? "window" : "lost DMA write";
 	char uri[128];
 
@@ -595,8 +602,7 @@ static void migrate(bool by_messages, enum loss lose)
 			FAIL("destination self-check: '%s'", v.detail);
 	} else {
 		/* The window came in the device's stream, not in guest RAM. */
-		read_window(&dst.r, 0, win_dst);
-		CHECK(memcmp(win_dst, win_src, sizeof(win_src)) == 0);
+		CHECK(memcmp(dst.win, win_src, sizeof(win_src)) == 0);
 		if (!dst.quick.verified)
 			FAIL("check on load: %s", dst.quick.detail);
 		/* The guest goes on driving the destination's device. */
