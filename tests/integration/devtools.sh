@@ -79,7 +79,8 @@ assert j["migration"]["supported"] and j["migration"]["state"] == "RUNNING"
 assert j["migration"]["flags"] == ["STOP_COPY", "P2P", "PRE_COPY"]
 assert len(j["migration"]["states"]) == 7 and j["dma_logging"] is True
 assert j["migration"]["stop_copy_size"] > 4 << 20
-assert [r["name"] for r in j["regions"]] == ["BAR0", "CONFIG"]
+assert [r["name"] for r in j["regions"]] == ["BAR0", "BAR2", "CONFIG"]
+assert [r["mmap"] for r in j["regions"]] == [False, True, False]   # BAR2: the window
 EOF
 
 # ---- check ----
