@@ -40,6 +40,8 @@ wait_log() {  # wait_log PATTERN [TENTHS]: until the cell's log matches
 	done
 }
 alive() { kill -0 "$1" 2>/dev/null; }
+# alive and not a zombie waiting to be reaped
+running() { [ -r "/proc/$1/stat" ] && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 # SIGKILL a process started by bg: the program under its `timeout` first.
 killtree() { kill -9 $(pgrep -P "$1") "$1" 2>/dev/null; }
 
@@ -129,6 +131,12 @@ fault_hit() {  # fault_hit: the injected fault really fired
 
 stop_cell() {
 	for p in $src $dst; do alive "$p" && ctl "$c.$([ "$p" = "$src" ] && echo src || echo dst)" quit >/dev/null 2>&1; done
+	# A VM told to quit gets time to finish (cancel, join, close devices:
+	# slow under valgrind) before the kill below, which would cut it short.
+	for p in $src $dst; do
+		i=0
+		while running "$p" && [ $i -lt $((100 * tscale)) ]; do i=$((i + 1)); sleep 0.1; done
+	done
 	for p in $src $dst $sdev $ddev; do
 		alive "$p" && kill "$p" 2>/dev/null
 		wait "$p" 2>/dev/null
