@@ -645,14 +645,6 @@ TEST(window_mapped_by_the_client)
 	vfm_dmadev_destroy(d.dev);
 }
 
-static int64_t ms_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* A lower bound only: the emulated firmware sleeps at least this long. */
 TEST(save_latency_is_paid)
 {
@@ -664,9 +656,9 @@ TEST(save_latency_is_paid)
 	dsrv_start(&d, &(struct vfm_dmadev_opts){ .state_size = 4 << 20, .save_latency_us = 10000 },
 		   &c);
 	CHECK_EQ(rc_set_state(&c, VFM_STATE_STOP_COPY), 0);
-	t0 = ms_now();
+	t0 = (int64_t)now_ms();
 	read_rest(&c, &b);
-	CHECK(ms_now() - t0 >= 40);
+	CHECK((int64_t)now_ms() - t0 >= 40);
 	free(b.p);
 	dsrv_stop(&d, &c);
 }
@@ -870,13 +862,13 @@ TEST_TIMEOUT(mig_read_throughput, 240)
 	rc_hello(&c);
 	CHECK_EQ(rc_set_state(&c, VFM_STATE_STOP_COPY), 0);
 	CHECK_EQ(rc_stop_copy_size(&c, &sz), 0);
-	t0 = ms_now();
+	t0 = (int64_t)now_ms();
 	do {
 		got = rc_mig_read(&c, buf, 1 << 20);
 		CHECK(got >= 0);
 		total += (uint64_t)got;
 	} while (got == 1 << 20);
-	t1 = ms_now();
+	t1 = (int64_t)now_ms();
 	CHECK_EQ(total, sz);
 	fprintf(stderr, "# MIG_DATA_READ, 1 MiB requests: %.1f MiB in %lld ms = %.0f MiB/s\n",
 		(double)total / (1 << 20), (long long)(t1 - t0),

@@ -39,21 +39,6 @@ static void need_kvm(void)
 		SKIP("%s", why);
 }
 
-static uint64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static void nap_ms(unsigned ms)
-{
-	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000 };
-
-	nanosleep(&ts, NULL);
-}
-
 /* DMA writes that arrive as messages (a window without fd): marked as the VM does. */
 static void on_dma_write(uint64_t iova, uint64_t len, void *opaque)
 {

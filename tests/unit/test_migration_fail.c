@@ -316,14 +316,6 @@ struct fake_result {
 	uint32_t saw_switchover;
 };
 
-static uint64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static void send_rp(struct vfm_stream *rp, uint16_t type, uint32_t section, const void *pl,
 		    size_t len)
 {

@@ -16,14 +16,6 @@
 
 #define MAXREC VFM_STREAM_MAX_RECORD
 
-static uint64_t ms_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static void pattern(void *p, size_t n, uint64_t seed)
 {
 	unsigned char *b = p;
@@ -526,11 +518,11 @@ TEST(write_timeout)
 		struct vfm_error err = { 0 };
 		uint64_t el;
 
-		t0 = ms_now();
+		t0 = now_ms();
 		/* Nobody reads: the socket/pipe buffer fills, then no progress. */
 		for (int k = 0; k < 64 && !vfm_stream_error(s, NULL); k++)
 			vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, buf, 1u << 20);
-		el = ms_now() - t0;
+		el = now_ms() - t0;
 		CHECK_EQ(vfm_stream_error(s, &err), -ETIMEDOUT);
 		CHECK(contains(err.msg, "200 ms"));
 		if (el < 190 || el > 2000)
@@ -555,9 +547,9 @@ TEST(read_timeout_then_retry)
 	CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
 	r = open_stream(sv[0], 200);
 	w = open_stream(sv[1], 200);
-	t0 = ms_now();
+	t0 = now_ms();
 	CHECK_EQ(vfm_stream_read_header(r, &err), -ETIMEDOUT);
-	el = ms_now() - t0;
+	el = now_ms() - t0;
 	if (el < 190 || el > 1500)
 		FAIL("header timeout after %llu ms", (unsigned long long)el);
 	CHECK(contains(err.msg, "200 ms"));
@@ -568,9 +560,9 @@ TEST(read_timeout_then_retry)
 	CHECK(write(sv[1], "\x02\x00\x00", 3) == 3);
 	vfm_error_clear(&err);
 	CHECK_EQ(vfm_stream_read_header(r, &err), 0);
-	t0 = ms_now();
+	t0 = now_ms();
 	CHECK_EQ(vfm_stream_get_record(r, &h, &p, MAXREC, &err), -ETIMEDOUT);
-	el = ms_now() - t0;
+	el = now_ms() - t0;
 	if (el < 190 || el > 1500)
 		FAIL("record timeout after %llu ms", (unsigned long long)el);
 	/* The rest arrives: the record reads whole, the stream was in step. */
@@ -617,17 +609,17 @@ TEST(payload_stall_is_sticky)
 	CHECK(write(sv[1], "0123456789", 10) == 10);
 	r = open_stream(sv[0], 200);
 	CHECK_EQ(vfm_stream_read_header(r, &err), 0);
-	t0 = ms_now();
+	t0 = now_ms();
 	CHECK_EQ(vfm_stream_get_record(r, &h, &p, MAXREC, &err), -ETIMEDOUT);
-	el = ms_now() - t0;
+	el = now_ms() - t0;
 	if (el < 190 || el > 1500)
 		FAIL("payload timeout after %llu ms", (unsigned long long)el);
 	CHECK(contains(err.msg, "CONFIG") && contains(err.msg, "10 of 1000"));
 	/* Now the stream is out of step: the same error, at once. */
-	t0 = ms_now();
+	t0 = now_ms();
 	vfm_error_clear(&err);
 	CHECK_EQ(vfm_stream_get_record(r, &h, &p, MAXREC, &err), -ETIMEDOUT);
-	CHECK(ms_now() - t0 < 100);
+	CHECK(now_ms() - t0 < 100);
 	CHECK(contains(err.msg, "CONFIG"));
 	vfm_stream_free(r);
 	close(sv[0]);
@@ -686,9 +678,9 @@ static void *pester_thread(void *arg)
 {
 	struct pester *ps = arg;
 	struct vfm_stream *w = open_stream(ps->fd, 1000);
-	uint64_t t0 = ms_now();
+	uint64_t t0 = now_ms();
 
-	while (ms_now() - t0 < 300) {
+	while (now_ms() - t0 < 300) {
 		pthread_kill(ps->target, SIGUSR1);
 		nanosleep(&(struct timespec){ 0, 5000000 }, NULL);
 	}
@@ -881,9 +873,9 @@ TEST(reject_oversized_length_before_reading)
 		CHECK(write(p[1], b, sizeof(b)) == (ssize_t)sizeof(b));
 		r = open_stream(p[0], 5000);
 		CHECK_EQ(vfm_stream_read_header(r, &err), 0);
-		t0 = ms_now();
+		t0 = now_ms();
 		CHECK_EQ(vfm_stream_get_record(r, &h, &pl, MAXREC, &err), VFM_ESTREAM);
-		CHECK(ms_now() - t0 < 1000);
+		CHECK(now_ms() - t0 < 1000);
 		vfm_stream_free(r);
 		close(p[0]);
 		close(p[1]);
