@@ -346,8 +346,10 @@ static void check_precopy(struct ck *c)
 		report(c, falling && init == 0 ? PASS : FAIL,
 		       "pre-copy info: initial bytes fall to 0 as read",
 		       "initial %" PRIu64 " at the end%s", init, falling ? "" : ", it grew on the way");
-	if (c->dead)
+	if (c->dead) {
+		free(m.p);
 		return;
+	}
 	r = vfm_device_set_state(c->dev, VFM_STATE_STOP_COPY, VFM_STATE_RUNNING, &e);
 	if (!r && !vfm_device_has_session(c->dev))
 		r = vfm_error_set(&e, VFM_ESESSION, "the session was lost");
