@@ -9,7 +9,7 @@
 set -u
 build=${1:?usage: valgrind-integration.sh BUILD_DIR [SCRIPT...]}
 shift
-scripts=${*:-faults_src faults_dst faults_late faults_sec vm_ctl vm_bad}
+scripts=${*:-faults_src faults_dst faults_late faults_sec vm_ctl vm_bad devtools}
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$(cd "$build" && pwd)/tools/vfiomig
 logs=$(cd "$build" && pwd)/valgrind-integration

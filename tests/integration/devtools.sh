@@ -7,6 +7,7 @@
 set -u
 bin=$1
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/vfiomig-devtools.XXXXXX") || exit 1
+. "$(dirname "$0")/wrap-lib.sh"   # VFIOMIG_WRAP: servers and tools under valgrind
 pids=""
 cleanup() {
 	for p in $pids; do kill "$p" 2>/dev/null; done
@@ -25,7 +26,7 @@ start() {
 	pids="$pids $!"
 	eval "pid_$name=$!"
 	i=0
-	while [ ! -S "$tmp/$name.sock" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+	while [ ! -S "$tmp/$name.sock" ] && [ $i -lt $((100 * tscale)) ]; do sleep 0.1; i=$((i + 1)); done
 	[ -S "$tmp/$name.sock" ] || { die "dma server $name did not start"; cat "$tmp/$name.log"; }
 }
 
@@ -130,12 +131,12 @@ start c --save-latency 20000
 "$bin" check "vfio-user:$tmp/c.sock" >"$tmp/cout" 2>"$tmp/cerr" &
 cpid=$!
 i=0
-while ! grep -q '^pass  save: STOP_COPY' "$tmp/cout" 2>/dev/null && [ $i -lt 300 ]; do
+while ! grep -q '^pass  save: STOP_COPY' "$tmp/cout" 2>/dev/null && [ $i -lt $((300 * tscale)) ]; do
 	sleep 0.1; i=$((i + 1))
 done
 kill -9 "$pid_c"
 i=0
-while kill -0 "$cpid" 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+while kill -0 "$cpid" 2>/dev/null && [ $i -lt $((600 * tscale)) ]; do sleep 0.1; i=$((i + 1)); done
 if kill -0 "$cpid" 2>/dev/null; then
 	die "check still running 60 s after its server died"
 	kill "$cpid"
