@@ -62,6 +62,9 @@ struct vfm_dmadev {
 	char id[64];
 	struct vfm_vfu_ctx *ctx;
 	uint64_t mem_size, npages;
+	/* XXH3-64 of each page of mem, kept current by every writer, so the
+	 * state checksum costs npages x 8 bytes of hashing, not mem_size. */
+	uint64_t *page_hash;
 	uint64_t churn_rate;
 	uint64_t save_latency_us;
 	uint64_t instance;
@@ -102,9 +105,14 @@ bool dmadev_fault(struct vfm_dmadev *dev, enum vfm_dmadev_fault_kind kind, unsig
 		  unsigned to, uint64_t *ms);
 
 /* dma-mig.c. Functions named _locked want dev->lock held. */
-uint64_t dmadev_state_hash(const uint8_t *mem, uint64_t size, const uint8_t *win,
+/* The state checksum from the per-page hashes, the window and the registers. */
+uint64_t dmadev_state_hash(const struct vfm_dmadev *dev, const uint8_t *win,
 			   const struct dmadev_regs *regs);
-void dmadev_mem_dirty_locked(struct vfm_dmadev *dev, uint64_t off, uint64_t len);
+/* Device memory [off, off + len) was written: rehash its pages, mark them
+ * dirty for a saving session. Every write to dev->mem goes through here. */
+void dmadev_mem_written_locked(struct vfm_dmadev *dev, uint64_t off, uint64_t len);
+/* Page p of device memory changed (load, creation): its hash only. */
+void dmadev_page_rehash(struct vfm_dmadev *dev, uint64_t p);
 int dmadev_save_open_locked(struct vfm_dmadev *dev);
 void dmadev_save_close_locked(struct vfm_dmadev *dev);
 int dmadev_load_open(struct vfm_dmadev *dev);

@@ -66,14 +66,14 @@ static uint32_t execute(struct vfm_dmadev *dev, const struct dmadev_desc *d, uin
 	switch (d->op) {
 	case DMADEV_OP_COPY_TO_DEV:
 		r = vfm_vfu_dma_read(dev->ctx, d->guest, dev->mem + d->dev, d->len);
-		dmadev_mem_dirty_locked(dev, d->dev, d->len);
+		dmadev_mem_written_locked(dev, d->dev, d->len);
 		break;
 	case DMADEV_OP_COPY_FROM_DEV:
 		r = vfm_vfu_dma_write(dev->ctx, d->guest, dev->mem + d->dev, d->len);
 		break;
 	case DMADEV_OP_FILL:
 		fill_pattern(dev->mem + d->dev, d->len, d->pattern);
-		dmadev_mem_dirty_locked(dev, d->dev, d->len);
+		dmadev_mem_written_locked(dev, d->dev, d->len);
 		break;
 	case DMADEV_OP_CHECKSUM:
 		*result = XXH3_64bits(dev->mem + d->dev, d->len);
@@ -171,7 +171,7 @@ static uint64_t reg_read_locked(struct vfm_dmadev *dev, uint64_t off)
 	case DMADEV_REG_RING_TAIL: return r->tail;
 	case DMADEV_REG_COMPLETED: return r->completed;
 	case DMADEV_REG_ERRORS: return r->errors;
-	case DMADEV_REG_CHECKSUM: return dmadev_state_hash(dev->mem, dev->mem_size, dev->win, r);
+	case DMADEV_REG_CHECKSUM: return dmadev_state_hash(dev, dev->win, r);
 	case DMADEV_REG_CHURN: return dev->churn_count;
 	case DMADEV_REG_SCRATCH: return r->scratch;
 	default: return 0;
@@ -295,7 +295,7 @@ static void churn_locked(struct vfm_dmadev *dev, uint64_t bytes)
 
 			memcpy(dev->mem + off + i, &w, 8);
 		}
-		dmadev_mem_dirty_locked(dev, off, CHURN_BLOCK);
+		dmadev_mem_written_locked(dev, off, CHURN_BLOCK);
 		dev->churn_count++;
 	}
 }
@@ -635,6 +635,13 @@ int vfm_dmadev_create(const char *socket_path, const struct vfm_dmadev_opts *opt
 		memcpy(dev->mem + i, &w, 8);
 	}
 	dev->rng = seed;
+	dev->page_hash = malloc(dev->npages * sizeof(uint64_t));
+	if (!dev->page_hash) {
+		r = vfm_error_set(err, -ENOMEM, "no memory for the page hashes");
+		goto err_free;
+	}
+	for (uint64_t p = 0; p < dev->npages; p++)
+		dmadev_page_rehash(dev, p);
 	/* BAR2 starts zeroed, as a fresh memfd is. */
 	dev->win_fd = memfd_create("dma-bar2", MFD_CLOEXEC);
 	if (dev->win_fd < 0 || ftruncate(dev->win_fd, DMADEV_WIN_SIZE)) {
@@ -684,6 +691,7 @@ void vfm_dmadev_destroy(struct vfm_dmadev *dev)
 	dmadev_load_close(dev);
 	dmadev_save_close_locked(dev);
 	dmadev_mem_free(dev->mem, dev->mem_size);
+	free(dev->page_hash);
 	if (dev->win)
 		munmap(dev->win, DMADEV_WIN_SIZE);
 	if (dev->win_fd >= 0)
@@ -703,7 +711,7 @@ uint64_t vfm_dmadev_checksum(struct vfm_dmadev *dev)
 	uint64_t v;
 
 	pthread_mutex_lock(&dev->lock);
-	v = dmadev_state_hash(dev->mem, dev->mem_size, dev->win, &dev->regs);
+	v = dmadev_state_hash(dev, dev->win, &dev->regs);
 	pthread_mutex_unlock(&dev->lock);
 	return v;
 }
