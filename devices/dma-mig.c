@@ -70,9 +70,19 @@ void dmadev_mem_written_locked(struct vfm_dmadev *dev, uint64_t off, uint64_t le
 	dmadev_mem_dirty_locked(dev, off, len);
 }
 
-static uint64_t rec_csum(const struct dmadev_rec *h, const void *payload)
+/*
+ * A record's checksum, seeded with its header. A PAGE record's covers the
+ * page's XXH3-64 (content), not the page again: the source has it already
+ * (dev->page_hash) and the destination computes it once, to check the record
+ * and to keep its own page hash: one hash per page on the wire, not three.
+ */
+static uint64_t rec_csum(const struct dmadev_rec *h, const void *payload, const uint64_t *content)
 {
-	return XXH3_64bits_withSeed(payload, h->len, XXH3_64bits(h, offsetof(struct dmadev_rec, csum)));
+	uint64_t seed = XXH3_64bits(h, offsetof(struct dmadev_rec, csum));
+
+	if (content)
+		return XXH3_64bits_withSeed(content, sizeof(*content), seed);
+	return XXH3_64bits_withSeed(payload, h->len, seed);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -120,14 +130,14 @@ void dmadev_save_close_locked(struct vfm_dmadev *dev)
 }
 
 static void rec_build(struct dmadev_save *s, uint16_t type, uint64_t arg, const void *payload,
-		      uint32_t len, enum dmadev_rec_kind kind)
+		      uint32_t len, const uint64_t *content, enum dmadev_rec_kind kind)
 {
 	struct dmadev_rec h = {
 		.magic = DMADEV_REC_MAGIC, .type = type, .version = DMADEV_STREAM_VERSION,
 		.len = len, .seq = s->seq++, .arg = arg,
 	};
 
-	h.csum = rec_csum(&h, payload);
+	h.csum = rec_csum(&h, payload, content);
 	memcpy(s->rec, &h, sizeof(h));
 	memcpy(s->rec + sizeof(h), payload, len);
 	s->rec_len = sizeof(h) + len;
@@ -144,13 +154,13 @@ static bool next_record_locked(struct vfm_dmadev *dev)
 		struct dmadev_rec_header h = { .mem_size = dev->mem_size,
 					       .page_size = DMADEV_PAGE, .source = dev->instance };
 
-		rec_build(s, DMADEV_REC_HEADER, 0, &h, sizeof(h), KIND_INITIAL);
+		rec_build(s, DMADEV_REC_HEADER, 0, &h, sizeof(h), NULL, KIND_INITIAL);
 		s->header_done = true;
 		return true;
 	}
 	if (s->cursor < dev->npages) {
 		rec_build(s, DMADEV_REC_PAGE, s->cursor, dev->mem + s->cursor * DMADEV_PAGE,
-			  DMADEV_PAGE, KIND_INITIAL);
+			  DMADEV_PAGE, &dev->page_hash[s->cursor], KIND_INITIAL);
 		s->cursor++;
 		return true;
 	}
@@ -163,7 +173,8 @@ static bool next_record_locked(struct vfm_dmadev *dev)
 		__atomic_fetch_and(&s->dirty[p / 64], ~(1ull << (p % 64)), __ATOMIC_RELAXED);
 		s->ndirty--;
 		s->scan = p + 1 == dev->npages ? 0 : p + 1;
-		rec_build(s, DMADEV_REC_PAGE, p, dev->mem + p * DMADEV_PAGE, DMADEV_PAGE, KIND_DIRTY);
+		rec_build(s, DMADEV_REC_PAGE, p, dev->mem + p * DMADEV_PAGE, DMADEV_PAGE,
+			  &dev->page_hash[p], KIND_DIRTY);
 		return true;
 	}
 	if (!s->stop)
@@ -171,12 +182,12 @@ static bool next_record_locked(struct vfm_dmadev *dev)
 	/* Small and changed without our knowing (clients map it): whole, once. */
 	if (!s->win_done) {
 		memcpy(s->win, dev->win, DMADEV_WIN_SIZE);
-		rec_build(s, DMADEV_REC_WINDOW, 0, s->win, DMADEV_WIN_SIZE, KIND_FINAL);
+		rec_build(s, DMADEV_REC_WINDOW, 0, s->win, DMADEV_WIN_SIZE, NULL, KIND_FINAL);
 		s->win_done = true;
 		return true;
 	}
 	if (!s->regs_done) {
-		rec_build(s, DMADEV_REC_REGS, 0, &dev->regs, sizeof(dev->regs), KIND_FINAL);
+		rec_build(s, DMADEV_REC_REGS, 0, &dev->regs, sizeof(dev->regs), NULL, KIND_FINAL);
 		s->regs_done = true;
 		return true;
 	}
@@ -186,7 +197,7 @@ static bool next_record_locked(struct vfm_dmadev *dev)
 			.checksum = dmadev_state_hash(dev, s->win, &dev->regs),
 		};
 
-		rec_build(s, DMADEV_REC_END, 0, &e, sizeof(e), KIND_FINAL);
+		rec_build(s, DMADEV_REC_END, 0, &e, sizeof(e), NULL, KIND_FINAL);
 		s->end_done = true;
 		return true;
 	}
@@ -422,8 +433,11 @@ static int load_record(struct vfm_dmadev *dev)
 	const struct dmadev_rec *h = &l->hdr;
 	struct dmadev_rec_header sh;
 	struct dmadev_rec_end e;
+	uint64_t content = 0;
 
-	if (rec_csum(h, l->dst) != h->csum)
+	if (h->type == DMADEV_REC_PAGE)
+		content = XXH3_64bits(l->dst, DMADEV_PAGE);
+	if (rec_csum(h, l->dst, h->type == DMADEV_REC_PAGE ? &content : NULL) != h->csum)
 		return load_fail(dev, "record %" PRIu32 " (type %u): checksum mismatch", h->seq,
 				 (unsigned)h->type);
 	l->seq++;
@@ -438,7 +452,7 @@ static int load_record(struct vfm_dmadev *dev)
 		break;
 	case DMADEV_REC_PAGE:
 		/* In place already (l->stage is the memory), checksum good. */
-		dmadev_page_rehash(dev, h->arg);
+		dev->page_hash[h->arg] = content;
 		break;
 	case DMADEV_REC_WINDOW:
 		/* Already in l->win, applied at commit. */
