@@ -457,6 +457,19 @@ int vfu_check_argsz(const struct vfu_msg *m, uint32_t argsz, size_t min_argsz,
 	return 0;
 }
 
+int vfu_take_request(const struct vfu_msg *m, void *req, size_t req_size, size_t min_argsz,
+		     size_t max_argsz, struct vfm_error *err)
+{
+	uint32_t argsz;
+	int ret = vfu_check_payload(m, req_size, err);
+
+	if (ret)
+		return ret;
+	memcpy(req, m->payload, req_size);
+	memcpy(&argsz, req, sizeof(argsz));
+	return vfu_check_argsz(m, argsz, min_argsz, max_argsz, err);
+}
+
 int vfu_check_count(const struct vfu_msg *m, uint64_t count, uint64_t max_xfer,
 		    struct vfm_error *err)
 {

@@ -598,6 +598,15 @@ int vfu_check_payload_exact(const struct vfu_msg *m, size_t len, struct vfm_erro
  */
 int vfu_check_argsz(const struct vfu_msg *m, uint32_t argsz, size_t min_argsz,
 		    size_t max_argsz, struct vfm_error *err);
+/*
+ * The preamble of a request that starts with its u32 argsz: the payload holds
+ * at least req_size bytes, they are copied to req, and argsz is checked as
+ * vfu_check_argsz does. 0 or -EINVAL with the reason in err.
+ */
+int vfu_take_request(const struct vfu_msg *m, void *req, size_t req_size, size_t min_argsz,
+		     size_t max_argsz, struct vfm_error *err);
+/* Every request vfu_take_request serves has argsz first. */
+#define VFU_ARGSZ_FIRST(type) _Static_assert(offsetof(type, argsz) == 0, #type ": argsz first")
 
 /* A data count within max_xfer (the receiver's max_data_xfer_size), else -E2BIG. */
 int vfu_check_count(const struct vfu_msg *m, uint64_t count, uint64_t max_xfer,

@@ -16,6 +16,9 @@
 #include "util/logging.h"
 #include "vfio-user/server.h"
 
+VFU_ARGSZ_FIRST(struct vfu_dma_map);
+VFU_ARGSZ_FIRST(struct vfu_dma_unmap);
+
 #define PAGE 4096u
 
 /* Index of the first window that ends after iova (maps is sorted). */
@@ -97,11 +100,7 @@ int vfu_srv_dma_map(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	size_t at;
 	int ret, fd;
 
-	ret = vfu_check_payload(m, sizeof(req), err);
-	if (ret)
-		return ret;
-	memcpy(&req, m->payload, sizeof(req));
-	ret = vfu_check_argsz(m, req.argsz, sizeof(req), m->len, err);
+	ret = vfu_take_request(m, &req, sizeof(req), sizeof(req), m->len, err);
 	ret = ret ?: vfu_check_nfds(m, 0, 1, err);
 	if (ret)
 		return ret;
@@ -200,11 +199,7 @@ int vfu_srv_dma_unmap(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	size_t i;
 	int ret;
 
-	ret = vfu_check_payload(m, sizeof(req), err);
-	if (ret)
-		return ret;
-	memcpy(&req, m->payload, sizeof(req));
-	ret = vfu_check_argsz(m, req.argsz, sizeof(req), UINT32_MAX, err);
+	ret = vfu_take_request(m, &req, sizeof(req), sizeof(req), UINT32_MAX, err);
 	if (ret)
 		return ret;
 	if (req.flags & ~VFU_DMA_UNMAP_F_ALL)

@@ -14,6 +14,10 @@
 #include "util/logging.h"
 #include "vfio-user/server.h"
 
+VFU_ARGSZ_FIRST(struct vfu_region_info);
+VFU_ARGSZ_FIRST(struct vfu_region_io_fds);
+VFU_ARGSZ_FIRST(struct vfu_irq_info);
+
 #define PAGE 4096u
 
 static bool page_aligned(uint64_t v)
@@ -417,11 +421,7 @@ int vfu_srv_get_region_info(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	size_t cap_len = 0, need;
 	int ret;
 
-	ret = vfu_check_payload(m, sizeof(req), err);
-	if (ret)
-		return ret;
-	memcpy(&req, m->payload, sizeof(req));
-	ret = vfu_check_argsz(m, req.argsz, sizeof(info), UINT32_MAX, err);
+	ret = vfu_take_request(m, &req, sizeof(req), sizeof(info), UINT32_MAX, err);
 	if (ret)
 		return ret;
 	if (req.index >= VFM_VFU_NUM_REGIONS)
@@ -476,11 +476,7 @@ int vfu_srv_get_region_io_fds(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	struct vfu_region_io_fds req, rep;
 	int ret;
 
-	ret = vfu_check_payload(m, sizeof(req), err);
-	if (ret)
-		return ret;
-	memcpy(&req, m->payload, sizeof(req));
-	ret = vfu_check_argsz(m, req.argsz, sizeof(rep), UINT32_MAX, err);
+	ret = vfu_take_request(m, &req, sizeof(req), sizeof(rep), UINT32_MAX, err);
 	if (ret)
 		return ret;
 	if (req.flags || req.count)
@@ -503,11 +499,7 @@ int vfu_srv_get_irq_info(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	struct vfu_irq_info req, rep;
 	int ret;
 
-	ret = vfu_check_payload(m, sizeof(req), err);
-	if (ret)
-		return ret;
-	memcpy(&req, m->payload, sizeof(req));
-	ret = vfu_check_argsz(m, req.argsz, sizeof(rep), UINT32_MAX, err);
+	ret = vfu_take_request(m, &req, sizeof(req), sizeof(rep), UINT32_MAX, err);
 	if (ret)
 		return ret;
 	if (req.index >= VFM_VFU_NUM_IRQS)

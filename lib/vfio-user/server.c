@@ -21,6 +21,8 @@
 #include "util/logging.h"
 #include "vfio-user/server.h"
 
+VFU_ARGSZ_FIRST(struct vfu_device_info);
+
 /* ------------------------------------------------------------------------ */
 /* Creation                                                                  */
 
@@ -473,11 +475,7 @@ static int handle_get_info(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	};
 	int ret;
 
-	ret = vfu_check_payload(m, sizeof(req), err);
-	if (ret)
-		return ret;
-	memcpy(&req, m->payload, sizeof(req));
-	ret = vfu_check_argsz(m, req.argsz, sizeof(rep), UINT32_MAX, err);
+	ret = vfu_take_request(m, &req, sizeof(req), sizeof(rep), UINT32_MAX, err);
 	if (ret)
 		return ret;
 	memcpy(r->buf, &rep, sizeof(rep));
