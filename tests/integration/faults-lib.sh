@@ -125,6 +125,14 @@ expect_retry_ok() {
 	ctl "$c.dst" verify >/dev/null && ok "destination verified after retry" || bad "destination verify"
 }
 
+# one_shot_fault ERROR_RE: a migration that the cell's one-shot fault breaks:
+# the fault fired, the source is intact (its error matching ERROR_RE), the
+# destination clean, and a retry completes.
+one_shot_fault() {
+	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
+	fault_hit; expect_source_intact "$1"; expect_dest_clean; expect_retry_ok
+}
+
 fault_hit() {  # fault_hit: the injected fault really fired
 	grep -q "fault injected" "$tmp/$cell.log" && ok "fault fired" || bad "the fault never fired"
 }

@@ -32,14 +32,12 @@ start dstdev-killed "" "" "" "" && {
 
 # pre-copy: the destination's device fails a RESUMING write.
 start write-fail "" "--fault write:2" "" "" && {
-	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
-	fault_hit; expect_source_intact "."; expect_dest_clean; expect_retry_ok
+	one_shot_fault "."
 }; stop_cell
 
 # config / load end: the destination's device refuses RESUMING -> STOP.
 start arc-resume "" "--fault arc:RESUMING>STOP" "" "" && {
-	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
-	fault_hit; expect_source_intact "."; expect_dest_clean; expect_retry_ok
+	one_shot_fault "."
 }; stop_cell
 
 # setup: the destination has twice the memory: it rejects the stream.

@@ -18,20 +18,17 @@ start arc-setup "--fault arc:RUNNING>PRE_COPY" "" "" "" && {
 
 # pre-copy: the third data read fails.
 start read-precopy "--fault read:3" "" "" "" && {
-	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
-	fault_hit; expect_source_intact "MIG_DATA_READ failed"; expect_dest_clean; expect_retry_ok
+	one_shot_fault "MIG_DATA_READ failed"
 }; stop_cell
 
 # stop-and-copy: entering STOP_COPY fails after the guest stopped.
 start arc-stopcopy "--fault arc:PRE_COPY_P2P>STOP_COPY" "" "" "" && {
-	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
-	fault_hit; expect_source_intact "STOP_COPY"; expect_dest_clean; expect_retry_ok
+	one_shot_fault "STOP_COPY"
 }; stop_cell
 
 # pre-copy: a read stalls past the 5 s vfio-user timeout.
 start stall-precopy "--fault stall:6000:3" "" "" "" && {
-	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
-	fault_hit; expect_source_intact "sent nothing"; expect_dest_clean; expect_retry_ok
+	one_shot_fault "sent nothing"
 }; stop_cell
 
 # Sizes reported 16x too small: estimates are off, the data must not be.
