@@ -488,6 +488,18 @@ static void vm_log_sync(void *opaque)
 		vfm_dirty_mark_all(s->r.mem);
 }
 
+/* The loss a losing destination suffers (its guest must not repair it). */
+static void lose_again(struct side *s)
+{
+	if (s->stale_target)
+		make_stale_target(&s->r);
+	if (s->bad_window) {
+		uint64_t w = ~kg_win_word(0, record(&s->r, 0)->win_gen);
+
+		CHECK_EQ(vfm_device_region_write(s->r.dev[0], DMADEV_BAR2, 64, &w, 8, NULL), 0);
+	}
+}
+
 static void vm_loaded(void *opaque)
 {
 	struct side *s = opaque;
@@ -499,13 +511,7 @@ static void vm_loaded(void *opaque)
 	 * rewrites the window and, in time, every target) before it checks. */
 	if (s->stale_target || s->bad_window)
 		vfm_guest_kvm_set_dirty_rate(s->r.g, 0);
-	if (s->stale_target)
-		make_stale_target(&s->r);
-	if (s->bad_window) {
-		uint64_t w = ~kg_win_word(0, record(&s->r, 0)->win_gen);
-
-		CHECK_EQ(vfm_device_region_write(s->r.dev[0], DMADEV_BAR2, 64, &w, 8, NULL), 0);
-	}
+	lose_again(s);
 	s->r.g->ops->quick_verify(s->r.g, &s->quick);
 }
 
@@ -581,6 +587,15 @@ static void migrate(bool by_messages, enum loss lose)
 		CHECK(!dst.quick.verified);
 		if (!strstr(dst.quick.detail, what))
 			FAIL("check on load: '%s'", dst.quick.detail);
+		/*
+		 * The vCPUs resumed mid-loop: one last copy may still rewrite
+		 * the window (or a target) with the rate they read before the
+		 * stop, repairing the loss. A first self-check is answered only
+		 * at the top of the loop, after which they read rate 0 and only
+		 * idle; so settle with one, then lose again and check.
+		 */
+		CHECK_EQ(vfm_guest_kvm_self_check(dst.r.g, &v), 0);
+		lose_again(&dst);
 		CHECK_EQ(vfm_guest_kvm_self_check(dst.r.g, &v), 0);
 		CHECK(!v.verified);
 		if (!strstr(v.detail, "guest check") || !strstr(v.detail, what))
