@@ -71,7 +71,7 @@ struct vfm_dmadev {
 	struct vfm_vfu_migration_ops mig_ops;  /* the flags this instance offers */
 
 	/*
-	 * lock guards mem contents, regs, churn_count, running, dma_ok and
+	 * lock guards mem contents, regs, churn_count, running, dma_ok, ring_busy and
 	 * save (the churn thread marks pages dirty in it). load belongs to
 	 * the loop thread alone.
 	 */
@@ -85,6 +85,7 @@ struct vfm_dmadev {
 	uint64_t churn_count;
 	bool running;                 /* internal activity (churn) allowed */
 	bool dma_ok;                  /* may initiate DMA: RUNNING, PRE_COPY */
+	bool ring_busy;               /* a doorbell's descriptors are running: no churn */
 	bool stopping;
 	uint64_t rng;
 	struct dmadev_save save;

@@ -97,7 +97,29 @@ static void halt_locked(struct vfm_dmadev *dev, const char *why, uint64_t at)
  * allows DMA; in P2P or stopped states the doorbell stays latched in TAIL
  * and the ring resumes when the device runs again (here or after migration).
  */
+static void run_descriptors(struct vfm_dmadev *dev);
+
+/*
+ * The churn (firmware rewriting its memory) waits while a doorbell's
+ * descriptors run, so the two halves of a copy (COPY_TO_DEV then
+ * COPY_FROM_DEV through the same device page) see the same bytes: firmware
+ * does not rewrite a buffer in the middle of a transfer. Without this a
+ * loaded host let churn land between them, and the guest's target page was
+ * not the copy its tag named (a "lost DMA write" that was no migration's).
+ */
 static void run_ring(struct vfm_dmadev *dev)
+{
+	pthread_mutex_lock(&dev->lock);
+	dev->ring_busy = true;
+	pthread_mutex_unlock(&dev->lock);
+	run_descriptors(dev);
+	pthread_mutex_lock(&dev->lock);
+	dev->ring_busy = false;
+	pthread_mutex_unlock(&dev->lock);
+}
+
+/* Runs the ready descriptors; takes dev->lock itself, per step. */
+static void run_descriptors(struct vfm_dmadev *dev)
 {
 	for (uint64_t budget = 65536; budget; budget--) {
 		struct dmadev_desc d;
@@ -320,6 +342,8 @@ static void *churn_main(void *arg)
 			budget = 0;
 			continue;
 		}
+		if (dev->ring_busy)
+			continue;   /* the budget waits for the next tick */
 		/* Never catch up more than 100 ms after a stall. */
 		budget += add;
 		if (budget > dev->churn_rate / 10 + CHURN_BLOCK)

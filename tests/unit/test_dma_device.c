@@ -135,6 +135,41 @@ static uint64_t reg(struct rc *c, uint64_t off)
 /* ------------------------------------------------------------------------ */
 /* The engine                                                                */
 
+/*
+ * The firmware's churn never lands between the two halves of a copy rung
+ * behind one doorbell: the target is always the source, word for word, while
+ * churn rewrites the whole device memory many times a second.
+ */
+TEST_TIMEOUT(copy_pairs_see_no_churn_between_their_halves, 60)
+{
+	const uint64_t pg = 4096, dev_pages = 16;
+	struct dsrv d;
+	struct drv g;
+	struct rc c;
+	uint64_t *src, *dst;
+
+	dsrv_start(&d, &(struct vfm_dmadev_opts){ .state_size = dev_pages * pg,
+						 .churn_rate = 1ull << 30 }, &c);
+	drv_init(&g, &c);
+	src = (uint64_t *)(void *)(g.guest + DATA);
+	dst = (uint64_t *)(void *)(g.guest + DATA + pg);
+	for (uint64_t n = 0; n < 10000; n++) {
+		uint64_t i0, i1, dev = (n % dev_pages) * pg;
+
+		for (unsigned w = 0; w < pg / 8; w++)
+			src[w] = (n << 20) ^ w;
+		i0 = queue(&g, DMADEV_OP_COPY_TO_DEV, DATA, dev, pg, 0, false);
+		i1 = queue(&g, DMADEV_OP_COPY_FROM_DEV, DATA + pg, dev, pg, 0, true);
+		CHECK_EQ(status_of(&g, i0), DMADEV_DESC_OK);
+		CHECK_EQ(status_of(&g, i1), DMADEV_DESC_OK);
+		if (memcmp(src, dst, pg))
+			FAIL("copy %" PRIu64 ": the target is not the source (churn between the halves)", n);
+	}
+	CHECK(reg(&c, DMADEV_REG_CHURN) > 0);
+	drv_free(&g);
+	dsrv_stop(&d, &c);
+}
+
 TEST(identity_and_config)
 {
 	struct dsrv d;
