@@ -105,9 +105,12 @@ struct vfm_migration {
 
 	struct vfm_mf_src *mf_src;  /* guarded by lock (cancel shuts its channels down) */
 	struct vfm_mf_dst *mf_dst;  /* incoming thread */
-	/* Test hook (destination): this channel's packets are delayed. */
+	/* Test hooks (destination): this channel's device packets are delayed;
+	 * this channel's first RAM packet after SWITCHOVER is held. */
 	int mf_delay_chan;
 	unsigned mf_delay_ms;
+	int mf_ram_delay_chan;
+	unsigned mf_ram_delay_ms;
 
 	/* Test hook: set before a migration starts, read by the source thread. */
 	vfm__mig_phase_fn phase_hook;
@@ -153,8 +156,10 @@ struct vfm_mf_src;
 void vfm__mf_src_shutdown(struct vfm_mf_src *mf);
 /* Tests: the fd of the source's multifd channel idx, -1 if none. */
 int vfm__mf_src_channel_fd(struct vfm_migration *m, unsigned idx);
-/* Tests (destination): delay each packet of channel chan by ms. */
+/* Tests (destination): delay each device packet of channel chan by ms. */
 void vfm__multifd_set_test_delay(struct vfm_migration *m, int chan, unsigned ms);
+/* Tests (destination): hold channel chan's first RAM packet after SWITCHOVER for ms. */
+void vfm__multifd_set_test_ram_delay(struct vfm_migration *m, int chan, unsigned ms);
 
 /* Source thread body (source.c) and destination (dest.c). */
 void *vfm__source_thread(void *arg);

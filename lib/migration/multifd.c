@@ -501,3 +501,9 @@ void vfm__multifd_set_test_delay(struct vfm_migration *m, int chan, unsigned ms)
 	m->mf_delay_chan = chan;
 	m->mf_delay_ms = ms;
 }
+
+void vfm__multifd_set_test_ram_delay(struct vfm_migration *m, int chan, unsigned ms)
+{
+	m->mf_ram_delay_chan = chan;
+	m->mf_ram_delay_ms = ms;
+}

@@ -147,6 +147,7 @@ static int ram_packet(struct dchan *c, const struct vfm_rec_hdr *h, const unsign
 	struct vfm_migration *m = mf->m;
 	struct vfm_error err = { 0 };
 	uint32_t seq;
+	bool hold;
 	int ret;
 
 	pthread_mutex_lock(&mf->lock);
@@ -179,11 +180,14 @@ static int ram_packet(struct dchan *c, const struct vfm_rec_hdr *h, const unsign
 			    : "one is missing or out of order");
 		goto bad;
 	}
+	hold = (int)c->idx == m->mf_ram_delay_chan && m->mf_ram_delay_ms && !c->ram_delayed &&
+	       mf->switched;
 	pthread_mutex_unlock(&mf->lock);
-	if ((int)c->idx == m->mf_delay_chan && m->mf_delay_ms && !c->ram_delayed) {
-		/* Test hook: the channel's first RAM packet is late, so the end
-		 * marker on main must wait for it. */
-		struct timespec ts = { 0, (long)m->mf_delay_ms * 1000000L * 5 };
+	if (hold) {
+		/* Test hook: the channel's first stop-copy RAM packet is late, so
+		 * the end marker on main must wait for it. */
+		struct timespec ts = { m->mf_ram_delay_ms / 1000,
+				       (long)(m->mf_ram_delay_ms % 1000) * 1000000L };
 		c->ram_delayed = true;
 		nanosleep(&ts, NULL);
 		/* A migration that ended meanwhile (a sync that did not wait) must

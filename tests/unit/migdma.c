@@ -419,6 +419,8 @@ static void dest_main(const char *uri, const struct md_opts *o, int rfd, int wfd
 	md_params_for(&p, o);
 	if (o->mf_delay_chan)
 		vfm__multifd_set_test_delay(s.m, o->mf_delay_chan - 1, 30);
+	if (o->mf_ram_delay_chan)
+		vfm__multifd_set_test_ram_delay(s.m, o->mf_ram_delay_chan - 1, 150);
 
 	res.status = vfm_migration_incoming(s.m, uri, &p, dest_ready, &rfd, &err);
 	if (res.status)

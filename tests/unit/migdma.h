@@ -41,7 +41,8 @@ struct md_opts {
 	uint64_t state_size;      /* device state bytes, 0: MD_DEV_STATE */
 	bool quiet;               /* the guest dirties little: no writer thread */
 	unsigned mf_channels;     /* multifd-channels + 1 (0: the default) */
-	int mf_delay_chan;        /* destination: delay this channel + 1 (0: none) */
+	int mf_delay_chan;        /* destination: delay device packets of this channel + 1 (0: none) */
+	int mf_ram_delay_chan;    /* destination: hold the first RAM packet of this channel + 1 */
 	uint64_t save_latency_us; /* devices: firmware latency per MiB saved */
 	unsigned timeout_ms;      /* both sides' migration timeout (0: 5000) */
 };

@@ -262,7 +262,7 @@ TEST_TIMEOUT(multifd_ram_sync_waits_for_a_slow_channel, 60)
 	/* The first RAM packet of channel 0 is late (150 ms), after main's end
 	 * marker: the destination must wait for it before it loads on, else the
 	 * page never lands and the memory hash differs. */
-	struct scenario sc = { "unix", { .ndev = 0, .mf_channels = 3, .mf_delay_chan = 1 }, 2,
+	struct scenario sc = { "unix", { .ndev = 0, .mf_channels = 3, .mf_ram_delay_chan = 1 }, 2,
 			       false };
 	run(&sc);
 }

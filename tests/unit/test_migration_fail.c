@@ -192,13 +192,13 @@ static void *cancel_when_ram_flows(void *arg)
 
 /*
  * Cancel in stop-and-copy once RAM pages are on the channels. The destination
- * holds channel 0's first RAM packet for 750 ms, so its RAM end marker, and
- * the source's commit, wait meanwhile.
+ * holds channel 0's first stop-copy RAM packet for 150 ms, so its RAM end
+ * marker, and the source's commit, wait meanwhile.
  */
 static void cancel_during_ram(const char *kind, unsigned ndev)
 {
 	struct md_opts o = { .ndev = ndev, .state_size = 4u << 20, .mf_channels = 3,
-			     .mf_delay_chan = 1 };
+			     .mf_ram_delay_chan = 1 };
 	struct md_devsrv srv[MD_MAXDEV];
 	struct vfm_migration_params p;
 	struct vfm_migration_stats st;
