@@ -227,6 +227,41 @@ static void wait_listener(int ready_rd)
 	CHECK_EQ(read(ready_rd, &c, 1), 1);
 }
 
+/* A destination child loading uri, once it listens (or has the file open);
+ * its result comes on *result_fd. */
+static pid_t fork_destination(const char *uri, unsigned ndev, uint64_t flags, int *result_fd)
+{
+	int pfd[2], rfd[2];
+	pid_t pid;
+
+	CHECK_EQ(pipe(pfd), 0);
+	CHECK_EQ(pipe(rfd), 0);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		close(pfd[0]);
+		run_destination(uri, pfd[1], ndev, flags, rfd[1]);
+	}
+	close(pfd[1]);
+	close(rfd[1]);
+	wait_listener(rfd[0]);
+	close(rfd[0]);
+	*result_fd = pfd[0];
+	return pid;
+}
+
+/* The destination's result; it loaded and exited 0. */
+static void destination_result(pid_t pid, int result_fd, struct result *r)
+{
+	int status;
+
+	CHECK_EQ(read(result_fd, r, sizeof(*r)), sizeof(*r));
+	close(result_fd);
+	CHECK_EQ(waitpid(pid, &status, 0), pid);
+	CHECK_EQ(r->status, 0);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 static void run_scenario(const struct scenario *sc)
 {
 	struct side s;
@@ -235,7 +270,7 @@ static void run_scenario(const struct scenario *sc)
 	struct vfm_migration_stats st;
 	struct result r;
 	char uri[160];
-	int pfd[2], rfd[2], status;
+	int rfd = -1;
 	pid_t pid = -1;
 	bool file = !strcmp(sc->uri_kind, "file");
 
@@ -243,18 +278,8 @@ static void run_scenario(const struct scenario *sc)
 	side_init(&s, sc->ndev, sc->flags, 7, sc->props, sc->td_opts);
 	for (unsigned i = 0; i < sc->ndev; i++)
 		CHECK_EQ(testdev_dirty(s.td[i], 100, 5000), 0);
-	CHECK_EQ(pipe(pfd), 0);
-	CHECK_EQ(pipe(rfd), 0);
-	if (!file) {
-		pid = fork();
-		CHECK(pid >= 0);
-		if (pid == 0) {
-			close(pfd[0]);
-			run_destination(uri, pfd[1], sc->ndev, sc->flags, rfd[1]);
-		}
-		close(rfd[1]);
-		wait_listener(rfd[0]);
-	}
+	if (!file)
+		pid = fork_destination(uri, sc->ndev, sc->flags, &rfd);
 	if (sc->writer)
 		guest_start(&s.g);
 	vfm_migration_params_default(&p);
@@ -271,20 +296,10 @@ static void run_scenario(const struct scenario *sc)
 	CHECK(!s.g.started);  /* the source guest stays stopped */
 	for (unsigned i = 0; i < sc->ndev; i++)
 		CHECK_EQ(testdev_state(s.td[i]), VFM_STATE_STOP);
-	if (file) {
-		/* Load the file in a child, as a later `vm --incoming file:` would. */
-		pid = fork();
-		CHECK(pid >= 0);
-		if (pid == 0) {
-			close(pfd[0]);
-			run_destination(uri, pfd[1], sc->ndev, sc->flags, rfd[1]);
-		}
-	}
-	close(pfd[1]);
-	CHECK_EQ(read(pfd[0], &r, sizeof(r)), sizeof(r));
-	CHECK_EQ(waitpid(pid, &status, 0), pid);
-	CHECK_EQ(r.status, 0);
-	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	/* file: load it in a child, as a later `vm --incoming file:` would. */
+	if (file)
+		pid = fork_destination(uri, sc->ndev, sc->flags, &rfd);
+	destination_result(pid, rfd, &r);
 	CHECK(r.mem == mem_hash(s.mem));
 	for (unsigned i = 0; i < sc->ndev; i++)
 		CHECK(r.dev[i] == dev_hash(s.td[i]));
@@ -387,8 +402,8 @@ TEST(untouched_memory_is_not_read)
 	struct vfm_migration_stats st;
 	struct result r;
 	char uri[160];
-	int pfd[2], rfd[2], status;
 	uint64_t before;
+	int rfd;
 	pid_t pid;
 
 	make_uri("unix", uri, sizeof(uri));
@@ -397,17 +412,7 @@ TEST(untouched_memory_is_not_read)
 		*(uint64_t *)vfm_guest_mem_ptr(s.mem, off, 8) = off | 1;
 	before = allocated(s.mem);
 	CHECK(before <= 64 * PG);
-	CHECK_EQ(pipe(pfd), 0);
-	CHECK_EQ(pipe(rfd), 0);
-	pid = fork();
-	CHECK(pid >= 0);
-	if (pid == 0) {
-		close(pfd[0]);
-		run_destination(uri, pfd[1], 0, 0, rfd[1]);
-	}
-	close(rfd[1]);
-	close(pfd[1]);
-	wait_listener(rfd[0]);
+	pid = fork_destination(uri, 0, 0, &rfd);
 	vfm_migration_params_default(&p);
 	p.timeout_ms = 5000;
 	CHECK_EQ(vfm_migration_start(s.m, uri, &p, &err), 0);
@@ -417,9 +422,7 @@ TEST(untouched_memory_is_not_read)
 	fprintf(stderr, "# allocated before %" PRIu64 " KiB, after %" PRIu64 " KiB\n",
 		before >> 10, allocated(s.mem) >> 10);
 	CHECK_EQ(allocated(s.mem), before);
-	CHECK_EQ(read(pfd[0], &r, sizeof(r)), sizeof(r));
-	CHECK_EQ(waitpid(pid, &status, 0), pid);
-	CHECK_EQ(r.status, 0);
+	destination_result(pid, rfd, &r);
 	CHECK(r.mem == mem_hash(s.mem));
 	vfm_migration_free(s.m);
 }
