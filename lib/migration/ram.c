@@ -277,11 +277,13 @@ static int ram_save_iterate(void *opaque, struct vfm_stream *s, uint64_t budget,
 	}
 	if (vfm_stream_error(s, err))
 		return err ? err->code : -EIO;
+	if (ram->send_pages)
+		return 0;
 	/* A pass is out: what sits in the channels' buffers goes now. */
-	for (unsigned k = 0; ram->send_pages == 0 && k < vfm__mf_src_nchannels(mf); k++)
+	for (unsigned k = 0; k < vfm__mf_src_nchannels(mf); k++)
 		if ((ram->chan_ret = vfm__mf_src_flush(mf, k, err)))
 			return ram->chan_ret;
-	return ram->send_pages == 0 ? 1 : 0;
+	return 1;
 }
 
 static bool ram_is_active(void *opaque)

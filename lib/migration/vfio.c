@@ -228,9 +228,9 @@ static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_err
 	struct vfm_mig_device *md = opaque;
 	uint32_t section = section_of(md);
 	uint64_t deadline = vfm__now_ns() + md->m->params.timeout_ms * 1000000ull;
-	ssize_t n;
-
 	uint64_t flushed = vfm__now_ns();
+	ssize_t n;
+	int r;
 
 	if (md->mf_use)
 		return 0;  /* a multifd save thread sends it */
@@ -238,8 +238,6 @@ static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_err
 	for (;;) {
 		if (atomic_load(&md->m->cancel))
 			return vfm_error_set(err, VFM_ECANCELED, "migration cancelled");
-		if (vfm_stream_error(s, err))
-			return vfm_error_set(err, err ? err->code : -EIO, "%s: stop-copy", md_id(md));
 		n = move_block(md, s, section, err);
 		if (n > 0) {
 			/* A slow device's blocks go out as they come, not when the
@@ -248,6 +246,8 @@ static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_err
 			if (vfm__now_ns() - flushed >= STOP_COPY_FLUSH_NS) {
 				vfm_stream_flush(s);
 				flushed = vfm__now_ns();
+				if ((r = vfm_stream_error(s, err)))
+					return vfm_error_set(err, r, "%s: stop-copy", md_id(md));
 			}
 			continue;
 		}
