@@ -90,6 +90,20 @@ def median(xs):
     return xs[len(xs) // 2]
 
 
+def migrate(s, uri, who, error_key):
+    """Starts a migration over QMP and polls query-migrate to its end; the last answer."""
+    s.cmd('migrate', uri=uri)
+    info = {}
+
+    def done():
+        info.update(s.cmd('query-migrate'))
+        if info.get('status') == 'failed':
+            raise RuntimeError('%s migration failed: %s' % (who, info.get(error_key)))
+        return info.get('status') == 'completed'
+    wait_for(done, 120, who + ' migration')
+    return info
+
+
 def wait_for(pred, timeout, what):
     deadline = time.time() + timeout
     while not pred():
@@ -194,15 +208,7 @@ def qemu_run(qemu, img, tmp):
         rate = (qemu_read_u64(s, VCPU0) - w0) * 4096 / 1.0
         s.cmd('migrate-set-parameters', **{'downtime-limit': DOWNTIME_LIMIT_MS,
                                            'max-bandwidth': MAX_BW})
-        s.cmd('migrate', uri='unix:' + mig)
-        info = {}
-
-        def done():
-            info.update(s.cmd('query-migrate'))
-            if info.get('status') == 'failed':
-                raise RuntimeError('qemu migration failed: %s' % info.get('error-desc'))
-            return info.get('status') == 'completed'
-        wait_for(done, 120, 'qemu migration')
+        info = migrate(s, 'unix:' + mig, 'qemu', 'error-desc')
         wait_for(lambda: d.cmd('query-status')['status'] == 'running', 30, 'destination running')
         d0 = qemu_read_u64(d, VCPU0)
         time.sleep(0.5)
@@ -245,15 +251,7 @@ def vfiomig_run(vfiomig, tmp):
         time.sleep(1.0)
         rate = (s.cmd('query-vfiomig')['guest']['page_writes'] - w0) * 4096 / 1.0
         s.cmd('migrate-set-parameters', **{'downtime-limit': DOWNTIME_LIMIT_MS})
-        s.cmd('migrate', uri='unix:' + mig)
-        info = {}
-
-        def done():
-            info.update(s.cmd('query-migrate'))
-            if info.get('status') == 'failed':
-                raise RuntimeError('vfiomig migration failed: %s' % info.get('error'))
-            return info.get('status') == 'completed'
-        wait_for(done, 120, 'vfiomig migration')
+        info = migrate(s, 'unix:' + mig, 'vfiomig', 'error')
         wait_for(lambda: d.cmd('query-status')['status'] == 'running', 30, 'destination running')
         quick = (d.cmd('query-vfiomig')['guest'].get('quick') or {}).get('verify_ms') or 0.0
         g = d.cmd('guest-verify')
