@@ -92,6 +92,35 @@ static void check_recovered(struct md_side *s, const struct vfm_migration_stats 
 	}
 }
 
+/* Source device servers, a destination process listening on kind, and the
+ * source side (its guest not started yet). */
+static void begin(struct md_devsrv *srv, const struct md_opts *o, const char *kind,
+		  struct md_dest *d, struct md_side *s)
+{
+	char uri[256];
+
+	spawn_sources(srv, o);
+	md_make_uri(kind, uri, sizeof(uri));
+	md_dest_start(d, uri, o);
+	md_side_init(s, srv, o, true, 7);
+}
+
+/* The destination failed without running its guest; everything is freed. */
+static void end_dest_failed(struct md_dest *d, struct md_side *s, struct md_devsrv *srv,
+			    unsigned ndev)
+{
+	struct md_result r;
+	int status = md_dest_wait(d, &r);
+
+	fprintf(stderr, "# destination: exit %d: %s\n", status, r.error);
+	CHECK(status != 0);
+	CHECK(r.status != 0);
+	CHECK_EQ(r.guest_starts, 0);
+	md_side_free(s);
+	for (unsigned i = 0; i < ndev; i++)
+		md_devsrv_kill(&srv[i]);
+}
+
 static void fail_at(const char *kind, enum vfm__mig_phase at, enum action act, unsigned ndev)
 {
 	struct md_opts o = { .ndev = ndev, .state_size = act == ACT_CUT_MF ? 4u << 20 : 0 };
@@ -100,16 +129,10 @@ static void fail_at(const char *kind, enum vfm__mig_phase at, enum action act, u
 	struct vfm_migration_stats st;
 	struct vfm_error err = { 0 };
 	struct hook h = { .at = at, .act = act };
-	struct md_result r;
 	struct md_dest d;
 	struct md_side s;
-	char uri[256];
-	int status;
 
-	spawn_sources(srv, &o);
-	md_make_uri(kind, uri, sizeof(uri));
-	md_dest_start(&d, uri, &o);
-	md_side_init(&s, srv, &o, true, 7);
+	begin(srv, &o, kind, &d, &s);
 	vfm__migration_set_phase_hook(s.m, on_phase, &h);
 	start_guest(&s);
 	md_params(&p);
@@ -122,15 +145,7 @@ static void fail_at(const char *kind, enum vfm__mig_phase at, enum action act, u
 	if (act == ACT_CANCEL)
 		CHECK(strstr(st.error, "cancelled") != NULL);
 	check_recovered(&s, &st, at >= VFM__PH_STOP_COPY);
-
-	status = md_dest_wait(&d, &r);
-	fprintf(stderr, "# destination: exit %d: %s\n", status, r.error);
-	CHECK(status != 0);
-	CHECK(r.status != 0);
-	CHECK_EQ(r.guest_starts, 0);
-	md_side_free(&s);
-	for (unsigned i = 0; i < ndev; i++)
-		md_devsrv_kill(&srv[i]);
+	end_dest_failed(&d, &s, srv, ndev);
 }
 
 TEST_TIMEOUT(cancel_in_setup, 60) { fail_at("unix", VFM__PH_SETUP, ACT_CANCEL, 1); }
@@ -204,16 +219,10 @@ static void cancel_during_ram(const char *kind, unsigned ndev)
 	struct vfm_migration_stats st;
 	struct vfm_error err = { 0 };
 	struct canceller c = { 0 };
-	struct md_result r;
 	struct md_dest d;
 	struct md_side s;
-	char uri[256];
-	int status;
 
-	spawn_sources(srv, &o);
-	md_make_uri(kind, uri, sizeof(uri));
-	md_dest_start(&d, uri, &o);
-	md_side_init(&s, srv, &o, true, 7);
+	begin(srv, &o, kind, &d, &s);
 	start_guest(&s);
 	md_params_for(&p, &o);
 	c.m = s.m;
@@ -227,13 +236,7 @@ static void cancel_during_ram(const char *kind, unsigned ndev)
 	CHECK_EQ(st.status, VFM_MIG_CANCELLED);
 	CHECK(strstr(st.error, "cancelled") != NULL);
 	check_recovered(&s, &st, true);
-	status = md_dest_wait(&d, &r);
-	fprintf(stderr, "# destination: exit %d: %s\n", status, r.error);
-	CHECK(status != 0);
-	CHECK_EQ(r.guest_starts, 0);
-	md_side_free(&s);
-	for (unsigned i = 0; i < ndev; i++)
-		md_devsrv_kill(&srv[i]);
+	end_dest_failed(&d, &s, srv, ndev);
 }
 
 TEST_TIMEOUT(multifd_cancel_while_ram_flows, 60) { cancel_during_ram("unix", 0); }
@@ -279,12 +282,8 @@ TEST_TIMEOUT(channel_closed_after_commit_no_split_brain, 60)
 	struct md_result r;
 	struct md_dest d;
 	struct md_side s;
-	char uri[256];
 
-	spawn_sources(srv, &o);
-	md_make_uri("unix", uri, sizeof(uri));
-	md_dest_start(&d, uri, &o);
-	md_side_init(&s, srv, &o, true, 7);
+	begin(srv, &o, "unix", &d, &s);
 	vfm__migration_set_phase_hook(s.m, on_phase, &h);
 	start_guest(&s);
 	md_params(&p);
@@ -551,13 +550,9 @@ TEST_TIMEOUT(max_bandwidth_honoured, 60)
 	struct md_result r;
 	struct md_dest d;
 	struct md_side s;
-	char uri[256];
 	const uint64_t limit = 40ull << 20;
 
-	spawn_sources(srv, &o);
-	md_make_uri("unix", uri, sizeof(uri));
-	md_dest_start(&d, uri, &o);
-	md_side_init(&s, srv, &o, true, 7);
+	begin(srv, &o, "unix", &d, &s);
 	start_guest(&s);
 	md_params(&p);
 	p.max_bandwidth = limit;
