@@ -537,6 +537,12 @@ static int stop_devices(struct vfm_migration *m, struct vfm_error *err)
 	return 0;
 }
 
+/* Milliseconds since the guest was told to stop. */
+static double since_stop_ms(const struct source *src)
+{
+	return (double)(vfm__now_ns() - src->t_stop) / 1e6;
+}
+
 static int do_switchover(struct source *src, struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
@@ -550,20 +556,19 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	if (m->vm && m->vm->stop && (ret = m->vm->stop(m->vm_opaque)))
 		return vfm_error_set(err, ret, "stopping the guest");
 	src->guest_stopped = true;
-	vfm_debug(LOG, "switchover: guest stopped in %.3f ms", (double)(vfm__now_ns() - src->t_stop) / 1e6);
+	vfm_debug(LOG, "switchover: guest stopped in %.3f ms", since_stop_ms(src));
 	if ((ret = stop_devices(m, err)))
 		return ret;
 	if (src->mf && (ret = vfm__mf_src_stop_devices(src->mf, err)))
 		return ret;
-	vfm_debug(LOG, "switchover: devices stopped at %.3f ms", (double)(vfm__now_ns() - src->t_stop) / 1e6);
+	vfm_debug(LOG, "switchover: devices stopped at %.3f ms", since_stop_ms(src));
 	{
 		unsigned char ts[8];
 		vfm_put_le64(ts, src->t_stop);
 		vfm_stream_put_record(src->out, VFM_REC_SWITCHOVER, 0, 0, ts, sizeof(ts));
 	}
 	vfm__log_sync(m, false);
-	vfm_debug(LOG, "switchover: final dirty sync done at %.3f ms",
-		  (double)(vfm__now_ns() - src->t_stop) / 1e6);
+	vfm_debug(LOG, "switchover: final dirty sync done at %.3f ms", since_stop_ms(src));
 	phase(src, VFM__PH_STOP_COPY);
 	/* Every device is quiet and synced: the save threads may read. */
 	if (src->mf) {
@@ -603,14 +608,13 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	vfm_stream_flush(src->out);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
-	vfm_debug(LOG, "switchover: end of stream sent at %.3f ms",
-		  (double)(vfm__now_ns() - src->t_stop) / 1e6);
+	vfm_debug(LOG, "switchover: end of stream sent at %.3f ms", since_stop_ms(src));
 
 	if (!src->rp) {
 		/* file: / fd: the stream is the whole result. */
 		src->committed = true;
 		pthread_mutex_lock(&m->lock);
-		m->stats.downtime_ms = (double)(vfm__now_ns() - src->t_stop) / 1e6;
+		m->stats.downtime_ms = since_stop_ms(src);
 		m->stats.downtime_from_same_clock = true;
 		pthread_mutex_unlock(&m->lock);
 		return 0;
