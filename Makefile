@@ -23,10 +23,11 @@ deps:
 demo: deps all
 	./$(BUILD)/tools/vfiomig demo
 
-# Runs every test, then prints the closing 'N passed, N failed' line.
+# Runs every test, then prints the closing 'N passed, N failed, N skipped'
+# line; a test missing from (or not in) tests/expected-tests.txt fails.
 check: all
 	-$(MESON) test -C $(BUILD) $(TEST_OPTS)
-	./scripts/test-summary.py $(BUILD)/meson-logs
+	./scripts/test-summary.py $(BUILD)/meson-logs --expected tests/expected-tests.txt
 
 # Sanitized builds run several times slower: meson's per-test timeouts x3.
 check-asan:
