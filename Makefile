@@ -78,6 +78,7 @@ fuzz: build-fuzz/build.ninja
 # Re-records the seed corpora from real traffic (after a format change).
 fuzz-seeds: all
 	./$(BUILD)/tests/fuzz/fuzz_mkseeds tests/fuzz/corpus
+	./$(BUILD)/tests/fuzz/fuzz_mkseeds_dest tests/fuzz/corpus
 
 install: all
 	$(MESON) install -C $(BUILD)
