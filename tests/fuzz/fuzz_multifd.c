@@ -54,7 +54,9 @@ static void *incoming_main(void *arg)
 	struct vfm_error err = { 0 };
 
 	vfm_migration_params_default(&p);
-	p.timeout_ms = 300;   /* a channel that never comes ends the load soon */
+	/* A channel that never comes, or stays silent, ends the load soon: the
+	 * feeders keep channels open, as a source does. */
+	p.timeout_ms = 100;
 	/* FUZZ_VERBOSE=1: what the destination said (a seed must load: "ok"). */
 	if (vfm_migration_incoming(in->side.m, in->uri, &p, on_ready, in, &err) &&
 	    getenv("FUZZ_VERBOSE"))
