@@ -143,6 +143,7 @@ bad-input)
 	done
 	run 1 $small --uri bogus:1234 && {
 		grep -q "unknown transport" "$tmp/err" || die "bogus URI: no message"; }
+	# The refusal's own words (any message with "fd" in it used to pass).
 	run 1 $small --uri fd:3 && {
 		grep -q "cannot hand one fd to two VMs" "$tmp/err" || die "fd: URI: no message"; }
 	# The destination cannot listen there: the VM's own message reaches the user.

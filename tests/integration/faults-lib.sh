@@ -123,7 +123,8 @@ expect_dest_clean() {
 		fi
 		return
 	fi
-	if grep -q -- "\[vm\] incoming migration failed: .*${1:-}" "$tmp/$cell.log"; then
+	# Bounded wait: the destination may notice the failure after the source.
+	if wait_log "\[vm\] incoming migration failed: .*${1:-}" 50; then
 		ok "destination says why: '${1:-any}'"
 	else
 		bad "no 'incoming migration failed: ${1:-}' from the destination: $(grep '\[vm\] incoming' "$tmp/$cell.log" | tail -1)"
