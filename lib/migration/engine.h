@@ -43,6 +43,10 @@ struct vfm_mig_device {
 	bool stop_copy_known;        /* the device reported stop_copy_size */
 	uint64_t data_buf_size;
 	unsigned char *buf;
+	/* PCI config space read before the STOP_COPY arc (vfm__vfio_snapshot_config):
+	 * what save_state and the multifd saver send. cfg_len 0: none. */
+	unsigned char cfg[4096];
+	size_t cfg_len;
 	_Atomic uint64_t transferred;
 	/* Multifd (multifd.c). Source: stop-copy state goes over the extra
 	 * channels; destination: packets for it are accepted. */

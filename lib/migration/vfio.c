@@ -29,7 +29,6 @@
 #define DEV_STOP_COPY_UNKNOWN (100ull << 30)
 #define PCI_CONFIG_REGION 7
 #define STOP_COPY_FLUSH_NS 100000000ull   /* 100 ms */
-#define PCI_CONFIG_MAX 4096
 
 static const char *md_id(const struct vfm_mig_device *md)
 {
@@ -92,6 +91,7 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->precopy_init = md->precopy_dirty = md->last_iter_bytes = 0;
 	md->stop_copy_size = 0;
 	md->stop_copy_known = false;
+	md->cfg_len = 0;
 	atomic_store(&md->transferred, 0);
 	refresh_stop_copy_size(md);
 	md->data_buf_size = DEV_BLOCK_MAX;
@@ -262,35 +262,31 @@ static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_err
 	}
 }
 
-int vfm__vfio_read_config(struct vfm_mig_device *md, unsigned char *cfg, size_t cap, size_t *len,
-			  struct vfm_error *err)
+int vfm__vfio_snapshot_config(struct vfm_mig_device *md, struct vfm_error *err)
 {
 	struct vfm_region_info ri;
-	int ret;
-
-	*len = 0;
-	if (vfm_device_region_info(md->dev, PCI_CONFIG_REGION, &ri, NULL) || !ri.size)
-		return 0;  /* not a PCI device: no config state */
-	*len = ri.size < cap ? (size_t)ri.size : cap;
-	ret = vfm_device_region_read(md->dev, PCI_CONFIG_REGION, 0, cfg, *len, err);
-	if (ret)
-		return vfm_error_set(err, ret, "%s: reading config space", md_id(md));
-	return 0;
-}
-
-static int vfio_save_state(void *opaque, struct vfm_stream *s, struct vfm_error *err)
-{
-	struct vfm_mig_device *md = opaque;
-	unsigned char cfg[PCI_CONFIG_MAX];
 	size_t len;
 	int ret;
 
-	if (md->mf_use)
-		return 0;  /* the last multifd packet carried it */
-	ret = vfm__vfio_read_config(md, cfg, sizeof(cfg), &len, err);
-	if (ret || !len)
-		return ret;
-	vfm_stream_put_record(s, VFM_REC_CONFIG, 0, section_of(md), cfg, len);
+	md->cfg_len = 0;
+	if (vfm_device_region_info(md->dev, PCI_CONFIG_REGION, &ri, NULL) || !ri.size)
+		return 0;  /* not a PCI device: no config state */
+	len = ri.size < sizeof(md->cfg) ? (size_t)ri.size : sizeof(md->cfg);
+	ret = vfm_device_region_read(md->dev, PCI_CONFIG_REGION, 0, md->cfg, len, err);
+	if (ret)
+		return vfm_error_set(err, ret, "%s: reading config space", md_id(md));
+	md->cfg_len = len;
+	return 0;
+}
+
+/* The config space snapshot taken before STOP_COPY (vfm__vfio_snapshot_config). */
+static int vfio_save_state(void *opaque, struct vfm_stream *s, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+
+	if (md->mf_use || !md->cfg_len)
+		return 0;  /* the last multifd packet carried it, or no config space */
+	vfm_stream_put_record(s, VFM_REC_CONFIG, 0, section_of(md), md->cfg, md->cfg_len);
 	return vfm_stream_error(s, err);
 }
 
