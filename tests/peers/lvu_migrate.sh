@@ -6,9 +6,9 @@
 # in pre-copy (a tiny downtime limit) is cancelled; the device is back in
 # RUNNING and still changing, and a second attempt completes.
 # CHANNELS: multifd-channels for the run (0: none).
-# usage: lvu_migrate.sh VFIOMIG LVU_DEVICE unix|tcp|cancel CHANNELS
+# usage: lvu_migrate.sh VFIOMIG LVU_DEVICE LVU_CLIENT unix|tcp|cancel CHANNELS
 set -u
-bin=$1 lvu=$2 mode=$3 channels=$4
+bin=$1 lvu=$2 mode=$4 channels=$5
 . "$(dirname "$0")/lvu_lib.sh"
 
 bg src-dev.log timeout -k 5 100 "$lvu" --socket "$tmp/d-src" --state-size 1048576 --tick-ms 5
