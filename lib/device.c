@@ -212,8 +212,22 @@ static int reset_locked(struct vfm_device *dev, struct vfm_error *err)
 	drop_session(dev);
 	ret = dev->ops->reset(dev, err);
 	if (ret) {
-		dev->state = VFM_STATE_ERROR;
+		enum vfm_state now;
+
 		vfm_err(dev->id, "reset failed: %s", vfm_strerror(ret));
+		/*
+		 * A refused reset need not have hurt the device (libvfio-user
+		 * refuses DEVICE_RESET in STOP and STOP_COPY, lib/libvfio-user.c
+		 * cmd_allowed_when_stopped_and_copying() at efd091b): keep the
+		 * state it reports; ERROR only when it says so or cannot say.
+		 */
+		if (!dev->probed || !mig_ops(dev) || query_state_locked(dev, &now, NULL) ||
+		    now == VFM_STATE_ERROR) {
+			dev->state = VFM_STATE_ERROR;
+		} else {
+			vfm_warn(dev->id, "after the failed reset the device reports %s: keeping it",
+				 vfm_state_name(now));
+		}
 		return ret;
 	}
 	dev->state = VFM_STATE_RUNNING;
