@@ -199,6 +199,9 @@ int vfm_device_query_state(struct vfm_device *dev, enum vfm_state *state,
 	return ret;
 }
 
+static int try_set_locked(struct vfm_device *dev, enum vfm_state new_state,
+			  struct vfm_error *err);
+
 static int reset_locked(struct vfm_device *dev, struct vfm_error *err)
 {
 	int ret;
@@ -231,6 +234,28 @@ static int reset_locked(struct vfm_device *dev, struct vfm_error *err)
 		return ret;
 	}
 	dev->state = VFM_STATE_RUNNING;
+	if (dev->probed && mig_ops(dev)) {
+		enum vfm_state now;
+		struct vfm_error e = { 0 };
+
+		/* A reset need not leave RUNNING behind (libvfio-user keeps the
+		 * migration state): read it, and take one step to RUNNING. */
+		ret = query_state_locked(dev, &now, &e);
+		if (!ret && now != VFM_STATE_RUNNING && now != VFM_STATE_ERROR) {
+			vfm_info(dev->id, "after the reset the device reports %s: to RUNNING",
+				 vfm_state_name(now));
+			ret = try_set_locked(dev, VFM_STATE_RUNNING, &e);
+		} else if (!ret && now == VFM_STATE_ERROR) {
+			ret = vfm_error_set(&e, -EIO, "the device is in ERROR after the reset");
+		}
+		if (ret) {
+			if (ret == VFM_EPROTOCOL || dev->state == VFM_STATE_ERROR ||
+			    query_state_locked(dev, &now, NULL))
+				dev->state = VFM_STATE_ERROR;
+			vfm_err(dev->id, "after the reset: %s", e.msg);
+			return vfm_error_set(err, ret, "%s: after the reset: %s", dev->id, e.msg);
+		}
+	}
 	vfm_trace(dev->id, "state -> RUNNING (reset)");
 	return 0;
 }

@@ -398,12 +398,13 @@ int vfu_cli_reset(struct vfm_device *dev, struct vfm_error *err)
 	r = vfu_cli_simple(c, VFU_CMD_DEVICE_RESET, NULL, 0, &reply, err);
 	vfu_msg_release(&reply);
 	c->data_drained = false;
-	if (r) {
-		c->state_known = false;
-	} else {
-		c->state = VFM_STATE_RUNNING;
-		c->state_known = true;
-	}
+	/*
+	 * Ask before trusting, either way: libvfio-user's DEVICE_RESET leaves
+	 * the migration state as it was (lib/libvfio-user.c device_reset() at
+	 * efd091b calls the reset callback only), where the kernel's reset
+	 * returns the device to RUNNING.
+	 */
+	c->state_known = false;
 	vfu_cli_unlock(c);
 	return r;
 }

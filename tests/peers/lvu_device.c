@@ -14,8 +14,10 @@
  * Every tick in RUNNING or PRE_COPY the counter goes up, one page changes
  * (it is dirty for pre-copy), and the device DMA-writes the counter into the
  * first mapped DMA region (dirty for the client's DMA logging). Migration
- * data is a record stream: [u32 page index, u32 0, 4096 bytes] per dirty page,
- * then in STOP_AND_COPY a trailer record (index 0xffffffff) with the counter.
+ * data is a record stream: [u32 page index, u32 FNV-1a of the 4096 bytes,
+ * 4096 bytes] per dirty page, then in STOP_AND_COPY a trailer record (index
+ * 0xffffffff) with the counter. A record that does not check out, or half a
+ * record when RESUME ends, is refused (and dropped).
  * BAR0 (4 KiB, RW): 0x0 counter (RO), 0x8 digest (RO), 0x10 scratch (RW).
  *
  * It logs every state change and, on stderr, "lvu-device: frozen digest D
@@ -80,6 +82,15 @@ static const char *mig_name(vfu_migr_state_t s)
 	case VFU_MIGR_STATE_RESUME: return "resume";
 	}
 	return "?";
+}
+
+static uint32_t fnv32(const uint8_t *p, size_t n)
+{
+	uint32_t h = 2166136261u;
+
+	for (size_t i = 0; i < n; i++)
+		h = (h ^ p[i]) * 16777619u;
+	return h;
 }
 
 /* FNV-1a over the pages and the counter. */
@@ -201,6 +212,7 @@ static int transition(vfu_ctx_t *ctx, vfu_migr_state_t s)
 		if (d->rec_off) {
 			fprintf(stderr, "lvu-device: leaving resume with %u bytes of a record\n",
 				d->rec_off);
+			d->rec_off = 0;
 			errno = EINVAL;
 			return -1;
 		}
@@ -242,21 +254,26 @@ static bool next_record(struct lvu *d)
 
 		if (!d->dirty[i])
 			continue;
+		uint32_t sum;
+
 		d->dirty[i] = 0;
 		d->scan = i + 1;
 		memcpy(d->rec, &i, 4);
-		memset(d->rec + 4, 0, 4);
 		memcpy(d->rec + REC_HDR, d->state + (size_t)i * PAGE, PAGE);
+		sum = fnv32(d->rec + REC_HDR, PAGE);
+		memcpy(d->rec + 4, &sum, 4);
 		d->rec_len = REC_SIZE;
 		d->rec_off = 0;
 		return true;
 	}
 	if (d->mig == VFU_MIGR_STATE_STOP_AND_COPY && !d->trailer_sent) {
-		uint32_t t = TRAILER;
+		uint32_t t = TRAILER, sum;
 
 		memset(d->rec, 0, REC_SIZE);
 		memcpy(d->rec, &t, 4);
 		memcpy(d->rec + REC_HDR, &d->counter, 8);
+		sum = fnv32(d->rec + REC_HDR, PAGE);
+		memcpy(d->rec + 4, &sum, 4);
 		d->rec_len = REC_SIZE;
 		d->rec_off = 0;
 		d->trailer_sent = true;
@@ -287,9 +304,14 @@ static ssize_t read_data(vfu_ctx_t *ctx, void *buf, uint64_t count)
 
 static int apply_record(struct lvu *d)
 {
-	uint32_t idx;
+	uint32_t idx, sum;
 
 	memcpy(&idx, d->rec, 4);
+	memcpy(&sum, d->rec + 4, 4);
+	if (sum != fnv32(d->rec + REC_HDR, PAGE)) {
+		fprintf(stderr, "lvu-device: record for page %u fails its checksum\n", idx);
+		return -1;
+	}
 	if (idx == TRAILER) {
 		memcpy(&d->counter, d->rec + REC_HDR, 8);
 		return 0;
@@ -415,7 +437,10 @@ int main(int argc, char **argv)
 				perror("lvu-device: attach");
 				break;
 			}
-			usleep(10000);
+			/* The device runs with no client too. */
+			if (d.mig == VFU_MIGR_STATE_RUNNING)
+				tick(&d);
+			usleep((useconds_t)tick_ms * 1000);
 			continue;
 		}
 		clients++;
