@@ -47,19 +47,60 @@ static void refresh_precopy_info(struct vfm_mig_device *md)
 	}
 }
 
+static uint64_t vfio_pending_estimate(void *opaque);
+
+static void sc_publish(struct vfm_mig_device *md, uint64_t bytes, enum vfm__sc_source src)
+{
+	atomic_store(&md->sc_bytes, bytes);
+	atomic_store(&md->sc_source, (int)src);
+}
+
+/*
+ * The stop-copy size policy (docs/interop.md): the device's own figure when
+ * it has one (kernel MIG_DATA_SIZE, our vfio-user extension); else the
+ * stop-copy-size= property; else, for a device that cannot say (-ENOTSUP:
+ * libvfio-user, a plain vfio-user server), an estimate from what it produced
+ * in its last pre-copy round (vfio_pending_estimate), reported as such;
+ * a device that fails to say counts as 100 GiB, as QEMU, so the downtime is
+ * never under-estimated. Each case but the first is logged once per
+ * migration, so a migration that cannot converge never loops silently.
+ */
 static void refresh_stop_copy_size(struct vfm_mig_device *md)
 {
+	struct vfm_error e = { 0 };
 	uint64_t size;
-	int ret = vfm_device_stop_copy_size(md->dev, &size, NULL);
+	int ret = vfm_device_stop_copy_size(md->dev, &size, &e);
 
 	if (ret == 0) {
 		md->stop_copy_size = size;
 		md->stop_copy_known = true;
-	} else if (ret != -ENOTSUP) {
+		sc_publish(md, size, VFM__SC_DEVICE);
+		return;
+	}
+	if (md->props.stop_copy_size_set) {
+		md->stop_copy_size = md->props.stop_copy_size;
+		md->stop_copy_known = true;
+		sc_publish(md, md->stop_copy_size, VFM__SC_PROPERTY);
+		if (!md->sc_warned)
+			vfm_info(md_id(md), "stop-copy size %" PRIu64 " bytes from stop-copy-size= "
+				 "(the device: %s)", md->stop_copy_size, e.msg);
+	} else if (ret == -ENOTSUP) {
+		/* Not known: vfio_pending_exact() uses the estimate. */
+		md->stop_copy_known = false;
+		sc_publish(md, vfio_pending_estimate(md), VFM__SC_ESTIMATE);
+		if (!md->sc_warned)
+			vfm_warn(md_id(md), "the device cannot report its stop-copy size: estimating "
+				 "it from its last pre-copy round; set stop-copy-size=SIZE to state it");
+	} else {
 		md->stop_copy_size = DEV_STOP_COPY_UNKNOWN;
 		md->stop_copy_known = true;
+		sc_publish(md, DEV_STOP_COPY_UNKNOWN, VFM__SC_UNKNOWN);
+		if (!md->sc_warned)
+			vfm_warn(md_id(md), "the device failed to report its stop-copy size (%s): "
+				 "counting 100 GiB, which will not converge; set stop-copy-size=SIZE",
+				 e.msg);
 	}
-	/* -ENOTSUP (vfio-user has no such query): keep the last figure, 0 at first. */
+	md->sc_warned = true;
 }
 
 /* The savable's section id is needed for records; found through the registry. */
@@ -91,6 +132,7 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->precopy_init = md->precopy_dirty = md->last_iter_bytes = 0;
 	md->stop_copy_size = 0;
 	md->stop_copy_known = false;
+	md->sc_warned = false;
 	md->cfg_len = 0;
 	atomic_store(&md->transferred, 0);
 	refresh_stop_copy_size(md);

@@ -18,7 +18,11 @@ case $mode in
 tcp) in_uri="tcp:127.0.0.1:0" ;;
 *) in_uri="unix:$tmp/mig" ;;
 esac
-bg src.log timeout -k 5 100 "$bin" vm --mem 64M --guest none --device "vfio-user:$tmp/d-src" \
+# The device cannot report its stop-copy size: over tcp it is stated
+# (stop-copy-size=), otherwise estimated from the last pre-copy round.
+props=""; sc_src=estimate
+[ "$mode" = tcp ] && { props=",stop-copy-size=2M"; sc_src=property; }
+bg src.log timeout -k 5 100 "$bin" vm --mem 64M --guest none --device "vfio-user:$tmp/d-src$props" \
 	--control "$tmp/src"
 src_pid=$last
 bg dst.log timeout -k 5 100 "$bin" vm --mem 64M --guest none --device "vfio-user:$tmp/d-dst" \
@@ -69,6 +73,12 @@ ctl "$tmp/dst" status | grep -q "^vm: running" && ok "destination running" \
 json=$(ctl "$tmp/src" status --json)
 echo "$json" | grep -q '"precopy_bytes":[1-9]' && ok "pre-copy carried device data" \
 	|| echo "note: no precopy_bytes in status: $json"
+echo "$json" | grep -q "\"stop_copy_size_source\":\"$sc_src\"" && ok "query-migrate: stop-copy size source $sc_src" \
+	|| bad "stop_copy_size_source is not $sc_src: $json"
+[ "$mode" = tcp ] && { echo "$json" | grep -q '"stop_copy_size":2097152' && ok "stop-copy-size=2M used" \
+	|| bad "stop_copy_size not 2M: $json"; }
+grep -q "cannot report its stop-copy size" "$tmp/src.log" && [ "$sc_src" = estimate ] \
+	&& ok "the estimate is logged" || [ "$sc_src" != estimate ] || bad "no log line about the estimate"
 frozen=$(digest_of src-dev.log frozen)
 loaded=$(digest_of dst-dev.log loaded)
 [ -n "$frozen" ] && [ "$frozen" = "$loaded" ] && ok "destination state equals the source's: $frozen" \
