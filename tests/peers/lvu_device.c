@@ -61,6 +61,7 @@ struct lvu {
 	/* The first DMA region with a local mapping. */
 	uint64_t dma_iova, dma_len;
 	bool dma_ok;
+	bool resume_abandoned;   /* reset while in RESUME: what was loaded is not a state */
 	bool verbose;
 };
 
@@ -165,12 +166,23 @@ static void dma_unregister(vfu_ctx_t *ctx, vfu_dma_info_t *info)
 		d->dma_ok = false;
 }
 
+/*
+ * A reset forgets a half-loaded stream. libvfio-user keeps the migration
+ * state across it (docs/interop.md): a device left in RESUME must be able
+ * to leave it afterwards.
+ */
 static int dev_reset(vfu_ctx_t *ctx, vfu_reset_type_t type)
 {
 	struct lvu *d = vfu_get_private(ctx);
 
 	(void)type;
 	d->scratch = 0;
+	if (d->mig == VFU_MIGR_STATE_RESUME) {
+		fprintf(stderr, "lvu-device: reset in resume: %u bytes of a record dropped\n",
+			d->rec_off);
+		d->rec_off = 0;
+		d->resume_abandoned = true;
+	}
 	return 0;
 }
 
@@ -216,7 +228,11 @@ static int transition(vfu_ctx_t *ctx, vfu_migr_state_t s)
 			errno = EINVAL;
 			return -1;
 		}
-		log_digest(d, "loaded");
+		if (d->resume_abandoned)
+			fprintf(stderr, "lvu-device: leaving an abandoned resume\n");
+		else
+			log_digest(d, "loaded");
+		d->resume_abandoned = false;
 	}
 	switch (s) {
 	case VFU_MIGR_STATE_PRE_COPY:
@@ -235,6 +251,7 @@ static int transition(vfu_ctx_t *ctx, vfu_migr_state_t s)
 		log_digest(d, "frozen");
 		break;
 	case VFU_MIGR_STATE_RESUME:
+		d->resume_abandoned = false;
 		memset(d->state, 0, (size_t)d->npages * PAGE);
 		d->counter = 0;
 		d->rec_off = 0;

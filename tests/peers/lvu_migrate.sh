@@ -3,7 +3,7 @@
 # between two `vfiomig vm --guest none` processes, with pre-copy and defaults
 # otherwise (docs/interop.md). MODE unix|tcp: one migration, the destination's
 # device state equals the source's frozen state. MODE cancel: a migration held
-# in pre-copy (a tiny downtime limit) is cancelled; the device is back in
+# in pre-copy (a tiny bandwidth and downtime limit) is cancelled; the device is back in
 # RUNNING and still changing, and a second attempt completes.
 # CHANNELS: multifd-channels for the run (0: none).
 # usage: lvu_migrate.sh VFIOMIG LVU_DEVICE LVU_CLIENT unix|tcp|cancel CHANNELS
@@ -44,8 +44,9 @@ ok "destination listens on $uri"
 ctl "$tmp/src" set multifd-channels="$channels" || bad "set multifd-channels=$channels"
 
 if [ "$mode" = cancel ]; then
-	# 1 ms of downtime is never enough for 1 MiB of device state: held in pre-copy.
-	ctl "$tmp/src" set downtime-limit=1 max-bandwidth=4M/s || bad "set downtime-limit=1"
+	# Held in pre-copy: the device's 1 MiB of initial data needs 16 s at
+	# 64 KiB/s, and 1 ms of downtime fits 64 bytes.
+	ctl "$tmp/src" set downtime-limit=1 max-bandwidth=64K/s || bad "set downtime-limit=1"
 	ctl "$tmp/src" migrate "$uri" && ok "migrate started" || bad "migrate did not start"
 	wait_grep "$tmp/src-dev.log" "state running -> pre-copy" && ok "device in pre-copy" \
 		|| bad "device never entered pre-copy"
