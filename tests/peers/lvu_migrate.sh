@@ -72,8 +72,11 @@ echo "$out" | grep -q "migration: completed" && ok "migration completed" || bad 
 ctl "$tmp/dst" status | grep -q "^vm: running" && ok "destination running" \
 	|| bad "destination: $(ctl "$tmp/dst" status)"
 json=$(ctl "$tmp/src" status --json)
-echo "$json" | grep -q '"precopy_bytes":[1-9]' && ok "pre-copy carried device data" \
-	|| echo "note: no precopy_bytes in status: $json"
+echo "$json" | grep -q "\"multifd_channels\":$channels," && ok "$channels multifd channels used" \
+	|| bad "multifd_channels is not $channels: $json"
+grep -q "state running -> pre-copy" "$tmp/src-dev.log" && grep -q "state pre-copy -> stop-copy" "$tmp/src-dev.log" \
+	&& ok "pre-copy in use: RUNNING -> PRE_COPY -> STOP_COPY" \
+	|| bad "no pre-copy: $(grep state "$tmp/src-dev.log" | tr '\n' ' ')"
 echo "$json" | grep -q "\"stop_copy_size_source\":\"$sc_src\"" && ok "query-migrate: stop-copy size source $sc_src" \
 	|| bad "stop_copy_size_source is not $sc_src: $json"
 [ "$mode" = tcp ] && { echo "$json" | grep -q '"stop_copy_size":2097152' && ok "stop-copy-size=2M used" \
