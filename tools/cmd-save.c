@@ -136,8 +136,13 @@ static int save_run(const char *spec, const char *file)
 	 * that silently lacks it.
 	 */
 	r = vfm_device_set_state(dev, VFM_STATE_STOP, VFM_STATE_RUNNING, &err);
-	if (!r && h.ident.pci && (r = vfm_pci_config_save(dev, &cfg, &err)))
-		r = vfm_error_set(&err, r, "config space: %s", err.msg);
+	if (!r && h.ident.pci) {
+		struct vfm_error ce = { 0 };
+
+		r = vfm_pci_config_save(dev, &cfg, &ce);
+		if (r)
+			vfm_error_set(&err, r, "config space lost, nothing saved: %s", ce.msg);
+	}
 	if (!r)
 		r = vfm_device_set_state(dev, VFM_STATE_STOP_COPY, VFM_STATE_RUNNING, &err);
 	if (!r)

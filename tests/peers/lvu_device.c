@@ -5,6 +5,8 @@
  * the server side of, for the interoperability tests (docs/interop.md).
  *
  *   lvu_device --socket PATH [--state-size BYTES] [--tick-ms N] [--once] [-v]
+ *              [--config-fails-in-stop]   (config space past the header cannot be
+ *                                          read in STOP: a save must fail)
  *
  * What it offers is what libvfio-user offers at efd091b: STOP_COPY | PRE_COPY
  * (no P2P), DMA logging of fd-backed DMA regions, no MIG_DATA_SIZE and no
@@ -62,6 +64,7 @@ struct lvu {
 	uint64_t dma_iova, dma_len;
 	bool dma_ok;
 	bool resume_abandoned;   /* reset while in RESUME: what was loaded is not a state */
+	bool cfg_fails_in_stop;  /* --config-fails-in-stop: config reads past the header fail in STOP */
 	bool verbose;
 };
 
@@ -144,6 +147,21 @@ static ssize_t bar0_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t off, 
 		return 8;
 	}
 	memcpy(buf, (char *)regs + off, count);
+	return (ssize_t)count;
+}
+
+/* Config space past the standard header (libvfio-user serves the header). */
+static ssize_t config_access(vfu_ctx_t *ctx, char *buf, size_t count, loff_t off, bool is_write)
+{
+	struct lvu *d = vfu_get_private(ctx);
+	char *cs = (char *)vfu_pci_get_config_space(ctx);
+
+	if (off < 0 || (uint64_t)off + count > 256 || is_write ||
+	    (d->cfg_fails_in_stop && d->mig == VFU_MIGR_STATE_STOP)) {
+		errno = is_write ? EINVAL : EIO;
+		return -1;
+	}
+	memcpy(buf, cs + off, count);
 	return (ssize_t)count;
 }
 
@@ -392,6 +410,8 @@ static int setup(struct lvu *d, const char *path)
 	vfu_pci_set_id(d->ctx, 0x4e58, 0x0001, 0x4e58, 0x0001);
 	if (vfu_setup_region(d->ctx, VFU_PCI_DEV_BAR0_REGION_IDX, PAGE, bar0_access,
 			     VFU_REGION_FLAG_RW, NULL, 0, -1, 0) ||
+	    vfu_setup_region(d->ctx, VFU_PCI_DEV_CFG_REGION_IDX, 256, config_access,
+			     VFU_REGION_FLAG_RW, NULL, 0, -1, 0) ||
 	    vfu_setup_device_dma(d->ctx, 64, dma_register, dma_unregister) ||
 	    vfu_setup_device_reset_cb(d->ctx, dev_reset) ||
 	    vfu_setup_device_migration_callbacks(d->ctx, &mig) ||
@@ -403,7 +423,7 @@ static int setup(struct lvu *d, const char *path)
 static int usage(void)
 {
 	fprintf(stderr, "usage: lvu_device --socket PATH [--state-size BYTES] [--tick-ms N] "
-		"[--once] [-v]\n");
+		"[--config-fails-in-stop] [--once] [-v]\n");
 	return 2;
 }
 
@@ -423,6 +443,8 @@ int main(int argc, char **argv)
 			size = strtoull(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "--tick-ms") && i + 1 < argc)
 			tick_ms = atoi(argv[++i]);
+		else if (!strcmp(argv[i], "--config-fails-in-stop"))
+			d.cfg_fails_in_stop = true;
 		else if (!strcmp(argv[i], "--once"))
 			once = true;
 		else if (!strcmp(argv[i], "-v"))

@@ -47,6 +47,16 @@ out=$(tool load "$dev" "$tmp/nonexistent" 2>&1); rc=$?
 [ $rc = 1 ] && ok "load of a missing file exits 1" || bad "load of a missing file: rc $rc: $out"
 out=$(tool info 2>&1); rc=$?
 [ $rc = 2 ] && ok "info without DEVICE exits 2" || bad "info without DEVICE: rc $rc"
+# A save that would lose the config space fails and leaves no file; the
+# device runs again (its config cannot be read in STOP).
+bg bad.log timeout -k 5 100 "$lvu" --socket "$tmp/b" --config-fails-in-stop
+wait_sock "$tmp/b" || bad "second device did not start"
+out=$(tool save "vfio-user:$tmp/b" "$tmp/g" 2>&1); rc=$?
+[ $rc = 1 ] && echo "$out" | grep -q "config space lost" && ok "save without config space fails: $out" \
+	|| bad "save without config space: rc $rc: $out"
+[ ! -e "$tmp/g" ] && [ ! -e "$tmp/g.tmp" ] && ok "no file left" || bad "a file was left"
+grep -q "state stop -> running" "$tmp/bad.log" && ok "the device runs again" \
+	|| bad "device states: $(grep state "$tmp/bad.log" | tr '\n' ' ')"
 grep -q "Sanitizer\|runtime error" "$tmp"/*.log && bad "sanitizer reports"
 [ $fail = 0 ] || for f in "$tmp"/*.log; do echo "--- $f"; tail -30 "$f"; done
 exit $fail
