@@ -77,34 +77,38 @@ static void negotiate(int s)
 	free(rv);
 }
 
+/* DEVICE_FEATURE with len bytes of data; the reply (header + rlen) into rep. */
+static void feature(int s, uint32_t flags, const void *data, size_t len, void *rep, size_t rlen,
+		    const char *what)
+{
+	struct vfio_user_device_feature f = { (uint32_t)(sizeof(f) + (len > rlen ? len : rlen)), flags };
+	uint8_t req[sizeof(f) + 16], out[sizeof(f) + 16];
+
+	if (len > 16 || rlen > 16)
+		errx(1, "%s: feature data too large", what);
+	memcpy(req, &f, sizeof(f));
+	memcpy(req + sizeof(f), data, len);
+	if (tran_sock_msg(s, msg_id++, VFIO_USER_DEVICE_FEATURE, req, sizeof(f) + len, NULL, out,
+			  sizeof(f) + rlen) < 0)
+		err(1, "%s", what);
+	memcpy(rep, out + sizeof(f), rlen);
+}
+
 static void set_state(int s, uint32_t state)
 {
-	struct {
-		struct vfio_user_device_feature f;
-		struct vfio_user_device_feature_mig_state st;
-	} __attribute__((packed)) req = {
-		{ sizeof(req), VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE | VFIO_DEVICE_FEATURE_SET },
-		{ state, 0xffffffffu },
-	}, rep;
+	struct vfio_user_device_feature_mig_state st = { state, 0xffffffffu }, echo;
 
-	if (tran_sock_msg(s, msg_id++, VFIO_USER_DEVICE_FEATURE, &req, sizeof(req), NULL, &rep,
-			  sizeof(rep)) < 0)
-		err(1, "setting state %u", state);
+	feature(s, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE | VFIO_DEVICE_FEATURE_SET, &st, sizeof(st),
+		&echo, sizeof(echo), "setting the state");
 }
 
 static uint64_t mig_flags(int s)
 {
-	struct {
-		struct vfio_user_device_feature f;
-		struct vfio_user_device_feature_migration m;
-	} __attribute__((packed)) req = {
-		{ sizeof(req), VFIO_DEVICE_FEATURE_MIGRATION | VFIO_DEVICE_FEATURE_GET }, { 0 },
-	}, rep;
+	struct vfio_user_device_feature_migration m;
 
-	if (tran_sock_msg(s, msg_id++, VFIO_USER_DEVICE_FEATURE, &req, sizeof(req.f), NULL, &rep,
-			  sizeof(rep)) < 0)
-		err(1, "GET MIGRATION");
-	return rep.m.flags;
+	feature(s, VFIO_DEVICE_FEATURE_MIGRATION | VFIO_DEVICE_FEATURE_GET, NULL, 0, &m, sizeof(m),
+		"GET MIGRATION");
+	return m.flags;
 }
 
 /* samples/client.c read_migr_data(): the reply must fill the whole buffer. */
@@ -140,15 +144,14 @@ static void write_data(int s, const void *buf, size_t len)
 static uint64_t checksum(int s)
 {
 	struct vfio_user_region_access req = { DMADEV_REG_CHECKSUM, VFU_PCI_DEV_BAR0_REGION_IDX, 8 };
-	struct {
-		struct vfio_user_region_access a;
-		uint64_t v;
-	} __attribute__((packed)) rep;
+	uint8_t rep[sizeof(req) + 8];
+	uint64_t v;
 
-	if (tran_sock_msg(s, msg_id++, VFIO_USER_REGION_READ, &req, sizeof(req), NULL, &rep,
+	if (tran_sock_msg(s, msg_id++, VFIO_USER_REGION_READ, &req, sizeof(req), NULL, rep,
 			  sizeof(rep)) < 0)
 		err(1, "REGION_READ of CHECKSUM");
-	return rep.v;
+	memcpy(&v, rep + sizeof(req), 8);
+	return v;
 }
 
 /* Appends what the device gives until a reply shorter than asked (or empty). */
