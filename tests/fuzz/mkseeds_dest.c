@@ -310,7 +310,7 @@ static void record_file(const char *dir, const char *tmp)
 	char uri[4200], path[4096];
 	unsigned char *buf;
 	FILE *f;
-	long n;
+	long n = 0;
 
 	if (fz_side_init(&s, 5, NULL, NULL))
 		exit(1);
