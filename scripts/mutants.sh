@@ -34,6 +34,18 @@ run() {
 		>"$scratch/last.log" 2>&1
 }
 
+# The last run's failing output: what meson logged of each failed test.
+why() {
+	python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    t = json.loads(line)
+    if t.get("result") != "OK":
+        for k in ("stdout", "stderr"):
+            print("\n".join((t.get(k) or "").splitlines()[-15:]))
+' "$scratch/build/meson-logs/testlog.json"
+}
+
 # mutant ID FILE PERL_SUBSTITUTION TEST [CASE...]
 mutant() {
 	local id=$1 file=$2 expr=$3; shift 3
@@ -59,7 +71,11 @@ mutant() {
 	if run "$@"; then
 		echo "      $id: '$*' passes on the real code"
 	else
-		echo "FAILED $id: '$*' fails on the real code too"; tail -20 "$scratch/last.log"
+		echo "FAILED $id: '$*' fails on the real code too:"
+		why
+		if run "$@"; then
+			echo "FLAKY  $id: '$*' passed when run again"
+		fi
 		status=1
 	fi
 }
