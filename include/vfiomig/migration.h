@@ -64,6 +64,8 @@ struct vfm_migration_params {
 };
 VFM_EXPORT void vfm_migration_params_default(struct vfm_migration_params *p);
 
+#define VFM_SAVABLE_NAME_MAX 64
+
 struct vfm_migration_stats {
 	enum vfm_mig_status status;
 	char error[VFM_ERROR_MSG_MAX];
@@ -78,6 +80,15 @@ struct vfm_migration_stats {
 	unsigned multifd_channels;
 	bool downtime_from_same_clock;  /* false: corrected by RTT (other host) */
 	uint64_t multifd_ram_bytes;     /* part of ram_transferred_bytes on the multifd channels */
+	/* The convergence report: false once several iterations in a row did
+	 * not bring the pending data down while it stays above the threshold. */
+	bool converging;
+	/* The downtime the least pending seen would need at the bandwidth the
+	 * switchover assumes (0 until a first exact check). */
+	double needed_downtime_ms;
+	/* The savable with the most pending data at the last exact check
+	 * ("ram", "vfio:ID", ...): what keeps the migration from converging. */
+	char blocker[VFM_SAVABLE_NAME_MAX];
 };
 
 /*
@@ -138,7 +149,6 @@ struct vfm_savable_ops {
 	void (*load_cleanup)(void *opaque, bool succeeded);
 };
 
-#define VFM_SAVABLE_NAME_MAX 64
 
 VFM_EXPORT int vfm_migration_new(struct vfm_guest_mem *mem, const struct vfm_vm_ops *vm,
 				 void *vm_opaque, struct vfm_migration **out,
@@ -169,6 +179,20 @@ VFM_EXPORT void vfm_migration_get_stats(struct vfm_migration *m,
  * or last migration; 0 when dev is not part of m. */
 VFM_EXPORT uint64_t vfm_migration_device_transferred(struct vfm_migration *m,
 						     const struct vfm_device *dev);
+/* dev's pending bytes at the last exact check of the running (or last)
+ * migration, and the rate (bytes/s) at which it produced new data between
+ * the last two checks; both 0 when dev is not part of m. */
+VFM_EXPORT void vfm_migration_device_pending(struct vfm_migration *m, const struct vfm_device *dev,
+					     uint64_t *pending, double *dirty_rate_bps);
+/*
+ * Applies the live parameters of p (downtime_limit_ms, max_bandwidth,
+ * avail_switchover_bandwidth) to the running migration, as QEMU's
+ * migrate-set-parameters does; the source thread uses them from its next
+ * loop turn. Without a running migration: nothing (the next one takes its
+ * parameters from vfm_migration_start).
+ */
+VFM_EXPORT void vfm_migration_set_live_params(struct vfm_migration *m,
+					      const struct vfm_migration_params *p);
 
 /*
  * Destination: listen on uri, load one incoming migration, resume the guest

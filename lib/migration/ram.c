@@ -154,6 +154,11 @@ static int ram_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error *
 		len += 16;
 	}
 	vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, buf, len);
+	/* Every page is to send, from the first iteration on (QEMU sets the
+	 * whole bitmap in ram_save_setup): the send set does not wait for a
+	 * dirty sync, which may not come soon while a device is busy. */
+	vfm_dirty_mark_all(ram->mem);
+	vfm__ram_sync(ram);
 	ram->cur_region = 0;
 	ram->cur_page = 0;
 	ram->chan_ret = 0;

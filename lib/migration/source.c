@@ -33,6 +33,15 @@
 #define PROBE_MAX 4
 #define PROBE_BYTES (8ull << 20)
 #define PROBE_RECORD (1u << 20)
+/* Main carries a record at least this often (capped at a quarter of the
+ * timeout): the destination fails a peer silent for timeout_ms, and a
+ * pre-copy may legitimately have nothing to send for long. */
+#define KEEPALIVE_NS 1000000000ull
+/* An iteration that moved nothing naps this long before the next one. */
+#define IDLE_NAP_NS 10000000ull
+/* Exact checks in a row without progress (pending not under 90 % of the
+ * least seen) before the migration is reported as not converging. */
+#define STALL_ITERS 3
 
 struct source {
 	struct vfm_migration *m;
@@ -64,7 +73,18 @@ struct source {
 	double expected_ms;
 	uint64_t ping_token;
 	bool phase_done[VFM__PH_COUNT];
+	/* Keepalive on main (migration thread). */
+	uint64_t ka_ns, ka_bytes;
+	/* Convergence: the exact checks that end the iterations. */
+	bool have_exact;
+	uint64_t exact_ns;           /* time of the last one */
+	uint64_t best_pending;       /* least pending seen at one */
+	unsigned stalled;            /* in a row without progress */
+	bool converging;
+	char blocker[VFM_SAVABLE_NAME_MAX];
 };
+
+static double switchover_bw(const struct source *src);
 
 /* Bytes sent so far, on main and the channels (pre-copy RAM uses them). */
 static uint64_t out_bytes(struct source *src)
@@ -92,6 +112,10 @@ static void update_stats(struct source *src, uint64_t pending)
 		st->expected_downtime_ms = src->expected_ms;
 	else
 		st->expected_downtime_ms = src->bw > 0 ? (double)pending * 1000.0 / src->bw : 0;
+	st->converging = src->converging;
+	st->needed_downtime_ms = src->have_exact && switchover_bw(src) > 0 ?
+				 (double)src->best_pending * 1000.0 / switchover_bw(src) : 0;
+	snprintf(st->blocker, sizeof(st->blocker), "%s", src->blocker);
 	st->total_time_ms = (now - src->t_start) / 1000000ull;
 	if (st->total_time_ms)
 		st->throughput_mbps = (double)st->transferred_bytes * 8.0 / 1000.0 /
@@ -321,13 +345,25 @@ static uint64_t pending_estimate(struct vfm_migration *m)
 	return sum;
 }
 
-static int pending_exact(struct vfm_migration *m, uint64_t *out, struct vfm_error *err)
+/*
+ * The end of an iteration (after a dirty sync): every savable's exact figure,
+ * which also starts its next pass; the rate at which each produced new data
+ * since the last check (pending now - pending then + what it sent, over the
+ * time); and the convergence report: the least pending seen, how many checks
+ * in a row made no progress against it, and the savable with the most.
+ */
+static int exact_check(struct source *src, double threshold, uint64_t *out,
+		       struct vfm_error *err)
 {
-	uint64_t sum = 0, v;
-	int ret;
+	struct vfm_migration *m = src->m;
+	uint64_t sum = 0, v, now = vfm__now_ns(), most = 0;
+	double dt = src->have_exact ? (double)(now - src->exact_ns) / 1e9 : 0;
+	int ret, top = -1;
 
 	for (unsigned i = 0; i < m->nsv; i++) {
-		const struct vfm_savable *sv = &m->sv[i];
+		struct vfm_savable *sv = &m->sv[i];
+		double rate = 0;
+
 		if (sv->ops->pending_exact) {
 			ret = sv->ops->pending_exact(sv->opaque, &v, err);
 			if (ret)
@@ -335,8 +371,41 @@ static int pending_exact(struct vfm_migration *m, uint64_t *out, struct vfm_erro
 		} else {
 			v = sv->ops->pending_estimate ? sv->ops->pending_estimate(sv->opaque) : 0;
 		}
+		if (dt > 0 && (double)v + (double)sv->sent_iter > (double)sv->exact_prev)
+			rate = ((double)v + (double)sv->sent_iter - (double)sv->exact_prev) / dt;
+		pthread_mutex_lock(&m->lock);
+		sv->rpt_pending = v;
+		if (dt > 0)
+			sv->rpt_dirty_rate = rate;
+		pthread_mutex_unlock(&m->lock);
+		sv->exact_prev = v;
+		sv->sent_iter = 0;
+		sv->pass_done = false;
+		if (v > most || top < 0) {
+			most = v;
+			top = (int)i;
+		}
 		sum += v;
 	}
+	if (!src->have_exact || (double)sum < 0.9 * (double)src->best_pending) {
+		src->stalled = 0;
+	} else if ((double)sum > threshold) {
+		src->stalled++;
+	} else {
+		src->stalled = 0;
+	}
+	if (!src->have_exact || sum < src->best_pending)
+		src->best_pending = sum;
+	src->have_exact = true;
+	src->exact_ns = now;
+	if (src->converging && src->stalled >= STALL_ITERS)
+		vfm_warn(LOG, "not converging: %" PRIu64 " bytes pending stay above the threshold "
+			 "of %.0f bytes (most from %s); it would need a downtime of %.0f ms",
+			 sum, threshold, top >= 0 ? m->sv[top].name : "?",
+			 switchover_bw(src) > 0 ?
+			 (double)src->best_pending * 1000.0 / switchover_bw(src) : 0.0);
+	src->converging = src->stalled < STALL_ITERS;
+	snprintf(src->blocker, sizeof(src->blocker), "%s", top >= 0 ? m->sv[top].name : "");
 	*out = sum;
 	return 0;
 }
@@ -395,24 +464,137 @@ static int do_setup(struct source *src, struct vfm_error *err)
 	return 0;
 }
 
-/* Pre-copy until the rest fits the downtime limit. */
+/*
+ * Main carries something at least every KEEPALIVE_NS: a PAD record when
+ * nothing else went on it (RAM may use the multifd channels, a device may
+ * have nothing to give, pending may sit above the threshold for long), and a
+ * flush either way, so a destination waiting on main never times out while
+ * the source is alive and the user can still change the parameters.
+ */
+static void keepalive(struct source *src)
+{
+	uint64_t now = vfm__now_ns(), every = KEEPALIVE_NS;
+	uint64_t b = vfm_stream_bytes(src->out);
+
+	if (src->p.timeout_ms && src->p.timeout_ms * 1000000ull / 4 < every)
+		every = src->p.timeout_ms * 1000000ull / 4;
+	if (now - src->ka_ns < every)
+		return;
+	if (b == src->ka_bytes) {
+		unsigned char none = 0;
+
+		vfm_stream_put_record(src->out, VFM_REC_PAD, 0, 0, &none, 0);
+	}
+	vfm_stream_flush(src->out);
+	src->ka_ns = now;
+	src->ka_bytes = vfm_stream_bytes(src->out);
+}
+
+/* migrate-set-parameters during the migration: the live ones apply now. */
+static void read_live_params(struct source *src, uint64_t *budget)
+{
+	struct vfm_migration *m = src->m;
+	bool changed;
+
+	pthread_mutex_lock(&m->lock);
+	changed = m->params_changed;
+	if (changed) {
+		src->p.downtime_limit_ms = m->params.downtime_limit_ms;
+		src->p.max_bandwidth = m->params.max_bandwidth;
+		src->p.avail_switchover_bandwidth = m->params.avail_switchover_bandwidth;
+		m->params_changed = false;
+	}
+	pthread_mutex_unlock(&m->lock);
+	if (!changed)
+		return;
+	*budget = vfm__iter_budget(src->p.max_bandwidth);
+	/* A new rate: the limiter's window starts again. */
+	src->win_start = vfm__now_ns();
+	src->win_bytes0 = out_bytes(src);
+	src->win_busy = false;
+	vfm_info(LOG, "live parameters: downtime-limit %" PRIu64 " ms, max-bandwidth %" PRIu64
+		 " B/s, avail-switchover-bandwidth %" PRIu64 " B/s", src->p.downtime_limit_ms,
+		 src->p.max_bandwidth, src->p.avail_switchover_bandwidth);
+}
+
+/* Whether every savable that iterates has its pass of this iteration out. */
+static bool all_passed(struct vfm_migration *m)
+{
+	for (unsigned i = 0; i < m->nsv; i++) {
+		const struct vfm_savable *sv = &m->sv[i];
+
+		if (!sv->ops->save_iterate ||
+		    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
+			continue;
+		if (!sv->pass_done)
+			return false;
+	}
+	return true;
+}
+
+/* One bounded turn for every savable whose pass is not out yet; the bytes. */
+static int iterate_turns(struct source *src, uint64_t budget, uint64_t *moved,
+			 struct vfm_error *err)
+{
+	struct vfm_migration *m = src->m;
+	int ret;
+
+	*moved = 0;
+	for (unsigned i = 0; i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+		uint64_t b0 = out_bytes(src), n;
+
+		if (!sv->ops->save_iterate || sv->pass_done ||
+		    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
+			continue;
+		ret = sv->ops->save_iterate(sv->opaque, src->out, budget, err);
+		if (ret < 0)
+			return vfm_error_set(err, ret, "pre-copy of %s", sv->name);
+		n = out_bytes(src) - b0;
+		sv->sent_iter += n;
+		*moved += n;
+		if (ret == 1)
+			sv->pass_done = true;
+	}
+	return 0;
+}
+
+/*
+ * Pre-copy until the rest fits the downtime limit. An iteration gives every
+ * savable bounded turns until its pass is out (RAM: its send set, filled at
+ * setup and by each sync, is empty; a device: it read what it had pending at
+ * the last exact check, or it has nothing now); then, or as soon as the
+ * cheap estimate fits the threshold (QEMU's migration_iteration_run), a dirty
+ * sync and the exact figures decide, and the next iteration starts. No
+ * savable waits on another's pass: RAM moves from the first iteration
+ * whatever the devices do.
+ */
 static int do_iterate(struct source *src, struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
 	uint64_t pending = 0, iterations = 0, budget = vfm__iter_budget(src->p.max_bandwidth);
+	uint64_t moved_iter = 0, moved;
 	unsigned drains = 0;
 	int ret;
 
 	src->win_start = vfm__now_ns();
 	src->win_bytes0 = out_bytes(src);
+	src->ka_ns = vfm__now_ns();
+	src->ka_bytes = vfm_stream_bytes(src->out);
+	src->converging = true;
+	for (unsigned i = 0; i < m->nsv; i++) {
+		m->sv[i].pass_done = false;
+		m->sv[i].sent_iter = m->sv[i].exact_prev = 0;
+	}
 	for (;;) {
 		double threshold, bw;
-		bool all_done = true;
+		bool passed;
 
 		if (atomic_load(&m->cancel))
 			return vfm_error_set(err, VFM_ECANCELED, "migration cancelled");
 		if ((ret = poll_return_path(src, err)))
 			return ret;
+		read_live_params(src, &budget);
 		bandwidth_tick(src);
 		/* No real window yet: probe once the first window measured something
 		 * or, sooner, once a whole pass is out (an idle guest need not wait
@@ -431,13 +613,24 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			bw = switchover_bw(src);
 			threshold = bw * (double)src->p.downtime_limit_ms / 1000.0;
 		}
-		if (bw > 0 && (double)pending <= threshold) {
+		passed = all_passed(m);
+		if ((bw > 0 && (double)pending <= threshold) || passed) {
+			/* The end of an iteration: sync, exact figures, decide. */
+			vfm_stream_flush(src->out);
 			vfm__log_sync(m, true);
 			iterations++;
-			if ((ret = pending_exact(m, &pending, err)))
+			if (passed)
+				src->pass_done = true;
+			if ((ret = exact_check(src, threshold, &pending, err)))
 				return ret;
+			pthread_mutex_lock(&m->lock);
+			m->stats.precopy_iterations = iterations;
+			pthread_mutex_unlock(&m->lock);
 			update_stats(src, pending);
-			if ((double)pending <= threshold) {
+			vfm_debug(LOG, "iteration %" PRIu64 ": %" PRIu64 " bytes moved, %" PRIu64
+				  " pending, threshold %.0f, %.1f MB/s%s", iterations, moved_iter,
+				  pending, threshold, bw / 1e6, src->converging ? "" : ", not converging");
+			if (bw > 0 && (double)pending <= threshold) {
 				if (all_acked(m) && src->rp && drains < DRAIN_MAX) {
 					/*
 					 * Let the destination catch up before the guest
@@ -450,7 +643,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 					if ((ret = measure_rtt(src, err)))
 						return ret;
 					vfm__log_sync(m, true);
-					if ((ret = pending_exact(m, &pending, err)))
+					if ((ret = exact_check(src, threshold, &pending, err)))
 						return ret;
 					if ((double)pending > threshold)
 						continue;
@@ -462,40 +655,20 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 				}
 				phase(src, VFM__PH_ACK_WAIT);
 			}
-		}
-		for (unsigned i = 0; i < m->nsv; i++) {
-			struct vfm_savable *sv = &m->sv[i];
-
-			if (!sv->ops->save_iterate ||
-			    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
-				continue;
-			ret = sv->ops->save_iterate(sv->opaque, src->out, budget, err);
-			if (ret < 0)
-				return vfm_error_set(err, ret, "pre-copy of %s", sv->name);
-			if (ret == 0)
-				all_done = false;
-		}
-		if (all_done) {
-			/* A pass over everything dirty: sync for the next one. */
-			vfm_stream_flush(src->out);
-			vfm__log_sync(m, true);
-			iterations++;
-			src->pass_done = iterations > 1;   /* pass 1 ran before the first sync */
-			vfm_debug(LOG, "pass %" PRIu64 " done: %" PRIu64 " bytes out, %" PRIu64
-				  " pending, %.1f MB/s", iterations, out_bytes(src),
-				  pending_estimate(m), switchover_bw(src) / 1e6);
-			if (pending_estimate(m) == 0) {
-				/* Idle: wait for the guest or for acks rather than spin. */
-				struct timespec ts = { 0, 5000000 };
+			if (!moved_iter) {
+				/* Idle: wait for the guest, a device or acks rather than spin. */
+				struct timespec ts = { 0, (long)IDLE_NAP_NS };
 				nanosleep(&ts, NULL);
 			}
-		} else {
-			src->win_busy = true;
+			moved_iter = 0;
 		}
-		pthread_mutex_lock(&m->lock);
-		m->stats.precopy_iterations = iterations;
-		pthread_mutex_unlock(&m->lock);
-		update_stats(src, pending);
+		if ((ret = iterate_turns(src, budget, &moved, err)))
+			return ret;
+		moved_iter += moved;
+		if (moved)
+			src->win_busy = true;
+		update_stats(src, pending_estimate(m));
+		keepalive(src);
 		rate_limit(src);
 		if (vfm_stream_error(src->out, err))
 			return err ? err->code : -EIO;
