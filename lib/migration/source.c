@@ -690,7 +690,10 @@ static int stop_devices(struct vfm_migration *m, struct vfm_error *err)
 		struct vfm_mig_device *md = m->devs[i];
 		enum vfm_state st = vfm_device_state(md->dev), to;
 
-		if (!(md->flags & VFM_MIG_P2P))
+		/* A device that never ran in this migration (stopped at setup)
+		 * stays stopped: quiescing applies to running ones only. */
+		if (!(md->flags & VFM_MIG_P2P) ||
+		    (st != VFM_STATE_PRE_COPY && st != VFM_STATE_RUNNING))
 			continue;
 		to = st == VFM_STATE_PRE_COPY ? VFM_STATE_PRE_COPY_P2P : VFM_STATE_RUNNING_P2P;
 		ret = vfm_device_set_state(md->dev, to, st, err);
@@ -837,6 +840,31 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	return 0;
 }
 
+/*
+ * Rollback, before any device goes back to RUNNING: every stopped P2P device
+ * first to RUNNING_P2P, so none runs (and starts DMA to a peer) while another is still
+ * stopped or saving; each save_cleanup then takes its device on to RUNNING.
+ * QEMU does the same through its VM state change "prepare" notifier
+ * (vfio_vmstate_change_prepare in hw/vfio/migration.c) before the
+ * RUNNING one.
+ */
+static void p2p_quiesce_all(struct vfm_migration *m)
+{
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct vfm_mig_device *md = m->devs[i];
+		enum vfm_state st = vfm_device_state(md->dev);
+		struct vfm_error e = { 0 };
+
+		/* PRE_COPY runs (the device does DMA): it goes straight back,
+		 * as QEMU's failure notifier takes it (PRE_COPY -> RUNNING). */
+		if (!(md->flags & VFM_MIG_P2P) || st == VFM_STATE_RUNNING ||
+		    st == VFM_STATE_RUNNING_P2P || st == VFM_STATE_PRE_COPY || st == VFM_STATE_ERROR)
+			continue;
+		if (vfm_device_set_state(md->dev, VFM_STATE_RUNNING_P2P, VFM_STATE_ERROR, &e))
+			vfm_err(vfm_device_id(md->dev), "to RUNNING_P2P on rollback: %s", e.msg);
+	}
+}
+
 static void finish(struct source *src, int ret, const struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
@@ -857,6 +885,8 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 	src->mf_bytes = vfm__mf_src_bytes(src->mf);
 	vfm__mf_src_close(src->mf);
 	src->mf = NULL;
+	if (rollback)
+		p2p_quiesce_all(m);
 	for (unsigned i = 0; i < m->nsv; i++)
 		if (m->sv[i].ops->save_cleanup)
 			m->sv[i].ops->save_cleanup(m->sv[i].opaque, !rollback);
