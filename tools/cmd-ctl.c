@@ -79,6 +79,14 @@ static const char *get_str(json_object *o, const char *key)
 		       ? json_object_get_string(v) : "";
 }
 
+/* Absent: true (an older VM says nothing about convergence). */
+static bool get_bool(json_object *o, const char *key)
+{
+	json_object *v;
+
+	return !json_object_object_get_ex(o, key, &v) || json_object_get_boolean(v);
+}
+
 static const char *size_str(int64_t n, char *buf, size_t len)
 {
 	return vfm_format_size(n < 0 ? 0 : (uint64_t)n, buf, len);
@@ -104,6 +112,10 @@ static void print_migration(json_object *mig, FILE *out)
 			fprintf(out, ", %" PRId64 " iterations", get_i64(mig, "precopy_iterations"));
 	}
 	fprintf(out, "\n");
+	if (!strcmp(st, "active") && !get_bool(mig, "converging"))
+		fprintf(out, "  not converging: it would need a downtime of about %.0f ms "
+			"(limit %" PRId64 "); most pending: %s\n", get_double(mig, "needed_downtime_ms"),
+			get_i64(mig, "downtime_limit_ms"), get_str(mig, "bottleneck"));
 	if (get_str(mig, "error")[0])
 		fprintf(out, "  error: %s\n", get_str(mig, "error"));
 }
@@ -229,6 +241,10 @@ static int wait_migration(struct ctl_client *c)
 			       size_str(get_i64(mig, "transferred_bytes"), b1, sizeof(b1)),
 			       size_str(get_i64(mig, "pending_bytes"), b2, sizeof(b2)),
 			       size_str((int64_t)get_double(mig, "bandwidth_bps"), b3, sizeof(b3)));
+			if (!get_bool(mig, "converging"))
+				printf(", NOT converging (needs ~%.0f ms downtime, %s)",
+				       get_double(mig, "needed_downtime_ms"),
+				       get_str(mig, "bottleneck"));
 			fflush(stdout);
 			progress_shown = true;
 		}

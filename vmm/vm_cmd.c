@@ -216,6 +216,9 @@ int vm_set_params(struct vm *vm, json_object *args, struct vfm_error *err)
 	pthread_mutex_lock(&vm->lock);
 	vm->params = p;
 	pthread_mutex_unlock(&vm->lock);
+	/* downtime-limit, max-bandwidth and avail-switchover-bandwidth apply to
+	 * a running migration too, as in QEMU; the others wait for the next. */
+	vfm_migration_set_live_params(vm->mig, &p);
 	return 0;
 }
 
@@ -272,6 +275,27 @@ json_object *vm_query_migrate(struct vm *vm)
 	json_object_object_add(o, "throughput_mbps", jdouble(st.throughput_mbps));
 	json_object_object_add(o, "multifd_channels", ju64(st.multifd_channels));
 	json_object_object_add(o, "multifd_ram_bytes", ju64(st.multifd_ram_bytes));
+	/* The convergence report (docs/architecture.md). */
+	json_object_object_add(o, "converging", json_object_new_boolean(st.converging ||
+									status != VFM_MIG_ACTIVE));
+	json_object_object_add(o, "needed_downtime_ms", jdouble(st.needed_downtime_ms));
+	json_object_object_add(o, "bottleneck", json_object_new_string(st.blocker));
+	{
+		json_object *devs = json_object_new_array();
+
+		for (unsigned i = 0; i < vm->ndevs; i++) {
+			json_object *d = json_object_new_object();
+			uint64_t pending;
+			double rate;
+
+			vfm_migration_device_pending(vm->mig, vm->devs[i].dev, &pending, &rate);
+			json_object_object_add(d, "id", json_object_new_string(vm->devs[i].id));
+			json_object_object_add(d, "pending_bytes", ju64(pending));
+			json_object_object_add(d, "dirty_rate_bps", ju64((uint64_t)rate));
+			json_object_array_add(devs, d);
+		}
+		json_object_object_add(o, "devices", devs);
+	}
 	return o;
 }
 
@@ -313,6 +337,14 @@ static json_object *device_object(struct vm *vm, struct vm_dev *vd)
 	json_object_object_add(o, "flags", flags_array(vfm_device_mig_flags(vd->dev)));
 	json_object_object_add(o, "transferred_bytes",
 			       ju64(vfm_migration_device_transferred(vm->mig, vd->dev)));
+	{
+		uint64_t pending;
+		double rate;
+
+		vfm_migration_device_pending(vm->mig, vd->dev, &pending, &rate);
+		json_object_object_add(o, "pending_bytes", ju64(pending));
+		json_object_object_add(o, "dirty_rate_bps", ju64((uint64_t)rate));
+	}
 	pthread_mutex_lock(&vm->lock);
 	valid = vd->csum_valid;
 	csum = vd->csum;
