@@ -985,6 +985,7 @@ int vfm_migration_start(struct vfm_migration *m, const char *uri,
 	m->params = src->p;
 	memset(&m->stats, 0, sizeof(m->stats));
 	m->stats.downtime_limit_ms = src->p.downtime_limit_ms;
+	m->stats.converging = true;   /* until iterations say otherwise */
 	m->stats.multifd_channels = 0;
 	snprintf(m->uri, sizeof(m->uri), "%s", uri);
 	atomic_store(&m->cancel, false);
