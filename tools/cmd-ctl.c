@@ -24,12 +24,15 @@ static void ctl_usage(FILE *out)
 		"                        exit 0 when completed, 1 when failed or cancelled\n"
 		"  status [--json]       the VM, its migration, devices and guest\n"
 		"  cancel                cancel the outgoing migration (the source keeps running)\n"
-		"  set KEY=VALUE...      migration parameters for the next migration:\n"
+		"  set KEY=VALUE...      migration parameters for the next migration (the\n"
+		"                        first three also for the running one):\n"
 		"                          downtime-limit=300ms  max-bandwidth=100M/s\n"
 		"                          avail-switchover-bandwidth=1G/s (0: measured)\n"
 		"                          multifd-channels=2 (0: none)  switchover-ack=on|off\n"
 		"                          pre-copy-dirty-page-tracking=on|off\n"
 		"                          multifd-transfer=on|off|auto\n"
+		"                          auto-converge=on|off  cpu-throttle-initial=20\n"
+		"                          cpu-throttle-increment=10  device-throttle=on|off\n"
 		"  stop | cont           pause or resume the guest\n"
 		"  verify                check the guest's memory against its bookkeeping\n"
 		"  quit                  the VM process exits\n\n"
@@ -190,7 +193,12 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 		if ((r = vfm_parse_uint(val, 0, 255, &n, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_int64((int64_t)n));
-	} else if (!strcmp(key, "switchover-ack") || !strcmp(key, "pre-copy-dirty-page-tracking")) {
+	} else if (!strcmp(key, "cpu-throttle-initial") || !strcmp(key, "cpu-throttle-increment")) {
+		if ((r = vfm_parse_uint(val, 1, 99, &n, err)))
+			return vfm_error_set(err, r, "%s", key);
+		json_object_object_add(args, key, json_object_new_int64((int64_t)n));
+	} else if (!strcmp(key, "switchover-ack") || !strcmp(key, "pre-copy-dirty-page-tracking") ||
+		   !strcmp(key, "auto-converge") || !strcmp(key, "device-throttle")) {
 		if ((r = vfm_parse_onoff(val, false, &sw, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_boolean(sw == VFM_ON));
@@ -202,7 +210,8 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 	} else {
 		return vfm_error_set(err, -EINVAL, "unknown parameter '%s' (downtime-limit, "
 				     "max-bandwidth, avail-switchover-bandwidth, multifd-channels, switchover-ack, "
-				     "pre-copy-dirty-page-tracking, multifd-transfer)", key);
+				     "pre-copy-dirty-page-tracking, multifd-transfer, auto-converge, "
+				     "cpu-throttle-initial, cpu-throttle-increment, device-throttle)", key);
 	}
 	return 0;
 }

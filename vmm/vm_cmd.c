@@ -192,6 +192,17 @@ int vm_set_params(struct vm *vm, json_object *args, struct vfm_error *err)
 			p.multifd_channels = (unsigned)n;
 		} else if (!strcmp(key, "switchover-ack")) {
 			ret = bool_arg(key, v, &p.switchover_ack, err);
+		} else if (!strcmp(key, "auto-converge")) {
+			ret = bool_arg(key, v, &p.auto_converge, err);
+		} else if (!strcmp(key, "device-throttle")) {
+			ret = bool_arg(key, v, &p.device_throttle, err);
+		} else if (!strcmp(key, "cpu-throttle-initial") ||
+			   !strcmp(key, "cpu-throttle-increment")) {
+			ret = int_arg(key, v, 1, 99, &n, err);
+			if (!ret && !strcmp(key, "cpu-throttle-initial"))
+				p.cpu_throttle_initial = (unsigned)n;
+			else if (!ret)
+				p.cpu_throttle_increment = (unsigned)n;
 		} else if (!strcmp(key, "pre-copy-dirty-page-tracking")) {
 			ret = bool_arg(key, v, &p.pre_copy_dirty_page_tracking, err);
 		} else if (!strcmp(key, "multifd-transfer")) {
@@ -237,6 +248,10 @@ json_object *vm_query_params(struct vm *vm)
 	json_object_object_add(o, "switchover-ack", json_object_new_boolean(p.switchover_ack));
 	json_object_object_add(o, "pre-copy-dirty-page-tracking",
 			       json_object_new_boolean(p.pre_copy_dirty_page_tracking));
+	json_object_object_add(o, "auto-converge", json_object_new_boolean(p.auto_converge));
+	json_object_object_add(o, "cpu-throttle-initial", ju64(p.cpu_throttle_initial));
+	json_object_object_add(o, "cpu-throttle-increment", ju64(p.cpu_throttle_increment));
+	json_object_object_add(o, "device-throttle", json_object_new_boolean(p.device_throttle));
 	json_object_object_add(o, "multifd-transfer", json_object_new_string(
 		p.multifd_transfer == VFM_ON ? "on" : p.multifd_transfer == VFM_OFF ? "off" : "auto"));
 	return o;
@@ -280,6 +295,8 @@ json_object *vm_query_migrate(struct vm *vm)
 									status != VFM_MIG_ACTIVE));
 	json_object_object_add(o, "needed_downtime_ms", jdouble(st.needed_downtime_ms));
 	json_object_object_add(o, "bottleneck", json_object_new_string(st.blocker));
+	json_object_object_add(o, "cpu_throttle_percentage", ju64(st.cpu_throttle_percentage));
+	json_object_object_add(o, "device_throttle_percentage", ju64(st.device_throttle_percentage));
 	{
 		json_object *devs = json_object_new_array();
 

@@ -61,6 +61,16 @@ struct vfm_migration_params {
 	/* destination: bytes of multifd device buffers queued per device before
 	 * the load is failed (0 = the default, 64 MiB) */
 	uint64_t max_queued_buffers_size;
+	/* QEMU's auto-converge: when iterations keep finding more new dirty
+	 * data than half of what they sent, throttle the guest's vCPUs, first
+	 * by cpu_throttle_initial percent, then cpu_throttle_increment more
+	 * each time (at most 99). Default off, 20, 10. */
+	bool auto_converge;
+	unsigned cpu_throttle_initial;
+	unsigned cpu_throttle_increment;
+	/* The same for devices that can slow their own dirtying (the dma
+	 * device's churn), through vfm_vm_ops.throttle. Default off. */
+	bool device_throttle;
 };
 VFM_EXPORT void vfm_migration_params_default(struct vfm_migration_params *p);
 
@@ -89,6 +99,9 @@ struct vfm_migration_stats {
 	/* The savable with the most pending data at the last exact check
 	 * ("ram", "vfio:ID", ...): what keeps the migration from converging. */
 	char blocker[VFM_SAVABLE_NAME_MAX];
+	/* auto-converge: the throttles applied now (percent; 0 = none). */
+	unsigned cpu_throttle_percentage;
+	unsigned device_throttle_percentage;
 };
 
 /*
@@ -112,6 +125,13 @@ struct vfm_vm_ops {
 	 * Called from the migration thread.
 	 */
 	void (*log_sync)(void *opaque);
+	/*
+	 * Source, optional: auto-converge. Slow the guest's vCPUs by vcpu_pct
+	 * percent of their time and the devices that can slow their own
+	 * dirtying by device_pct percent (0, 0: full speed again, always
+	 * called when a throttled migration ends). Migration thread.
+	 */
+	void (*throttle)(void *opaque, unsigned vcpu_pct, unsigned device_pct);
 };
 
 /*

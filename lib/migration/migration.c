@@ -69,6 +69,8 @@ void vfm_migration_params_default(struct vfm_migration_params *p)
 	p->multifd_transfer = VFM_AUTO;
 	p->timeout_ms = 10000;
 	p->max_queued_buffers_size = 64ull << 20;
+	p->cpu_throttle_initial = 20;
+	p->cpu_throttle_increment = 10;
 }
 
 static int prop_bool(const char *key, const char *val, bool *out, struct vfm_error *err)

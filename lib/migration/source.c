@@ -42,6 +42,12 @@
 /* Exact checks in a row without progress (pending not under 90 % of the
  * least seen) before the migration is reported as not converging. */
 #define STALL_ITERS 3
+/* auto-converge: new dirty data above this percent of what an iteration sent
+ * counts as high (QEMU's throttle-trigger-threshold default), and this many
+ * high iterations in a row throttle (QEMU's dirty_rate_high_cnt >= 2). */
+#define THROTTLE_TRIGGER_PCT 50
+#define THROTTLE_TRIGGER_ITERS 2
+#define THROTTLE_MAX_PCT 99
 
 struct source {
 	struct vfm_migration *m;
@@ -82,6 +88,9 @@ struct source {
 	unsigned stalled;            /* in a row without progress */
 	bool converging;
 	char blocker[VFM_SAVABLE_NAME_MAX];
+	/* auto-converge (QEMU's migration_trigger_throttle). */
+	unsigned dirty_high;         /* checks in a row that found much new dirty data */
+	unsigned throttle_pct;       /* applied now */
 };
 
 static double switchover_bw(const struct source *src);
@@ -345,6 +354,54 @@ static uint64_t pending_estimate(struct vfm_migration *m)
 	return sum;
 }
 
+static void set_throttle(struct source *src, unsigned pct)
+{
+	struct vfm_migration *m = src->m;
+	unsigned vcpu = src->p.auto_converge ? pct : 0, dev = src->p.device_throttle ? pct : 0;
+
+	src->throttle_pct = pct;
+	if (m->vm && m->vm->throttle)
+		m->vm->throttle(m->vm_opaque, vcpu, dev);
+	pthread_mutex_lock(&m->lock);
+	m->stats.cpu_throttle_percentage = vcpu;
+	m->stats.device_throttle_percentage = dev;
+	pthread_mutex_unlock(&m->lock);
+}
+
+/*
+ * auto-converge, as QEMU's migration_trigger_throttle (migration/ram.c):
+ * an iteration whose new dirty data is more than half of what it sent is
+ * "high"; two in a row throttle the guest (cpu-throttle-initial percent, then
+ * cpu-throttle-increment more each time, at most 99), and the devices that
+ * can slow their own dirtying with device_throttle.
+ */
+static void auto_converge(struct source *src, uint64_t dirtied, uint64_t sent)
+{
+	unsigned pct;
+
+	if (!src->p.auto_converge && !src->p.device_throttle)
+		return;
+	if (dirtied * 100 <= sent * THROTTLE_TRIGGER_PCT) {
+		src->dirty_high = 0;
+		return;
+	}
+	if (++src->dirty_high < THROTTLE_TRIGGER_ITERS)
+		return;
+	src->dirty_high = 0;
+	pct = src->throttle_pct ? src->throttle_pct + src->p.cpu_throttle_increment
+				: src->p.cpu_throttle_initial;
+	if (pct > THROTTLE_MAX_PCT)
+		pct = THROTTLE_MAX_PCT;
+	if (pct == src->throttle_pct)
+		return;
+	vfm_info(LOG, "auto-converge: %" PRIu64 " bytes newly dirty against %" PRIu64
+		 " sent: throttling %s%s%s by %u%%", dirtied, sent,
+		 src->p.auto_converge ? "the vCPUs" : "",
+		 src->p.auto_converge && src->p.device_throttle ? " and " : "",
+		 src->p.device_throttle ? "the devices" : "", pct);
+	set_throttle(src, pct);
+}
+
 /*
  * The end of an iteration (after a dirty sync): every savable's exact figure,
  * which also starts its next pass; the rate at which each produced new data
@@ -356,7 +413,7 @@ static int exact_check(struct source *src, double threshold, uint64_t *out,
 		       struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
-	uint64_t sum = 0, v, now = vfm__now_ns(), most = 0;
+	uint64_t sum = 0, v, now = vfm__now_ns(), most = 0, dirtied = 0, sent = 0;
 	double dt = src->have_exact ? (double)(now - src->exact_ns) / 1e9 : 0;
 	int ret, top = -1;
 
@@ -371,8 +428,11 @@ static int exact_check(struct source *src, double threshold, uint64_t *out,
 		} else {
 			v = sv->ops->pending_estimate ? sv->ops->pending_estimate(sv->opaque) : 0;
 		}
-		if (dt > 0 && (double)v + (double)sv->sent_iter > (double)sv->exact_prev)
+		if (dt > 0 && (double)v + (double)sv->sent_iter > (double)sv->exact_prev) {
 			rate = ((double)v + (double)sv->sent_iter - (double)sv->exact_prev) / dt;
+			dirtied += v + sv->sent_iter - sv->exact_prev;
+		}
+		sent += sv->sent_iter;
 		pthread_mutex_lock(&m->lock);
 		sv->rpt_pending = v;
 		if (dt > 0)
@@ -387,6 +447,8 @@ static int exact_check(struct source *src, double threshold, uint64_t *out,
 		}
 		sum += v;
 	}
+	if (src->have_exact)
+		auto_converge(src, dirtied, sent);
 	if (!src->have_exact || (double)sum < 0.9 * (double)src->best_pending) {
 		src->stalled = 0;
 	} else if ((double)sum > threshold) {
@@ -881,6 +943,10 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 		err = &why;
 	}
 
+	/* auto-converge ends with the migration: full speed again (the
+	 * guest resumes unthrottled after a rollback). */
+	if (src->throttle_pct)
+		set_throttle(src, 0);
 	/* Save threads first: nothing may touch a device while it rolls back. */
 	src->mf_bytes = vfm__mf_src_bytes(src->mf);
 	vfm__mf_src_close(src->mf);

@@ -4,7 +4,9 @@
 # guest dirties memory. query-migrate says it is not converging, the downtime
 # it would need and who holds it, each device's pending bytes and dirty rate;
 # RAM moves meanwhile; raising downtime-limit (and lifting max-bandwidth) on
-# the running migration completes it, and the destination verifies.
+# the running migration completes it, and the destination verifies. Then
+# auto-converge, of the vCPUs and of the device's churn, completes the same
+# kind of migration by itself.
 # usage: vm_converge.sh PATH_TO_VFIOMIG
 set -u
 bin=$1
@@ -83,6 +85,69 @@ dst_sum=$(echo "$dst_status" | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p')
 	|| bad "checksums: '$src_sum' '$dst_sum'"
 ctl "$tmp/src" quit >/dev/null
 ctl "$tmp/dst" quit >/dev/null
+
+# auto-converge: WHAT=vcpu (the guest dirties more than the link carries) or
+# device (the device's churn does, device-throttle): with the throttle on, the
+# migration completes at 300 ms without any other change, and query-migrate
+# showed the throttle while it ran; the destination verifies.
+auto_converge() {
+	what=$1; n=$2
+	if [ "$what" = vcpu ]; then
+		churn=0; rate=32M/s; params="auto-converge=on"; key=cpu_throttle_percentage
+	else
+		churn=32M/s; rate=1M/s; params="device-throttle=on"; key=device_throttle_percentage
+	fi
+	bg timeout -k 5 90 "$bin" device dma --socket "$tmp/d$n" --state-size 8M --churn $churn
+	bg timeout -k 5 90 "$bin" device dma --socket "$tmp/e$n" --state-size 8M
+	for d in d$n e$n; do wait_sock "$tmp/$d" || bad "device $d did not start"; done
+	bg timeout -k 5 90 "$bin" vm --mem 16M --device "vfio-user:$tmp/d$n" --dirty-rate $rate \
+		--control "$tmp/src$n"
+	bg timeout -k 5 90 "$bin" vm --mem 16M --device "vfio-user:$tmp/e$n" \
+		--incoming "unix:$tmp/mig$n" --control "$tmp/dst$n"
+	wait_sock "$tmp/src$n" && wait_sock "$tmp/dst$n" || { bad "VMs did not start"; return; }
+	ctl "$tmp/src$n" set max-bandwidth=12M/s $params cpu-throttle-initial=80 \
+		cpu-throttle-increment=19 || bad "set $params"
+	ctl "$tmp/src$n" migrate "unix:$tmp/mig$n" || bad "migrate did not start"
+	if timeout -k 5 60 python3 - "$tmp/src$n" "$key" > "$tmp/report" <<'PYEOF'
+import json, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rwb", buffering=0)
+def cmd(c):
+    s.sendall(json.dumps({"execute": c}).encode() + b"\n")
+    while True:
+        r = json.loads(f.readline())
+        if "event" not in r:
+            return r
+assert "QMP" in json.loads(f.readline())
+cmd("qmp_capabilities")
+top = 0
+while True:
+    m = cmd("query-migrate")["return"]
+    top = max(top, m[sys.argv[2]])
+    if m["status"] in ("completed", "failed", "cancelled"):
+        break
+    time.sleep(0.05)
+print("%s, throttled up to %d%%, %d iterations, downtime %.1f ms" %
+      (m["status"], top, m["precopy_iterations"], m["downtime_ms"]))
+assert m["status"] == "completed", m
+assert top > 0, "never throttled"
+assert m[sys.argv[2]] == 0, "throttle left on: %s" % m
+PYEOF
+	then ok "auto-converge ($what): $(cat "$tmp/report")"
+	else bad "auto-converge ($what): $(cat "$tmp/report")"; fi
+	i=0
+	until ctl "$tmp/dst$n" status | grep -q "^vm: running"; do
+		i=$((i + 1)); [ $i -gt 100 ] && break; sleep 0.1
+	done
+	ctl "$tmp/dst$n" status | grep -q "guest: synthetic, verified yes" \
+		&& ok "auto-converge ($what): destination guest verified" \
+		|| bad "auto-converge ($what): destination: $(ctl "$tmp/dst$n" status)"
+	ctl "$tmp/src$n" quit >/dev/null
+	ctl "$tmp/dst$n" quit >/dev/null
+}
+auto_converge vcpu 1
+auto_converge device 2
 grep -q "Sanitizer\|runtime error" "$tmp/log" && bad "sanitizer reports in the log"
 [ $fail = 0 ] || { echo "--- log"; tail -40 "$tmp/log"; }
 exit $fail
