@@ -90,6 +90,11 @@ struct kvm_guest {
 	bool quit;
 	bool state_ready;       /* vCPU state is valid: booted or loaded */
 	unsigned parked;
+	/* auto-converge (kvm.c): percent of vCPU time withheld; the thread that
+	 * kicks the vCPUs every time slice while it is not 0. */
+	_Atomic unsigned throttle;
+	bool throttle_live;
+	pthread_t throttle_thread;
 	char console[4096];     /* ring of the last console output */
 	size_t con_head, con_len;
 };
