@@ -275,17 +275,39 @@ static void finish_pending(struct kvm_vcpu *v)
  */
 #define THROTTLE_SLICE_NS 10000000ull
 
-static void throttle_sleep(struct kvm_guest *k)
+static void throttle_sleep(struct kvm_vcpu *v)
 {
+	struct kvm_guest *k = v->k;
 	unsigned pct = atomic_load(&k->throttle);
-	uint64_t ns;
-	struct timespec ts;
+	uint64_t now = vfm__kvm_now_ns(), until;
 
 	if (!pct)
 		return;
-	ns = THROTTLE_SLICE_NS * pct / (100 - pct);
-	ts = (struct timespec){ (time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull) };
-	nanosleep(&ts, NULL);
+	/* A slice of running first: kicks come every slice, in no phase with
+	 * this vCPU's sleeps. */
+	if (now - v->throttle_woke < THROTTLE_SLICE_NS)
+		return;
+	until = now + THROTTLE_SLICE_NS * pct / (100 - pct);
+	/* On the condition, not in nanosleep: the throttle's own kicks must not
+	 * cut the sleep short; a stop or quit (broadcast) does. */
+	pthread_mutex_lock(&k->lock);
+	while (k->run && !k->quit && vfm__kvm_now_ns() < until) {
+		struct timespec ts;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += (long)(until - vfm__kvm_now_ns() < 1000000000ull ?
+				     until - vfm__kvm_now_ns() : 999999999ull);
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&k->cond, &k->lock, &ts);
+	}
+	pthread_mutex_unlock(&k->lock);
+	/* A kick while asleep left immediate_exit set: the loop re-checks
+	 * should_run under the lock before it enters, so dropping it is safe. */
+	v->run->immediate_exit = 0;
+	v->throttle_woke = vfm__kvm_now_ns();
 }
 
 static void kick_all(struct kvm_guest *k);
@@ -380,7 +402,7 @@ static void *vcpu_thread(void *arg)
 			if (e != EINTR && e != EAGAIN)
 				fail(v, "KVM_RUN: %s", strerror(e));
 			else if (e == EINTR)
-				throttle_sleep(k);
+				throttle_sleep(v);
 		} else {
 			handle_exit(v);
 		}

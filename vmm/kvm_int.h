@@ -33,6 +33,7 @@ struct kvm_vcpu {
 	bool thread_live;
 	/* vCPU thread only (or anyone while the vCPU is parked). */
 	bool pending;           /* last exit was I/O or MMIO: KVM completes it on re-entry */
+	uint64_t throttle_woke; /* auto-converge: end of the last throttle sleep */
 	char line[200];         /* console line being assembled */
 	unsigned line_len;
 	/* Guarded by k->lock. */
