@@ -88,6 +88,7 @@ struct source {
 	unsigned stalled;            /* in a row without progress */
 	bool converging;
 	char blocker[VFM_SAVABLE_NAME_MAX];
+	uint64_t sync_ns;            /* the last pre-copy dirty sync took */
 	/* auto-converge (QEMU's migration_trigger_throttle). */
 	unsigned dirty_high;         /* checks in a row that found much new dirty data */
 	unsigned throttle_pct;       /* applied now */
@@ -579,6 +580,32 @@ static void read_live_params(struct source *src, uint64_t *budget)
 		 src->p.max_bandwidth, src->p.avail_switchover_bandwidth);
 }
 
+static void timed_log_sync(struct source *src)
+{
+	uint64_t t0 = vfm__now_ns();
+
+	vfm__log_sync(src->m, true);
+	src->sync_ns = vfm__now_ns() - t0;
+}
+
+/*
+ * The downtime's fixed part, learned during this migration: the final dirty
+ * sync (as long as the last pre-copy one), the devices' arcs (P2P and
+ * STOP_COPY on the source, RESUMING -> STOP, RUNNING_P2P and RUNNING on the
+ * destination: five per device, each as long as the one timed at setup), and
+ * two round trips (SWITCHOVER to LOADED, GO to RESUMED, both with the
+ * destination's processing; the last RTT measured, after a drain).
+ */
+static double fixed_cost_ms(const struct source *src)
+{
+	const struct vfm_migration *m = src->m;
+	double ns = (double)src->sync_ns + 2.0 * (double)src->rtt_ns;
+
+	for (unsigned i = 0; i < m->ndevs; i++)
+		ns += 5.0 * (double)m->devs[i]->arc_ns;
+	return ns / 1e6;
+}
+
 /* Whether every savable that iterates has its pass of this iteration out. */
 static bool all_passed(struct vfm_migration *m)
 {
@@ -679,7 +706,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 		if ((bw > 0 && (double)pending <= threshold) || passed) {
 			/* The end of an iteration: sync, exact figures, decide. */
 			vfm_stream_flush(src->out);
-			vfm__log_sync(m, true);
+			timed_log_sync(src);
 			iterations++;
 			if (passed)
 				src->pass_done = true;
@@ -704,14 +731,15 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 					drains++;
 					if ((ret = measure_rtt(src, err)))
 						return ret;
-					vfm__log_sync(m, true);
+					timed_log_sync(src);
 					if ((ret = exact_check(src, threshold, &pending, err)))
 						return ret;
 					if ((double)pending > threshold)
 						continue;
 				}
 				if (all_acked(m)) {
-					src->expected_ms = (double)pending * 1000.0 / bw;
+					src->expected_ms = (double)pending * 1000.0 / bw +
+							   fixed_cost_ms(src);
 					src->have_expected = true;
 					break;
 				}

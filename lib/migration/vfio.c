@@ -136,7 +136,10 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	 * (QEMU's vfio_save_setup checks the VM is running the same way). */
 	if ((md->flags & VFM_MIG_PRE_COPY) && md->props.allow_pre_copy &&
 	    vfm_device_state(md->dev) == VFM_STATE_RUNNING) {
+		uint64_t t0 = vfm__now_ns();
+
 		ret = vfm_device_set_state(md->dev, VFM_STATE_PRE_COPY, VFM_STATE_RUNNING, err);
+		md->arc_ns = vfm__now_ns() - t0;
 		if (ret)
 			return vfm_error_set(err, ret, "%s: entering PRE_COPY", md_id(md));
 		md->use_precopy = true;
@@ -147,6 +150,14 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 			md->precopy_dirty = dirty;
 		}
 		start_pass(md);
+	}
+	if (!md->use_precopy) {
+		/* No arc to time: a state query costs the same round trip. */
+		enum vfm_state st;
+		uint64_t t0 = vfm__now_ns();
+
+		vfm_device_query_state(md->dev, &st, NULL);
+		md->arc_ns = vfm__now_ns() - t0;
 	}
 	vfm_put_le64(payload, md->flags);
 	vfm_stream_put_record(s, VFM_REC_DATA, DEV_SETUP, section_of(md), payload, sizeof(payload));
