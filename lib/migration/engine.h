@@ -50,6 +50,7 @@ struct vfm_mig_device {
 	uint64_t pass_left;          /* bytes of this iteration's pass still to read */
 	bool pass_one_turn;          /* no figure for the pass: one turn is the pass */
 	uint64_t arc_ns;             /* one state change (or query) timed at setup */
+	bool stop_copy_exact;        /* an exact check read stop_copy_size: the estimate adds it */
 	uint64_t last_iter_bytes;    /* read in the last iteration (no precopy info) */
 	uint64_t stop_copy_size;
 	bool stop_copy_known;        /* the device reported stop_copy_size */

@@ -410,7 +410,7 @@ static void auto_converge(struct source *src, uint64_t dirtied, uint64_t sent)
  * time); and the convergence report: the least pending seen, how many checks
  * in a row made no progress against it, and the savable with the most.
  */
-static int exact_check(struct source *src, double threshold, uint64_t *out,
+static int exact_check(struct source *src, double threshold, bool pass_end, uint64_t *out,
 		       struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
@@ -450,10 +450,12 @@ static int exact_check(struct source *src, double threshold, uint64_t *out,
 	}
 	if (src->have_exact)
 		auto_converge(src, dirtied, sent);
+	/* Only a whole iteration (every pass out) can count as a stall: a
+	 * check the estimate asked for mid-pass says little about progress. */
 	if (!src->have_exact || (double)sum < 0.9 * (double)src->best_pending) {
 		src->stalled = 0;
 	} else if ((double)sum > threshold) {
-		src->stalled++;
+		src->stalled += pass_end;
 	} else {
 		src->stalled = 0;
 	}
@@ -710,7 +712,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			iterations++;
 			if (passed)
 				src->pass_done = true;
-			if ((ret = exact_check(src, threshold, &pending, err)))
+			if ((ret = exact_check(src, threshold, passed, &pending, err)))
 				return ret;
 			pthread_mutex_lock(&m->lock);
 			m->stats.precopy_iterations = iterations;
@@ -732,7 +734,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 					if ((ret = measure_rtt(src, err)))
 						return ret;
 					timed_log_sync(src);
-					if ((ret = exact_check(src, threshold, &pending, err)))
+					if ((ret = exact_check(src, threshold, false, &pending, err)))
 						return ret;
 					if ((double)pending > threshold)
 						continue;

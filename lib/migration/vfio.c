@@ -118,6 +118,7 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->precopy_info_ok = false;
 	md->precopy_init = md->precopy_dirty = md->last_iter_bytes = 0;
 	md->info_asked = false;
+	md->stop_copy_exact = false;
 	md->precopy_info_calls = 0;
 	md->stop_copy_size = 0;
 	md->stop_copy_known = false;
@@ -251,15 +252,28 @@ static int vfio_save_iterate(void *opaque, struct vfm_stream *s, uint64_t budget
 	return end_of_data || md->pass_one_turn || !md->pass_left ? 1 : 0;
 }
 
-static uint64_t vfio_pending_estimate(void *opaque)
+/* What pre-copy still has to read, as far as the device said. */
+static uint64_t precopy_left(const struct vfm_mig_device *md)
 {
-	struct vfm_mig_device *md = opaque;
-
 	if (!md->use_precopy)
 		return 0;
 	if (md->precopy_info_ok)
 		return md->precopy_init + md->precopy_dirty;
 	return md->last_iter_bytes;
+}
+
+/*
+ * Cheap: the pre-copy figures as decremented locally, plus the stop-copy size
+ * of the last exact check, so the estimate and the exact figure agree on
+ * what they count (the exact check adds both, as QEMU) and an estimate under
+ * the threshold does not ask the exact figure again and again while it says
+ * no (the loop libvfio-user's unknown size caused). 0 before setup.
+ */
+static uint64_t vfio_pending_estimate(void *opaque)
+{
+	struct vfm_mig_device *md = opaque;
+
+	return precopy_left(md) + (md->stop_copy_exact ? md->stop_copy_size : 0);
 }
 
 /*
@@ -276,9 +290,10 @@ static int vfio_pending_exact(void *opaque, uint64_t *pending, struct vfm_error 
 	(void)err;
 	refresh_stop_copy_size(md);
 	sc = md->stop_copy_known ? md->stop_copy_size : md->last_iter_bytes;
+	md->stop_copy_exact = md->stop_copy_known;
 	if (md->use_precopy)
 		ask_precopy_info(md);
-	*pending = sc + vfio_pending_estimate(md);
+	*pending = sc + precopy_left(md);
 	md->info_asked = false;   /* a new iteration */
 	if (md->use_precopy)
 		start_pass(md);
