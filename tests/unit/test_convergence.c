@@ -83,7 +83,7 @@ static void run_case(const struct conv_case *c)
 	struct md_dest d;
 	struct md_side s;
 	char uri[256];
-	double t0, t_nc = 0, needed = 0, bound;
+	double t0, t_nc = 0, needed = 0, bw_nc = 0, bound;
 	uint64_t ram_at_1s = 0, upper;
 	bool raised = false;
 
@@ -113,6 +113,7 @@ static void run_case(const struct conv_case *c)
 		if (st.status == VFM_MIG_ACTIVE && !st.converging && !t_nc) {
 			t_nc = t_ms() - t0;
 			needed = st.needed_downtime_ms;
+			bw_nc = st.bandwidth_bps;
 			CHECK(st.blocker[0]);
 			fprintf(stderr, "# not converging at %.0f ms: needs %.0f ms, %" PRIu64
 				" pending, %.1f MB/s, bottleneck %s\n", t_nc, needed, st.pending_bytes,
@@ -154,15 +155,15 @@ static void run_case(const struct conv_case *c)
 		 * over the bandwidth the decision assumes. */
 		upper = 2 * c->ndev * (c->state + (1u << 20)) + MD_MEM;
 		CHECK(needed > 0);
-		CHECK(needed * st.bandwidth_bps / 1000.0 <= 2.0 * (double)upper);
+		CHECK(needed * bw_nc / 1000.0 <= 2.0 * (double)upper);
 	}
 	fprintf(stderr, "# %u x %" PRIu64 " MiB, churn %" PRIu64 " MiB/s, latency %" PRIu64
 		" us/MiB, pre-copy %s, max-bw %" PRIu64 ": %s in %" PRIu64 " ms, %" PRIu64
-		" iterations, RAM %" PRIu64 " KiB, downtime %.1f ms (expected %.1f)\n", c->ndev,
+		" iterations, RAM %" PRIu64 " KiB, downtime %.1f ms (expected %.1f, needed %.0f)\n", c->ndev,
 		c->state >> 20, c->churn >> 20, c->latency_us, c->precopy ? "on" : "off", c->max_bw,
 		t_nc ? "stalled, completed after the limit was raised" : "converged",
 		st.total_time_ms, st.precopy_iterations, st.ram_transferred_bytes >> 10,
-		st.downtime_ms, st.expected_downtime_ms);
+		st.downtime_ms, st.expected_downtime_ms, needed);
 	md_side_free(&s);
 	for (unsigned i = 0; i < c->ndev; i++)
 		md_devsrv_kill(&srv[i]);
