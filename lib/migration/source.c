@@ -42,6 +42,7 @@
 /* Exact checks in a row without progress (pending not under 90 % of the
  * least seen) before the migration is reported as not converging. */
 #define STALL_ITERS 3
+#define STALL_SPACING_NS 500000000ull
 /* auto-converge: new dirty data above this percent of what an iteration sent
  * counts as high (QEMU's throttle-trigger-threshold default), and this many
  * high iterations in a row throttle (QEMU's dirty_rate_high_cnt >= 2). */
@@ -86,6 +87,7 @@ struct source {
 	uint64_t exact_ns;           /* time of the last one */
 	uint64_t best_pending;       /* least pending seen at one */
 	unsigned stalled;            /* in a row without progress */
+	uint64_t stall_ns;           /* when the last one counted (or progress was seen) */
 	bool converging;
 	char blocker[VFM_SAVABLE_NAME_MAX];
 	uint64_t sync_ns;            /* the last pre-copy dirty sync took */
@@ -450,14 +452,21 @@ static int exact_check(struct source *src, double threshold, bool pass_end, uint
 	}
 	if (src->have_exact)
 		auto_converge(src, dirtied, sent);
-	/* Only a whole iteration (every pass out) can count as a stall: a
-	 * check the estimate asked for mid-pass says little about progress. */
+	/* A stall is a whole iteration (every pass out) without progress, or,
+	 * when checks come mid-pass because the estimate fits the threshold and
+	 * the exact figure does not (they restart the passes, so a pass may
+	 * never end), one such check per STALL_SPACING_NS. */
 	if (!src->have_exact || (double)sum < 0.9 * (double)src->best_pending) {
 		src->stalled = 0;
+		src->stall_ns = now;
 	} else if ((double)sum > threshold) {
-		src->stalled += pass_end;
+		if (pass_end || now - src->stall_ns >= STALL_SPACING_NS) {
+			src->stalled++;
+			src->stall_ns = now;
+		}
 	} else {
 		src->stalled = 0;
+		src->stall_ns = now;
 	}
 	if (!src->have_exact || sum < src->best_pending)
 		src->best_pending = sum;
