@@ -43,6 +43,11 @@
  * least seen) before the migration is reported as not converging. */
 #define STALL_ITERS 3
 #define STALL_SPACING_NS 500000000ull
+/* An iteration lasts at most this long: a pass that takes longer (a slow or
+ * contended device, a low max-bandwidth) is cut into exact checks, so the
+ * dirty log is synced, new dirty data is seen and the convergence report
+ * stays current within seconds. */
+#define ITER_MAX_NS 500000000ull
 /* auto-converge: new dirty data above this percent of what an iteration sent
  * counts as high (QEMU's throttle-trigger-threshold default), and this many
  * high iterations in a row throttle (QEMU's dirty_rate_high_cnt >= 2). */
@@ -673,7 +678,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
 	uint64_t pending = 0, iterations = 0, budget = vfm__iter_budget(src->p.max_bandwidth);
-	uint64_t moved_iter = 0, moved;
+	uint64_t moved_iter = 0, moved, iter_start = vfm__now_ns();
 	unsigned drains = 0;
 	int ret;
 
@@ -714,7 +719,8 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			threshold = bw * (double)src->p.downtime_limit_ms / 1000.0;
 		}
 		passed = all_passed(m);
-		if ((bw > 0 && (double)pending <= threshold) || passed) {
+		if ((bw > 0 && (double)pending <= threshold) || passed ||
+		    vfm__now_ns() - iter_start >= ITER_MAX_NS) {
 			/* The end of an iteration: sync, exact figures, decide. */
 			vfm_stream_flush(src->out);
 			timed_log_sync(src);
@@ -762,6 +768,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 				nanosleep(&ts, NULL);
 			}
 			moved_iter = 0;
+			iter_start = vfm__now_ns();
 		}
 		if ((ret = iterate_turns(src, budget, &moved, err)))
 			return ret;

@@ -57,7 +57,8 @@ print("needed %.0f ms, bottleneck %s, device pending %d, dirty rate %d B/s, RAM 
 assert m["needed_downtime_ms"] > m["downtime_limit_ms"], m
 assert m["bottleneck"].startswith("vfio:"), m
 assert d["pending_bytes"] > 0 and d["dirty_rate_bps"] > 0, d
-assert m["ram_transferred_bytes"] >= 16 << 20, "RAM did not move: %s" % m
+# RAM shares the 12 MB/s with the device from the first iteration on.
+assert m["ram_transferred_bytes"] >= 4 << 20, "RAM did not move: %s" % m
 # The user's answer, live: a limit that fits, and the link unthrottled.
 limit = int(m["needed_downtime_ms"] * 2) + 100
 r = cmd("migrate-set-parameters", {"downtime-limit": limit, "max-bandwidth": 0})
