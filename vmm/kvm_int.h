@@ -33,6 +33,7 @@ struct kvm_vcpu {
 	bool thread_live;
 	/* vCPU thread only (or anyone while the vCPU is parked). */
 	bool pending;           /* last exit was I/O or MMIO: KVM completes it on re-entry */
+	uint64_t throttle_woke; /* auto-converge: end of the last throttle sleep */
 	char line[200];         /* console line being assembled */
 	unsigned line_len;
 	/* Guarded by k->lock. */
@@ -90,6 +91,11 @@ struct kvm_guest {
 	bool quit;
 	bool state_ready;       /* vCPU state is valid: booted or loaded */
 	unsigned parked;
+	/* auto-converge (kvm.c): percent of vCPU time withheld; the thread that
+	 * kicks the vCPUs every time slice while it is not 0. */
+	_Atomic unsigned throttle;
+	bool throttle_live;
+	pthread_t throttle_thread;
 	char console[4096];     /* ring of the last console output */
 	size_t con_head, con_len;
 };

@@ -142,7 +142,7 @@ static int load_records(struct dest *d, struct vfm_error *err)
 			ret = vfm__mf_dst_check(d->mf, err);
 			break;
 		case VFM_REC_PAD:
-			break;  /* the source's bandwidth probe */
+			break;  /* the source's bandwidth probe or keepalive */
 		default:
 			return vfm_error_set(err, VFM_ESTREAM, "unexpected record type %u", h.type);
 		}
