@@ -173,6 +173,10 @@ static void exit_io(struct kvm_vcpu *v)
 	case KG_PORT_PANIC:
 		fail(v, "guest panic, code %u", val);
 		break;
+	case KG_PORT_HEARTBEAT:
+		if (run->io.size == 1)
+			vfm__kvm_heartbeat(v->k, data, run->io.count);
+		break;
 	default:
 		vfm_debug("kvm", "vCPU %u: out 0x%x to port 0x%x ignored", v->idx, val,
 			  run->io.port);
@@ -533,6 +537,7 @@ static void kvm_destroy(struct vfm_guest *g)
 	for (unsigned i = 0; i < k->nslots; i++)
 		free(k->slot[i].bitmap);
 	vfm__kvm_free_savables(k);
+	vfm__kvm_heartbeat_close(k);
 	if (k->vm_fd >= 0)
 		close(k->vm_fd);
 	if (k->kvm_fd >= 0)
@@ -671,7 +676,7 @@ int vfm_guest_kvm_new(struct vfm_guest_mem *mem, const struct vfm_kvm_opts *opts
 		return vfm_error_set(err, -ENOMEM, "out of memory");
 	k->g.ops = &kvm_ops;
 	k->g.mem = mem;
-	k->kvm_fd = k->vm_fd = -1;
+	k->kvm_fd = k->vm_fd = k->hb_fd = -1;
 	for (unsigned i = 0; i < VFM_KVM_MAX_VCPUS; i++) {
 		k->vcpu[i].fd = -1;
 		k->vcpu[i].k = k;
@@ -693,6 +698,8 @@ int vfm_guest_kvm_new(struct vfm_guest_mem *mem, const struct vfm_kvm_opts *opts
 		goto err_free;
 	}
 	pthread_once(&kick_once, install_kick);
+	if ((ret = vfm__kvm_heartbeat_open(k, k->opts.heartbeat, err)))
+		goto err_free;
 
 	k->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (k->kvm_fd < 0) {

@@ -81,6 +81,8 @@ struct kvm_guest {
 	uint64_t mmio_gpa;
 	uint64_t dma_base;      /* device copies that happened before this process */
 	_Atomic uint64_t mmio_errors;   /* forwarded accesses the device refused */
+	int hb_fd;                      /* heartbeat socket (kvm_heartbeat.c), -1: none */
+	_Atomic uint64_t hb_sent, hb_dropped;
 
 	pthread_mutex_t dirty_lock;     /* serializes dirty log reads */
 
@@ -136,6 +138,11 @@ int vfm__kvm_dev_bad_layout(const struct kvm_guest *k, char *detail, size_t len)
 bool vfm__kvm_dev_check_detail(struct kvm_guest *k, uint64_t seq, char *detail, size_t len);
 uint64_t vfm__kvm_dev_ops(struct kvm_guest *k);
 uint64_t vfm__kvm_dev_failed(struct kvm_guest *k);
+
+/* kvm_heartbeat.c: the heartbeat port on a socket (opts.heartbeat). */
+int vfm__kvm_heartbeat_open(struct kvm_guest *k, const char *path, struct vfm_error *err);
+void vfm__kvm_heartbeat(struct kvm_guest *k, const unsigned char *data, unsigned count);
+void vfm__kvm_heartbeat_close(struct kvm_guest *k);
 
 /* kvm_state.c */
 void vfm__kvm_free_savables(struct kvm_guest *k);

@@ -106,7 +106,18 @@ struct vfm_migration_stats {
 	/* auto-converge: the throttles applied now (percent; 0 = none). */
 	unsigned cpu_throttle_percentage;
 	unsigned device_throttle_percentage;
+	/* The source's switchover, step by step (ms, in this order; names from
+	 * vfm_switchover_step_name): guest stop (the vCPUs kicked and parked),
+	 * device arcs to STOP_COPY, final dirty sync, last bytes (stop-copy
+	 * data, config, end of stream flushed), destination load (until its
+	 * LOADED), GO sent, destination resume (devices RUNNING and guest
+	 * started, by the destination's clock when on the same host). Their sum
+	 * is the downtime; have_switchover once a switchover ended. */
+	bool have_switchover;
+	double switchover_ms[7];
 };
+#define VFM_SWITCHOVER_STEPS 7
+VFM_EXPORT const char *vfm_switchover_step_name(unsigned step);
 
 /*
  * What the engine needs from the VM: stop and start its guest (vCPUs). Called

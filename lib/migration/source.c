@@ -67,6 +67,7 @@ struct source {
 	bool guest_stopped;
 	bool committed;              /* GO sent (or file written): no way back */
 	uint64_t t_start, t_stop, rtt_ns;
+	uint64_t step_end[VFM_SWITCHOVER_STEPS];  /* switchover timeline (publish_steps) */
 	/* Bandwidth window. */
 	uint64_t win_start, win_bytes0;
 	bool win_busy;
@@ -823,6 +824,44 @@ static int stop_devices(struct vfm_migration *m, struct vfm_error *err)
 	return 0;
 }
 
+const char *vfm_switchover_step_name(unsigned step)
+{
+	static const char *const names[VFM_SWITCHOVER_STEPS] = {
+		"guest_stop", "device_stop", "final_sync", "last_bytes", "dest_load", "go",
+		"dest_resume",
+	};
+
+	return step < VFM_SWITCHOVER_STEPS ? names[step] : "?";
+}
+
+/* The switchover timeline: step i ended at t (CLOCK_MONOTONIC ns). */
+static void step_done(struct source *src, unsigned i, uint64_t t)
+{
+	src->step_end[i] = t;
+}
+
+static void publish_steps(struct source *src)
+{
+	struct vfm_migration *m = src->m;
+	uint64_t prev = src->t_stop;
+
+	pthread_mutex_lock(&m->lock);
+	for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++) {
+		uint64_t t = src->step_end[i] > prev ? src->step_end[i] : prev;
+
+		m->stats.switchover_ms[i] = src->step_end[i] ? (double)(t - prev) / 1e6 : 0;
+		if (src->step_end[i])
+			prev = t;
+	}
+	m->stats.have_switchover = true;
+	pthread_mutex_unlock(&m->lock);
+	vfm_debug(LOG, "switchover: guest stop %.3f, devices %.3f, sync %.3f, last bytes %.3f, "
+		  "destination load %.3f, go %.3f, destination resume %.3f ms",
+		  m->stats.switchover_ms[0], m->stats.switchover_ms[1], m->stats.switchover_ms[2],
+		  m->stats.switchover_ms[3], m->stats.switchover_ms[4], m->stats.switchover_ms[5],
+		  m->stats.switchover_ms[6]);
+}
+
 /* Milliseconds since the guest was told to stop. */
 static double since_stop_ms(const struct source *src)
 {
@@ -842,11 +881,14 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	if (m->vm && m->vm->stop && (ret = m->vm->stop(m->vm_opaque)))
 		return vfm_error_set(err, ret, "stopping the guest");
 	src->guest_stopped = true;
+	memset(src->step_end, 0, sizeof(src->step_end));
+	step_done(src, 0, vfm__now_ns());
 	vfm_debug(LOG, "switchover: guest stopped in %.3f ms", since_stop_ms(src));
 	if ((ret = stop_devices(m, err)))
 		return ret;
 	if (src->mf && (ret = vfm__mf_src_stop_devices(src->mf, err)))
 		return ret;
+	step_done(src, 1, vfm__now_ns());
 	vfm_debug(LOG, "switchover: devices stopped at %.3f ms", since_stop_ms(src));
 	{
 		unsigned char ts[8];
@@ -854,6 +896,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		vfm_stream_put_record(src->out, VFM_REC_SWITCHOVER, 0, 0, ts, sizeof(ts));
 	}
 	vfm__log_sync(m, false);
+	step_done(src, 2, vfm__now_ns());
 	vfm_debug(LOG, "switchover: final dirty sync done at %.3f ms", since_stop_ms(src));
 	phase(src, VFM__PH_STOP_COPY);
 	/* Every device is quiet and synced: the save threads may read. */
@@ -894,6 +937,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	vfm_stream_flush(src->out);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
+	step_done(src, 3, vfm__now_ns());
 	vfm_debug(LOG, "switchover: end of stream sent at %.3f ms", since_stop_ms(src));
 
 	if (!src->rp) {
@@ -903,11 +947,13 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		m->stats.downtime_ms = since_stop_ms(src);
 		m->stats.downtime_from_same_clock = true;
 		pthread_mutex_unlock(&m->lock);
+		publish_steps(src);
 		return 0;
 	}
 	phase(src, VFM__PH_LOADED_WAIT);
 	if ((ret = wait_rp(src, VFM_REC_RP_LOADED, &h, &pl, err)))
 		return ret;
+	step_done(src, 4, vfm__now_ns());
 	/* Commit point: once GO is on the wire the destination may run. A
 	 * cancel that got here first wins; one that comes later is too late. */
 	pthread_mutex_lock(&m->lock);
@@ -931,6 +977,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		pthread_mutex_unlock(&m->lock);
 		return vfm_error_set(err, err->code, "sending GO");
 	}
+	step_done(src, 5, vfm__now_ns());
 	phase(src, VFM__PH_COMMITTED);
 	ret = wait_rp(src, VFM_REC_RP_RESUMED, &h, &pl, err);
 	t_resumed_rx = vfm__now_ns();
@@ -939,14 +986,17 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	pthread_mutex_lock(&m->lock);
 	if (h.length >= 8 + 36 && vfm__same_boot((const char *)pl + 8)) {
 		/* Same host: both timestamps are CLOCK_MONOTONIC of one machine. */
+		src->step_end[6] = vfm_get_le64(pl);
 		m->stats.downtime_ms = (double)(vfm_get_le64(pl) - src->t_stop) / 1e6;
 		m->stats.downtime_from_same_clock = true;
 	} else {
 		/* Another host: the resume happened about half a round trip ago. */
+		src->step_end[6] = t_resumed_rx - src->rtt_ns / 2;
 		m->stats.downtime_ms = (double)(t_resumed_rx - src->t_stop - src->rtt_ns / 2) / 1e6;
 		m->stats.downtime_from_same_clock = false;
 	}
 	pthread_mutex_unlock(&m->lock);
+	publish_steps(src);
 	return 0;
 }
 
