@@ -304,7 +304,7 @@ def main():
     # 8. Peer: QEMU (bench/qemu_peer.py).
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import qemu_peer
-    rep.extend(qemu_peer.section(BUILD, VFIOMIG, runs=3))
+    rep.extend(qemu_peer.section(BUILD, VFIOMIG, runs=3 if QUICK else 5))
 
     w('## Where the time went, and what was fixed\n')
     w('Found with `perf record -g` on the migrations above (2026-12-01, this machine); each '

@@ -12,6 +12,9 @@
  * usage: vfm-heartbeat SRC_SOCKET DST_SOCKET [--timeout SECONDS]
  * Prints "ready" once both listen, then runs until SIGTERM/SIGINT or the
  * timeout (default 300 s) and prints one JSON object (docs/performance.md).
+ * SIGUSR1 marks the migration's start, SIGUSR2 its end: the blackout is the
+ * longest silence that overlaps that window (a host hiccup before the
+ * migration is not its blackout); without marks, the whole run.
  */
 #include <errno.h>
 #include <poll.h>
@@ -42,12 +45,16 @@ struct side {
 	uint64_t seq_skips;     /* beats the VMM dropped (sequence jumped) */
 };
 
-static volatile sig_atomic_t stop;
+static volatile sig_atomic_t stop, mark_start, mark_end;
 
 static void on_signal(int sig)
 {
-	(void)sig;
-	stop = 1;
+	if (sig == SIGUSR1)
+		mark_start = 1;
+	else if (sig == SIGUSR2)
+		mark_end = 1;
+	else
+		stop = 1;
 }
 
 static uint64_t now_ns(void)
@@ -196,7 +203,8 @@ static void print_side(const struct side *s, uint64_t t0)
  * The longest silence between two consecutive beats of both sides merged in
  * time order, and which sides it lies between.
  */
-static void print_blackout(const struct side *src, const struct side *dst, uint64_t t0)
+static void print_blackout(const struct side *src, const struct side *dst, uint64_t t0,
+			   uint64_t w0, uint64_t w1)
 {
 	size_t i = 0, j = 0;
 	uint64_t prev = 0, gap = 0, at = 0;
@@ -206,7 +214,7 @@ static void print_blackout(const struct side *src, const struct side *dst, uint6
 		int k = j >= dst->n || (i < src->n && src->b[i].t_ns <= dst->b[j].t_ns) ? 0 : 1;
 		uint64_t t = k == 0 ? src->b[i++].t_ns : dst->b[j++].t_ns;
 
-		if (have && t - prev > gap) {
+		if (have && t - prev > gap && prev < w1 && t > w0) {
 			gap = t - prev;
 			at = prev;
 			from = prev_side;
@@ -216,9 +224,11 @@ static void print_blackout(const struct side *src, const struct side *dst, uint6
 		prev_side = k;
 		have = 1;
 	}
-	printf("\"blackout_ms\": %.3f, \"blackout_at_ms\": %.3f, \"blackout_between\": \"%s-%s\", ",
-	       ms(gap), have ? ms(at - t0) : -1.0, from < 0 ? "none" : from ? "dst" : "src",
-	       to < 0 ? "none" : to ? "dst" : "src");
+	printf("\"blackout_ms\": %.3f, \"blackout_at_ms\": %.3f, \"blackout_between\": \"%s-%s\", "
+	       "\"window_ms\": [%.3f, %.3f], ",
+	       ms(gap), from >= 0 ? ms(at - t0) : -1.0, from < 0 ? "none" : from ? "dst" : "src",
+	       to < 0 ? "none" : to ? "dst" : "src", ms(w0 - t0),
+	       w1 == UINT64_MAX ? -1.0 : ms(w1 - t0));
 	if (src->n && dst->n)
 		printf("\"switch_ms\": %.3f, ", ((double)dst->b[0].t_ns - (double)src->b[src->n - 1].t_ns) / 1e6);
 	else
@@ -233,7 +243,7 @@ int main(int argc, char **argv)
 	};
 	struct sigaction sa = { .sa_handler = on_signal };
 	double timeout_s = 300;
-	uint64_t t0, deadline;
+	uint64_t t0, deadline, w0 = 0, w1 = UINT64_MAX;
 
 	if (argc != 3 && !(argc == 5 && !strcmp(argv[3], "--timeout"))) {
 		fprintf(stderr, "usage: vfm-heartbeat SRC_SOCKET DST_SOCKET [--timeout SECONDS]\n");
@@ -253,14 +263,24 @@ int main(int argc, char **argv)
 	sides[1].path = argv[2];
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGUSR1, &sa, NULL);
+	sigaction(SIGUSR2, &sa, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	if (listen_on(&sides[0]) || listen_on(&sides[1]))
 		return 1;
-	t0 = now_ns();
+	t0 = w0 = now_ns();
 	deadline = t0 + (uint64_t)(timeout_s * 1e9);
 	printf("ready\n");
 	fflush(stdout);
 	while (!stop && now_ns() < deadline) {
+		if (mark_start) {
+			mark_start = 0;
+			w0 = now_ns();
+		}
+		if (mark_end) {
+			mark_end = 0;
+			w1 = now_ns();
+		}
 		if (pump(sides, 100)) {
 			fprintf(stderr, "vfm-heartbeat: %s\n", strerror(errno ? errno : ENOMEM));
 			return 1;
@@ -271,7 +291,7 @@ int main(int argc, char **argv)
 		if (pump(sides, 0))
 			break;
 	printf("{");
-	print_blackout(&sides[0], &sides[1], t0);
+	print_blackout(&sides[0], &sides[1], t0, w0, w1);
 	print_side(&sides[0], t0);
 	printf(", ");
 	print_side(&sides[1], t0);
