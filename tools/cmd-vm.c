@@ -123,6 +123,10 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 	}
 	if (!cfg->mem_size)
 		return usage_error("%s", "--mem SIZE is required");
+	if ((cfg->heartbeat || hb_us_set) && (!strcmp(cfg->guest, "synthetic") ||
+						  !strcmp(cfg->guest, "none")))
+		return usage_error("--heartbeat: only the kvm guest beats (--guest kvm|auto), not '%s'",
+				   cfg->guest);
 	if (cfg->heartbeat && !hb_us_set)
 		cfg->heartbeat_us = 1000;
 	if (!*control || !**control)
