@@ -211,16 +211,34 @@ static int wait_rp(struct source *src, uint16_t type, struct vfm_rec_hdr *h, con
 	}
 }
 
-static int measure_rtt(struct source *src, struct vfm_error *err)
+/*
+ * A PING and its PONG: the round trip, and (drain) the destination caught
+ * up, as it answers only once everything before the PING is loaded. With
+ * multifd channels carrying RAM, the drain PING also names how many RAM
+ * packets went on each channel (flushed first), and the destination waits
+ * for those too (docs/stream-format.md).
+ */
+static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 {
-	unsigned char tok[8];
+	unsigned char tok[8 + 4 + 4 * VFM_MF_MAX_CHANNELS];
+	unsigned nch = drain && src->mf ? vfm__mf_src_nchannels(src->mf) : 0;
+	size_t len = 8;
 	struct vfm_rec_hdr h;
 	const void *pl;
 	uint64_t t0 = vfm__now_ns();
 	int ret;
 
 	vfm_put_le64(tok, ++src->ping_token);
-	vfm_stream_put_record(src->out, VFM_REC_PING, 0, 0, tok, sizeof(tok));
+	if (nch && nch <= VFM_MF_MAX_CHANNELS) {
+		vfm_put_le32(tok + 8, nch);
+		for (unsigned k = 0; k < nch; k++) {
+			if ((ret = vfm__mf_src_flush(src->mf, k, err)))
+				return ret;
+			vfm_put_le32(tok + 12 + 4 * k, vfm__mf_src_ram_packets(src->mf, k));
+		}
+		len = 12 + 4 * (size_t)nch;
+	}
+	vfm_stream_put_record(src->out, VFM_REC_PING, 0, 0, tok, len);
 	vfm_stream_flush(src->out);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
@@ -523,7 +541,7 @@ static int do_setup(struct source *src, struct vfm_error *err)
 		memcpy(buf + 8, sv->name, nl);
 		vfm_stream_put_record(src->out, VFM_REC_SECTION, 0, sv->section, buf, 8 + nl);
 	}
-	if (src->rp && (ret = measure_rtt(src, err)))
+	if (src->rp && (ret = measure_rtt(src, false, err)))
 		return ret;
 	if ((ret = vfm__mf_src_open(m, &src->uri, &src->p, src->out, &src->mf, err)))
 		return ret;
@@ -747,7 +765,7 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 					 * then decide again on fresh figures.
 					 */
 					drains++;
-					if ((ret = measure_rtt(src, err)))
+					if ((ret = measure_rtt(src, true, err)))
 						return ret;
 					timed_log_sync(src);
 					if ((ret = exact_check(src, threshold, false, &pending, err)))
