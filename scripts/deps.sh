@@ -18,6 +18,9 @@ packages=(
 	libclang-rt-dev    # sanitizer and libFuzzer runtimes for clang
 	valgrind
 	gnuplot-nox        # plots of make bench (docs/performance.md)
+	libgnutls28-dev    # TLS on migration connections (lib/migration/tls.c)
+	gnutls-bin         # certtool: the TLS tests' certificates
+	iproute2           # ip, tc: the two-host tests (network namespaces, veth, tbf)
 )
 # --bench: also the extras only `make bench` uses.
 if [ "${1:-}" = "--bench" ]; then

@@ -17,8 +17,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+
 #include "migration/channel.h"
+#include "migration/tls.h"
 #include "util/logging.h"
+#include "vfiomig/migration.h"
 
 #define LOG "channel"
 
@@ -351,6 +355,11 @@ struct vfm_listener {
 	int fd;                  /* listening socket; file: the open file; fd: -1 */
 	int user_fd;             /* fd: the number given */
 	bool handed_out;         /* file/fd: accept() returned it already */
+	/* TLS (vfm_listen_mig): set before the first accept. */
+	struct vfm_tls *tls;
+	int hs_timeout_ms;
+	const atomic_bool *cancel;
+	unsigned refused;        /* the accepting thread only */
 };
 
 static int listen_tcp(struct vfm_listener *l, struct vfm_uri *uri, struct vfm_error *err)
@@ -561,6 +570,29 @@ static int accept_once(struct vfm_listener *l, int *fd, struct vfm_error *err)
 	return 0;
 }
 
+/* "ADDRESS:PORT" of a tcp peer, the listener's name for a unix one. */
+static const char *peer_name(int fd, const struct vfm_listener *l, char *buf, size_t len)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char a[INET6_ADDRSTRLEN];
+
+	if (l->kind != VFM_URI_TCP || getpeername(fd, (struct sockaddr *)&ss, &sl) < 0) {
+		snprintf(buf, len, "a peer on %.60s", l->name);
+	} else if (ss.ss_family == AF_INET6) {
+		const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&ss;
+
+		inet_ntop(AF_INET6, &s6->sin6_addr, a, sizeof(a));
+		snprintf(buf, len, "[%s]:%u", a, ntohs(s6->sin6_port));
+	} else {
+		const struct sockaddr_in *s4 = (const struct sockaddr_in *)&ss;
+
+		inet_ntop(AF_INET, &s4->sin_addr, a, sizeof(a));
+		snprintf(buf, len, "%s:%u", a, ntohs(s4->sin_port));
+	}
+	return buf;
+}
+
 int vfm_accept(struct vfm_listener *l, int timeout_ms, int *fd, struct vfm_error *err)
 {
 	uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
@@ -568,6 +600,7 @@ int vfm_accept(struct vfm_listener *l, int timeout_ms, int *fd, struct vfm_error
 
 	if (l->kind == VFM_URI_FILE || l->kind == VFM_URI_FD)
 		return accept_once(l, fd, err);
+again:
 	for (;;) {
 		/* The listener is non-blocking: a client that gave up between poll
 		 * and accept costs a loop, not a hang. */
@@ -588,6 +621,24 @@ int vfm_accept(struct vfm_listener *l, int timeout_ms, int *fd, struct vfm_error
 	}
 	/* Unix sockets do not inherit the listener's buffer sizes: set them again. */
 	tune_socket(cfd, l->kind == VFM_URI_TCP ? AF_INET : AF_UNIX);
+	if (l->tls) {
+		struct vfm_error why = { 0 };
+		char peer[80];
+
+		ret = vfm_tls_wrap(l->tls, cfd, peer_name(cfd, l, peer, sizeof(peer)),
+				   l->hs_timeout_ms, l->cancel, &cfd, &why);
+		if (ret == VFM_ECANCELED)
+			return vfm_error_set(err, ret, "%s", why.msg);
+		if (ret) {
+			/* Refused, and the next peer may be the real source. */
+			l->refused++;
+			vfm_err(LOG, "refused a migration connection on %s: %s", l->name, why.msg);
+			if (!remaining_ms(timeout_ms, deadline))
+				return vfm_error_set(err, -ETIMEDOUT, "no accepted migration on %s "
+						     "within %d ms", l->name, timeout_ms);
+			goto again;
+		}
+	}
 	*fd = cfd;
 	return 0;
 }
@@ -598,6 +649,7 @@ void vfm_listener_close(struct vfm_listener *l)
 
 	if (!l)
 		return;
+	vfm_tls_unref(l->tls);
 	if (l->fd >= 0)
 		close(l->fd);
 	/* Only the file we made: another listener may have taken the path since. */
@@ -718,4 +770,102 @@ int vfm_connect(const struct vfm_uri *uri, int timeout_ms, int *fd, struct vfm_e
 	}
 	*fd = nfd;
 	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The migration's channels: TLS, and the plaintext-on-the-network rule      */
+
+bool vfm_uri_is_loopback(const struct vfm_uri *uri)
+{
+	struct addrinfo *res, *ai;
+	bool loop = true;
+
+	if (uri->kind != VFM_URI_TCP)
+		return uri->kind == VFM_URI_UNIX;
+	if (resolve(uri, true, &res, NULL))
+		return false;
+	for (ai = res; ai; ai = ai->ai_next) {
+		if (ai->ai_family == AF_INET) {
+			const struct sockaddr_in *s4 = (const struct sockaddr_in *)ai->ai_addr;
+
+			loop &= (ntohl(s4->sin_addr.s_addr) >> 24) == 127;
+		} else if (ai->ai_family == AF_INET6) {
+			const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ai->ai_addr;
+
+			loop &= IN6_IS_ADDR_LOOPBACK(&s6->sin6_addr) != 0;
+		} else {
+			loop = false;
+		}
+	}
+	freeaddrinfo(res);
+	return loop;
+}
+
+static int tls_uri_ok(const struct vfm_uri *uri, const char *name, struct vfm_error *err)
+{
+	if (uri->kind == VFM_URI_TCP || uri->kind == VFM_URI_UNIX)
+		return 0;
+	return vfm_error_set(err, -EINVAL, "%s: TLS needs a connection (tcp: or unix:), not a "
+			     "file or fd", name);
+}
+
+int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params *p, int *fd,
+		    struct vfm_error *err)
+{
+	struct vfm_tls *t;
+	char name[400];
+	int nfd, ret;
+
+	vfm_uri_str(uri, name, sizeof(name));
+	if (!p->tls_creds[0])
+		return vfm_connect(uri, (int)p->timeout_ms, fd, err);
+	if ((ret = tls_uri_ok(uri, name, err)))
+		return ret;
+	/* Loaded per connection: a few small files, and rotated ones are picked up. */
+	ret = vfm_tls_new(p->tls_creds, VFM_TLS_CLIENT, p->tls_hostname[0] ? p->tls_hostname
+				  : uri->kind == VFM_URI_TCP ? uri->host : "localhost",
+			  NULL, &t, err);
+	if (ret)
+		return ret;
+	ret = vfm_connect(uri, (int)p->timeout_ms, &nfd, err);
+	if (!ret)
+		ret = vfm_tls_wrap(t, nfd, name, (int)p->timeout_ms, NULL, fd, err);
+	vfm_tls_unref(t);
+	return ret;
+}
+
+int vfm_listen_mig(struct vfm_uri *uri, const struct vfm_migration_params *p,
+		   const atomic_bool *cancel, struct vfm_listener **out, struct vfm_error *err)
+{
+	struct vfm_tls *t = NULL;
+	char name[400];
+	int ret;
+
+	vfm_uri_str(uri, name, sizeof(name));
+	if (p->tls_creds[0]) {
+		if ((ret = tls_uri_ok(uri, name, err)))
+			return ret;
+		ret = vfm_tls_new(p->tls_creds, VFM_TLS_SERVER, NULL, p->tls_authz, &t, err);
+		if (ret)
+			return ret;
+	} else if (uri->kind == VFM_URI_TCP && !p->insecure && !vfm_uri_is_loopback(uri)) {
+		return vfm_error_set(err, -EPERM, "refusing to listen on %s in plaintext: whoever "
+				     "reaches it writes the guest's memory and devices. Give "
+				     "--tls-creds x509:DIR|psk:DIR, or --insecure on a network you "
+				     "trust", name);
+	}
+	ret = vfm_listen(uri, out, err);
+	if (ret) {
+		vfm_tls_unref(t);
+		return ret;
+	}
+	(*out)->tls = t;
+	(*out)->hs_timeout_ms = (int)p->timeout_ms;
+	(*out)->cancel = cancel;
+	return 0;
+}
+
+unsigned vfm_listener_refused(const struct vfm_listener *l)
+{
+	return l->refused;
 }

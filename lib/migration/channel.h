@@ -7,6 +7,7 @@
 #ifndef VFM_MIGRATION_CHANNEL_H
 #define VFM_MIGRATION_CHANNEL_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 
 #include "vfiomig/common.h"
@@ -45,5 +46,23 @@ void vfm_listener_close(struct vfm_listener *l);   /* removes the unix socket fi
 /* Source side: connect (tcp/unix, bounded by timeout_ms), or create/truncate the
  * file (mode 0600), or dup the fd. Sets TCP_NODELAY on tcp. */
 int vfm_connect(const struct vfm_uri *uri, int timeout_ms, int *fd, struct vfm_error *err);
+
+/*
+ * The migration's own forms of the above: TLS when p->tls_creds names
+ * credentials (the fd is then the plaintext end of a relay, tls.h), and the
+ * rule that a plaintext tcp listener binds loopback only unless p->insecure.
+ * A listener with TLS accepts on: a peer refused by the handshake or by
+ * tls-authz is logged and closed, and the wait goes on. cancel (optional)
+ * cuts a handshake short.
+ */
+struct vfm_migration_params;
+int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params *p, int *fd,
+		    struct vfm_error *err);
+int vfm_listen_mig(struct vfm_uri *uri, const struct vfm_migration_params *p,
+		   const atomic_bool *cancel, struct vfm_listener **out, struct vfm_error *err);
+/* Connections refused so far by a TLS listener. */
+unsigned vfm_listener_refused(const struct vfm_listener *l);
+/* Whether every address host resolves to is a loopback one. */
+bool vfm_uri_is_loopback(const struct vfm_uri *uri);
 
 #endif

@@ -275,7 +275,7 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 	ret = vfm_guest_mem_prealloc(m->mem, err);
 	if (ret)
 		return ret;
-	ret = vfm_listen(&u, &l, err);
+	ret = vfm_listen_mig(&u, &d.p, &m->in_cancel, &l, err);
 	if (ret)
 		return ret;
 	if (ready)
