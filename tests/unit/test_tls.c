@@ -423,27 +423,37 @@ TEST(authz_lists_the_allowed_dns)
 	run(&sp, &c, 0);
 }
 
-TEST(psk_wrong_key_and_unknown_identity_refused)
+TEST(psk_wrong_key_unknown_identity_and_authz_refused)
 {
 	const char *good = creds("p", NULL, "qemu"), *other = creds("q", NULL, "qemu");
-	const char *stranger = creds("s", NULL, "stranger");
-	struct vfm_migration_params sp;
+	const char *stranger;
+	struct vfm_migration_params sp, cp;
 	struct client c = { .bad_kind = TLS_BAD };
+	char cmd[400];
 
 	params(&sp, "psk", good);
 	params(&c.p, "psk", good);
 	params(&c.bad, "psk", other);
 	run(&sp, &c, 1);
 	expect_refused(&c, "keys.psk");
+
+	/* An identity the destination's keys.psk does not have. */
+	good = creds("p", NULL, "qemu");
+	stranger = creds("s", NULL, "stranger");
+	params(&sp, "psk", good);
+	params(&cp, "psk", stranger);
+	refused_only(&sp, &cp, "TLS handshake");
+
+	/* Known with the right key, but not in tls-authz. */
+	snprintf(cmd, sizeof(cmd), "cat '%s/keys.psk' >> '%s/keys.psk'", stranger, good);
+	CHECK(system(cmd) == 0);
+	snprintf(sp.tls_authz, sizeof(sp.tls_authz), "qemu");
 	memset(&c, 0, sizeof(c));
 	c.bad_kind = TLS_BAD;
-	good = creds("p2", NULL, "qemu");
-	params(&sp, "psk", good);
-	snprintf(sp.tls_authz, sizeof(sp.tls_authz), "qemu");
 	params(&c.p, "psk", good);
 	params(&c.bad, "psk", stranger);
 	run(&sp, &c, 1);
-	CHECK(c.bad_ret != 0);
+	expect_refused(&c, "Access was denied");
 }
 
 TEST(plaintext_source_refused_and_told)
