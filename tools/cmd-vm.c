@@ -115,13 +115,13 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 				return usage_error("%s", "--tls-creds: path too long");
 			cfg->tls_creds = v;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--tls-authz"))) {
-			size_t n = strlen(cfg->tls_authz);
+			size_t have = strlen(cfg->tls_authz);
 
-			if (!*v || strchr(v, '\n') || n + strlen(v) + 2 > sizeof(cfg->tls_authz))
+			if (!*v || strchr(v, '\n') || have + strlen(v) + 2 > sizeof(cfg->tls_authz))
 				return usage_error("--tls-authz: '%.64s': empty, multi-line or too long",
 						   v);
-			snprintf(cfg->tls_authz + n, sizeof(cfg->tls_authz) - n, "%s%s",
-				 n ? "\n" : "", v);
+			snprintf(cfg->tls_authz + have, sizeof(cfg->tls_authz) - have, "%s%s",
+				 have ? "\n" : "", v);
 		} else if (!strcmp(a, "--insecure")) {
 			cfg->insecure = true;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--control"))) {
