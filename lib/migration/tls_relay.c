@@ -31,6 +31,7 @@
 /* As the channels' AF_UNIX sockets (channel.c): 4 MiB in flight. */
 #define LOCAL_SOCK_BUF (4 << 20)
 #define STALLED INT32_MIN
+#define RELAY_GRACE_MS 2000
 
 static atomic_bool ktls_used;
 
@@ -222,7 +223,9 @@ int vfm__tls_relay_start(struct vfm_tls *t, gnutls_session_t s, int net, const c
 	r->s = s;
 	r->net = net;
 	r->local = sv[1];
-	r->timeout_ms = timeout_ms > 0 ? timeout_ms : 10000;
+	/* Past the engine's own bound on the same wait, so that its message
+	 * ("the peer stopped reading") is the one a stall produces. */
+	r->timeout_ms = (timeout_ms > 0 ? timeout_ms : 10000) + RELAY_GRACE_MS;
 	snprintf(r->peer, sizeof(r->peer), "%s", peer);
 	if (gnutls_transport_is_ktls_enabled(s))
 		atomic_store(&ktls_used, true);
