@@ -57,7 +57,7 @@ wait_status() {  # wait_status SOCKET PATTERN [TENTHS]: until `ctl status` match
 	done
 }
 jfield() {  # jfield JSON KEY: a number from ctl status --json
-	echo "$1" | sed -n "s/.*\"$2\":\([0-9.]*\).*/\1/p" | head -1
+	echo "$1" | grep -o "\"$2\":[0-9.]*" | head -1 | cut -d: -f2
 }
 
 "$gen" "$tmp/x509" x509 $DST_IP >/dev/null && "$gen" "$tmp/other" x509 $DST_IP >/dev/null \
@@ -98,6 +98,7 @@ measure() {
 	j=$(ctl "$src" status --json)
 	bytes=$(jfield "$j" transferred_bytes); ms=$(jfield "$j" total_time_ms)
 	down=$(jfield "$j" downtime_ms)
+	[ -n "${TWOHOST_DEBUG:-}" ] && echo "$j"
 	awk -v b="$bytes" -v ms="$ms" -v g="$1" -v d="$down" -v w="$2" 'BEGIN {
 		gbps = ms > 0 ? b * 8 / ms / 1e6 : 0
 		printf "twohost: %-14s %8.1f MiB in %6d ms = %6.2f Gbit/s, %.2f of the %s Gbit/s link " \
