@@ -869,3 +869,22 @@ unsigned vfm_listener_refused(const struct vfm_listener *l)
 {
 	return l->refused;
 }
+
+void vfm_channel_close(int fd, const struct vfm_migration_params *p)
+{
+	uint64_t deadline = now_ms() + p->timeout_ms;
+	char sink[4096];
+
+	if (fd < 0)
+		return;
+	if (p->tls_creds[0] && !shutdown(fd, SHUT_WR)) {
+		/* Whatever still comes in is dropped: the relay ends with EOF. */
+		while (!wait_fd(fd, POLLIN, (int)p->timeout_ms, deadline)) {
+			ssize_t n = recv(fd, sink, sizeof(sink), MSG_DONTWAIT);
+
+			if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+				break;
+		}
+	}
+	close(fd);
+}

@@ -60,6 +60,14 @@ int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params
 		    struct vfm_error *err);
 int vfm_listen_mig(struct vfm_uri *uri, const struct vfm_migration_params *p,
 		   const atomic_bool *cancel, struct vfm_listener **out, struct vfm_error *err);
+/*
+ * Closes a migration connection. Under TLS the fd is a relay's plaintext
+ * end: what was written may still sit in the relay, and a process that
+ * exits next would lose it (a kernel socket would still send it). So the
+ * write side is shut first and the relay's own close awaited (bounded by
+ * p->timeout_ms), like a lingering close.
+ */
+void vfm_channel_close(int fd, const struct vfm_migration_params *p);
 /* Connections refused so far by a TLS listener. */
 unsigned vfm_listener_refused(const struct vfm_listener *l);
 /* Whether every address host resolves to is a loopback one. */

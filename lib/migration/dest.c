@@ -352,8 +352,7 @@ out:
 	pthread_mutex_lock(&m->lock);
 	atomic_store(&m->sock_fd, -1);   /* before close: cancel never hits a reused fd */
 	pthread_mutex_unlock(&m->lock);
-	if (fd >= 0)
-		close(fd);
+	vfm_channel_close(fd, &d.p);   /* under TLS: after the relay sent the last records */
 	vfm_listener_close(l);
 	return ret;
 }

@@ -580,6 +580,57 @@ TEST(cancel_ends_a_handshake_wait)
 	cleanup();
 }
 
+/*
+ * A destination that closes its last connection and exits at once (the
+ * bench's child did): what it wrote must still arrive. A plain close()
+ * would lose what sat in the relay, which dies with the process.
+ */
+TEST(close_then_exit_delivers_everything)
+{
+	const char *d = creds("a", NULL, NULL);
+	struct vfm_migration_params sp, cp;
+	struct vfm_listener *l;
+	struct vfm_error err = { 0 };
+	static unsigned char buf[1u << 20];
+	uint64_t got = 0;
+	struct vfm_uri u;
+	pid_t pid;
+	int fd, st;
+
+	params(&sp, "x509", d);
+	params(&cp, "x509", d);
+	CHECK(vfm_uri_parse("tcp:127.0.0.1:0", &u, &err) == 0);
+	CHECK(vfm_listen_mig(&u, &sp, NULL, &l, &err) == 0);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (!pid) {
+		if (vfm_accept(l, 5000, &fd, &err))
+			_exit(1);
+		memset(buf, 0x5a, sizeof(buf));
+		for (int i = 0; i < 8; i++)
+			if (write(fd, buf, sizeof(buf)) != (ssize_t)sizeof(buf))
+				_exit(2);
+		vfm_channel_close(fd, &sp);
+		_exit(0);
+	}
+	if (vfm_connect_mig(&u, &cp, &fd, &err))
+		FAIL("connect: %s", err.msg);
+	for (;;) {
+		ssize_t n = read(fd, buf, sizeof(buf));
+
+		if (n <= 0)
+			break;
+		for (ssize_t i = 0; i < n; i += 4096)
+			CHECK_EQ(buf[i], 0x5a);
+		got += (uint64_t)n;
+	}
+	close(fd);
+	CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+	CHECK_EQ(got, 8ull << 20);
+	vfm_listener_close(l);
+	cleanup();
+}
+
 TEST(psk_file_parser)
 {
 	unsigned char key[VFM_TLS_PSK_MAX_KEY];
