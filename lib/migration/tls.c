@@ -28,9 +28,15 @@
  * from a failed write much later, with no reason. */
 #define AUTHZ_OK 0x01
 
-/* TLS 1.3 only (as QEMU can be configured, and as every peer of ours is). */
-static const char PRIO_X509[] = "NORMAL:-VERS-ALL:+VERS-TLS1.3";
-static const char PRIO_PSK[] = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+ECDHE-PSK:+DHE-PSK:+PSK";
+/*
+ * TLS 1.3 only (as QEMU can be configured, and as every peer of ours is).
+ * AES-128-GCM first (3.6-4.0 GB/s on one core of the test machine, by
+ * `gnutls-cli --benchmark-ciphers`); GnuTLS's default order picks
+ * AES-256-GCM, 14 AES rounds per block instead of 10.
+ */
+#define CIPHERS "-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305"
+static const char PRIO_X509[] = "NORMAL:-VERS-ALL:+VERS-TLS1.3:" CIPHERS;
+static const char PRIO_PSK[] = "NORMAL:-VERS-ALL:+VERS-TLS1.3:" CIPHERS ":+ECDHE-PSK:+DHE-PSK:+PSK";
 
 static uint64_t now_ms(void)
 {

@@ -56,6 +56,7 @@ struct relay {
 	bool local_dead;             /* the engine takes no more data (SHUT_RD or closed) */
 	bool local_hup, net_hup;     /* poll said so: stop polling that fd */
 	bool net_eof, local_wr_shut;
+	bool uncork_pending;         /* corked records not all sent yet */
 };
 
 static uint64_t now_ms(void)
@@ -72,7 +73,7 @@ static int pump(struct relay *r)
 	bool progress = false;
 	ssize_t n;
 
-	if (!r->local_eof && r->tx_len == 0) {
+	if (!r->local_eof && r->tx_len == 0 && !r->uncork_pending) {
 		n = recv(r->local, r->tx, sizeof(r->tx), MSG_DONTWAIT);
 		if (n > 0) {
 			r->tx_off = 0;
@@ -83,20 +84,40 @@ static int pump(struct relay *r)
 			progress = true;
 		}
 	}
-	while (r->tx_off < r->tx_len) {
-		size_t len = r->tx_len - r->tx_off;
-
-		/* After E_AGAIN GnuTLS wants the same call again: the same slice. */
-		n = gnutls_record_send(r->s, r->tx + r->tx_off, len < TLS_RECORD ? len : TLS_RECORD);
-		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
-			break;
-		if (n < 0)
+	if (r->uncork_pending) {
+		/* The records of the last turn, still partly in GnuTLS's buffer. */
+		n = gnutls_record_uncork(r->s, 0);
+		if (n < 0 && n != GNUTLS_E_AGAIN && n != GNUTLS_E_INTERRUPTED)
 			return (int)n;
-		r->tx_off += (size_t)n;
-		progress = true;
+		if (n >= 0) {
+			r->uncork_pending = false;
+			progress = true;
+		}
 	}
-	if (r->tx_len && r->tx_off == r->tx_len)
+	if (!r->uncork_pending && r->tx_off < r->tx_len) {
+		/*
+		 * Corked: the turn's records (up to 16) leave in one send instead
+		 * of one each. On the shared 2-core test machine the effect was
+		 * inside the run-to-run noise (TLS RAM throughput 200-720 MB/s
+		 * either way); it is fewer syscalls for certain.
+		 */
+		gnutls_record_cork(r->s);
+		while (r->tx_off < r->tx_len) {
+			size_t len = r->tx_len - r->tx_off;
+
+			n = gnutls_record_send(r->s, r->tx + r->tx_off,
+					       len < TLS_RECORD ? len : TLS_RECORD);
+			if (n < 0)
+				return (int)n;
+			r->tx_off += (size_t)n;
+		}
 		r->tx_off = r->tx_len = 0;
+		progress = true;
+		n = gnutls_record_uncork(r->s, 0);
+		if (n < 0 && n != GNUTLS_E_AGAIN && n != GNUTLS_E_INTERRUPTED)
+			return (int)n;
+		r->uncork_pending = n < 0;
+	}
 	while (!r->net_eof && r->rx_len < sizeof(r->rx) && !r->rx_off) {
 		n = gnutls_record_recv(r->s, r->rx + r->rx_len, sizeof(r->rx) - r->rx_len);
 		if (n == GNUTLS_E_AGAIN || n == GNUTLS_E_INTERRUPTED)
@@ -136,11 +157,11 @@ static void relay_wait(struct relay *r, int timeout)
 {
 	struct pollfd p[2] = {
 		{ .fd = r->local_hup ? -1 : r->local,
-		  .events = (short)((!r->local_eof && !r->tx_len ? POLLIN : 0) |
+		  .events = (short)((!r->local_eof && !r->tx_len && !r->uncork_pending ? POLLIN : 0) |
 				    (r->rx_len && !r->local_dead ? POLLOUT : 0)) },
 		{ .fd = r->net_hup ? -1 : r->net,
 		  .events = (short)((!r->net_eof && !r->rx_len ? POLLIN : 0) |
-				    (r->tx_len ? POLLOUT : 0)) },
+				    (r->uncork_pending ? POLLOUT : 0)) },
 	};
 
 	if (poll(p, 2, timeout) <= 0)
@@ -164,7 +185,7 @@ static void *relay_main(void *arg)
 		ret = pump(r);
 		if (ret < 0)
 			break;
-		if (r->local_eof && !r->tx_len) {
+		if (r->local_eof && !r->tx_len && !r->uncork_pending) {
 			/* The engine is done: everything it wrote went out. close_notify
 			 * is best effort; the peer's reader has its own end checks. */
 			gnutls_bye(r->s, GNUTLS_SHUT_WR);
@@ -175,7 +196,7 @@ static void *relay_main(void *arg)
 			last = now_ms();
 			continue;
 		}
-		pending = r->tx_len || (r->rx_len && !r->local_dead);
+		pending = r->tx_len || r->uncork_pending || (r->rx_len && !r->local_dead);
 		if (pending && now_ms() - last >= (uint64_t)r->timeout_ms) {
 			vfm_err(LOG, "TLS relay for %s: no progress in %d ms", r->peer, r->timeout_ms);
 			ret = STALLED;
