@@ -196,7 +196,7 @@ def twohost_section(w, targets):
       'one `dma` device with 64 MiB of state each side, 2 multifd channels) in two network '
       'namespaces joined by a veth pair shaped with `tc tbf` in both directions; plain '
       '(`--insecure`) and TLS (x509). Arithmetic = bytes moved / link rate; ratio = achieved '
-      'rate / link rate (total migration time), target >= 0.9.\n')
+      'rate / link rate (total migration time), target ≥ 0.9.\n')
     p = subprocess.run(['sh', script, VFIOMIG, gen, 'bench'], capture_output=True, text=True,
                        timeout=600)
     rows = [l for l in p.stdout.splitlines() if l.startswith('twohost:')]
@@ -214,7 +214,7 @@ def twohost_section(w, targets):
         g, mode, mib, ms, gbps, ratio, arith, down = m.groups()
         w('| %s Gbit/s | %s | %s | %s | %s | %s | %s | %s |' % (g, mode, mib, ms, arith, gbps,
                                                            ratio, down))
-        targets.append(('two hosts %s Gbit/s %s >= 0.9 of the link' % (g, mode),
+        targets.append(('two hosts %s Gbit/s %s ≥ 0.9 of the link' % (g, mode),
                         float(ratio) >= 0.9))
     w('')
 

@@ -95,6 +95,17 @@ static void describe(gnutls_session_t s, const struct vfm_tls *t, int r, char *b
 			 "same key in keys.psk?)");
 }
 
+/* Reads and drops until the peer closes, for at most ms. */
+static void drain(int fd, int ms)
+{
+	uint64_t deadline = now_ms() + (uint64_t)ms;
+	char sink[4096];
+
+	while (!wait_io(fd, POLLIN, deadline, NULL) &&
+	       recv(fd, sink, sizeof(sink), MSG_DONTWAIT) > 0)
+		;
+}
+
 /*
  * A plaintext peer on a TLS port: a vfiomig source without --tls-creds
  * starts with the stream magic. It gets a return-path error it will report
@@ -113,6 +124,10 @@ static int refuse_plaintext(int fd, const char *peer, int timeout_ms, struct vfm
 		vfm_stream_put_record(s, VFM_REC_RP_ERROR, 0, 0, msg, 4 + sizeof(why) - 1);
 		vfm_stream_flush(s);
 		vfm_stream_free(s);
+		/* Closing with its stream unread would answer with a reset, which
+		 * may overtake the error: let the source hang up first (1 s at most). */
+		shutdown(fd, SHUT_WR);
+		drain(fd, 1000);
 	}
 	return vfm_error_set(err, VFM_ETLS, "%s sent a plaintext migration stream to a TLS "
 			     "port (its source has no --tls-creds)", peer);

@@ -51,7 +51,4 @@ int vfm_tls_psk_parse(const char *text, size_t len, const char *identity,
 		      unsigned char key[VFM_TLS_PSK_MAX_KEY], size_t *key_len,
 		      struct vfm_error *err);
 
-/* Whether the last relay started used kernel TLS (GnuTLS's KTLS). */
-bool vfm_tls_ktls_used(void);
-
 #endif

@@ -33,13 +33,6 @@
 #define STALLED INT32_MIN
 #define RELAY_GRACE_MS 2000
 
-static atomic_bool ktls_used;
-
-bool vfm_tls_ktls_used(void)
-{
-	return atomic_load(&ktls_used);
-}
-
 struct relay {
 	/* Never change after start. */
 	struct vfm_tls *t;           /* reference held for the session */
@@ -248,8 +241,6 @@ int vfm__tls_relay_start(struct vfm_tls *t, gnutls_session_t s, int net, const c
 	 * ("the peer stopped reading") is the one a stall produces. */
 	r->timeout_ms = (timeout_ms > 0 ? timeout_ms : 10000) + RELAY_GRACE_MS;
 	snprintf(r->peer, sizeof(r->peer), "%s", peer);
-	if (gnutls_transport_is_ktls_enabled(s))
-		atomic_store(&ktls_used, true);
 	vfm_debug(LOG, "%s: %s, kernel TLS %s", peer,
 		  gnutls_cipher_get_name(gnutls_cipher_get(s)),
 		  gnutls_transport_is_ktls_enabled(s) ? "on" : "off");
