@@ -809,8 +809,8 @@ static int tls_uri_ok(const struct vfm_uri *uri, const char *name, struct vfm_er
 			     "file or fd", name);
 }
 
-int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params *p, int *fd,
-		    struct vfm_error *err)
+int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params *p,
+		    const atomic_bool *cancel, int *fd, struct vfm_error *err)
 {
 	struct vfm_tls *t;
 	char name[400];
@@ -829,7 +829,7 @@ int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params
 		return ret;
 	ret = vfm_connect(uri, (int)p->timeout_ms, &nfd, err);
 	if (!ret)
-		ret = vfm_tls_wrap(t, nfd, name, (int)p->timeout_ms, NULL, fd, err);
+		ret = vfm_tls_wrap(t, nfd, name, (int)p->timeout_ms, cancel, fd, err);
 	vfm_tls_unref(t);
 	return ret;
 }

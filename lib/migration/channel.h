@@ -56,8 +56,8 @@ int vfm_connect(const struct vfm_uri *uri, int timeout_ms, int *fd, struct vfm_e
  * cuts a handshake short.
  */
 struct vfm_migration_params;
-int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params *p, int *fd,
-		    struct vfm_error *err);
+int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params *p,
+		    const atomic_bool *cancel, int *fd, struct vfm_error *err);
 int vfm_listen_mig(struct vfm_uri *uri, const struct vfm_migration_params *p,
 		   const atomic_bool *cancel, struct vfm_listener **out, struct vfm_error *err);
 /*

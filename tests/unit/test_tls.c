@@ -116,7 +116,7 @@ static void *client_main(void *arg)
 	int fd = -1;
 
 	if (c->bad_kind == TLS_BAD) {
-		c->bad_ret = vfm_connect_mig(&c->uri, &c->bad, &fd, &c->bad_err);
+		c->bad_ret = vfm_connect_mig(&c->uri, &c->bad, NULL, &fd, &c->bad_err);
 		if (!c->bad_ret)
 			close(fd);
 	} else if (c->bad_kind == RAW_STALL) {
@@ -144,7 +144,7 @@ static void *client_main(void *arg)
 		}
 		close(fd);
 	}
-	c->good_ret = vfm_connect_mig(&c->uri, &c->p, &fd, &c->good_err);
+	c->good_ret = vfm_connect_mig(&c->uri, &c->p, NULL, &fd, &c->good_err);
 	if (!c->good_ret) {
 		c->good_ret = talk_client(fd, &c->good_err);
 		close(fd);
@@ -504,11 +504,46 @@ TEST(plaintext_tls_client_to_plain_listener_fails_clearly)
 				nap_ms(1500);
 			_exit(0);
 		}
-		CHECK(vfm_connect_mig(&u, &cp, &cfd, &err) != 0);
+		CHECK(vfm_connect_mig(&u, &cp, NULL, &cfd, &err) != 0);
 		waitpid(pid, NULL, 0);
 	}
 	if (!strstr(err.msg, "no answer within 800 ms"))
 		FAIL("'%s'", err.msg);
+	vfm_listener_close(l);
+	cleanup();
+}
+
+static void *cancel_later(void *arg)
+{
+	nap_ms(200);
+	atomic_store((atomic_bool *)arg, true);
+	return NULL;
+}
+
+/* The source's cancel ends a handshake with a destination that never answers. */
+TEST(cancel_ends_a_client_handshake)
+{
+	const char *d = creds("a", NULL, NULL);
+	struct vfm_migration_params sp, cp;
+	struct vfm_listener *l;
+	struct vfm_error err = { 0 };
+	atomic_bool cancel = false;
+	struct vfm_uri u;
+	pthread_t th;
+	uint64_t t0;
+	int fd;
+
+	vfm_migration_params_default(&sp);
+	params(&cp, "x509", d);
+	cp.timeout_ms = 8000;
+	CHECK(vfm_uri_parse("tcp:127.0.0.1:0", &u, &err) == 0);
+	/* A plaintext listener whose backlog takes the connection; nobody accepts. */
+	CHECK(vfm_listen_mig(&u, &sp, NULL, &l, &err) == 0);
+	CHECK(pthread_create(&th, NULL, cancel_later, &cancel) == 0);
+	t0 = now_ms();
+	CHECK_EQ(vfm_connect_mig(&u, &cp, &cancel, &fd, &err), VFM_ECANCELED);
+	CHECK(now_ms() - t0 < 2000);
+	pthread_join(th, NULL);
 	vfm_listener_close(l);
 	cleanup();
 }
@@ -613,7 +648,7 @@ TEST(close_then_exit_delivers_everything)
 		vfm_channel_close(fd, &sp);
 		_exit(0);
 	}
-	if (vfm_connect_mig(&u, &cp, &fd, &err))
+	if (vfm_connect_mig(&u, &cp, NULL, &fd, &err))
 		FAIL("connect: %s", err.msg);
 	for (;;) {
 		ssize_t n = read(fd, buf, sizeof(buf));
