@@ -19,7 +19,7 @@ packages=(
 	valgrind
 	gnuplot-nox        # plots of make bench (docs/performance.md)
 	libgnutls28-dev    # TLS on migration connections (lib/migration/tls.c)
-	gnutls-bin         # certtool: the TLS tests' certificates
+	gnutls-bin         # certtool, psktool: making TLS credentials by hand (docs/security.md)
 	iproute2           # ip, tc: the two-host tests (network namespaces, veth, tbf)
 )
 # --bench: also the extras only `make bench` uses.

@@ -71,6 +71,26 @@ ctl "$tmp/src" set tls-hostname= && ok "tls-hostname back to the URI's host" || 
 ctl "$tmp/src" status --json >/dev/null
 ctl "$tmp/dst" set tls-authz=CN=vfiomig-source,O=vfiomig\ test tls-authz=CN=other \
 	&& ok "set tls-authz (two DNs)" || bad "set tls-authz"
+# What query-migrate-parameters says now (QMP, as a management tool sees it).
+timeout -k 5 10 python3 - "$tmp/dst" "$tmp/x509" <<'PY' && ok "query-migrate-parameters: tls keys" \
+	|| bad "query-migrate-parameters"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rwb", buffering=0)
+def rd():
+    while True:
+        m = json.loads(f.readline())
+        if "event" not in m:
+            return m
+rd()
+s.sendall(b'{"execute": "qmp_capabilities"}\n'); rd()
+s.sendall(b'{"execute": "query-migrate-parameters"}\n'); r = rd()["return"]
+assert r["tls-authz"] == ["CN=vfiomig-source,O=vfiomig test", "CN=other"], r
+assert r["tls-creds"] == "x509:" + sys.argv[2] and r["tls-hostname"] == "", r
+s.sendall(b'{"execute": "migrate-set-parameters", "arguments": {"tls-authz": [1]}}\n')
+assert "error" in rd()
+s.sendall(b'{"execute": "migrate-set-parameters", "arguments": {"tls-authz": "a\\nb"}}\n')
+assert "error" in rd()
+PY
 
 # The real one: x509, two multifd channels, verified.
 ctl "$tmp/src" set multifd-channels=2 || bad "set channels"
