@@ -88,6 +88,15 @@ static void describe(gnutls_session_t s, const struct vfm_tls *t, int r, char *b
 	} else {
 		snprintf(buf, len, "%s", gnutls_strerror(r));
 	}
+	/* A plaintext destination answers a ClientHello with a plaintext error
+	 * record, or hangs up. */
+	if (t->role == VFM_TLS_CLIENT && (r == GNUTLS_E_PREMATURE_TERMINATION ||
+					  r == GNUTLS_E_PULL_ERROR ||
+					  r == GNUTLS_E_UNEXPECTED_PACKET ||
+					  r == GNUTLS_E_UNEXPECTED_PACKET_LENGTH ||
+					  r == GNUTLS_E_UNSUPPORTED_VERSION_PACKET))
+		snprintf(buf + strlen(buf), len - strlen(buf), " (is the destination listening "
+			 "with --tls-creds?)");
 	if (t->kind == VFM_TLS_PSK && (r == GNUTLS_E_DECRYPTION_FAILED ||
 				       r == GNUTLS_E_FATAL_ALERT_RECEIVED ||
 				       r == GNUTLS_E_RECEIVED_ILLEGAL_PARAMETER))

@@ -92,9 +92,25 @@ s.sendall(b'{"execute": "migrate-set-parameters", "arguments": {"tls-authz": "a\
 assert "error" in rd()
 PY
 
+# Cancelled half way under TLS: the source runs on, the destination fails
+# that attempt and waits for the next.
+ctl "$tmp/src" set max-bandwidth=1M/s >/dev/null || bad "set max-bandwidth"
+ctl "$tmp/src" migrate "$uri" && wait_status "$tmp/src" "migration: active" \
+	&& ok "slow TLS migration running" || bad "slow migration did not start"
+ctl "$tmp/src" cancel && wait_status "$tmp/src" "migration: cancelled" && ok "cancelled" \
+	|| bad "cancel: $(ctl "$tmp/src" status | head -2)"
+ctl "$tmp/src" status | grep -q "^vm: running" && ok "source running after cancel" || bad "source after cancel"
+wait_status "$tmp/dst" "migration: failed" && ok "destination saw the attempt end" \
+	|| bad "destination after cancel: $(ctl "$tmp/dst" status | head -2)"
+ctl "$tmp/src" set max-bandwidth=0 >/dev/null
+
 # The real one: x509, two multifd channels, verified.
 ctl "$tmp/src" set multifd-channels=2 || bad "set channels"
-out=$(ctl "$tmp/src" migrate "$uri" --wait 2>&1)
+i=0
+until out=$(ctl "$tmp/src" migrate "$uri" --wait 2>&1); do
+	# The destination re-listens right after the cancelled attempt.
+	i=$((i + 1)); [ $i -lt 10 ] || break; sleep 0.3
+done
 echo "$out" | grep -q "migration: completed" && ok "TLS migration completed" || bad "TLS migration: $out"
 dst_status=$(ctl "$tmp/dst" status)
 echo "$dst_status" | grep -q "guest: synthetic, verified yes" && ok "destination guest verified" \
@@ -105,6 +121,14 @@ dst_sum=$(echo "$dst_status" | sed -n 's/.*checksum \(0x[0-9a-f]*\).*/\1/p')
 	|| bad "checksums '$src_sum' '$dst_sum'"
 ctl "$tmp/src" status --json | grep -q '"multifd_channels":2' && ok "2 channels used" \
 	|| bad "channels: $(ctl "$tmp/src" status --json)"
-for s in src dst bad1 bad2; do ctl "$tmp/$s" quit >/dev/null 2>&1; done
+# A TLS source to a plaintext destination: the source says what is likely.
+bg timeout -k 5 60 "$bin" vm --mem 16M --guest none --incoming tcp:127.0.0.1:0 --control "$tmp/plain"
+bg timeout -k 5 60 "$bin" vm --mem 16M --guest none --tls-creds "x509:$tmp/x509" --control "$tmp/tsrc"
+wait_sock "$tmp/plain" && wait_sock "$tmp/tsrc" || bad "plain pair did not start"
+puri=$(ctl "$tmp/plain" status | sed -n 's/.*(incoming \(tcp:[^)]*\)).*/\1/p')
+out=$(ctl "$tmp/tsrc" migrate "$puri" --wait 2>&1)
+[ $? = 1 ] && echo "$out" | grep -q "is the destination listening with --tls-creds" && ok "TLS source to a plaintext destination: told" \
+	|| bad "TLS source to plaintext: $out"
+for s in src dst bad1 bad2 plain tsrc; do ctl "$tmp/$s" quit >/dev/null 2>&1; done
 [ $fail = 0 ] || { echo "--- log"; tail -40 "$tmp/log"; }
 exit $fail
