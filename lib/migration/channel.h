@@ -48,7 +48,7 @@ void vfm_listener_close(struct vfm_listener *l);   /* removes the unix socket fi
 int vfm_connect(const struct vfm_uri *uri, int timeout_ms, int *fd, struct vfm_error *err);
 
 /*
- * The migration's own forms of the above: TLS when p->tls_creds names
+ * The migration's own forms of the above (channel_mig.c): TLS when p->tls_creds names
  * credentials (the fd is then the plaintext end of a relay, tls.h), and the
  * rule that a plaintext tcp listener binds loopback only unless p->insecure.
  * A listener with TLS accepts on: a peer refused by the handshake or by
@@ -68,6 +68,10 @@ int vfm_listen_mig(struct vfm_uri *uri, const struct vfm_migration_params *p,
  * p->timeout_ms), like a lingering close.
  */
 void vfm_channel_close(int fd, const struct vfm_migration_params *p);
+/* channel_mig.c: attaches TLS (taking the reference t) to a listener. */
+struct vfm_tls;
+void vfm__listener_set_tls(struct vfm_listener *l, struct vfm_tls *t, int hs_timeout_ms,
+			   const atomic_bool *cancel);
 /* Connections refused so far by a TLS listener. */
 unsigned vfm_listener_refused(const struct vfm_listener *l);
 /* Whether every address host resolves to is a loopback one. */
