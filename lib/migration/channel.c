@@ -20,7 +20,7 @@
 #include <arpa/inet.h>
 
 #include "migration/channel.h"
-#include "migration/tls.h"
+#include "migration/tls_int.h"
 #include "util/logging.h"
 
 #define LOG "channel"
@@ -40,6 +40,8 @@
  */
 #define UNIX_SOCK_BUF (4 << 20)
 #define LISTEN_BACKLOG 16
+/* A TLS accept checks cancel this often. */
+#define ACCEPT_TLS_SLICE_MS 200
 
 static uint64_t now_ms(void)
 {
@@ -355,10 +357,8 @@ struct vfm_listener {
 	int user_fd;             /* fd: the number given */
 	bool handed_out;         /* file/fd: accept() returned it already */
 	/* TLS (vfm_listen_mig): set before the first accept. */
-	struct vfm_tls *tls;
-	int hs_timeout_ms;
+	struct vfm_tls_acceptor *acc;
 	const atomic_bool *cancel;
-	unsigned refused;        /* the accepting thread only */
 };
 
 static int listen_tcp(struct vfm_listener *l, struct vfm_uri *uri, struct vfm_error *err)
@@ -592,6 +592,46 @@ static const char *peer_name(int fd, const struct vfm_listener *l, char *buf, si
 	return buf;
 }
 
+/*
+ * TLS: every connection that comes is handed to its own handshake thread
+ * (tls_accept.c); the first that passes every check is returned. A peer
+ * that stalls or is refused holds back nobody. Waits in slices to see cancel.
+ */
+static int accept_tls(struct vfm_listener *l, int timeout_ms, uint64_t deadline, int *fd,
+		      struct vfm_error *err)
+{
+	for (;;) {
+		struct pollfd p[2] = { { .fd = l->fd, .events = POLLIN },
+				       { .fd = vfm__tls_acceptor_fd(l->acc), .events = POLLIN } };
+		char peer[80];
+		int cfd, wait;
+
+		if (l->cancel && atomic_load(l->cancel)) {
+			vfm__tls_acceptor_cancel(l->acc);
+			return vfm_error_set(err, VFM_ECANCELED, "incoming migration cancelled");
+		}
+		if (vfm__tls_acceptor_take(l->acc, fd))
+			return 0;
+		while ((cfd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC)) >= 0) {
+			tune_socket(cfd, l->kind == VFM_URI_TCP ? AF_INET : AF_UNIX);
+			vfm__tls_acceptor_add(l->acc, cfd, peer_name(cfd, l, peer, sizeof(peer)));
+		}
+		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+		    errno != ECONNABORTED && errno != EPROTO)
+			return vfm_error_set(err, -errno, "accepting on %s: %s", l->name,
+					     strerror(errno));
+		wait = remaining_ms(timeout_ms, deadline);
+		if (!wait)
+			return vfm_error_set(err, -ETIMEDOUT, "no accepted migration on %s within "
+					     "%d ms", l->name, timeout_ms);
+		if (wait < 0 || wait > ACCEPT_TLS_SLICE_MS)
+			wait = ACCEPT_TLS_SLICE_MS;
+		if (poll(p, 2, wait) < 0 && errno != EINTR)
+			return vfm_error_set(err, -errno, "waiting on %s: %s", l->name,
+					     strerror(errno));
+	}
+}
+
 int vfm_accept(struct vfm_listener *l, int timeout_ms, int *fd, struct vfm_error *err)
 {
 	uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
@@ -599,7 +639,8 @@ int vfm_accept(struct vfm_listener *l, int timeout_ms, int *fd, struct vfm_error
 
 	if (l->kind == VFM_URI_FILE || l->kind == VFM_URI_FD)
 		return accept_once(l, fd, err);
-again:
+	if (l->acc)
+		return accept_tls(l, timeout_ms, deadline, fd, err);
 	for (;;) {
 		/* The listener is non-blocking: a client that gave up between poll
 		 * and accept costs a loop, not a hang. */
@@ -620,24 +661,6 @@ again:
 	}
 	/* Unix sockets do not inherit the listener's buffer sizes: set them again. */
 	tune_socket(cfd, l->kind == VFM_URI_TCP ? AF_INET : AF_UNIX);
-	if (l->tls) {
-		struct vfm_error why = { 0 };
-		char peer[80];
-
-		ret = vfm_tls_wrap(l->tls, cfd, peer_name(cfd, l, peer, sizeof(peer)),
-				   l->hs_timeout_ms, l->cancel, &cfd, &why);
-		if (ret == VFM_ECANCELED)
-			return vfm_error_set(err, ret, "%s", why.msg);
-		if (ret) {
-			/* Refused, and the next peer may be the real source. */
-			l->refused++;
-			vfm_err(LOG, "refused a migration connection on %s: %s", l->name, why.msg);
-			if (!remaining_ms(timeout_ms, deadline))
-				return vfm_error_set(err, -ETIMEDOUT, "no accepted migration on %s "
-						     "within %d ms", l->name, timeout_ms);
-			goto again;
-		}
-	}
 	*fd = cfd;
 	return 0;
 }
@@ -648,7 +671,7 @@ void vfm_listener_close(struct vfm_listener *l)
 
 	if (!l)
 		return;
-	vfm_tls_unref(l->tls);
+	vfm__tls_acceptor_free(l->acc);
 	if (l->fd >= 0)
 		close(l->fd);
 	/* Only the file we made: another listener may have taken the path since. */
@@ -771,15 +794,20 @@ int vfm_connect(const struct vfm_uri *uri, int timeout_ms, int *fd, struct vfm_e
 	return 0;
 }
 
-void vfm__listener_set_tls(struct vfm_listener *l, struct vfm_tls *t, int hs_timeout_ms,
-			   const atomic_bool *cancel)
+int vfm__listener_set_tls(struct vfm_listener *l, struct vfm_tls *t, int hs_timeout_ms,
+			  const atomic_bool *cancel, struct vfm_error *err)
 {
-	l->tls = t;
-	l->hs_timeout_ms = hs_timeout_ms;
+	int ret = vfm__tls_acceptor_new(t, hs_timeout_ms, l->name, &l->acc, err);
+
+	if (ret) {
+		vfm_tls_unref(t);
+		return ret;
+	}
 	l->cancel = cancel;
+	return 0;
 }
 
 unsigned vfm_listener_refused(const struct vfm_listener *l)
 {
-	return l->refused;
+	return l->acc ? vfm__tls_acceptor_refused(l->acc) : 0;
 }

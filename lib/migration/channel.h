@@ -68,10 +68,10 @@ int vfm_listen_mig(struct vfm_uri *uri, const struct vfm_migration_params *p,
  * p->timeout_ms), like a lingering close.
  */
 void vfm_channel_close(int fd, const struct vfm_migration_params *p);
-/* channel_mig.c: attaches TLS (taking the reference t) to a listener. */
+/* channel_mig.c: attaches TLS (taking the reference t, even on failure). */
 struct vfm_tls;
-void vfm__listener_set_tls(struct vfm_listener *l, struct vfm_tls *t, int hs_timeout_ms,
-			   const atomic_bool *cancel);
+int vfm__listener_set_tls(struct vfm_listener *l, struct vfm_tls *t, int hs_timeout_ms,
+			  const atomic_bool *cancel, struct vfm_error *err);
 /* Connections refused so far by a TLS listener. */
 unsigned vfm_listener_refused(const struct vfm_listener *l);
 /* Whether every address host resolves to is a loopback one. */

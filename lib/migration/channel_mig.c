@@ -102,8 +102,14 @@ int vfm_listen_mig(struct vfm_uri *uri, const struct vfm_migration_params *p,
 		vfm_tls_unref(t);
 		return ret;
 	}
-	vfm__listener_set_tls(*out, t, (int)p->timeout_ms, cancel);
-	return 0;
+	if (!t)
+		return 0;
+	ret = vfm__listener_set_tls(*out, t, (int)p->timeout_ms, cancel, err);
+	if (ret) {
+		vfm_listener_close(*out);
+		*out = NULL;
+	}
+	return ret;
 }
 
 void vfm_channel_close(int fd, const struct vfm_migration_params *p)

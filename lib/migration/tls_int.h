@@ -29,4 +29,21 @@ bool vfm__tls_authz_ok(const struct vfm_tls *t, const char *id);
 int vfm__tls_relay_start(struct vfm_tls *t, gnutls_session_t s, int net, const char *peer,
 			 int timeout_ms, int *out, struct vfm_error *err);
 
+/*
+ * tls_accept.c: a listener's handshakes in parallel. The acceptor owns t.
+ * add() consumes fd and starts its handshake; take() hands out a wrapped fd
+ * once one is ready (fd() turns readable then); refused() counts the
+ * connections turned away; cancel() makes the ones in flight give up; free()
+ * too, and closes what nobody took (threads still running hold it alive).
+ */
+struct vfm_tls_acceptor;
+int vfm__tls_acceptor_new(struct vfm_tls *t, int timeout_ms, const char *name,
+			  struct vfm_tls_acceptor **out, struct vfm_error *err);
+void vfm__tls_acceptor_add(struct vfm_tls_acceptor *a, int fd, const char *peer);
+int vfm__tls_acceptor_fd(const struct vfm_tls_acceptor *a);
+bool vfm__tls_acceptor_take(struct vfm_tls_acceptor *a, int *fd);
+void vfm__tls_acceptor_cancel(struct vfm_tls_acceptor *a);
+unsigned vfm__tls_acceptor_refused(const struct vfm_tls_acceptor *a);
+void vfm__tls_acceptor_free(struct vfm_tls_acceptor *a);
+
 #endif
