@@ -31,6 +31,9 @@ struct vm_config {
 	const char *heartbeat;                 /* kvm: heartbeat port to this UNIX socket */
 	uint32_t heartbeat_us;                 /* kvm, fresh guest: heartbeat period; 0: none */
 	const char *incoming;                  /* URI, or NULL for a source */
+	const char *tls_creds;                 /* "x509:DIR" / "psk:DIR", or NULL */
+	bool insecure;                         /* plaintext tcp beyond loopback allowed */
+	char tls_authz[1024];                  /* --tls-authz values, one per line */
 };
 
 enum vm_state { VM_RUNNING, VM_PAUSED, VM_INMIGRATE, VM_POSTMIGRATE, VM_SHUTDOWN };
