@@ -220,6 +220,7 @@ def hb_result(obs, res):
     hb = obs.result()
     res.update({'blackout_ms': hb['blackout_ms'], 'switch_ms': hb['switch_ms'],
                 'blackout_between': hb['blackout_between'],
+                'blackout_at_ms': hb['blackout_at_ms'] - hb['window_ms'][0],
                 'beats': (hb['src']['beats'], hb['dst']['beats']),
                 'beat_period_ms': hb['src']['median_gap_ms']})
     return res
@@ -265,7 +266,7 @@ def qemu_run(qemu, img, tmp, hb_exe):
         obs.start()
         info = migrate(s, 'unix:' + mig, 'qemu', 'error-desc')
         wait_for(lambda: d.cmd('query-status')['status'] == 'running', 30, 'destination running')
-        time.sleep(0.1)     # a few beats from the destination
+        time.sleep(0.5)     # the destination's first half second counts too
         obs.end()
         d0 = qemu_read_u64(d, VCPU0)
         time.sleep(0.5)
@@ -316,7 +317,7 @@ def vfiomig_run(vfiomig, tmp, hb_exe):
         obs.start()
         info = migrate(s, 'unix:' + mig, 'vfiomig', 'error')
         wait_for(lambda: d.cmd('query-status')['status'] == 'running', 30, 'destination running')
-        time.sleep(0.1)
+        time.sleep(0.5)
         obs.end()
         quick = (d.cmd('query-vfiomig')['guest'].get('quick') or {}).get('verify_ms') or 0.0
         g = d.cmd('guest-verify')
@@ -363,9 +364,10 @@ def measure(build, vfiomig=None, runs=3):
                 except (RuntimeError, OSError, KeyError, ValueError) as e:
                     res.setdefault('errors', []).append('%s run %d: %s' % (name, i + 1, e))
                     continue
-                print('  peer %s run %d: downtime %.1f ms, blackout %.1f ms, total %.0f ms, '
-                      'verified %s' % (name, i + 1, r['downtime_ms'], r['blackout_ms'],
-                                       r['total_time_ms'], r['verified']), flush=True)
+                print('  peer %s run %d: downtime %.1f ms, blackout %.1f ms (%s, %.0f ms after '
+                      'the start), total %.0f ms, verified %s' % (
+                          name, i + 1, r['downtime_ms'], r['blackout_ms'], r['blackout_between'],
+                          r['blackout_at_ms'], r['total_time_ms'], r['verified']), flush=True)
                 res[name].append(r)
     return res
 
@@ -377,7 +379,7 @@ def blackout_lines(r):
          '`isa-debugcon` on a socket chardev, vfiomig with `vm --heartbeat`; one observer '
          '(`bench/vfm-heartbeat`) timestamps every beat from the source\'s and the '
          'destination\'s socket. Blackout = the longest silence over both sockets between the '
-         'migration\'s start and a moment after the destination runs; switch gap = the '
+         'migration\'s start and half a second after the destination runs (silences clipped to that window); switch gap = the '
          'destination\'s first beat minus the source\'s last. Same runs as above.\n' %
          (HEARTBEAT_PORT, HEARTBEAT_US),
          '| peer | blackout ms (runs) | switch gap ms | own downtime ms | beats src/dst |',

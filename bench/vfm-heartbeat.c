@@ -13,8 +13,9 @@
  * Prints "ready" once both listen, then runs until SIGTERM/SIGINT or the
  * timeout (default 300 s) and prints one JSON object (docs/performance.md).
  * SIGUSR1 marks the migration's start, SIGUSR2 its end: the blackout is the
- * longest silence that overlaps that window (a host hiccup before the
- * migration is not its blackout); without marks, the whole run.
+ * longest silence inside that window (a host hiccup before the migration, or
+ * a check of the stopped guest after it, is not its blackout); without
+ * marks, the whole run.
  */
 #include <errno.h>
 #include <poll.h>
@@ -214,11 +215,18 @@ static void print_blackout(const struct side *src, const struct side *dst, uint6
 		int k = j >= dst->n || (i < src->n && src->b[i].t_ns <= dst->b[j].t_ns) ? 0 : 1;
 		uint64_t t = k == 0 ? src->b[i++].t_ns : dst->b[j++].t_ns;
 
-		if (have && t - prev > gap && prev < w1 && t > w0) {
-			gap = t - prev;
-			at = prev;
-			from = prev_side;
-			to = k;
+		/* The silence inside the window: a gap that runs past its end
+		 * (the harness checks a stopped guest after the migration)
+		 * counts up to the end only. */
+		if (have && prev < w1 && t > w0) {
+			uint64_t a = prev > w0 ? prev : w0, b = t < w1 ? t : w1;
+
+			if (b - a > gap) {
+				gap = b - a;
+				at = prev;
+				from = prev_side;
+				to = k;
+			}
 		}
 		prev = t;
 		prev_side = k;
