@@ -219,6 +219,7 @@ def hb_result(obs, res):
     """The observer's verdict into a run's result."""
     hb = obs.result()
     res.update({'blackout_ms': hb['blackout_ms'], 'switch_ms': hb['switch_ms'],
+                'before_max_gap_ms': hb['before_max_gap_ms'],
                 'blackout_between': hb['blackout_between'],
                 'blackout_at_ms': hb['blackout_at_ms'] - hb['window_ms'][0],
                 'beats': (hb['src']['beats'], hb['dst']['beats']),
@@ -382,8 +383,9 @@ def blackout_lines(r):
          'migration\'s start and half a second after the destination runs (silences clipped to that window); switch gap = the '
          'destination\'s first beat minus the source\'s last. Same runs as above.\n' %
          (HEARTBEAT_PORT, HEARTBEAT_US),
-         '| peer | blackout ms (runs) | switch gap ms | own downtime ms | beats src/dst |',
-         '|---|---|---:|---:|---|']
+         '| peer | blackout ms (runs) | switch gap ms (runs) | own downtime ms | longest gap '
+         'before the migration ms | beats src/dst |',
+         '|---|---|---|---:|---:|---|']
     meds = {}
     for name in ('qemu', 'vfiomig'):
         xs = [x for x in r.get(name) or [] if 'blackout_ms' in x]
@@ -393,14 +395,19 @@ def blackout_lines(r):
         b = median([x['blackout_ms'] for x in xs])
         meds[name] = b
         sw = [x['switch_ms'] for x in xs if x.get('switch_ms') is not None]
-        w.append('| %s | %.1f (%s) | %s | %.1f | %s |' % (
+        meds[name + '_switch'] = median(sw) if sw else 0
+        w.append('| %s | %.1f (%s) | %s (%s) | %.1f | %.1f | %s |' % (
             'QEMU' if name == 'qemu' else 'vfiomig', b,
             ', '.join('%.1f' % x['blackout_ms'] for x in xs),
-            '%.1f' % median(sw) if sw else '—', median([x['downtime_ms'] for x in xs]),
+            '%.1f' % median(sw) if sw else '—', ', '.join('%.1f' % v for v in sw),
+            median([x['downtime_ms'] for x in xs]),
+            median([x['before_max_gap_ms'] for x in xs]),
             ', '.join('%d/%d' % tuple(x['beats']) for x in xs)))
     if 'qemu' in meds and 'vfiomig' in meds and meds['qemu'] > 0:
-        w.append('\nBlackout ratio vfiomig / QEMU (medians): **%.2f** (goal ≤ 0.5).' %
-                 (meds['vfiomig'] / meds['qemu']))
+        w.append('\nBlackout ratio vfiomig / QEMU (medians): **%.2f** (goal ≤ 0.5); switch gap '
+                 'ratio **%.2f**.' % (meds['vfiomig'] / meds['qemu'],
+                                      meds['vfiomig_switch'] / meds['qemu_switch']
+                                      if meds.get('qemu_switch') else float('inf')))
     tl = [x['switchover_ms'] for x in r.get('vfiomig') or [] if x.get('switchover_ms')]
     if tl:
         w.append('\nvfiomig\'s switchover step by step (`query-migrate` `switchover_ms`, '

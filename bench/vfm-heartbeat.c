@@ -232,6 +232,14 @@ static void print_blackout(const struct side *src, const struct side *dst, uint6
 		prev_side = k;
 		have = 1;
 	}
+	/* The same measure before the window: what this host does to a guest
+	 * that is not migrating (preemption of a loaded or nested host). */
+	uint64_t before = 0;
+
+	for (size_t k = 1; k < src->n && src->b[k].t_ns <= w0; k++)
+		if (src->b[k].t_ns - src->b[k - 1].t_ns > before)
+			before = src->b[k].t_ns - src->b[k - 1].t_ns;
+	printf("\"before_max_gap_ms\": %.3f, ", ms(before));
 	printf("\"blackout_ms\": %.3f, \"blackout_at_ms\": %.3f, \"blackout_between\": \"%s-%s\", "
 	       "\"window_ms\": [%.3f, %.3f], ",
 	       ms(gap), from >= 0 ? ms(at - t0) : -1.0, from < 0 ? "none" : from ? "dst" : "src",
