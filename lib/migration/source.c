@@ -858,15 +858,28 @@ static void step_done(struct source *src, unsigned i, uint64_t t)
 	src->step_end[i] = t;
 }
 
+/*
+ * Each step from the end of the one before; the last end is the downtime's
+ * (the destination's resume), and no step ends after it: the destination may
+ * read GO and resume before the source's own clock read after sending it.
+ */
 static void publish_steps(struct source *src)
 {
 	struct vfm_migration *m = src->m;
-	uint64_t prev = src->t_stop;
+	uint64_t prev = src->t_stop, end = src->t_stop;
 
+	for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++)
+		if (src->step_end[i] > end)
+			end = src->step_end[i];
+	/* Only the last end counts (it may come before an earlier step's). */
+	if (src->step_end[VFM_SWITCHOVER_STEPS - 1] > src->t_stop)
+		end = src->step_end[VFM_SWITCHOVER_STEPS - 1];
 	pthread_mutex_lock(&m->lock);
 	for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++) {
 		uint64_t t = src->step_end[i] > prev ? src->step_end[i] : prev;
 
+		if (t > end)
+			t = end;
 		m->stats.switchover_ms[i] = src->step_end[i] ? (double)(t - prev) / 1e6 : 0;
 		if (src->step_end[i])
 			prev = t;
