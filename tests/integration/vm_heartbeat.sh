@@ -32,7 +32,12 @@ out=$(timeout -k 5 20 "$obs_bin" "$tmp/a" "$tmp/b" --timeout -3 2>&1); st=$?
 [ $st = 2 ] && ok "observer: bad timeout refused" || bad "observer --timeout -3: exit $st: $out"
 
 # The observer, bounded by its own --timeout (timeout(1) would not pass SIGUSR1 on).
-"$obs_bin" "$tmp/hs" "$tmp/hd" --timeout 80 >"$tmp/obs.out" 2>>"$tmp/log" &
+# It timestamps beats as it reads them: on a loaded machine (make check runs
+# tests in parallel on 2 cores) a starved observer reads bursts late, so it
+# runs at a higher priority where it may (root), as a bench would.
+prio=""
+nice -n -10 true 2>/dev/null && prio="nice -n -10"
+$prio "$obs_bin" "$tmp/hs" "$tmp/hd" --timeout 80 >"$tmp/obs.out" 2>>"$tmp/log" &
 obs=$!
 pids="$pids $obs"
 i=0
@@ -80,8 +85,12 @@ def check(cond, what):
 check(hb["src"]["beats"] >= 100, "too few source beats")
 check(hb["dst"]["beats"] >= 50, "too few destination beats")
 check(hb["src"]["last_ms"] < hb["dst"]["first_ms"], "the guest beat on both sides at once")
-check(0.5 <= hb["src"]["median_gap_ms"] <= 5, "source beat period is not ~1 ms")
-check(0.5 <= hb["dst"]["median_gap_ms"] <= 5, "destination beat period is not ~1 ms")
+# The mean period (an observer starved on a loaded machine reads a burst of
+# beats at once, so its median gap can be 0; the mean stays the guest's).
+def period(side):
+    return (side["last_ms"] - side["first_ms"]) / max(side["beats"] - 1, 1)
+check(0.5 <= period(hb["src"]) <= 5, "source beat period %.3f ms is not ~1 ms" % period(hb["src"]))
+check(0.5 <= period(hb["dst"]) <= 5, "destination beat period %.3f ms is not ~1 ms" % period(hb["dst"]))
 check(hb["switch_ms"] > 0, "no gap between the sides")
 check(hb["blackout_ms"] >= hb["switch_ms"], "blackout shorter than the switch gap")
 check(0 < hb["blackout_ms"] < 3000, "blackout out of bounds (0, 3000) ms")
