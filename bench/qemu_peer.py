@@ -38,6 +38,14 @@ HEARTBEAT_US = 1000
 HEARTBEAT_PORT = 0xe8       # KG_PORT_HEARTBEAT, guest/abi.h
 
 
+def raise_prio():
+    """The observer timestamps beats as it reads them: ahead of the VMs where allowed."""
+    try:
+        os.nice(-10)
+    except OSError:
+        pass
+
+
 class Observer:
     """bench/vfm-heartbeat on two sockets; mark() brackets the migration."""
 
@@ -45,7 +53,7 @@ class Observer:
         self.src = os.path.join(tmp, 'hb-src.sock')
         self.dst = os.path.join(tmp, 'hb-dst.sock')
         self.p = subprocess.Popen([exe, self.src, self.dst, '--timeout', '300'],
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, text=True, preexec_fn=raise_prio)
         if self.p.stdout.readline().strip() != 'ready':
             self.p.kill()
             raise RuntimeError('heartbeat observer did not start')
