@@ -20,6 +20,9 @@ packages=(
 	valgrind
 	gnuplot-nox        # plots of make bench (docs/performance.md)
 	qemu-system-x86    # the qemu_boot test (CI runs it), the QEMU peer row of make bench
+	libgnutls28-dev    # TLS on migration connections (lib/migration/tls.c)
+	gnutls-bin         # certtool, psktool: making TLS credentials by hand (docs/security.md)
+	iproute2           # ip, tc: the two-host tests (network namespaces, veth, tbf)
 )
 # --bench: also the extras only `make bench` uses (none beyond the above now).
 

@@ -175,6 +175,17 @@ assert r["devices"][0]["verified"] is True, r["devices"]' "$tmp/out" || die "kvm
 			die "kvm: no verified kvm guest in the report"; }
 	check_clean
 	;;
+tls)
+	# Throwaway credentials, every connection under TLS; both kinds.
+	run 0 $small --tls x509 --channels 2 && check_report 1
+	grep -q 'TLS 1.3 (x509)' "$tmp/out" || die "x509: not announced"
+	run 0 $small --tls psk --json && check_json 1 tcp:127.0.0.1: 1
+	python3 -c 'import json, sys; assert json.load(open(sys.argv[1]))["tls"] == "psk"' \
+		"$tmp/out" || die "psk: no tls in the JSON"
+	run 2 $small --tls rsa && { grep -q "expected x509 or psk" "$tmp/err" || die "--tls rsa"; }
+	run 1 $small --tls psk --uri file: && { grep -q "TLS needs" "$tmp/err" || die "--tls file:"; }
+	check_clean
+	;;
 signal)
 	# A SIGINT in the middle stops every child and removes the temp dir.
 	"$bin" demo --mem 64M --device-state 4M >"$tmp/out" 2>"$tmp/err" &
