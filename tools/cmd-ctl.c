@@ -229,9 +229,9 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 	} else {
 		return vfm_error_set(err, -EINVAL, "unknown parameter '%s' (downtime-limit, "
 				     "max-bandwidth, avail-switchover-bandwidth, multifd-channels, switchover-ack, "
-				     "pre-copy-dirty-page-tracking, multifd-transfer, auto-converge, "
-				     "cpu-throttle-initial, cpu-throttle-increment, device-throttle, "
-				     "tls-hostname, tls-authz)", key);
+				     "pre-copy-dirty-page-tracking, multifd-transfer, tls-hostname, tls-authz, "
+				     "auto-converge, cpu-throttle-initial, cpu-throttle-increment, "
+				     "device-throttle)", key);
 	}
 	return 0;
 }
