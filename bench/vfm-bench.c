@@ -239,6 +239,48 @@ static void side_init(struct side *s, const struct opts *o, const char *role, bo
 	}
 }
 
+static long maxrss_kib(void)
+{
+	struct rusage ru;
+
+	getrusage(RUSAGE_SELF, &ru);
+	return ru.ru_maxrss;
+}
+
+/*
+ * Reaps the device servers this process started (they exit once their
+ * client has gone: --once), waiting at most 5 s; returns the largest peak
+ * RSS among them in KiB and their CPU seconds in *cpu_s (wait4()'s rusage:
+ * their whole life, the state fill at start included).
+ */
+static long reap_devices(double *cpu_s)
+{
+	long peak = 0;
+
+	*cpu_s = 0;
+
+	for (unsigned i = 0; i < ndev_pids; i++) {
+		struct rusage ru;
+		int status;
+		pid_t r = 0;
+
+		for (int t = 0; t < 500 && (r = wait4(dev_pids[i], &status, WNOHANG, &ru)) == 0; t++)
+			usleep(10000);
+		if (r == 0) {
+			kill(dev_pids[i], SIGKILL);
+			r = wait4(dev_pids[i], &status, 0, &ru);
+		}
+		if (r != dev_pids[i])
+			continue;
+		if (ru.ru_maxrss > peak)
+			peak = ru.ru_maxrss;
+		*cpu_s += (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+			  (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+	}
+	ndev_pids = 0;
+	return peak;
+}
+
 static double cpu_seconds(void)
 {
 	struct rusage ru;
@@ -299,7 +341,16 @@ static int bench_migrate(const struct opts *o)
 			_exit(1);
 		}
 		double cpu = cpu_seconds() - dst_cpu_at_listen;
-		if (write(ready[1], &cpu, sizeof(cpu)) != sizeof(cpu))
+		/* Peak RSS: this engine's own, then its device servers' once gone. */
+		long rss[2] = { maxrss_kib(), 0 };
+		double dev_cpu;
+		vfm_migration_free(d.m);
+		for (unsigned i = 0; i < o->devices; i++)
+			vfm_device_free(d.dev[i]);
+		rss[1] = reap_devices(&dev_cpu);
+		if (write(ready[1], &cpu, sizeof(cpu)) != sizeof(cpu) ||
+		    write(ready[1], rss, sizeof(rss)) != sizeof(rss) ||
+		    write(ready[1], &dev_cpu, sizeof(dev_cpu)) != sizeof(dev_cpu))
 			_exit(1);
 		_exit(0);
 	}
@@ -321,7 +372,11 @@ static int bench_migrate(const struct opts *o)
 	getrusage(RUSAGE_SELF, &ru_src1);
 	vfm_migration_get_stats(s.m, &st);
 	double cpu_dst = -1;
-	if (read(ready[0], &cpu_dst, sizeof(cpu_dst)) != sizeof(cpu_dst))
+	long rss_dst[2] = { -1, -1 };
+	double cpu_dev_dst = -1, cpu_dev_src;
+	if (read(ready[0], &cpu_dst, sizeof(cpu_dst)) != sizeof(cpu_dst) ||
+	    read(ready[0], rss_dst, sizeof(rss_dst)) != sizeof(rss_dst) ||
+	    read(ready[0], &cpu_dev_dst, sizeof(cpu_dev_dst)) != sizeof(cpu_dev_dst))
 		cpu_dst = -1;
 	close(ready[0]);
 	if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status))
@@ -335,6 +390,11 @@ static int bench_migrate(const struct opts *o)
 				  ru_src1.ru_stime.tv_sec - ru_src0.ru_stime.tv_sec) +
 			 (double)(ru_src1.ru_utime.tv_usec - ru_src0.ru_utime.tv_usec +
 				  ru_src1.ru_stime.tv_usec - ru_src0.ru_stime.tv_usec) / 1e6;
+	long rss_src = maxrss_kib(), rss_dev;
+	vfm_migration_free(s.m);
+	for (unsigned i = 0; i < o->devices; i++)
+		vfm_device_free(s.dev[i]);
+	rss_dev = reap_devices(&cpu_dev_src);
 	printf("{\"mode\":\"migrate\",\"kind\":\"%s\",\"mem\":%" PRIu64 ",\"fill\":%s,"
 	       "\"devices\":%u,\"device_state\":%" PRIu64 ",\"precopy\":%s,\"dirty_rate\":%" PRIu64
 	       ",\"downtime_limit_ms\":%" PRIu64 ",\"save_latency_us\":%" PRIu64 ",\"channels\":%u,"
@@ -342,16 +402,16 @@ static int bench_migrate(const struct opts *o)
 	       ",\"setup_time_ms\":%" PRIu64 ",\"precopy_iterations\":%" PRIu64
 	       ",\"transferred_bytes\":%" PRIu64 ",\"ram_transferred_bytes\":%" PRIu64
 	       ",\"device_transferred_bytes\":%" PRIu64 ",\"bandwidth_bps\":%.0f,"
-	       "\"cpu_src_s\":%.3f,\"cpu_dst_s\":%.3f,\"same_clock\":%s}\n",
+	       "\"cpu_src_s\":%.3f,\"cpu_dst_s\":%.3f,\"same_clock\":%s,"
+	       "\"rss_src_kib\":%ld,\"rss_dst_kib\":%ld,\"rss_dev_src_kib\":%ld,"
+	       "\"rss_dev_dst_kib\":%ld,\"cpu_dev_src_s\":%.3f,\"cpu_dev_dst_s\":%.3f}\n",
 	       o->kind, o->mem, o->fill ? "true" : "false", o->devices, o->dev_state,
 	       o->precopy ? "true" : "false", o->dirty_rate, o->downtime_ms, o->save_latency_us,
 	       o->channels, st.downtime_ms, st.expected_downtime_ms, st.total_time_ms,
 	       st.setup_time_ms, st.precopy_iterations, st.transferred_bytes,
 	       st.ram_transferred_bytes, st.device_transferred_bytes, st.bandwidth_bps, cpu_src,
-	       cpu_dst, st.downtime_from_same_clock ? "true" : "false");
-	vfm_migration_free(s.m);
-	for (unsigned i = 0; i < o->devices; i++)
-		vfm_device_free(s.dev[i]);
+	       cpu_dst, st.downtime_from_same_clock ? "true" : "false", rss_src, rss_dst[0], rss_dev,
+	       rss_dst[1], cpu_dev_src, cpu_dev_dst);
 	return 0;
 }
 

@@ -30,6 +30,7 @@ struct dmadev_save {
 	uint64_t scan;                /* next dirty page to look at */
 	uint32_t seq;
 	uint8_t rec[sizeof(struct dmadev_rec) + DMADEV_PAGE]; /* record being read out */
+	uint8_t *direct;              /* non-NULL: build the next record here, whole */
 	/* BAR2 as the WINDOW record sent it: END's checksum covers this copy,
 	 * whatever a client that maps the window wrote since. */
 	uint8_t win[DMADEV_WIN_SIZE];

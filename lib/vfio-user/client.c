@@ -133,10 +133,13 @@ static int negotiate(struct vfu_client *c, struct vfm_error *err)
 	/*
 	 * What we accept, plus the v1 "migration" key real servers expect.
 	 * We never propose twin_socket or write_multiple: server commands come
-	 * on the main socket and we send single writes.
+	 * on the main socket and we send single writes. vfiomig_whole_messages:
+	 * we read messages whole, and a server that says the same gets requests
+	 * up to max_xfer (client.h cli_send_max()); others ignore the key.
 	 */
 	prop.caps.present = VFU_CAP_MAX_MSG_FDS | VFU_CAP_MAX_DATA_XFER_SIZE | VFU_CAP_PGSIZES |
-			    VFU_CAP_MIGRATION;
+			    VFU_CAP_MIGRATION | VFU_CAP_WHOLE_MESSAGES;
+	prop.caps.whole_messages = true;
 	prop.caps.max_msg_fds = VFU_MAX_FDS;
 	prop.caps.max_data_xfer_size = c->local_max_xfer;
 	prop.caps.pgsizes = VFM_VFIO_USER_DIRTY_PAGE;
@@ -158,9 +161,10 @@ static int negotiate(struct vfu_client *c, struct vfm_error *err)
 				    "vfio-user server at %s: unacceptable VERSION reply: %s", c->name,
 				    e.msg);
 	vfm_debug(c->id, "vfio-user %u.%u with %s: max_data_xfer_size %" PRIu32 " (ours %" PRIu32
-		  "), max_msg_fds %" PRIu32 ", max_dma_maps %" PRIu32, (unsigned)c->neg.major,
+		  "), max_msg_fds %" PRIu32 ", max_dma_maps %" PRIu32 "%s", (unsigned)c->neg.major,
 		  (unsigned)c->neg.minor, c->name, c->neg.peer_max_xfer, c->neg.local_max_xfer,
-		  c->neg.peer_max_fds, c->neg.max_dma_maps);
+		  c->neg.peer_max_fds, c->neg.max_dma_maps,
+		  c->neg.whole_messages ? ", whole messages" : "");
 	return 0;
 }
 

@@ -37,7 +37,8 @@
  * unix_stream_sendmsg() (net/unix/af_unix.c) cuts skbs at
  * SKB_MAX_HEAD(0) + UNIX_SKB_FRAGS_SZ (32 KiB of page frags), ~35 KiB, and
  * the receiver may wake between two. 32 KiB of data and the headers fit.
- * docs/interop.md.
+ * docs/interop.md. A server that states the vfiomig_whole_messages extension
+ * in VERSION (ours) reads messages whole: it gets up to max_xfer per request.
  */
 #define CLI_MAX_SEND_DATA (32u * 1024)
 /* First REGION_INFO argsz: the info and room for a few sparse areas. */
@@ -132,6 +133,14 @@ struct vfu_client {
 static inline struct vfu_client *cli_of(struct vfm_device *dev)
 {
 	return vfm_device_priv(dev);
+}
+
+/* Most data one request we originate may carry (see CLI_MAX_SEND_DATA). */
+static inline uint32_t cli_send_max(const struct vfu_client *c)
+{
+	if (c->neg.whole_messages || c->neg.max_xfer < CLI_MAX_SEND_DATA)
+		return c->neg.max_xfer;
+	return CLI_MAX_SEND_DATA;
 }
 
 /* ---- client_io.c ---- */

@@ -269,7 +269,7 @@ static ssize_t mig_write_data(struct vfm_device *dev, const void *buf, size_t le
 		goto out;
 	}
 	while (total < len) {
-		uint32_t max = c->neg.max_xfer < CLI_MAX_SEND_DATA ? c->neg.max_xfer : CLI_MAX_SEND_DATA;
+		uint32_t max = cli_send_max(c);
 		uint32_t chunk = (uint32_t)(len - total < max ? len - total : max);
 		/* argsz covers the data: libvfio-user refuses less. */
 		struct vfu_mig_data req = { .argsz = sizeof(req) + chunk, .size = chunk };

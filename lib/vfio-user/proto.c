@@ -641,6 +641,9 @@ static int caps_fill(const struct vfu_caps *c, struct json_object *caps)
 		r = r ?: json_put(caps, "pgsizes", json_object_new_uint64(c->pgsizes));
 	if (c->present & VFU_CAP_WRITE_MULTIPLE)
 		r = r ?: json_put(caps, "write_multiple", json_object_new_boolean(c->write_multiple));
+	if (c->present & VFU_CAP_WHOLE_MESSAGES)
+		r = r ?: json_put(caps, "vfiomig_whole_messages",
+				  json_object_new_boolean(c->whole_messages));
 	if (!r && (c->present & VFU_CAP_TWIN_SOCKET)) {
 		sub = json_object_new_object();
 		r = json_put(caps, "twin_socket", sub);
@@ -750,6 +753,11 @@ static int caps_read(struct json_object *caps, struct vfu_caps *c, struct vfm_er
 		if ((r = cap_bool(o, "write_multiple", &c->write_multiple, err)))
 			return r;
 		c->present |= VFU_CAP_WRITE_MULTIPLE;
+	}
+	if (json_object_object_get_ex(caps, "vfiomig_whole_messages", &o)) {
+		if ((r = cap_bool(o, "vfiomig_whole_messages", &c->whole_messages, err)))
+			return r;
+		c->present |= VFU_CAP_WHOLE_MESSAGES;
 	}
 	if (json_object_object_get_ex(caps, "twin_socket", &o)) {
 		if ((r = cap_obj(o, "twin_socket", err)))
@@ -927,6 +935,8 @@ int vfu_version_make_reply(const struct vfu_version_info *proposed,
 	/* Features: on only when both want them; stated only when asked. */
 	c->write_multiple = p->write_multiple && o->write_multiple;
 	c->present |= p->present & VFU_CAP_WRITE_MULTIPLE;
+	c->whole_messages = p->whole_messages && o->whole_messages;
+	c->present |= p->present & VFU_CAP_WHOLE_MESSAGES;
 	c->twin_socket = p->twin_socket && o->twin_socket;
 	c->present |= p->present & VFU_CAP_TWIN_SOCKET;
 	if ((p->present & VFU_CAP_MIGRATION) && (o->present & VFU_CAP_MIGRATION)) {
@@ -959,6 +969,9 @@ int vfu_version_negotiate(const struct vfu_version_info *proposed,
 		return vfm_error_set(err, VFM_EPROTOCOL, "VERSION reply enables write_multiple unasked");
 	if (r->twin_socket && !p->twin_socket)
 		return vfm_error_set(err, VFM_EPROTOCOL, "VERSION reply enables twin_socket unasked");
+	if (r->whole_messages && !p->whole_messages)
+		return vfm_error_set(err, VFM_EPROTOCOL,
+				     "VERSION reply enables vfiomig_whole_messages unasked");
 	if (r->twin_socket && (r->twin_socket_fd_index < 0 ||
 			       (size_t)r->twin_socket_fd_index >= reply_nfds))
 		return vfm_error_set(err, VFM_EPROTOCOL, "VERSION reply enables twin_socket with fd_index %"
@@ -974,6 +987,7 @@ int vfu_version_negotiate(const struct vfu_version_info *proposed,
 		.max_dma_maps = r->max_dma_maps < p->max_dma_maps ? r->max_dma_maps : p->max_dma_maps,
 		.pgsizes = r->pgsizes,
 		.write_multiple = r->write_multiple,
+		.whole_messages = r->whole_messages,
 		.twin_socket = r->twin_socket,
 		.twin_socket_fd_index = r->twin_socket ? r->twin_socket_fd_index : -1,
 		.max_msg_size = VFU_MSG_SIZE_FOR_XFER(local->max_data_xfer_size),

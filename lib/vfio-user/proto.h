@@ -664,6 +664,16 @@ int vfu_bitmap_size(uint64_t length, uint64_t page_size, uint64_t *bytes,
 #define VFU_CAP_TWIN_SOCKET        (1u << 4)
 #define VFU_CAP_WRITE_MULTIPLE     (1u << 5)
 #define VFU_CAP_MIGRATION          (1u << 6)  /* v1 leftover {"pgsize": N} */
+/*
+ * vfiomig extension "vfiomig_whole_messages": true: this side reads every
+ * message it receives whole, however many reads that takes, so a peer may
+ * send requests carrying up to max_data_xfer_size of data. Not in the spec;
+ * libvfio-user ignores keys it does not know (lib/tran.c
+ * tran_parse_version_json(), efd091b) and reads a body with one recv(), so a
+ * peer that does not state it gets requests of at most 32 KiB of data
+ * (client.h CLI_MAX_SEND_DATA). docs/vfio-user-client.md, "Extensions".
+ */
+#define VFU_CAP_WHOLE_MESSAGES     (1u << 7)
 
 /*
  * The "capabilities" object. Every field holds its effective value (the spec
@@ -680,6 +690,7 @@ struct vfu_caps {
 	int32_t twin_socket_fd_index; /* twin_socket.fd_index (replies only), -1 = absent */
 	bool write_multiple;
 	uint64_t migration_pgsize;    /* "migration":{"pgsize"}, 0 = absent */
+	bool whole_messages;          /* "vfiomig_whole_messages" (extension) */
 };
 
 /* A decoded VERSION payload. */
@@ -742,6 +753,7 @@ struct vfu_negotiated {
 	uint32_t max_dma_maps;      /* the server's */
 	uint64_t pgsizes;           /* the server's, a subset of the client's */
 	bool write_multiple;
+	bool whole_messages;        /* both sides read messages whole (extension) */
 	bool twin_socket;           /* twin-socket mode is on */
 	int32_t twin_socket_fd_index; /* index into the VERSION reply's fds, or -1 */
 	size_t max_msg_size;        /* VFU_MSG_SIZE_FOR_XFER(local_max_xfer): for vfu_recv */

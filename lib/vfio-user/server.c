@@ -423,12 +423,14 @@ static int handle_version(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	vfu_caps_init(&ours.caps);
 	ours.caps.present = VFU_CAP_MAX_MSG_FDS | VFU_CAP_MAX_DATA_XFER_SIZE |
 			    VFU_CAP_MAX_DMA_MAPS | VFU_CAP_PGSIZES | VFU_CAP_WRITE_MULTIPLE |
-			    VFU_CAP_MIGRATION;
+			    VFU_CAP_MIGRATION | VFU_CAP_WHOLE_MESSAGES;
 	ours.caps.max_msg_fds = ctx->max_fds;
 	ours.caps.max_data_xfer_size = ctx->max_xfer;
 	ours.caps.max_dma_maps = ctx->max_dma_maps;
 	ours.caps.pgsizes = 4096;
 	ours.caps.write_multiple = true;
+	/* vfu_recv() reads a body whole (proto.c rx_read()): the extension holds. */
+	ours.caps.whole_messages = true;
 	ours.caps.migration_pgsize = 4096;
 	ret = vfu_version_make_reply(&proposed, &ours, &reply, err);
 	if (ret)
@@ -456,9 +458,10 @@ static int handle_version(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	ctx->drop = false;
 	ctx->negotiated = true;
 	vfm_info(ctx->id, "client speaks %u.%u: max_xfer %" PRIu32 " (ours %" PRIu32 "), fds %" PRIu32
-		 ", dma maps %" PRIu32 "%s", (unsigned)reply.major, (unsigned)reply.minor,
+		 ", dma maps %" PRIu32 "%s%s", (unsigned)reply.major, (unsigned)reply.minor,
 		 ctx->neg.peer_max_xfer, ctx->neg.local_max_xfer, ctx->neg.peer_max_fds,
-		 ctx->neg.max_dma_maps, ctx->neg.write_multiple ? ", write_multiple" : "");
+		 ctx->neg.max_dma_maps, ctx->neg.write_multiple ? ", write_multiple" : "",
+		 ctx->neg.whole_messages ? ", whole messages" : "");
 	if (ctx->dev_ops && ctx->dev_ops->attach)
 		ctx->dev_ops->attach(ctx);
 	return 0;

@@ -910,6 +910,56 @@ TEST(mig_resume)
 	finish(&s, dev);
 }
 
+/*
+ * The vfiomig_whole_messages extension (proto.h): a server that does not
+ * state it in VERSION (libvfio-user, which reads a body with one recv()) gets
+ * MIG_DATA_WRITE requests of at most 32 KiB of data, although it accepts
+ * 1 MiB; one that states it gets requests up to its max_data_xfer_size.
+ */
+static void resume_write_sizes(const char *version_json, uint64_t want_writes,
+			       uint64_t want_max)
+{
+	struct fake_cfg cfg = { .max_xfer = 1 << 20, .version_json = version_json };
+	struct vfm_error err = { 0 };
+	static uint8_t data[200000];
+	struct fake_stats st;
+	struct fake_srv s;
+	struct vfm_device *dev = start(&s, &cfg, NULL);
+
+	fake_fill(data, sizeof(data), 33);
+	probe(dev);
+	set_state(dev, VFM_STATE_RESUMING);
+	if (vfm_device_write_data(dev, data, sizeof(data), &err))
+		FAIL("write_data: %s", err.msg);
+	fake_stats(dev, &st);
+	CHECK_EQ(st.mig_writes, want_writes);
+	CHECK_EQ(st.max_mig_write, want_max);
+	CHECK_EQ(st.resume_bytes, sizeof(data));
+	CHECK_EQ(st.resume_checksum, fake_fnv(data, sizeof(data), FAKE_FNV_INIT));
+	set_state(dev, VFM_STATE_STOP);
+	set_state(dev, VFM_STATE_RUNNING);
+	finish(&s, dev);
+}
+
+TEST(mig_resume_standard_without_extension)
+{
+	/* The fake's own reply (with unknown keys), and libvfio-user's form. */
+	resume_write_sizes(NULL, 7, 32768);
+	resume_write_sizes("{\"capabilities\":{\"max_msg_fds\":8,\"max_data_xfer_size\":1048576,"
+			   "\"migration\":{\"pgsize\":4096}}}", 7, 32768);
+	resume_write_sizes("{\"capabilities\":{\"max_data_xfer_size\":1048576,"
+			   "\"vfiomig_whole_messages\":false}}", 7, 32768);
+}
+
+TEST(mig_resume_whole_messages_extension)
+{
+	resume_write_sizes("{\"capabilities\":{\"max_msg_fds\":8,\"max_data_xfer_size\":1048576,"
+			   "\"vfiomig_whole_messages\":true}}", 1, 200000);
+	/* Still within the server's max_data_xfer_size. */
+	resume_write_sizes("{\"capabilities\":{\"max_data_xfer_size\":65536,"
+			   "\"vfiomig_whole_messages\":true}}", 4, 65536);
+}
+
 TEST(mig_failed_transition_recovers)
 {
 	struct fake_cfg cfg = { .fail_state = VFM_STATE_STOP_COPY };

@@ -1239,6 +1239,50 @@ TEST(negotiate_rules)
 #undef REPLY
 }
 
+/* The vfiomig_whole_messages extension (proto.h): stated by a server only
+ * when proposed, on only when both say so, refused when enabled unasked. */
+TEST(negotiate_whole_messages)
+{
+	struct vfu_version_info p = client_proposal(), ours = { .major = 0, .minor = 1 }, r;
+	struct vfm_error err = { 0 };
+	struct vfu_negotiated n;
+	char *json;
+	size_t len;
+
+	vfu_caps_init(&ours.caps);
+	ours.caps.present = VFU_CAP_WHOLE_MESSAGES;
+	ours.caps.whole_messages = true;
+	/* A proposal without it (libvfio-user's, QEMU's): not in the reply. */
+	CHECK_EQ(vfu_version_make_reply(&p, &ours, &r, &err), 0);
+	CHECK(!(r.caps.present & VFU_CAP_WHOLE_MESSAGES) && !r.caps.whole_messages);
+	CHECK_EQ(vfu_version_negotiate(&p, &r, 0, true, &n, &err), 0);
+	CHECK(!n.whole_messages);
+	/* Proposed: stated, on, and it survives JSON both ways. */
+	p.caps.present |= VFU_CAP_WHOLE_MESSAGES;
+	p.caps.whole_messages = true;
+	CHECK_EQ(vfu_version_make_reply(&p, &ours, &r, &err), 0);
+	CHECK(r.caps.whole_messages);
+	CHECK_EQ(vfu_caps_to_json(&r.caps, &json, &len, &err), 0);
+	CHECK(strstr(json, "\"vfiomig_whole_messages\":true") != NULL);
+	CHECK_EQ(parse(json, &r.caps, &err), 0);
+	free(json);
+	CHECK(r.caps.whole_messages);
+	CHECK_EQ(vfu_version_negotiate(&p, &r, 0, true, &n, &err), 0);
+	CHECK(n.whole_messages);
+	/* A server that does not have it: off. */
+	ours.caps.whole_messages = false;
+	CHECK_EQ(vfu_version_make_reply(&p, &ours, &r, &err), 0);
+	CHECK_EQ(vfu_version_negotiate(&p, &r, 0, true, &n, &err), 0);
+	CHECK(!n.whole_messages);
+	/* Enabled in a reply to a proposal without it: refused. */
+	CHECK_EQ(parse("{\"capabilities\":{\"vfiomig_whole_messages\":true}}", &r.caps, &err), 0);
+	p.caps.whole_messages = false;
+	CHECK_EQ(vfu_version_negotiate(&p, &r, 0, true, &n, NULL), VFM_EPROTOCOL);
+	/* Not a boolean: refused at parse. */
+	CHECK_EQ(parse("{\"capabilities\":{\"vfiomig_whole_messages\":1}}", &r.caps, NULL),
+		 VFM_EPROTOCOL);
+}
+
 TEST(make_reply)
 {
 	struct vfu_version_info p = { .major = 0, .minor = 0 }, ours = { .major = 0, .minor = 1 };
