@@ -74,7 +74,7 @@ static int mig_get_flags(struct vfm_device *dev, uint64_t *flags, struct vfm_err
 	return 0;
 }
 
-static int get_state(struct kv_dev *k, enum vfm_state *out, struct vfm_error *err)
+int kv_get_state(struct kv_dev *k, enum vfm_state *out, struct vfm_error *err)
 {
 	struct vfio_device_feature_mig_state s = { .data_fd = -1 };
 	int r = kv_feature(k, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
@@ -96,7 +96,7 @@ static int get_state(struct kv_dev *k, enum vfm_state *out, struct vfm_error *er
 
 static int mig_get_state(struct vfm_device *dev, enum vfm_state *state, struct vfm_error *err)
 {
-	return get_state(kv_of(dev), state, err);
+	return kv_get_state(kv_of(dev), state, err);
 }
 
 /*
@@ -118,7 +118,7 @@ static int mig_set_state(struct vfm_device *dev, enum vfm_state new_state, bool 
 
 	*session_opened = false;
 	if (!k->state_known) {
-		r = get_state(k, &from, err);
+		r = kv_get_state(k, &from, err);
 		if (r)
 			return r;
 	}

@@ -33,7 +33,7 @@ struct kv_dev {
 	/* Set at open, never change after. */
 	char id[64];
 	char name[256];            /* what the user gave, for messages */
-	char bdf[32];              /* PCI address when known, else "" */
+	char devname[64];          /* the kernel's name (PCI address, mdev UUID), else "" */
 	const struct vfm_vfio_sys *sys;
 	int timeout_ms;
 	enum kv_iommu iommu;
@@ -86,12 +86,13 @@ const struct vfm_vfio_sys *kv_default_sys(void);
 /* ---- sysfs.c ---- */
 
 /*
- * Resolves name into the cdev path (cdev_out, "" if the device has none) and
- * the PCI address (bdf_out, "" if unknown) and its IOMMU group (-1 if
- * unknown).
+ * Resolves name (cdev path, PCI address, mdev UUID or sysfs device path)
+ * into the cdev path (cdev_out, "" if the device has none), the device's
+ * kernel name for VFIO_GROUP_GET_DEVICE_FD (devname_out, "" if unknown) and
+ * its IOMMU group (-1 if unknown).
  */
 int kv_resolve(const char *sysfs_root, const char *name, char *cdev_out, size_t cdev_len,
-	       char *bdf_out, size_t bdf_len, int *group_out, struct vfm_error *err);
+	       char *devname_out, size_t devname_len, int *group_out, struct vfm_error *err);
 
 /* ---- dma.c ---- */
 
@@ -111,6 +112,8 @@ extern const struct vfm_dma_logging_ops kv_log_ops;
 void kv_probe_features(struct kv_dev *k);
 /* One VFIO_DEVICE_FEATURE with payload (len bytes, in and out). */
 int kv_feature(struct kv_dev *k, uint32_t flags, void *payload, size_t len);
+/* GET MIG_DEVICE_STATE into k->state (and *out). */
+int kv_get_state(struct kv_dev *k, enum vfm_state *out, struct vfm_error *err);
 /* Closes the data fd, if any. */
 void kv_close_data_fd(struct kv_dev *k);
 

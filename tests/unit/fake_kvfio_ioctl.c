@@ -157,7 +157,7 @@ static int device_ioctl(struct fake_kvfio *fk, struct obj *ob, unsigned long req
 
 		if (d->argsz < 16)
 			return -EINVAL;
-		d->flags = VFIO_DEVICE_FLAGS_PCI | (fk->cfg.no_reset ? 0 : VFIO_DEVICE_FLAGS_RESET);
+		d->flags = VFIO_DEVICE_FLAGS_PCI | (fk->cfg.no_reset || fk->cfg.reset_hidden ? 0 : VFIO_DEVICE_FLAGS_RESET);
 		d->num_regions = NREGIONS;
 		d->num_irqs = NIRQS;
 		return 0;
