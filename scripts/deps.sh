@@ -18,6 +18,11 @@ packages=(
 	libclang-rt-dev    # sanitizer and libFuzzer runtimes for clang
 	valgrind
 	gnuplot-nox        # plots of make bench (docs/performance.md)
+	qemu-system-x86    # make check-kernel: the nested guest and its virtiofsd
+	kmod               # make check-kernel: depmod for the guest's modules
+	bc                 # make check-kernel: the rig's stage timings
+	xz-utils           # make check-kernel: the kernel source tarball
+	libelf1            # make check-kernel: building mtty.ko
 )
 # --bench: also the extras only `make bench` uses.
 if [ "${1:-}" = "--bench" ]; then

@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -72,6 +73,36 @@ static void table_remove(struct kv_dev *k, uint64_t iova, uint64_t size)
 	k->nmaps = out;
 }
 
+/*
+ * Whether [iova, iova + size) lies in one range the IOMMU can map. Guest RAM
+ * laid out as one range from 0 crosses x86's MSI window (0xfee00000, reserved
+ * by the IOMMU) once it reaches 4 GiB: refused here, with the ranges named,
+ * rather than by an opaque EINVAL/ENOSPC from the kernel.
+ */
+static int iova_check(const struct kv_dev *k, uint64_t iova, uint64_t size, struct vfm_error *err)
+{
+	uint64_t last = iova + size - 1;
+	char holes[160] = "";
+	size_t at = 0;
+
+	if (!k->niova_ok || !size)
+		return 0;
+	for (uint32_t i = 0; i < k->niova_ok; i++) {
+		uint64_t s = k->iova_ok[i].iova, l = s + k->iova_ok[i].length - 1;
+
+		if (iova >= s && last <= l)
+			return 0;
+		if (i + 1 < k->niova_ok && at < sizeof(holes) - 40)
+			at += (size_t)snprintf(holes + at, sizeof(holes) - at, "%s0x%" PRIx64 "-0x%"
+					       PRIx64, at ? ", " : "", l + 1,
+					       k->iova_ok[i + 1].iova - 1);
+	}
+	return vfm_error_set(err, -ERANGE, "%s: DMA map 0x%" PRIx64 "+0x%" PRIx64 " is not in "
+			     "an IOVA range the IOMMU can map (reserved: %s; on x86 the MSI "
+			     "window 0xfee00000): lay guest memory out around it", k->id, iova,
+			     size, at ? holes : "outside its ranges");
+}
+
 /* ---- Map / unmap ---- */
 
 static int map_locked(struct kv_dev *k, const struct vfm_dma_map *map, void *va,
@@ -129,6 +160,12 @@ int kv_dma_map(struct vfm_device *dev, const struct vfm_dma_map *map, struct vfm
 			return vfm_error_set(err, merr, "%s: mmap of the DMA fd: %s", k->id,
 					     strerror(-merr));
 		va = mapped;
+	}
+	r = iova_check(k, map->iova, map->size, err);
+	if (r) {
+		if (mapped)
+			k->sys->munmap(k->sys->opaque, mapped, map->size);
+		return r;
 	}
 	pthread_mutex_lock(&k->lock);
 	r = map_locked(k, map, va, err);
@@ -285,31 +322,88 @@ void kv_dma_cleanup(struct kv_dev *k)
 
 /* ---- IOMMU dirty tracking ---- */
 
-void kv_type1_probe_dirty(struct kv_dev *k)
+/* Keeps the valid IOVA ranges: n of them, each [start, last]. */
+static void set_ranges(struct kv_dev *k, const void *src, size_t stride, uint32_t n)
 {
-	union {
-		struct vfio_iommu_type1_info info;
-		uint8_t bytes[512];
-	} buf = { .info = { .argsz = sizeof(buf) } };
-	uint32_t off;
-
-	if (kv_ioctl(k, k->container, VFIO_IOMMU_GET_INFO, &buf) ||
-	    !(buf.info.flags & VFIO_IOMMU_INFO_CAPS))
+	free(k->iova_ok);
+	k->iova_ok = NULL;
+	k->niova_ok = 0;
+	if (!n || !(k->iova_ok = calloc(n, sizeof(*k->iova_ok))))
 		return;
-	/* Walk the capability chain (offsets from the start), bounded by our buffer. */
-	for (off = buf.info.cap_offset, k->type1_dirty = false;
-	     off >= sizeof(buf.info) && off + sizeof(struct vfio_info_cap_header) <= sizeof(buf);) {
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t se[2];
+
+		memcpy(se, (const char *)src + i * stride, sizeof(se));
+		k->iova_ok[i] = (struct vfm_iova_range){ se[0], se[1] - se[0] + 1 };
+	}
+	k->niova_ok = n;
+}
+
+/*
+ * VFIO_IOMMU_GET_INFO answers with the argsz it needs when ours is short
+ * (drivers/vfio/vfio_iommu_type1.c vfio_iommu_type1_get_info): ask, then ask
+ * again with that much room, and walk the whole cap chain.
+ */
+void kv_type1_probe(struct kv_dev *k)
+{
+	struct vfio_iommu_type1_info first = { .argsz = sizeof(first) }, *info;
+	uint32_t off, size;
+
+	if (kv_ioctl(k, k->container, VFIO_IOMMU_GET_INFO, &first))
+		return;
+	size = first.argsz > sizeof(first) ? first.argsz : sizeof(first);
+	if (size > (1u << 20) || !(info = calloc(1, size)))
+		return;
+	info->argsz = size;
+	if (kv_ioctl(k, k->container, VFIO_IOMMU_GET_INFO, info) ||
+	    !(info->flags & VFIO_IOMMU_INFO_CAPS)) {
+		free(info);
+		return;
+	}
+	k->type1_dirty = false;
+	for (off = info->cap_offset;
+	     off >= sizeof(*info) && off + sizeof(struct vfio_info_cap_header) <= size;) {
 		struct vfio_info_cap_header h;
 
-		memcpy(&h, buf.bytes + off, sizeof(h));
-		if (h.id == VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION) {
+		memcpy(&h, (char *)info + off, sizeof(h));
+		if (h.id == VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION &&
+		    off + sizeof(struct vfio_iommu_type1_info_cap_migration) <= size) {
+			struct vfio_iommu_type1_info_cap_migration m;
+
+			memcpy(&m, (char *)info + off, sizeof(m));
 			k->type1_dirty = true;
-			break;
+			/* Bitmaps are asked in the smallest page size the IOMMU tracks. */
+			k->dirty_pgsize = m.pgsize_bitmap ? m.pgsize_bitmap & -m.pgsize_bitmap : 0;
+		} else if (h.id == VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE &&
+			   off + sizeof(struct vfio_iommu_type1_info_cap_iova_range) <= size) {
+			struct vfio_iommu_type1_info_cap_iova_range r;
+			size_t room = size - off - sizeof(r);
+
+			memcpy(&r, (char *)info + off, sizeof(r));
+			if (r.nr_iovas <= room / sizeof(struct vfio_iova_range))
+				set_ranges(k, (char *)info + off + sizeof(r),
+					   sizeof(struct vfio_iova_range), r.nr_iovas);
 		}
 		if (h.next <= off)
 			break;
 		off = h.next;
 	}
+	free(info);
+}
+
+void kv_iommufd_probe_ranges(struct kv_dev *k)
+{
+	struct iommu_ioas_iova_ranges q = { .size = sizeof(q), .ioas_id = k->ioas_id };
+	struct iommu_iova_range *r;
+
+	/* -EMSGSIZE with num_iovas set: how many there are. */
+	if (kv_ioctl(k, k->iommufd, IOMMU_IOAS_IOVA_RANGES, &q) != -EMSGSIZE || !q.num_iovas ||
+	    q.num_iovas > 4096 || !(r = calloc(q.num_iovas, sizeof(*r))))
+		return;
+	q.allowed_iovas = (uintptr_t)r;
+	if (kv_ioctl(k, k->iommufd, IOMMU_IOAS_IOVA_RANGES, &q) == 0)
+		set_ranges(k, r, sizeof(*r), q.num_iovas);
+	free(r);
 }
 
 bool vfm_vfio_iommu_dirty_supported(const struct vfm_device *dev)

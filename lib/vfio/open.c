@@ -233,6 +233,7 @@ static void kv_destroy(struct kv_dev *k)
 	close_fd(k, &k->container);
 	free(k->regions);
 	free(k->maps);
+	free(k->iova_ok);
 	pthread_mutex_destroy(&k->lock);
 	free(k);
 }
@@ -323,6 +324,7 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 		}
 	}
 	k->iommu = KV_IOMMUFD;
+	kv_iommufd_probe_ranges(k);
 	return 0;
 
 err_close:
@@ -388,7 +390,7 @@ static int open_type1(struct kv_dev *k, const char *devname, int group, struct v
 	}
 	k->devfd = r;
 	k->iommu = KV_TYPE1;
-	kv_type1_probe_dirty(k);
+	kv_type1_probe(k);
 	return 0;
 
 err_close:

@@ -43,6 +43,9 @@ struct kv_dev {
 	bool hwpt_dirty;           /* the attached HWPT can track dirty pages */
 	int container, group;      /* KV_TYPE1 */
 	bool type1_dirty;          /* the container offers dirty page tracking */
+	uint64_t dirty_pgsize;     /* type1: smallest page size of its dirty bitmaps */
+	struct vfm_iova_range *iova_ok;  /* IOVAs the IOMMU can map (none: any) */
+	uint32_t niova_ok;
 	struct vfm_device_info info;
 	struct kv_region *regions; /* info.num_regions entries (capped) */
 	uint32_t nregions;
@@ -99,8 +102,13 @@ int kv_resolve(const char *sysfs_root, const char *name, char *cdev_out, size_t 
 int kv_dma_map(struct vfm_device *dev, const struct vfm_dma_map *map, struct vfm_error *err);
 int kv_dma_unmap(struct vfm_device *dev, uint64_t iova, uint64_t size, uint64_t page_size,
 		 uint64_t *dirty_bitmap, struct vfm_error *err);
-/* Whether the type1 container reports the migration (dirty pages) cap. */
-void kv_type1_probe_dirty(struct kv_dev *k);
+/*
+ * The type1 container's info (asked again with the argsz it returns): the
+ * migration cap (dirty tracking, its page sizes) and the valid IOVA ranges.
+ */
+void kv_type1_probe(struct kv_dev *k);
+/* The IOAS's valid IOVA ranges (IOMMU_IOAS_IOVA_RANGES), after attach. */
+void kv_iommufd_probe_ranges(struct kv_dev *k);
 /* Unmaps everything left (close). */
 void kv_dma_cleanup(struct kv_dev *k);
 

@@ -1,0 +1,21 @@
+#!/bin/sh
+# vfiomig check on an unmodified mtty mdev in its default mode: exit 0, and
+# no corrupted or truncated stream reaches the device (mtty validates only
+# its header, issue 17 item 4). The device is RUNNING and usable after.
+# usage: check.sh VFIOMIG
+bin=$1
+. "$(dirname "$0")/lib.sh"
+u=$(mdev 1)
+vfm check "vfio:$u" >"$tmp/out" 2>"$tmp/err"; rc=$?
+[ $rc = 0 ] && ok "check exits 0 ($(tail -1 "$tmp/out"))" || { bad "check exit $rc"; grep -v '^pass' "$tmp/out"; tail -5 "$tmp/err"; }
+grep -q '^skip  corrupted and truncated streams refused: .*--unsafe-load-corrupt-streams' "$tmp/out" \
+	&& ! grep -q ' stream refused' "$tmp/out" && ok "no bad stream loaded by default" \
+	|| bad "default mode loaded a bad stream"
+[ "$(grep -c '^pass  arc ' "$tmp/out")" -ge 20 ] && ok "$(grep -c '^pass  arc ' "$tmp/out") arcs pass" \
+	|| bad "arcs: $(grep -c '^pass  arc ' "$tmp/out")"
+grep -q '^pass  pre-copy: the whole stream loads back' "$tmp/out" && ok "pre-copy stream loads back" \
+	|| bad "pre-copy round trip"
+fifo 1 write abc >/dev/null && fifo 1 read 3 | grep -q "'abc'" && ok "device usable after check" \
+	|| bad "FIFO after check"
+no_oops "check"
+finish
