@@ -459,28 +459,50 @@ int vfm_vfio_iommu_dirty_stop(struct vfm_device *dev, struct vfm_error *err)
 	return dirty_switch(dev, false, err);
 }
 
+/*
+ * type1 takes only its smallest tracked page size (vfio_iommu_type1.c
+ * vfio_iommu_type1_dirty_pages: "pgsize != 1 << __ffs(iommu->pgsize_bitmap)"
+ * is EINVAL). When that is larger than the caller's pages, the bitmap is
+ * asked in the IOMMU's pages and each dirty one marks all the caller's pages
+ * it holds.
+ */
 static int type1_bitmap(struct kv_dev *k, uint64_t iova, uint64_t length, uint64_t page_size,
 			uint64_t *bitmap, struct vfm_error *err)
 {
-	uint64_t bytes = bitmap_bytes(length, page_size);
-	uint64_t *tmp = calloc(1, bytes);
+	uint64_t pg = k->dirty_pgsize > page_size ? k->dirty_pgsize : page_size;
+	uint64_t bytes, *tmp;
 	struct {
 		struct vfio_iommu_type1_dirty_bitmap d;
 		struct vfio_iommu_type1_dirty_bitmap_get g;
-	} req = {
-		.d = { .argsz = sizeof(req), .flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP },
-		.g = { .iova = iova, .size = length, .bitmap = { page_size, bytes, (__u64 *)tmp } },
-	};
+	} req;
 	int r;
 
+	if ((iova | length) & (pg - 1))
+		return vfm_error_set(err, -EINVAL, "%s: dirty range 0x%" PRIx64 "+0x%" PRIx64
+				     " not aligned to the IOMMU's 0x%" PRIx64 "-byte pages", k->id,
+				     iova, length, pg);
+	bytes = bitmap_bytes(length, pg);
+	tmp = calloc(1, bytes);
 	if (!tmp)
 		return vfm_error_set(err, -ENOMEM, "%s: no memory for a dirty bitmap", k->id);
+	req.d = (struct vfio_iommu_type1_dirty_bitmap){
+		.argsz = sizeof(req), .flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP };
+	req.g = (struct vfio_iommu_type1_dirty_bitmap_get){
+		.iova = iova, .size = length, .bitmap = { pg, bytes, (__u64 *)tmp } };
 	r = kv_ioctl(k, k->container, VFIO_IOMMU_DIRTY_PAGES, &req);
-	if (r)
+	if (r) {
 		vfm_error_set(err, r, "%s: VFIO_IOMMU_DIRTY_PAGES GET_BITMAP: %s", k->id,
 			      strerror(-r));
-	else
+	} else if (pg == page_size) {
 		or_into(bitmap, tmp, bytes);
+	} else {
+		uint64_t per = pg / page_size;
+
+		for (uint64_t i = 0; i < length / pg; i++)
+			if (tmp[i / 64] >> (i % 64) & 1)
+				for (uint64_t j = i * per; j < (i + 1) * per; j++)
+					bitmap[j / 64] |= 1ull << (j % 64);
+	}
 	free(tmp);
 	return r;
 }
