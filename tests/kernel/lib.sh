@@ -9,6 +9,8 @@ pids=""
 fail=0
 cleanup() {
 	for p in $pids; do kill "$p" 2>/dev/null; done
+	sleep 1
+	for p in $pids; do kill -9 "$p" 2>/dev/null; done
 	wait 2>/dev/null
 	# Logs of a failed test stay in the run directory (kept by the rig on failure).
 	if [ $fail != 0 ] && [ -n "${KVFIO_RUN:-}" ]; then
@@ -22,7 +24,8 @@ trap cleanup EXIT
 trap 'exit 1' INT TERM
 ok() { echo "ok: $*"; }
 bad() { echo "FAIL: $*"; fail=1; }
-note() { echo "  $(date +%T) $*"; }   # progress, for a test that ends by timeout
+# Progress, also into the run directory: a test killed by its timeout loses its output.
+note() { echo "  $(date +%T) $*"; [ -n "${KVFIO_RUN:-}" ] && echo "$(date +%T) $(basename "$0"): $*" >>"$KVFIO_RUN/progress"; }
 finish() { exit $fail; }
 bg() { "$@" >>"$tmp/log" 2>&1 & last=$!; pids="$pids $last"; }
 mdev() { echo $KVFIO_MDEVS | cut -d' ' -f"$1"; }    # mdev N: the Nth UUID
@@ -37,11 +40,17 @@ wait_sock() {  # wait_sock PATH: up to 60 s for a socket file
 		i=$((i + 1)); [ $i -gt 600 ] && return 1; sleep 0.1
 	done
 }
-wait_status() {  # wait_status SOCKET PATTERN: until `ctl status` matches (60 s)
-	i=0
-	while ! ctl "$1" status 2>/dev/null | grep -q "$2"; do
-		i=$((i + 1)); [ $i -gt 300 ] && return 1; sleep 0.2
+wait_status() {  # wait_status SOCKET PATTERN: until `ctl status` matches (90 s; a failed migration ends it)
+	end=$(( $(date +%s) + 90 ))
+	while [ "$(date +%s)" -lt $end ]; do
+		ctl "$1" status >"$tmp/ws" 2>&1
+		grep -q "$2" "$tmp/ws" && return 0
+		if echo "$2" | grep -qv failed && grep -q 'migration: failed' "$tmp/ws"; then
+			cat "$tmp/ws"; return 1
+		fi
+		sleep 0.5
 	done
+	cat "$tmp/ws"; return 1
 }
 no_oops() {  # no_oops WHAT: the guest kernel log has no BUG/Oops
 	if dmesg | grep -qE 'BUG:|Oops|general protection|UBSAN|KASAN'; then
