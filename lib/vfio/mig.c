@@ -332,9 +332,9 @@ static int log_start(struct vfm_device *dev, const struct vfm_iova_range *ranges
 	}
 	if (ctl.page_size >= 4096 && !(ctl.page_size & (ctl.page_size - 1)))
 		*page_size = ctl.page_size;
-	pthread_mutex_lock(&k->lock);
+	pthread_mutex_lock(&k->as->lock);
 	k->dev_log_on = true;
-	pthread_mutex_unlock(&k->lock);
+	pthread_mutex_unlock(&k->as->lock);
 	vfm_debug(k->id, "DMA logging on: %d ranges, %" PRIu64 "-byte pages", n, *page_size);
 out:
 	free(fit);
@@ -350,9 +350,9 @@ static int log_stop(struct vfm_device *dev, struct vfm_error *err)
 
 	if (r)
 		return vfm_error_set(err, r, "%s: DMA_LOGGING_STOP: %s", k->id, strerror(-r));
-	pthread_mutex_lock(&k->lock);
+	pthread_mutex_lock(&k->as->lock);
 	k->dev_log_on = false;
-	pthread_mutex_unlock(&k->lock);
+	pthread_mutex_unlock(&k->as->lock);
 	return 0;
 }
 

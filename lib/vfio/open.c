@@ -225,16 +225,19 @@ static void close_fd(struct kv_dev *k, int *fd)
 static void kv_destroy(struct kv_dev *k)
 {
 	kv_close_data_fd(k);
-	kv_dma_cleanup(k);
+	if (k->as)
+		kv_dma_cleanup(k);
 	/* The device first: closing it detaches it from the IOAS or container. */
 	close_fd(k, &k->devfd);
-	close_fd(k, &k->iommufd);
-	close_fd(k, &k->group);
-	close_fd(k, &k->container);
+	if (k->hwpt_id && k->as) {
+		struct iommu_destroy d = { .size = sizeof(d), .id = k->hwpt_id };
+
+		kv_ioctl(k, k->iommufd, IOMMU_DESTROY, &d);
+	}
+	kv_group_put(k->grp);
+	kv_as_put(k->as);
 	free(k->regions);
-	free(k->maps);
-	free(k->iova_ok);
-	pthread_mutex_destroy(&k->lock);
+	free(k->mine);
 	free(k);
 }
 
@@ -287,7 +290,6 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 			struct vfm_error *err)
 {
 	struct vfio_device_bind_iommufd bind = { .argsz = sizeof(bind) };
-	struct iommu_ioas_alloc ioas = { .size = sizeof(ioas) };
 	struct vfio_device_attach_iommufd_pt at = { .argsz = sizeof(at) };
 	int r;
 
@@ -295,12 +297,12 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 	if (r < 0)
 		return vfm_error_set(err, r, "%s: open %s: %s", k->id, cdev, strerror(-r));
 	k->devfd = r;
-	r = k->sys->open(k->sys->opaque, "/dev/iommu", O_RDWR);
-	if (r < 0) {
-		vfm_error_set(err, r, "%s: open /dev/iommu: %s", k->id, strerror(-r));
+	/* The process's iommufd and IOAS, shared with its other devices (as.c). */
+	r = kv_as_get(k->sys, KV_IOMMUFD, k->id, &k->as, err);
+	if (r)
 		goto err_close;
-	}
-	k->iommufd = r;
+	k->iommufd = k->as->fd;
+	k->ioas_id = k->as->ioas_id;
 	bind.iommufd = k->iommufd;
 	r = kv_ioctl(k, k->devfd, VFIO_DEVICE_BIND_IOMMUFD, &bind);
 	if (r) {
@@ -308,12 +310,6 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 		goto err_close;
 	}
 	k->devid = bind.out_devid;
-	r = kv_ioctl(k, k->iommufd, IOMMU_IOAS_ALLOC, &ioas);
-	if (r) {
-		vfm_error_set(err, r, "%s: IOMMU_IOAS_ALLOC: %s", k->id, strerror(-r));
-		goto err_close;
-	}
-	k->ioas_id = ioas.out_ioas_id;
 	if (!want_dirty || !attach_dirty_hwpt(k)) {
 		at.pt_id = k->ioas_id;
 		r = kv_ioctl(k, k->devfd, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &at);
@@ -329,7 +325,14 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 
 err_close:
 	close_fd(k, &k->devfd);
-	close_fd(k, &k->iommufd);
+	if (k->hwpt_id && k->as) {
+		struct iommu_destroy d = { .size = sizeof(d), .id = k->hwpt_id };
+
+		kv_ioctl(k, k->iommufd, IOMMU_DESTROY, &d);
+	}
+	kv_as_put(k->as);
+	k->as = NULL;
+	k->iommufd = -1;
 	k->hwpt_id = 0;
 	k->hwpt_dirty = false;
 	return r;
@@ -337,65 +340,37 @@ err_close:
 
 static int open_type1(struct kv_dev *k, const char *devname, int group, struct vfm_error *err)
 {
-	struct vfio_group_status gs = { .argsz = sizeof(gs) };
-	char path[64];
 	int r;
 
 	if (group < 0 || !devname[0])
 		return vfm_error_set(err, -ENODEV, "%s: no IOMMU group known for %s", k->id, k->name);
-	r = k->sys->open(k->sys->opaque, "/dev/vfio/vfio", O_RDWR);
-	if (r < 0)
-		return vfm_error_set(err, r, "%s: open /dev/vfio/vfio: %s", k->id, strerror(-r));
-	k->container = r;
-	r = kv_ioctl(k, k->container, VFIO_GET_API_VERSION, NULL);
-	if (r != VFIO_API_VERSION) {
-		r = vfm_error_set(err, r < 0 ? r : -EPROTO, "%s: VFIO API version %d (want %d)",
-				  k->id, r, VFIO_API_VERSION);
-		goto err_close;
-	}
-	r = kv_ioctl(k, k->container, VFIO_CHECK_EXTENSION, (void *)(uintptr_t)VFIO_TYPE1v2_IOMMU);
-	if (r <= 0) {
-		r = vfm_error_set(err, r < 0 ? r : -ENOTSUP, "%s: no type1v2 IOMMU", k->id);
-		goto err_close;
-	}
-	snprintf(path, sizeof(path), "/dev/vfio/%d", group);
-	r = k->sys->open(k->sys->opaque, path, O_RDWR);
-	if (r < 0) {
-		vfm_error_set(err, r, "%s: open %s: %s", k->id, path, strerror(-r));
-		goto err_close;
-	}
-	k->group = r;
-	r = kv_ioctl(k, k->group, VFIO_GROUP_GET_STATUS, &gs);
-	if (!r && !(gs.flags & VFIO_GROUP_FLAGS_VIABLE))
-		r = vfm_error_set(err, -EBUSY, "%s: IOMMU group %d is not viable (bind every "
-				  "device of the group to vfio-pci)", k->id, group);
-	else if (r)
-		vfm_error_set(err, r, "%s: VFIO_GROUP_GET_STATUS: %s", k->id, strerror(-r));
+	/* The process's container and this group's fd, shared (as.c). */
+	r = kv_as_get(k->sys, KV_TYPE1, k->id, &k->as, err);
 	if (r)
-		goto err_close;
-	r = kv_ioctl(k, k->group, VFIO_GROUP_SET_CONTAINER, &k->container);
-	if (!r)
-		r = kv_ioctl(k, k->container, VFIO_SET_IOMMU, (void *)(uintptr_t)VFIO_TYPE1v2_IOMMU);
-	if (r) {
-		vfm_error_set(err, r, "%s: setting up the type1v2 container: %s", k->id,
-			      strerror(-r));
-		goto err_close;
-	}
+		return r;
+	r = kv_group_get(k->as, group, k->id, &k->grp, err);
+	if (r)
+		goto err_put;
+	k->container = k->as->fd;
+	k->group = k->grp->fd;
 	/* The kernel matches dev_name(): the PCI address, or an mdev's UUID. */
 	r = kv_ioctl(k, k->group, VFIO_GROUP_GET_DEVICE_FD, (void *)devname);
 	if (r < 0) {
 		vfm_error_set(err, r, "%s: VFIO_GROUP_GET_DEVICE_FD %s: %s", k->id, devname,
 			      strerror(-r));
-		goto err_close;
+		goto err_put;
 	}
 	k->devfd = r;
 	k->iommu = KV_TYPE1;
 	kv_type1_probe(k);
 	return 0;
 
-err_close:
-	close_fd(k, &k->group);
-	close_fd(k, &k->container);
+err_put:
+	kv_group_put(k->grp);
+	kv_as_put(k->as);
+	k->grp = NULL;
+	k->as = NULL;
+	k->container = k->group = -1;
 	return r;
 }
 
@@ -478,7 +453,6 @@ int vfm_vfio_open(const char *name, const struct vfm_vfio_opts *opts, struct vfm
 						     : VFM_VFIO_DEFAULT_TIMEOUT_MS);
 	k->devfd = k->iommufd = k->container = k->group = k->data_fd = -1;
 	k->state = VFM_STATE_RUNNING;
-	pthread_mutex_init(&k->lock, NULL);
 
 	r = -ENODEV;
 	if (mode != VFM_VFIO_IOMMU_LEGACY) {

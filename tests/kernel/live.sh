@@ -1,7 +1,8 @@
 #!/bin/sh
 # Live migration between two `vfiomig vm --guest none` processes over real
-# mtty mdevs, two per VM (both P2P: PRE_COPY_P2P on the way, as QEMU does
-# with several devices), default parameters: it converges (mtty DMAs
+# mtty mdevs, two per VM sharing one container or iommufd (both P2P:
+# PRE_COPY_P2P on the way, as QEMU does with several devices), default
+# parameters: it converges (mtty DMAs
 # nothing, so the IOMMU's tracking on type1, or mtty's own logging on
 # iommufd, reports clean memory) and the bytes put in the source devices'
 # FIFOs come out of the destination's. Then a migration held in pre-copy (a
@@ -22,6 +23,18 @@ dst_pid=$!; pids="$pids $dst_pid"
 wait_sock "$tmp/src" && wait_sock "$tmp/dst" || { bad "VMs did not start"; cat "$tmp/log" "$tmp/dlog"; exit 1; }
 ok "two VMs with two mdevs each"
 note "VMs up"
+# One container (type1) or iommufd (cdev) for both devices of the process.
+vm=$(pgrep -P "$src_pid" | head -1)
+fds=$(ls -l "/proc/$vm/fd" 2>/dev/null)
+if [ -e /dev/iommu ]; then
+	n=$(echo "$fds" | grep -c ' -> /dev/iommu$')
+	[ "$n" = 1 ] && ok "one /dev/iommu for two devices" || { bad "/dev/iommu fds: $n"; echo "$fds"; }
+else
+	n=$(echo "$fds" | grep -c ' -> /dev/vfio/vfio$')
+	[ "$n" = 1 ] && ok "one container for two devices" || { bad "container fds: $n"; echo "$fds"; }
+	n=$(echo "$fds" | grep -cE ' -> /dev/vfio/[0-9]+$')
+	[ "$n" = 2 ] && ok "one fd per group" || { bad "group fds: $n"; echo "$fds"; }
+fi
 out=$(ctl "$tmp/src" migrate "unix:$tmp/mig" --wait 2>&1)
 echo "$out" | grep -q "migration: completed" && ok "migration completed: $(echo "$out" | grep completed)" \
 	|| { bad "not completed: $out"; tail -30 "$tmp/log"; }
