@@ -199,6 +199,9 @@ int vfm_device_query_state(struct vfm_device *dev, enum vfm_state *state,
 	return ret;
 }
 
+static int try_set_locked(struct vfm_device *dev, enum vfm_state new_state,
+			  struct vfm_error *err);
+
 static int reset_locked(struct vfm_device *dev, struct vfm_error *err)
 {
 	int ret;
@@ -212,11 +215,47 @@ static int reset_locked(struct vfm_device *dev, struct vfm_error *err)
 	drop_session(dev);
 	ret = dev->ops->reset(dev, err);
 	if (ret) {
-		dev->state = VFM_STATE_ERROR;
+		enum vfm_state now;
+
 		vfm_err(dev->id, "reset failed: %s", vfm_strerror(ret));
+		/*
+		 * A refused reset need not have hurt the device (libvfio-user
+		 * refuses DEVICE_RESET in STOP and STOP_COPY, lib/libvfio-user.c
+		 * cmd_allowed_when_stopped_and_copying() at efd091b): keep the
+		 * state it reports; ERROR only when it says so or cannot say.
+		 */
+		if (!dev->probed || !mig_ops(dev) || query_state_locked(dev, &now, NULL) ||
+		    now == VFM_STATE_ERROR) {
+			dev->state = VFM_STATE_ERROR;
+		} else {
+			vfm_warn(dev->id, "after the failed reset the device reports %s: keeping it",
+				 vfm_state_name(now));
+		}
 		return ret;
 	}
 	dev->state = VFM_STATE_RUNNING;
+	if (dev->probed && mig_ops(dev)) {
+		enum vfm_state now;
+		struct vfm_error e = { 0 };
+
+		/* A reset need not leave RUNNING behind (libvfio-user keeps the
+		 * migration state): read it, and take one step to RUNNING. */
+		ret = query_state_locked(dev, &now, &e);
+		if (!ret && now != VFM_STATE_RUNNING && now != VFM_STATE_ERROR) {
+			vfm_info(dev->id, "after the reset the device reports %s: to RUNNING",
+				 vfm_state_name(now));
+			ret = try_set_locked(dev, VFM_STATE_RUNNING, &e);
+		} else if (!ret && now == VFM_STATE_ERROR) {
+			ret = vfm_error_set(&e, -EIO, "the device is in ERROR after the reset");
+		}
+		if (ret) {
+			if (ret == VFM_EPROTOCOL || dev->state == VFM_STATE_ERROR ||
+			    query_state_locked(dev, &now, NULL))
+				dev->state = VFM_STATE_ERROR;
+			vfm_err(dev->id, "after the reset: %s", e.msg);
+			return vfm_error_set(err, ret, "%s: after the reset: %s", dev->id, e.msg);
+		}
+	}
 	vfm_trace(dev->id, "state -> RUNNING (reset)");
 	return 0;
 }

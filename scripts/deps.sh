@@ -12,6 +12,7 @@ packages=(
 	pkg-config
 	python3            # meson, and scripts/test-summary.py
 	libjson-c-dev      # vfio-user VERSION capabilities, control socket
+	libcmocka-dev      # libvfio-user's build needs it (interop tests, tests/peers/)
 	libxxhash-dev      # XXH3 record checksums in the migration stream
 	linux-libc-dev     # linux/vfio.h (6.1; lib/compat adds what it lacks)
 	clang              # fuzz targets and the clang build

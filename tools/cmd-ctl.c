@@ -133,6 +133,10 @@ static void print_status(json_object *st, FILE *out)
 			fprintf(out, "%s%s", k ? "|" : "",
 				json_object_get_string(json_object_array_get_idx(flags, k)));
 		fprintf(out, ", %s transferred", size_str(get_i64(d, "transferred_bytes"), b1, sizeof(b1)));
+		if (get_str(d, "stop_copy_size_source")[0])
+			fprintf(out, ", stop-copy size %s (%s)",
+				size_str(get_i64(d, "stop_copy_size"), b1, sizeof(b1)),
+				get_str(d, "stop_copy_size_source"));
 		if (get_str(d, "state_checksum")[0])
 			fprintf(out, ", checksum %s", get_str(d, "state_checksum"));
 		fprintf(out, "\n");

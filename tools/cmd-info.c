@@ -1,9 +1,12 @@
 /* vfiomig info DEVICE: identity, regions, IRQs, migration and dirty tracking
- * support of a vfio-user or kernel VFIO device, as text or JSON. Read-only. */
+ * support of a vfio-user or kernel VFIO device, as text or JSON. The device
+ * is left as it was (the DMA logging trial maps and unmaps a window). */
 #include <inttypes.h>
 #include <json-c/json.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "commands.h"
 #include "devtool.h"
@@ -153,36 +156,67 @@ static void add_migration(struct vfm_device *dev, json_object *root, bool text)
 	}
 }
 
+#define LOG_WINDOW (1u << 20)
+
+/*
+ * A 1 MiB memfd window DMA-mapped at IOVA 0 for the logging trial, as check
+ * does (a device may refuse to log what is not mapped: libvfio-user). NULL
+ * when it cannot be had: the trial then runs without it.
+ */
+static void *map_window(struct vfm_device *dev)
+{
+	struct vfm_dma_map map = { .iova = 0, .size = LOG_WINDOW,
+				   .prot = VFM_DMA_READ | VFM_DMA_WRITE };
+	int fd = memfd_create("vfiomig-info", MFD_CLOEXEC);
+	void *mem = MAP_FAILED;
+
+	if (fd >= 0 && !ftruncate(fd, LOG_WINDOW))
+		mem = mmap(NULL, LOG_WINDOW, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	map.fd = fd;
+	map.vaddr = mem;
+	if (mem != MAP_FAILED && vfm_device_dma_map(dev, &map, NULL)) {
+		munmap(mem, LOG_WINDOW);
+		mem = MAP_FAILED;
+	}
+	if (fd >= 0)
+		close(fd);
+	return mem == MAP_FAILED ? NULL : mem;
+}
+
 /*
  * What works, not what a probe accepted: DMA logging is started over the
  * first MiB, reported and stopped (Debian's 6.12 accepts START, then fails
  * every REPORT with EOPNOTSUPP: no CONFIG_IOMMUFD_DRIVER). Logging is off
- * again afterwards; nothing else of the device changes.
+ * and the window unmapped again afterwards; nothing else of the device changes.
  */
 static bool logging_works(struct vfm_device *dev, char *why, size_t len)
 {
-	struct vfm_iova_range range = { 0, 1u << 20 };
-	uint64_t bits[4] = { 0 }, pg = 4096;
+	struct vfm_iova_range range = { 0, LOG_WINDOW };
+	uint64_t bits[LOG_WINDOW / 4096 / 64] = { 0 }, pg = 4096;
 	struct vfm_error e = { 0 };
+	bool works = false;
+	void *mem;
 
 	if (!vfm_device_has_dma_logging(dev)) {
 		snprintf(why, len, "the device has none");
 		return false;
 	}
+	mem = map_window(dev);
 	if (vfm_device_log_start(dev, &range, 1, &pg, &e)) {
 		snprintf(why, len, "start: %s", e.msg);
-		return false;
-	}
-	if (vfm_device_log_report(dev, 0, 1u << 20, pg, bits, &e)) {
+	} else if (vfm_device_log_report(dev, 0, LOG_WINDOW, pg, bits, &e)) {
 		snprintf(why, len, "report: %s", e.msg);
 		vfm_device_log_stop(dev, NULL);
-		return false;
-	}
-	if (vfm_device_log_stop(dev, &e)) {
+	} else if (vfm_device_log_stop(dev, &e)) {
 		snprintf(why, len, "stop: %s", e.msg);
-		return false;
+	} else {
+		works = true;
 	}
-	return true;
+	if (mem) {
+		vfm_device_dma_unmap(dev, 0, LOG_WINDOW, 0, NULL, NULL);
+		munmap(mem, LOG_WINDOW);
+	}
+	return works;
 }
 
 /* The IOMMU's dirty tracking of this process's own (empty) address space: on and off. */

@@ -172,7 +172,7 @@ static int load_run(const char *spec, const char *file)
 			PRIx64 ", this one has %#" PRIx64 "\n", h.mig_flags,
 			vfm_device_mig_flags(dev));
 	r = load_into(dev, fd, &h, &cfg, buf, &err);
-	devtool_back_to_running(dev);
+	devtool_back_to_running(dev, NULL);
 out:
 	if (r)
 		fprintf(stderr, "vfiomig load: %s\n", err.msg[0] ? err.msg : vfm_strerror(r));

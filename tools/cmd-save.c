@@ -56,12 +56,14 @@ static int to_file(void *opaque, const void *buf, size_t len, struct vfm_error *
 	return write_all(s->fd, buf, len, err);
 }
 
-/* Data and config into fd (the header last, at offset 0). Device in STOP_COPY. */
+/*
+ * Data and config (read before STOP_COPY) into fd, the header last, at
+ * offset 0. Device in STOP_COPY.
+ */
 static int write_file(struct vfm_device *dev, int fd, struct devfile_hdr *h,
-		      struct vfm_error *err)
+		      const struct vfm_pci_config *cfg, struct vfm_error *err)
 {
 	uint8_t hdr[DEVFILE_HDR_SIZE] = { 0 };
-	struct vfm_pci_config cfg;
 	struct sink s = { fd, XXH3_createState() };
 	int r;
 
@@ -75,11 +77,11 @@ static int write_file(struct vfm_device *dev, int fd, struct devfile_hdr *h,
 	XXH3_freeState(s.xx);
 	if (r)
 		return vfm_error_set(err, r, "reading the device's state");
-	/* Config space as it is with the device stopped, after its data (as QEMU). */
-	if (h->ident.pci && vfm_pci_config_save(dev, &cfg, err) == 0) {
-		h->config_len = cfg.len;
-		h->config_csum = XXH3_64bits(cfg.bytes, cfg.len);
-		r = write_all(fd, cfg.bytes, cfg.len, err);
+	/* Config space after the data in the file (as QEMU's stream). */
+	if (h->ident.pci) {
+		h->config_len = cfg->len;
+		h->config_csum = XXH3_64bits(cfg->bytes, cfg->len);
+		r = write_all(fd, cfg->bytes, cfg->len, err);
 		if (r)
 			return r;
 	}
@@ -128,11 +130,29 @@ static int save_run(const char *spec, const char *file)
 		r = vfm_error_set(&err, -errno, "%s: %s", tmp, strerror(errno));
 		goto out;
 	}
-	r = vfm_device_set_state(dev, VFM_STATE_STOP_COPY, VFM_STATE_RUNNING, &err);
+	/*
+	 * Config space with the device stopped and before STOP_COPY: a device
+	 * may refuse region access in STOP_COPY (libvfio-user does). A PCI
+	 * device whose config cannot be read fails the save: never a file
+	 * that silently lacks it.
+	 */
+	r = vfm_device_set_state(dev, VFM_STATE_STOP, VFM_STATE_RUNNING, &err);
+	if (!r && h.ident.pci) {
+		struct vfm_error ce = { 0 };
+
+		r = vfm_pci_config_save(dev, &cfg, &ce);
+		if (r)
+			vfm_error_set(&err, r, "config space lost, nothing saved: %s", ce.msg);
+	}
 	if (!r)
-		r = write_file(dev, fd, &h, &err);
+		r = vfm_device_set_state(dev, VFM_STATE_STOP_COPY, VFM_STATE_RUNNING, &err);
+	if (!r)
+		r = write_file(dev, fd, &h, &cfg, &err);
 	if (!r)
 		r = vfm_device_set_state(dev, VFM_STATE_STOP, VFM_STATE_RUNNING, &err);
+	/* A save that leaves the device stopped failed, whatever the file says. */
+	if (!r)
+		r = devtool_back_to_running(dev, &err);
 	if (close(fd) && !r)
 		r = vfm_error_set(&err, -errno, "closing %s: %s", tmp, strerror(errno));
 	if (!r && rename(tmp, file))
@@ -143,7 +163,7 @@ static int save_run(const char *spec, const char *file)
 		status = VFM_EXIT_OK;
 out:
 	if (vfm_device_mig_flags(dev))
-		devtool_back_to_running(dev);
+		devtool_back_to_running(dev, NULL);
 	if (status == VFM_EXIT_OK)
 		printf("saved %" PRIu64 " bytes of device state (checksum %016" PRIx64
 		       ") and %" PRIu32 " bytes of config space from %s to %s\n", h.data_len,

@@ -188,14 +188,20 @@ int devtool_read_stream(struct vfm_device *dev,
 	}
 }
 
-void devtool_back_to_running(struct vfm_device *dev)
+int devtool_back_to_running(struct vfm_device *dev, struct vfm_error *err)
 {
 	struct vfm_error e = { 0 };
+	int r;
 
 	if (vfm_device_state(dev) == VFM_STATE_RUNNING)
-		return;
-	if (vfm_device_set_state(dev, VFM_STATE_RUNNING, VFM_STATE_ERROR, &e))
+		return 0;
+	r = vfm_device_set_state(dev, VFM_STATE_RUNNING, VFM_STATE_ERROR, &e);
+	if (r) {
 		vfm_log(VFM_LOG_ERROR, vfm_device_id(dev), "back to RUNNING: %s", e.msg);
+		return vfm_error_set(err, r, "the device did not return to RUNNING (it is %s): %s",
+				     vfm_state_name(vfm_device_state(dev)), e.msg);
+	}
+	return 0;
 }
 
 /* ---- Save file header: little-endian fields at fixed offsets ---- */

@@ -59,8 +59,8 @@ int devtool_read_stream(struct vfm_device *dev, int (*sink)(void *opaque, const 
 							    size_t len, struct vfm_error *err),
 			void *opaque, uint64_t *total, struct vfm_error *err);
 
-/* Back to RUNNING whatever happened (reset if need be); logs on failure. */
-void devtool_back_to_running(struct vfm_device *dev);
+/* Back to RUNNING whatever happened (reset if need be); logs and fails when it cannot. */
+int devtool_back_to_running(struct vfm_device *dev, struct vfm_error *err);
 
 /* ---- Save files ---- */
 

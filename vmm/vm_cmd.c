@@ -303,8 +303,9 @@ static json_object *flags_array(uint64_t flags)
 static json_object *device_object(struct vm *vm, struct vm_dev *vd)
 {
 	json_object *o = json_object_new_object();
+	const char *src;
 	bool valid;
-	uint64_t csum;
+	uint64_t csum, sc;
 
 	json_object_object_add(o, "id", json_object_new_string(vd->id));
 	json_object_object_add(o, "backend", json_object_new_string(vfm_device_backend(vd->dev)));
@@ -313,6 +314,13 @@ static json_object *device_object(struct vm *vm, struct vm_dev *vd)
 	json_object_object_add(o, "flags", flags_array(vfm_device_mig_flags(vd->dev)));
 	json_object_object_add(o, "transferred_bytes",
 			       ju64(vfm_migration_device_transferred(vm->mig, vd->dev)));
+	/* The stop-copy size in use and where it comes from ("estimate": the
+	 * device cannot say; docs/interop.md). */
+	src = vfm_migration_device_stop_copy_size(vm->mig, vd->dev, &sc);
+	if (src) {
+		json_object_object_add(o, "stop_copy_size", ju64(sc));
+		json_object_object_add(o, "stop_copy_size_source", json_object_new_string(src));
+	}
 	pthread_mutex_lock(&vm->lock);
 	valid = vd->csum_valid;
 	csum = vd->csum;

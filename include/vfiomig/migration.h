@@ -27,6 +27,10 @@ struct vfm_device_props {
 	bool pre_copy_dirty_page_tracking;    /* false: no dirty sync in pre-copy */
 	bool device_dirty_page_tracking;      /* false: do not use DMA logging */
 	enum vfm_onoff multifd_transfer;
+	/* stop-copy-size=SIZE: what STOP_COPY will produce, for a device that
+	 * cannot say itself (docs/interop.md); 0 with !stop_copy_size_set. */
+	uint64_t stop_copy_size;
+	bool stop_copy_size_set;
 };
 VFM_EXPORT void vfm_device_props_default(struct vfm_device_props *p);
 
@@ -169,6 +173,16 @@ VFM_EXPORT void vfm_migration_get_stats(struct vfm_migration *m,
  * or last migration; 0 when dev is not part of m. */
 VFM_EXPORT uint64_t vfm_migration_device_transferred(struct vfm_migration *m,
 						     const struct vfm_device *dev);
+/*
+ * Source: the stop-copy size the current or last migration uses for dev
+ * (*bytes), and where it comes from: "device" (it reported it), "property"
+ * (stop-copy-size=), "estimate" (the last pre-copy round's bytes: the device
+ * cannot say), "unknown" (the device failed to say: 100 GiB, as QEMU), or
+ * NULL before any migration or when dev is not part of m.
+ */
+VFM_EXPORT const char *vfm_migration_device_stop_copy_size(struct vfm_migration *m,
+							   const struct vfm_device *dev,
+							   uint64_t *bytes);
 
 /*
  * Destination: listen on uri, load one incoming migration, resume the guest

@@ -41,15 +41,33 @@ struct vfm_mig_device {
 	uint64_t precopy_init, precopy_dirty;  /* cached from precopy info */
 	uint64_t last_iter_bytes;    /* read in the last iteration (no precopy info) */
 	uint64_t stop_copy_size;
-	bool stop_copy_known;        /* the device reported stop_copy_size */
+	bool stop_copy_known;        /* stop_copy_size holds a figure (device, property, 100 GiB) */
+	bool sc_warned;              /* the size policy was logged for this migration */
+	/* What query-migrate shows (vfm_migration_device_stop_copy_size): the
+	 * figure in use and its source (enum vfm__sc_source). */
+	_Atomic uint64_t sc_bytes;
+	_Atomic int sc_source;
 	uint64_t data_buf_size;
 	unsigned char *buf;
+	/* PCI config space read before the STOP_COPY arc (vfm__vfio_snapshot_config):
+	 * what save_state and the multifd saver send. cfg_len 0: none. */
+	unsigned char cfg[4096];
+	size_t cfg_len;
 	_Atomic uint64_t transferred;
 	/* Multifd (multifd.c). Source: stop-copy state goes over the extra
 	 * channels; destination: packets for it are accepted. */
 	bool mf_use;
 	struct vfm_mf_devq *mfq;               /* destination queue */
 	_Atomic uint64_t mf_out_of_order;      /* destination: packets ahead of their turn */
+};
+
+/* Where a device's stop-copy size comes from (docs/interop.md). */
+enum vfm__sc_source {
+	VFM__SC_NONE = 0,
+	VFM__SC_DEVICE,       /* the device reported it */
+	VFM__SC_PROPERTY,     /* stop-copy-size= */
+	VFM__SC_ESTIMATE,     /* the last pre-copy round's bytes */
+	VFM__SC_UNKNOWN,      /* the device failed to say: 100 GiB */
 };
 
 /* DATA record flag of a device section: multifd end marker, u32 packets. */

@@ -129,12 +129,19 @@ int vfm_device_spec_parse(const char *spec, char *backend, size_t backend_len, c
 			ret = prop_bool(tok, val, &props->device_dirty_page_tracking, err);
 		} else if (!strcmp(tok, "migration-multifd-transfer")) {
 			ret = vfm_parse_onoff(val, true, &props->multifd_transfer, err);
+		} else if (!strcmp(tok, "stop-copy-size")) {
+			struct vfm_error e = { 0 };
+
+			ret = vfm_parse_size(val, &props->stop_copy_size, &e);
+			if (ret)
+				return vfm_error_set(err, ret, "device property stop-copy-size: %s", e.msg);
+			props->stop_copy_size_set = true;
 		} else {
 			return vfm_error_set(err, -EINVAL, "unknown device property '%s' (id, "
 					     "enable-migration, allow-pre-copy, "
 					     "pre-copy-dirty-page-tracking, "
-					     "device-dirty-page-tracking, migration-multifd-transfer)",
-					     tok);
+					     "device-dirty-page-tracking, migration-multifd-transfer, "
+					     "stop-copy-size)", tok);
 		}
 	}
 	return ret;
@@ -331,6 +338,23 @@ void vfm_migration_get_stats(struct vfm_migration *m, struct vfm_migration_stats
 	pthread_mutex_lock(&m->lock);
 	*st = m->stats;
 	pthread_mutex_unlock(&m->lock);
+}
+
+const char *vfm_migration_device_stop_copy_size(struct vfm_migration *m,
+						const struct vfm_device *dev, uint64_t *bytes)
+{
+	static const char *const names[] = { NULL, "device", "property", "estimate", "unknown" };
+
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		if (m->devs[i]->dev == dev) {
+			int src = atomic_load(&m->devs[i]->sc_source);
+
+			*bytes = atomic_load(&m->devs[i]->sc_bytes);
+			return src > 0 && src < 5 ? names[src] : NULL;
+		}
+	}
+	*bytes = 0;
+	return NULL;
 }
 
 uint64_t vfm_migration_device_transferred(struct vfm_migration *m, const struct vfm_device *dev)

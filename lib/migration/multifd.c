@@ -20,7 +20,6 @@
 #define LOG "multifd"
 #define MF_BUF (1u << 20)            /* device data per packet (QEMU: 1 MiB) */
 #define MF_MAX_IDX (1u << 24)        /* 16 TiB of state at 1 MiB: beyond is bogus */
-#define PCI_CONFIG_MAX 4096
 #define MF_KEEPALIVE_S 1             /* a PAD on main while the save threads run */
 
 static void sleep_ms(unsigned ms)
@@ -203,7 +202,6 @@ static int save_data(struct mf_saver *w)
 	struct vfm_mig_device *md = w->md;
 	uint64_t deadline = vfm__now_ns() + w->mf->timeout_ms * 1000000ull;
 	unsigned char *buf = malloc(MF_BUF);
-	size_t clen = 0;
 	uint32_t idx = 0;
 	ssize_t n;
 	int ret = 0;
@@ -231,10 +229,9 @@ static int save_data(struct mf_saver *w)
 		ret = vfm_error_set(&w->err, (int)n, "reading stop-copy data");
 		break;
 	}
-	if (!ret)
-		ret = vfm__vfio_read_config(md, buf, PCI_CONFIG_MAX, &clen, &w->err);
-	if (!ret && clen)
-		ret = send_packet(w, idx++, VFM_MF_FLAG_CONFIG, buf, clen);
+	/* Config space as read before STOP_COPY (saver_main). */
+	if (!ret && md->cfg_len)
+		ret = send_packet(w, idx++, VFM_MF_FLAG_CONFIG, md->cfg, md->cfg_len);
 	free(buf);
 	w->packets = idx;
 	return ret;
@@ -247,9 +244,13 @@ static void *saver_main(void *arg)
 	enum vfm_state st = vfm_device_state(w->md->dev);
 	bool go;
 
-	w->ret = vfm_device_set_state(w->md->dev, VFM_STATE_STOP_COPY, st, &w->err);
-	if (w->ret)
-		vfm_error_set(&w->err, w->ret, "to STOP_COPY");
+	/* Config space before the arc: STOP_COPY may refuse region access. */
+	w->ret = vfm__vfio_snapshot_config(w->md, &w->err);
+	if (!w->ret) {
+		w->ret = vfm_device_set_state(w->md->dev, VFM_STATE_STOP_COPY, st, &w->err);
+		if (w->ret)
+			vfm_error_set(&w->err, w->ret, "to STOP_COPY");
+	}
 	pthread_mutex_lock(&mf->lock);
 	mf->stopped++;
 	pthread_cond_broadcast(&mf->cond);

@@ -80,9 +80,14 @@ unsigned vfm__mf_dst_nchannels(const struct vfm_mf_dst *mf);
 /* vfio.c: one buffer into the device (config: the PCI config state). */
 int vfm__vfio_load_buffer(struct vfm_mig_device *md, bool config, const void *buf, size_t len,
 			  struct vfm_error *err);
-/* vfio.c: the device's config state, 0 bytes if it has none. */
-int vfm__vfio_read_config(struct vfm_mig_device *md, unsigned char *cfg, size_t cap, size_t *len,
-			  struct vfm_error *err);
+/*
+ * vfio.c: reads the device's config state into md->cfg (0 bytes if it has
+ * none). Called with the guest stopped and before the STOP_COPY arc: a device
+ * may refuse region access in STOP_COPY (libvfio-user does), and QEMU never
+ * reads config from the device at save time either (it sends its own
+ * emulated copy, hw/vfio/pci.c vfio_save_device_config_state()).
+ */
+int vfm__vfio_snapshot_config(struct vfm_mig_device *md, struct vfm_error *err);
 uint32_t vfm__vfio_section(const struct vfm_mig_device *md);
 
 /*

@@ -531,6 +531,8 @@ static int stop_devices(struct vfm_migration *m, struct vfm_error *err)
 
 		if (md->mf_use)
 			continue;  /* its save thread does it */
+		if ((ret = vfm__vfio_snapshot_config(md, err)))
+			return ret;
 		ret = vfm_device_set_state(md->dev, VFM_STATE_STOP_COPY, st, err);
 		if (ret)
 			return vfm_error_set(err, ret, "%s: to STOP_COPY", vfm_device_id(md->dev));

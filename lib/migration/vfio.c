@@ -31,7 +31,6 @@
 #define DEV_STOP_COPY_UNKNOWN (100ull << 30)
 #define PCI_CONFIG_REGION 7
 #define STOP_COPY_FLUSH_NS 100000000ull   /* 100 ms */
-#define PCI_CONFIG_MAX 4096
 
 static const char *md_id(const struct vfm_mig_device *md)
 {
@@ -50,19 +49,60 @@ static void refresh_precopy_info(struct vfm_mig_device *md)
 	}
 }
 
+static uint64_t vfio_pending_estimate(void *opaque);
+
+static void sc_publish(struct vfm_mig_device *md, uint64_t bytes, enum vfm__sc_source src)
+{
+	atomic_store(&md->sc_bytes, bytes);
+	atomic_store(&md->sc_source, (int)src);
+}
+
+/*
+ * The stop-copy size policy (docs/interop.md): the device's own figure when
+ * it has one (kernel MIG_DATA_SIZE, our vfio-user extension); else the
+ * stop-copy-size= property; else, for a device that cannot say (-ENOTSUP:
+ * libvfio-user, a plain vfio-user server), an estimate from what it produced
+ * in its last pre-copy round (vfio_pending_estimate), reported as such;
+ * a device that fails to say counts as 100 GiB, as QEMU, so the downtime is
+ * never under-estimated. Each case but the first is logged once per
+ * migration, so a migration that cannot converge never loops silently.
+ */
 static void refresh_stop_copy_size(struct vfm_mig_device *md)
 {
+	struct vfm_error e = { 0 };
 	uint64_t size;
-	int ret = vfm_device_stop_copy_size(md->dev, &size, NULL);
+	int ret = vfm_device_stop_copy_size(md->dev, &size, &e);
 
 	if (ret == 0) {
 		md->stop_copy_size = size;
 		md->stop_copy_known = true;
-	} else if (ret != -ENOTSUP) {
+		sc_publish(md, size, VFM__SC_DEVICE);
+		return;
+	}
+	if (md->props.stop_copy_size_set) {
+		md->stop_copy_size = md->props.stop_copy_size;
+		md->stop_copy_known = true;
+		sc_publish(md, md->stop_copy_size, VFM__SC_PROPERTY);
+		if (!md->sc_warned)
+			vfm_info(md_id(md), "stop-copy size %" PRIu64 " bytes from stop-copy-size= "
+				 "(the device: %s)", md->stop_copy_size, e.msg);
+	} else if (ret == -ENOTSUP) {
+		/* Not known: vfio_pending_exact() uses the estimate. */
+		md->stop_copy_known = false;
+		sc_publish(md, vfio_pending_estimate(md), VFM__SC_ESTIMATE);
+		if (!md->sc_warned)
+			vfm_warn(md_id(md), "the device cannot report its stop-copy size: estimating "
+				 "it from its last pre-copy round; set stop-copy-size=SIZE to state it");
+	} else {
 		md->stop_copy_size = DEV_STOP_COPY_UNKNOWN;
 		md->stop_copy_known = true;
+		sc_publish(md, DEV_STOP_COPY_UNKNOWN, VFM__SC_UNKNOWN);
+		if (!md->sc_warned)
+			vfm_warn(md_id(md), "the device failed to report its stop-copy size (%s): "
+				 "counting 100 GiB, which will not converge; set stop-copy-size=SIZE",
+				 e.msg);
 	}
-	/* -ENOTSUP (vfio-user has no such query): keep the last figure, 0 at first. */
+	md->sc_warned = true;
 }
 
 /* The savable's section id is needed for records; found through the registry. */
@@ -94,6 +134,8 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->precopy_init = md->precopy_dirty = md->last_iter_bytes = 0;
 	md->stop_copy_size = 0;
 	md->stop_copy_known = false;
+	md->sc_warned = false;
+	md->cfg_len = 0;
 	atomic_store(&md->transferred, 0);
 	refresh_stop_copy_size(md);
 	md->data_buf_size = DEV_BLOCK_MAX;
@@ -264,35 +306,31 @@ static int vfio_save_complete(void *opaque, struct vfm_stream *s, struct vfm_err
 	}
 }
 
-int vfm__vfio_read_config(struct vfm_mig_device *md, unsigned char *cfg, size_t cap, size_t *len,
-			  struct vfm_error *err)
+int vfm__vfio_snapshot_config(struct vfm_mig_device *md, struct vfm_error *err)
 {
 	struct vfm_region_info ri;
-	int ret;
-
-	*len = 0;
-	if (vfm_device_region_info(md->dev, PCI_CONFIG_REGION, &ri, NULL) || !ri.size)
-		return 0;  /* not a PCI device: no config state */
-	*len = ri.size < cap ? (size_t)ri.size : cap;
-	ret = vfm_device_region_read(md->dev, PCI_CONFIG_REGION, 0, cfg, *len, err);
-	if (ret)
-		return vfm_error_set(err, ret, "%s: reading config space", md_id(md));
-	return 0;
-}
-
-static int vfio_save_state(void *opaque, struct vfm_stream *s, struct vfm_error *err)
-{
-	struct vfm_mig_device *md = opaque;
-	unsigned char cfg[PCI_CONFIG_MAX];
 	size_t len;
 	int ret;
 
-	if (md->mf_use)
-		return 0;  /* the last multifd packet carried it */
-	ret = vfm__vfio_read_config(md, cfg, sizeof(cfg), &len, err);
-	if (ret || !len)
-		return ret;
-	vfm_stream_put_record(s, VFM_REC_CONFIG, 0, section_of(md), cfg, len);
+	md->cfg_len = 0;
+	if (vfm_device_region_info(md->dev, PCI_CONFIG_REGION, &ri, NULL) || !ri.size)
+		return 0;  /* not a PCI device: no config state */
+	len = ri.size < sizeof(md->cfg) ? (size_t)ri.size : sizeof(md->cfg);
+	ret = vfm_device_region_read(md->dev, PCI_CONFIG_REGION, 0, md->cfg, len, err);
+	if (ret)
+		return vfm_error_set(err, ret, "%s: reading config space", md_id(md));
+	md->cfg_len = len;
+	return 0;
+}
+
+/* The config space snapshot taken before STOP_COPY (vfm__vfio_snapshot_config). */
+static int vfio_save_state(void *opaque, struct vfm_stream *s, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+
+	if (md->mf_use || !md->cfg_len)
+		return 0;  /* the last multifd packet carried it, or no config space */
+	vfm_stream_put_record(s, VFM_REC_CONFIG, 0, section_of(md), md->cfg, md->cfg_len);
 	return vfm_stream_error(s, err);
 }
 

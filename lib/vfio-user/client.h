@@ -28,8 +28,27 @@
 /* Hostile-peer bounds on what DEVICE_GET_INFO may announce. */
 #define CLI_MAX_REGIONS 64u
 #define CLI_MAX_IRQS 64u
+/*
+ * Data we put in one request (MIG_DATA_WRITE, REGION_WRITE), whatever
+ * max_data_xfer_size allows: libvfio-user reads a request body with one
+ * recv() without MSG_WAITALL (lib/tran_sock.c tran_sock_recv_body(), efd091b)
+ * and takes a short read as a broken message, losing step with the stream.
+ * A message arrives whole only if one sendmsg() puts it in one skb:
+ * unix_stream_sendmsg() (net/unix/af_unix.c) cuts skbs at
+ * SKB_MAX_HEAD(0) + UNIX_SKB_FRAGS_SZ (32 KiB of page frags), ~35 KiB, and
+ * the receiver may wake between two. 32 KiB of data and the headers fit.
+ * docs/interop.md.
+ */
+#define CLI_MAX_SEND_DATA (32u * 1024)
 /* First REGION_INFO argsz: the info and room for a few sparse areas. */
 #define CLI_REGION_INFO_ARGSZ 256u
+
+/* Whether the server has a vfiomig DEVICE_FEATURE extension. */
+enum cli_ext {
+	CLI_EXT_UNPROBED = 0,
+	CLI_EXT_PRESENT,
+	CLI_EXT_ABSENT,
+};
 
 /* One mmap()ed part of a region (the whole region, or a sparse area). */
 struct cli_area {
@@ -94,9 +113,10 @@ struct vfu_client {
 	enum vfm_state state;     /* last state the server confirmed */
 	bool state_known;
 	bool data_drained;        /* a short MIG_DATA_READ: nothing more for now */
-	/* vfiomig DEVICE_FEATURE extensions (PRECOPY_INFO, MIG_DATA_SIZE): the
-	 * server refused one once, so we stop asking (a plain vfio-user server). */
-	bool no_precopy_info, no_data_size;
+	/* vfiomig DEVICE_FEATURE extensions (PRECOPY_INFO, MIG_DATA_SIZE): one
+	 * PROBE decides (client_mig.c ext_get()), and an absent one is never
+	 * asked for again (a plain vfio-user server, libvfio-user). */
+	enum cli_ext ext_precopy_info, ext_data_size;
 
 	/*
 	 * map_lock guards maps/nmaps against vfm_vfio_user_dirty_collect()

@@ -5,9 +5,9 @@
  *
  * vfio-user has no data_fd, so no VFIO_MIG_GET_PRECOPY_INFO, and its feature
  * list (1, 2, 6, 7, 8) has no MIG_DATA_SIZE (9). Our server library adds both
- * as DEVICE_FEATURE extensions; precopy_info and stop_copy_size ask for them
- * and answer -ENOTSUP once a server refuses, so the engine estimates instead
- * (pre-copy pending from the bytes the last iteration read).
+ * as DEVICE_FEATURE extensions; precopy_info and stop_copy_size PROBE for
+ * them once and answer -ENOTSUP without asking when a server has not got
+ * them, so the engine estimates instead (docs/interop.md).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -269,7 +269,8 @@ static ssize_t mig_write_data(struct vfm_device *dev, const void *buf, size_t le
 		goto out;
 	}
 	while (total < len) {
-		uint32_t chunk = (uint32_t)(len - total < c->neg.max_xfer ? len - total : c->neg.max_xfer);
+		uint32_t max = c->neg.max_xfer < CLI_MAX_SEND_DATA ? c->neg.max_xfer : CLI_MAX_SEND_DATA;
+		uint32_t chunk = (uint32_t)(len - total < max ? len - total : max);
 		/* argsz covers the data: libvfio-user refuses less. */
 		struct vfu_mig_data req = { .argsz = sizeof(req) + chunk, .size = chunk };
 		struct iovec iov[2] = { { &req, sizeof(req) }, { (char *)buf + total, chunk } };
@@ -287,20 +288,41 @@ out:
 }
 
 /*
- * An error reply meaning "no such feature": ENOTTY from our server library
- * and the kernel, the others from servers that pick their own.
+ * Whether the server has extension feature id, asked once with a PROBE.
+ * Any error reply means no: servers answer an unknown feature differently
+ * (our server library and the kernel ENOTTY; libvfio-user EINVAL, from
+ * device_feature_flags_supported() returning 0 in lib/libvfio-user.c at
+ * efd091b; others ENOTSUP/ENOSYS), and a PROBE has no state or argument
+ * that could fail it otherwise. No reply within the timeout also means no:
+ * the request is abandoned, the connection stays, and a server that hangs
+ * on it must not cost a timeout per iteration. Lock held.
  */
-static bool is_unsupported(int r)
+static int ext_probe(struct vfu_client *c, uint32_t id, enum cli_ext *ext, struct vfm_error *err)
 {
-	return r == -ENOTTY || r == -ENOTSUP || r == -EOPNOTSUPP || r == -ENOSYS;
+	struct vfu_msg reply = VFU_MSG_INIT;
+	struct vfm_error e = { 0 };
+	int r;
+
+	if (*ext != CLI_EXT_UNPROBED)
+		return 0;
+	r = feature(c, id | VFU_FEATURE_GET | VFU_FEATURE_PROBE, NULL, 0, 0, &reply, &e);
+	vfu_msg_release(&reply);
+	if (c->dead)
+		return vfm_error_set(err, r ? r : -ENOTCONN, "%s", e.msg);
+	*ext = r ? CLI_EXT_ABSENT : CLI_EXT_PRESENT;
+	if (r)
+		vfm_info(c->id, "the vfio-user server has no DEVICE_FEATURE %#" PRIx32
+			 " (%s): estimating instead", id, e.msg);
+	return 0;
 }
 
 /*
  * GET of a vfiomig extension feature with len bytes of data (see
- * docs/vfio-user-server.md). -ENOTSUP, remembered in *absent, when the
- * server does not have it; the connection stays up either way.
+ * docs/vfio-user-server.md, docs/interop.md). -ENOTSUP when the server does
+ * not have it (probed once); the connection stays up either way. A GET that
+ * times out marks the feature absent too (never a timeout per pass).
  */
-static int ext_get(struct vfu_client *c, uint32_t id, bool *absent, void *out, size_t len,
+static int ext_get(struct vfu_client *c, uint32_t id, enum cli_ext *ext, void *out, size_t len,
 		   struct vfm_error *err)
 {
 	struct vfu_msg reply = VFU_MSG_INIT;
@@ -310,17 +332,17 @@ static int ext_get(struct vfu_client *c, uint32_t id, bool *absent, void *out, s
 	r = vfu_cli_lock(c, err);
 	if (r)
 		return r;
-	if (*absent) {
+	r = ext_probe(c, id, ext, &e);
+	if (!r && *ext == CLI_EXT_ABSENT) {
 		r = -ENOTSUP;
-	} else {
+	} else if (!r) {
 		r = feature(c, id | VFU_FEATURE_GET, NULL, 0, len, &reply, &e);
 		if (!r) {
 			memcpy(out, (char *)reply.payload + sizeof(struct vfu_device_feature), len);
 			vfu_msg_release(&reply);
-		} else if (is_unsupported(r) && !c->dead) {
-			vfm_debug(c->id, "server has no DEVICE_FEATURE %#" PRIx32 ": estimating", id);
-			*absent = true;
-			r = -ENOTSUP;
+		} else if (r == -ETIMEDOUT && !c->dead) {
+			vfm_warn(c->id, "DEVICE_FEATURE %#" PRIx32 " timed out: not asking again", id);
+			*ext = CLI_EXT_ABSENT;
 		}
 	}
 	vfu_cli_unlock(c);
@@ -337,7 +359,7 @@ static int mig_precopy_info(struct vfm_device *dev, uint64_t *initial_bytes,
 {
 	struct vfu_client *c = cli_of(dev);
 	uint64_t v[2];
-	int r = ext_get(c, VFM_VFU_FEATURE_PRECOPY_INFO, &c->no_precopy_info, v, sizeof(v), err);
+	int r = ext_get(c, VFM_VFU_FEATURE_PRECOPY_INFO, &c->ext_precopy_info, v, sizeof(v), err);
 
 	if (!r) {
 		*initial_bytes = v[0];
@@ -350,7 +372,7 @@ static int mig_stop_copy_size(struct vfm_device *dev, uint64_t *bytes, struct vf
 {
 	struct vfu_client *c = cli_of(dev);
 
-	return ext_get(c, VFM_VFU_FEATURE_MIG_DATA_SIZE, &c->no_data_size, bytes, sizeof(*bytes),
+	return ext_get(c, VFM_VFU_FEATURE_MIG_DATA_SIZE, &c->ext_data_size, bytes, sizeof(*bytes),
 		       err);
 }
 
@@ -376,12 +398,13 @@ int vfu_cli_reset(struct vfm_device *dev, struct vfm_error *err)
 	r = vfu_cli_simple(c, VFU_CMD_DEVICE_RESET, NULL, 0, &reply, err);
 	vfu_msg_release(&reply);
 	c->data_drained = false;
-	if (r) {
-		c->state_known = false;
-	} else {
-		c->state = VFM_STATE_RUNNING;
-		c->state_known = true;
-	}
+	/*
+	 * Ask before trusting, either way: libvfio-user's DEVICE_RESET leaves
+	 * the migration state as it was (lib/libvfio-user.c device_reset() at
+	 * efd091b calls the reset callback only), where the kernel's reset
+	 * returns the device to RUNNING.
+	 */
+	c->state_known = false;
 	vfu_cli_unlock(c);
 	return r;
 }

@@ -377,7 +377,8 @@ ssize_t vfu_cli_region_write(struct vfm_device *dev, uint32_t index, uint64_t of
 	if (r)
 		return r;
 	while (done < len) {
-		uint32_t chunk = (uint32_t)(len - done < c->neg.max_xfer ? len - done : c->neg.max_xfer);
+		uint32_t max = c->neg.max_xfer < CLI_MAX_SEND_DATA ? c->neg.max_xfer : CLI_MAX_SEND_DATA;
+		uint32_t chunk = (uint32_t)(len - done < max ? len - done : max);
 		struct vfu_region_rw req = { .offset = offset + done, .region = index, .count = chunk };
 		struct iovec iov[2] = { { &req, sizeof(req) }, { (char *)buf + done, chunk } };
 		struct vfu_msg reply = VFU_MSG_INIT;

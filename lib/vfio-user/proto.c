@@ -590,17 +590,17 @@ void vfu_caps_init(struct vfu_caps *c)
 	};
 }
 
-/* The range rules shared by parsing and encoding. */
-static int caps_check(const struct vfu_caps *c, int code, struct vfm_error *err)
+/* The range rules shared by parsing and encoding; min_xfer: the smallest
+ * max_data_xfer_size allowed (ours, or a peer's). */
+static int caps_check(const struct vfu_caps *c, uint32_t min_xfer, int code, struct vfm_error *err)
 {
 	if (c->max_msg_fds > VFU_MAX_FDS)
 		return vfm_error_set(err, code, "max_msg_fds %" PRIu32 " above our limit of %u",
 				     c->max_msg_fds, VFU_MAX_FDS);
-	if (c->max_data_xfer_size < VFU_MIN_DATA_XFER_SIZE ||
+	if (c->max_data_xfer_size < min_xfer ||
 	    c->max_data_xfer_size > VFU_MAX_DATA_XFER_SIZE)
 		return vfm_error_set(err, code, "max_data_xfer_size %" PRIu32 " outside [%u, %u]",
-				     c->max_data_xfer_size, VFU_MIN_DATA_XFER_SIZE,
-				     VFU_MAX_DATA_XFER_SIZE);
+				     c->max_data_xfer_size, min_xfer, VFU_MAX_DATA_XFER_SIZE);
 	if (!c->pgsizes || (c->pgsizes & 4095))
 		return vfm_error_set(err, code, "pgsizes %#" PRIx64 " has no page size or one below 4096",
 				     c->pgsizes);
@@ -664,7 +664,7 @@ int vfu_caps_to_json(const struct vfu_caps *c, char **json, size_t *len,
 	const char *text;
 	int r;
 
-	r = caps_check(c, -EINVAL, err);
+	r = caps_check(c, VFU_MIN_DATA_XFER_SIZE, -EINVAL, err);
 	if (r)
 		return r;
 	top = json_object_new_object();
@@ -773,7 +773,18 @@ static int caps_read(struct json_object *caps, struct vfu_caps *c, struct vfm_er
 			c->present |= VFU_CAP_MIGRATION;
 		}
 	}
-	return caps_check(c, VFM_EPROTOCOL, err);
+	/*
+	 * Each side states what it can receive (spec, VERSION): more than we
+	 * ever send is as good as our limit, so it is clamped, never refused
+	 * (libvfio-user's client proposes max_msg_fds 32). A small
+	 * max_data_xfer_size (its client: 1024) is honoured by every reply
+	 * that carries data; only a value too small to carry any is refused.
+	 */
+	if (c->max_msg_fds > VFU_MAX_FDS)
+		c->max_msg_fds = VFU_MAX_FDS;
+	if (c->max_data_xfer_size > VFU_MAX_DATA_XFER_SIZE)
+		c->max_data_xfer_size = VFU_MAX_DATA_XFER_SIZE;
+	return caps_check(c, VFU_MIN_PEER_XFER_SIZE, VFM_EPROTOCOL, err);
 }
 
 int vfu_caps_parse(const char *data, size_t len, struct vfu_caps *out,

@@ -94,6 +94,9 @@ struct vfu_hdr {
  */
 #define VFU_MIN_DATA_XFER_SIZE  4096u
 #define VFU_MAX_DATA_XFER_SIZE  (16u << 20)
+/* The smallest max_data_xfer_size a peer may state (the spec sets none;
+ * libvfio-user's sample client states 1024). */
+#define VFU_MIN_PEER_XFER_SIZE  64u
 #define VFU_MSG_SLACK           4096u
 #define VFU_MSG_SIZE_FOR_XFER(x) ((size_t)(x) + VFU_MSG_SLACK)
 /* Absolute bound: no message larger than this is ever accepted or sent. */

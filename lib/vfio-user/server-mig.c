@@ -327,6 +327,9 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 		return ret;
 	if (!vfm_state_is_saving(s))
 		return vfm_error_set(err, -EINVAL, "MIG_DATA_READ in %s", vfm_state_name(s));
+	/* Never more data than the client can receive (its max_data_xfer_size). */
+	if (req.size > ctx->neg.peer_max_xfer)
+		req.size = ctx->neg.peer_max_xfer;
 	/* Fill the request: a short reply tells the client there is no more. */
 	while (n < req.size) {
 		ssize_t got = ctx->mig_ops->read_data(ctx, r->buf + sizeof(rep) + n, req.size - n);
@@ -343,9 +346,16 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 		}
 		n += (size_t)got;
 	}
-	rep = (struct vfu_mig_data){ .argsz = (uint32_t)(sizeof(rep) + n), .size = (uint32_t)n };
+	/*
+	 * size says how much is data; the reply is padded to what was asked, as
+	 * libvfio-user's server does (lib/migration.c handle_mig_data_read(),
+	 * efd091b): its client transport takes a reply shorter than the
+	 * caller's buffer for a reset connection (tran_sock_recv_fds()).
+	 */
+	rep = (struct vfu_mig_data){ .argsz = (uint32_t)(sizeof(rep) + req.size), .size = (uint32_t)n };
 	memcpy(r->buf, &rep, sizeof(rep));
-	r->len = sizeof(rep) + n;
+	memset(r->buf + sizeof(rep) + n, 0, req.size - n);
+	r->len = sizeof(rep) + req.size;
 	vfm_trace(ctx->id, "MIG_DATA_READ %zu of %" PRIu32 " bytes in %s", n, req.size,
 		  vfm_state_name(s));
 	return 0;

@@ -332,6 +332,9 @@ int vfu_srv_region_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 		return ret;
 	memcpy(&req, m->payload, sizeof(req));
 	ret = vfu_check_count(m, req.count, ctx->max_xfer, err);
+	if (!ret && req.count > ctx->neg.peer_max_xfer)
+		ret = vfm_error_set(err, -EINVAL, "REGION_READ of %" PRIu32 " bytes: above the client's "
+				    "max_data_xfer_size %" PRIu32, req.count, ctx->neg.peer_max_xfer);
 	ret = ret ?: check_access(ctx, m, req.region, req.offset, req.count, false, err);
 	ret = ret ?: region_access(ctx, req.region, req.offset, r->buf + sizeof(req), req.count,
 				   false, err);

@@ -485,6 +485,7 @@ void kv_type1_probe(struct kv_dev *k)
 		free(info);
 		return;
 	}
+	pthread_mutex_lock(&k->as->lock);   /* the address space's, other devices read it */
 	k->as->type1_dirty = false;
 	for (off = info->cap_offset;
 	     off >= sizeof(*info) && off + sizeof(struct vfio_info_cap_header) <= size;) {
@@ -513,6 +514,7 @@ void kv_type1_probe(struct kv_dev *k)
 			break;
 		off = h.next;
 	}
+	pthread_mutex_unlock(&k->as->lock);
 	free(info);
 }
 
@@ -526,8 +528,10 @@ void kv_iommufd_probe_ranges(struct kv_dev *k)
 	    q.num_iovas > 4096 || !(r = calloc(q.num_iovas, sizeof(*r))))
 		return;
 	q.allowed_iovas = (uintptr_t)r;
+	pthread_mutex_lock(&k->as->lock);
 	if (kv_ioctl(k, k->iommufd, IOMMU_IOAS_IOVA_RANGES, &q) == 0)
 		set_ranges(k, r, sizeof(*r), q.num_iovas);
+	pthread_mutex_unlock(&k->as->lock);
 	free(r);
 }
 

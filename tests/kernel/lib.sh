@@ -32,8 +32,11 @@ mdev() { echo $KVFIO_MDEVS | cut -d' ' -f"$1"; }    # mdev N: the Nth UUID
 group() { echo $KVFIO_GROUPS | cut -d' ' -f"$1"; }  # group N: its IOMMU group
 vfm() { timeout -k 5 120 "$bin" "$@"; }
 ctl() { timeout -k 5 60 "$bin" ctl "$@"; }
-# fifo N write TEXT | read COUNT [PORT]: the mdev's UART FIFO through the group path
+# fifo N write TEXT | read COUNT [PORT] | clear [PORT]: the mdev's UART FIFO
+# through the group path. mtty's ring holds 15 bytes; more wedge it "full"
+# and empty-looking until cleared, so tests clear before they write (put).
 fifo() { n=$1; shift; timeout -k 5 60 python3 "$here/mtty_fifo.py" "$(group "$n")" "$(mdev "$n")" "$@"; }
+put() { fifo "$1" clear ${3:-} >/dev/null && fifo "$1" write "$2" ${3:-} >/dev/null; }  # put N TEXT [PORT]
 wait_sock() {  # wait_sock PATH: up to 60 s for a socket file
 	i=0
 	while [ ! -S "$1" ]; do

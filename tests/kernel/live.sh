@@ -6,13 +6,13 @@
 # nothing, so the IOMMU's tracking on type1, or mtty's own logging on
 # iommufd, reports clean memory) and the bytes put in the source devices'
 # FIFOs come out of the destination's. Then a migration held in pre-copy (a
-# synthetic guest dirtying memory, 256 KiB/s) is cancelled: the device is
+# synthetic guest dirtying 4 MiB/s, 1 MiB/s allowed) is cancelled: the device is
 # back in RUNNING and keeps working.
 # usage: live.sh VFIOMIG
 bin=$1
 . "$(dirname "$0")/lib.sh"
-fifo 1 write "live-one" >/dev/null || bad "FIFO write 1"
-fifo 3 write "live-three" >/dev/null || bad "FIFO write 3"
+put 1 "live-one" || bad "FIFO write 1"
+put 3 "live-three" || bad "FIFO write 3"
 note "starting the VMs"
 bg timeout -k 5 300 "$bin" vm --mem 32M --guest none --device "vfio:$(mdev 1),id=a" \
 	--device "vfio:/sys/bus/mdev/devices/$(mdev 3),id=b" --control "$tmp/src" -vvv
@@ -58,16 +58,16 @@ note "VMs quit"
 got=$(fifo 2 read 15); echo "$got" | grep -q "'live-one'" && ok "FIFO moved: $got" || bad "mdev 2 FIFO: $got"
 got=$(fifo 4 read 15); echo "$got" | grep -q "'live-three'" && ok "FIFO moved: $got" || bad "mdev 4 FIFO: $got"
 
-# Held in pre-copy (dirtied memory, 256 KiB/s), then cancelled.
+# Held in pre-copy (4 MiB/s dirtied, 1 MiB/s sent), then cancelled.
 : >"$tmp/log"
-bg timeout -k 5 300 "$bin" vm --mem 32M --guest synthetic --dirty-rate 2M/s \
+bg timeout -k 5 300 "$bin" vm --mem 32M --guest synthetic --dirty-rate 4M/s \
 	--device "vfio:$(mdev 1),id=a" --control "$tmp/src2" -vvv
 src_pid=$last
 bg timeout -k 5 300 "$bin" vm --mem 32M --device "vfio:$(mdev 2),id=a" --incoming "unix:$tmp/mig2" \
 	--control "$tmp/dst2"
 wait_sock "$tmp/src2" && wait_sock "$tmp/dst2" || { bad "VMs did not start"; cat "$tmp/log"; exit 1; }
 note "second pair up"
-ctl "$tmp/src2" set max-bandwidth=256K/s >/dev/null || bad "set"
+ctl "$tmp/src2" set max-bandwidth=1M/s >/dev/null || bad "set"
 ctl "$tmp/src2" migrate "unix:$tmp/mig2" >/dev/null && ok "migrate started" || bad "migrate"
 wait_status "$tmp/src2" 'migration: active' || { bad "never active"; tail -20 "$tmp/log"; }
 ctl "$tmp/src2" status >"$tmp/st" 2>&1
@@ -82,8 +82,7 @@ grep -q 'state PRE_COPY -> RUNNING' "$tmp/log" && ok "PRE_COPY -> RUNNING on can
 	|| { bad "no PRE_COPY -> RUNNING"; grep 'state ' "$tmp/log" | tail; }
 ctl "$tmp/src2" quit >/dev/null; ctl "$tmp/dst2" quit >/dev/null
 wait $src_pid
-got=$(fifo 1 read 15)
-fifo 1 write "after" >/dev/null && got=$(fifo 1 read 15) && echo "$got" | grep -q "'after'" \
+put 1 "after" && got=$(fifo 1 read 15) && echo "$got" | grep -q "'after'" \
 	&& ok "the device keeps working: $got" || bad "FIFO after cancel: $got"
 no_oops "live migration"
 finish

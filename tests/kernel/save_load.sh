@@ -4,9 +4,10 @@
 # usage: save_load.sh VFIOMIG
 bin=$1
 . "$(dirname "$0")/lib.sh"
-fifo 1 write "saved-in-fifo" >/dev/null || bad "FIFO write"
-fifo 1 write "port1" 1 >/dev/null || bad "FIFO write port 1"
+put 1 "saved-in-fifo" || bad "FIFO write"
+put 1 "port1" 1 || bad "FIFO write port 1"
 vfm save "vfio:$(mdev 1)" "$tmp/s" >"$tmp/out" 2>&1 && ok "save" || { bad "save"; cat "$tmp/out"; }
+fifo 2 clear >/dev/null; fifo 2 clear 1 >/dev/null   # loaded over anyway
 vfm load "vfio:/sys/bus/mdev/devices/$(mdev 2)" "$tmp/s" >"$tmp/out" 2>&1 && ok "load" \
 	|| { bad "load"; cat "$tmp/out"; }
 got=$(fifo 2 read 15)

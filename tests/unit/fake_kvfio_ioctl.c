@@ -108,6 +108,9 @@ static int feature(struct fake_kvfio *fk, struct vfio_device_feature *f)
 		if (r <= 0)
 			return r;
 		memcpy(&q, f->data, sizeof(q));
+		/* Debian's 6.12: no CONFIG_IOMMUFD_DRIVER, iova_bitmap_alloc() stub. */
+		if (fk->cfg.log_report_unsupported)
+			return -EOPNOTSUPP;
 		return fkv_log_report(fk, &q);
 	}
 	default:

@@ -509,9 +509,15 @@ static void feature(struct fake *f, struct vfu_msg *m)
 		return reply_err(f, m, EINVAL);
 	feat = h.flags & VFU_FEATURE_MASK;
 	data = (uint8_t *)m->payload + sizeof(h);
+	if (!vfu_feature_name(feat)[0] || !strcmp(vfu_feature_name(feat), "UNKNOWN")) {
+		f->st.unknown_features++;
+		if (f->cfg.unknown_feature_errno < 0)
+			return;   /* a server that never answers it */
+		return reply_err(f, m, f->cfg.unknown_feature_errno ? f->cfg.unknown_feature_errno
+								 : ENOTTY);
+	}
 	if ((feat <= VFU_FEATURE_MIG_DEVICE_STATE && f->cfg.no_migration) ||
-	    (feat >= VFU_FEATURE_DMA_LOGGING_START && f->cfg.no_logging) ||
-	    !vfu_feature_name(feat)[0] || !strcmp(vfu_feature_name(feat), "UNKNOWN"))
+	    (feat >= VFU_FEATURE_DMA_LOGGING_START && f->cfg.no_logging))
 		return reply_err(f, m, ENOTTY);
 	if (h.flags & VFU_FEATURE_PROBE)
 		return reply(f, m, &h, sizeof(h), NULL, 0);

@@ -47,6 +47,8 @@ struct fake_cfg {
 	uint32_t stopcopy_bytes;    /* data only STOP_COPY gives */
 	int fail_state;             /* stepping into this state fails (EIO); 0: never */
 	uint32_t read_cap;          /* MIG_DATA_READ gives at most this much; 0: no cap */
+	int unknown_feature_errno;  /* an unknown DEVICE_FEATURE gets this (0: ENOTTY;
+				     * libvfio-user: EINVAL); -1: no reply at all */
 };
 
 /* What the doorbell can be asked to do. */
@@ -88,6 +90,7 @@ struct fake_stats {
 	uint64_t log_started, log_page_size, log_ranges, log_reports, max_report_bytes;
 	uint64_t irq_msgs, irq_fds;
 	uint64_t resets;
+	uint64_t unknown_features;   /* DEVICE_FEATURE requests for an unknown feature */
 };
 
 struct fake_srv {

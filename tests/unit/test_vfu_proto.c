@@ -1010,15 +1010,20 @@ TEST(caps_ranges)
 {
 	static const struct { const char *json; bool ok; } cases[] = {
 		{ "{\"capabilities\":{\"max_data_xfer_size\":4096}}", true },
-		{ "{\"capabilities\":{\"max_data_xfer_size\":4095}}", false },
+		/* A peer's small limit is honoured, a large one clamped (docs/interop.md). */
+		{ "{\"capabilities\":{\"max_data_xfer_size\":4095}}", true },
+		{ "{\"capabilities\":{\"max_data_xfer_size\":1024}}", true },
+		{ "{\"capabilities\":{\"max_data_xfer_size\":64}}", true },
+		{ "{\"capabilities\":{\"max_data_xfer_size\":63}}", false },
 		{ "{\"capabilities\":{\"max_data_xfer_size\":0}}", false },
 		{ "{\"capabilities\":{\"max_data_xfer_size\":16777216}}", true },
-		{ "{\"capabilities\":{\"max_data_xfer_size\":16777217}}", false },
-		{ "{\"capabilities\":{\"max_data_xfer_size\":67108864}}", false },
+		{ "{\"capabilities\":{\"max_data_xfer_size\":16777217}}", true },
+		{ "{\"capabilities\":{\"max_data_xfer_size\":67108864}}", true },
 		{ "{\"capabilities\":{\"max_data_xfer_size\":4294967296}}", false },
 		{ "{\"capabilities\":{\"max_msg_fds\":0}}", true },
 		{ "{\"capabilities\":{\"max_msg_fds\":16}}", true },
-		{ "{\"capabilities\":{\"max_msg_fds\":17}}", false },
+		{ "{\"capabilities\":{\"max_msg_fds\":17}}", true },
+		{ "{\"capabilities\":{\"max_msg_fds\":32}}", true },
 		{ "{\"capabilities\":{\"max_msg_fds\":4294967297}}", false },
 		{ "{\"capabilities\":{\"max_dma_maps\":4294967295}}", true },
 		{ "{\"capabilities\":{\"max_dma_maps\":4294967296}}", false },
@@ -1040,6 +1045,9 @@ TEST(caps_ranges)
 
 		if (cases[i].ok ? r != 0 : r != VFM_EPROTOCOL)
 			FAIL("%s: got %d", cases[i].json, r);
+		if (!r && (c.max_msg_fds > VFU_MAX_FDS || c.max_data_xfer_size > VFU_MAX_DATA_XFER_SIZE))
+			FAIL("%s: not clamped: fds %u xfer %u", cases[i].json, c.max_msg_fds,
+			     c.max_data_xfer_size);
 	}
 }
 

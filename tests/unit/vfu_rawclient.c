@@ -324,8 +324,12 @@ long rc_mig_read(struct rc *c, void *buf, uint32_t size)
 	if (m.len < sizeof(rep))
 		RC_FAIL("MIG_DATA_READ reply of %zu bytes", m.len);
 	memcpy(&rep, m.payload, sizeof(rep));
-	if (rep.size > size || rep.argsz != sizeof(rep) + rep.size || m.len != sizeof(rep) + rep.size)
+	/* Padded to what was asked (libvfio-user's convention); size says how much is data. */
+	if (rep.size > size || m.len != sizeof(rep) + size || rep.argsz != m.len)
 		RC_FAIL("MIG_DATA_READ reply argsz %u size %u in %zu bytes", rep.argsz, rep.size, m.len);
+	for (size_t i = sizeof(rep) + rep.size; i < m.len; i++)
+		if (((const uint8_t *)m.payload)[i])
+			RC_FAIL("MIG_DATA_READ padding byte %zu is not 0", i);
 	memcpy(buf, (uint8_t *)m.payload + sizeof(rep), rep.size);
 	vfu_msg_release(&m);
 	return rep.size;
