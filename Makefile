@@ -23,10 +23,11 @@ deps:
 demo: deps all
 	./$(BUILD)/tools/vfiomig demo
 
-# Runs every test, then prints the closing 'N passed, N failed' line.
+# Runs every test, then prints the closing 'N passed, N failed, N skipped'
+# line; a test missing from (or not in) tests/expected-tests.txt fails.
 check: all
 	-$(MESON) test -C $(BUILD) $(TEST_OPTS)
-	./scripts/test-summary.py $(BUILD)/meson-logs
+	./scripts/test-summary.py $(BUILD)/meson-logs --expected tests/expected-tests.txt
 
 # The kernel VFIO backend against a real kernel: tests/kernel/*.sh in a nested
 # Debian 6.12 guest with mtty mdevs (tests/kernel/run-in-guest.sh; first use
@@ -84,6 +85,7 @@ fuzz: build-fuzz/build.ninja
 # Re-records the seed corpora from real traffic (after a format change).
 fuzz-seeds: all
 	./$(BUILD)/tests/fuzz/fuzz_mkseeds tests/fuzz/corpus
+	./$(BUILD)/tests/fuzz/fuzz_mkseeds_dest tests/fuzz/corpus
 
 install: all
 	$(MESON) install -C $(BUILD)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Runs the benchmarks of docs/performance.md and writes that report.
 
-usage: run.py BUILD_DIR [--quick] [--out docs/performance.md] [--only multifd]
+usage: run.py BUILD_DIR [--quick] [--out docs/performance.md] [--only multifd|tls]
 
---only multifd runs section 6 alone and prints its markdown (no report written).
+--only multifd runs section 6 alone and prints its markdown (no report written);
+--only tls likewise sections 9 and 10 (TLS cost, two hosts).
 
 Every figure is measured in this one run, beside the raw link it is compared
 to, because these machines are shared and noisy: the report states ratios.
@@ -150,6 +151,74 @@ def multifd_section(w, targets):
         w('\n![multifd downtime](%s)' % png)
 
 
+def tls_section(w, targets, ram_size, dev_state):
+    """TLS/plain ratios for RAM and device state, 0 and 2 channels (docs/security.md)."""
+    w('## 9. TLS cost\n')
+    w('The same migration plain and under TLS 1.3 (x509, throwaway credentials; every '
+      'connection through its relay thread, lib/migration/tls_relay.c), TCP loopback, source '
+      'and destination engines on this machine (so both ends\' encryption shares its cores). '
+      'RAM: a %s guest, every page non-zero, no devices. Device: one `dma` device with %s of '
+      'state (pre-copy on), a 64 MiB guest. Ratio = TLS throughput / plain throughput; '
+      'kernel TLS: %s.\n' % (mb(ram_size) + ' MB', mb(dev_state) + ' MB', ktls_note()))
+    w('| what | channels | plain MB/s | TLS MB/s | TLS/plain | downtime plain / TLS ms |')
+    w('|---|---:|---:|---:|---:|---|')
+    for what, kw in (('RAM', dict(mem=ram_size, fill=True)),
+                     ('device state', dict(devices=1, device_state=dev_state))):
+        for ch in (0, 2):
+            plain = migrate(channels=ch, **kw)
+            tls = migrate(channels=ch, tls='x509', **kw)
+            if not plain or not tls:
+                w('| %s | %d | failed | | | |' % (what, ch))
+                continue
+            tp = plain['transferred_bytes'] / (plain['total_time_ms'] / 1e3)
+            tt = tls['transferred_bytes'] / (tls['total_time_ms'] / 1e3)
+            w('| %s | %d | %s | %s | %.2f | %.1f / %.1f |' % (
+                what, ch, mb(tp), mb(tt), tt / tp, plain['downtime_ms'], tls['downtime_ms']))
+    w('')
+
+
+def ktls_note():
+    try:
+        ulp = open('/proc/sys/net/ipv4/tcp_available_ulp').read().split()
+    except OSError:
+        ulp = []
+    return 'offered by this kernel' if 'tls' in ulp else \
+        'not offered by this kernel (no "tls" in tcp_available_ulp), so not used'
+
+
+def twohost_section(w, targets):
+    """Two network namespaces over a tbf-limited veth (tests/integration/twohost.sh)."""
+    w('## 10. Two hosts\n')
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests',
+                          'integration', 'twohost.sh')
+    gen = os.path.join(BUILD, 'tests', 'tls-gen-tool')
+    w('Source and destination VMs (`vfiomig vm`, synthetic guest of 512 MiB dirtying 4 MiB/s, '
+      'one `dma` device with 64 MiB of state each side, 2 multifd channels) in two network '
+      'namespaces joined by a veth pair shaped with `tc tbf` in both directions; plain '
+      '(`--insecure`) and TLS (x509). Arithmetic = bytes moved / link rate; ratio = achieved '
+      'rate / link rate (total migration time), target ≥ 0.9.\n')
+    p = subprocess.run(['sh', script, VFIOMIG, gen, 'bench'], capture_output=True, text=True,
+                       timeout=600)
+    rows = [l for l in p.stdout.splitlines() if l.startswith('twohost:')]
+    if p.returncode == 77 or not rows:
+        w('Not measured: %s\n' % (p.stdout.strip().splitlines() or ['no output'])[-1])
+        return
+    w('| link | mode | MiB moved | total ms | arithmetic ms | Gbit/s | of the link | downtime ms |')
+    w('|---|---|---:|---:|---:|---:|---:|---:|')
+    import re
+    for l in rows:
+        m = re.match(r'twohost: (\d+)G (\w+)\s+([\d.]+) MiB in\s+(\d+) ms =\s+([\d.]+) '
+                     r'Gbit/s, ([\d.]+) of .*arithmetic (\d+) ms\), downtime ([\d.]+) ms', l)
+        if not m:
+            continue
+        g, mode, mib, ms, gbps, ratio, arith, down = m.groups()
+        w('| %s Gbit/s | %s | %s | %s | %s | %s | %s | %s |' % (g, mode, mib, ms, arith, gbps,
+                                                           ratio, down))
+        targets.append(('two hosts %s Gbit/s %s ≥ 0.9 of the link' % (g, mode),
+                        float(ratio) >= 0.9))
+    w('')
+
+
 def main():
     rep = []
     targets = []
@@ -164,8 +233,15 @@ def main():
         for name, ok in targets:
             print('- %s: %s' % (name, met(ok)))
         return
+    if ONLY == 'tls':
+        tls_section(w, targets, ram_size // 4, dev_state // 4)
+        twohost_section(w, targets)
+        print('\n'.join(rep))
+        for name, ok in targets:
+            print('- %s: %s' % (name, met(ok)))
+        return
     if ONLY:
-        sys.exit('run.py: --only knows only multifd')
+        sys.exit('run.py: --only knows only multifd and tls')
 
     w('# Performance\n')
     w('Written by `make bench%s` (`bench/run.py`) on %s. Machine: %s. '
@@ -305,6 +381,10 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import qemu_peer
     rep.extend(qemu_peer.section(BUILD, VFIOMIG, runs=3))
+
+    # 9. TLS, 10. two hosts.
+    tls_section(w, targets, ram_size // 4, dev_state // 4)
+    twohost_section(w, targets)
 
     w('## Where the time went, and what was fixed\n')
     w('Found with `perf record -g` on the migrations above (2026-12-01, this machine); each '

@@ -9,7 +9,7 @@
  *   vfm-bench migrate --vfiomig PATH [--kind tcp|unix] [--mem SIZE] [--fill]
  *                     [--devices N] [--device-state SIZE] [--precopy on|off]
  *                     [--dirty-rate RATE] [--downtime-limit MS] [--save-latency US]
- *                     [--channels N]
+ *                     [--channels N] [--tls x509|psk]
  *   vfm-bench sync --vfiomig PATH [--mem SIZE] [--dirty-percent P]
  */
 #include <errno.h>
@@ -30,12 +30,14 @@
 #include "vfiomig/migration.h"
 #include "vfiomig/parse.h"
 #include "vfiomig/vfio_user.h"
+#include "../tools/tls-gen.h"
 
 #define PG 4096ull
 #define MAX_DEV 8
 
 struct opts {
 	const char *mode, *kind, *vfiomig;
+	const char *tls;          /* migrate: "x509" or "psk" (throwaway credentials), or NULL */
 	uint64_t bytes, mem, dev_state, dirty_rate, downtime_ms, save_latency_us;
 	unsigned devices, channels, dirty_percent;
 	bool fill, precopy;
@@ -265,6 +267,8 @@ static void params(const struct opts *o, struct vfm_migration_params *p)
 	p->downtime_limit_ms = o->downtime_ms;
 	p->multifd_channels = o->channels;
 	p->timeout_ms = 30000;
+	if (o->tls)
+		snprintf(p->tls_creds, sizeof(p->tls_creds), "%s:%s/tls", o->tls, tmpdir);
 }
 
 static int bench_migrate(const struct opts *o)
@@ -417,7 +421,7 @@ static void usage(void)
 		"       vfm-bench migrate --vfiomig PATH [--kind tcp|unix] [--mem SIZE] [--fill]\n"
 		"                 [--devices N] [--device-state SIZE] [--precopy on|off]\n"
 		"                 [--dirty-rate RATE] [--downtime-limit MS] [--save-latency US]\n"
-		"                 [--channels N]\n"
+		"                 [--channels N] [--tls x509|psk]\n"
 		"       vfm-bench sync --vfiomig PATH [--mem SIZE] [--dirty-percent P]\n");
 	exit(2);
 }
@@ -464,6 +468,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--channels")) o.channels = (unsigned)num(a, v, 2);
 		else if (!strcmp(a, "--dirty-percent")) o.dirty_percent = (unsigned)num(a, v, 2);
 		else if (!strcmp(a, "--precopy")) o.precopy = !strcmp(v, "on");
+		else if (!strcmp(a, "--tls")) o.tls = v;
 		else usage();
 	}
 	if (strcmp(o.kind, "tcp") && strcmp(o.kind, "unix"))
@@ -476,6 +481,17 @@ int main(int argc, char **argv)
 	if (!mkdtemp(tmpdir))
 		die("mkdtemp", NULL);
 	signal(SIGPIPE, SIG_IGN);
+	if (o.tls) {
+		struct vfm_error err = { 0 };
+		struct tls_gen_opts g;
+		char dir[96];
+
+		snprintf(dir, sizeof(dir), "%s/tls", tmpdir);
+		tls_gen_opts_default(&g);
+		if (mkdir(dir, 0700) || (strcmp(o.tls, "psk") ? tls_gen_x509(dir, &g, &err)
+							       : tls_gen_psk(dir, "qemu", &err)))
+			die("tls credentials", &err);
+	}
 	if (!strcmp(o.mode, "link"))
 		ret = bench_link(&o);
 	else if (!strcmp(o.mode, "migrate"))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vfiomig's build, tests and demo need, when any
 # is missing. Idempotent. As root it runs apt-get; otherwise it prints the
-# command to run and exits non-zero. `deps.sh --bench` adds the benchmark
-# extras (qemu-system-x86).
+# command to run and exits non-zero. `deps.sh --bench` is accepted for the
+# benchmarks (qemu-system-x86 is always installed: qemu_boot is a test).
 set -euo pipefail
 
 packages=(
@@ -19,18 +19,17 @@ packages=(
 	libclang-rt-dev    # sanitizer and libFuzzer runtimes for clang
 	valgrind
 	gnuplot-nox        # plots of make bench (docs/performance.md)
-	qemu-system-x86    # make check-kernel: the nested guest and its virtiofsd
+	qemu-system-x86    # the qemu_boot test (CI runs it), the QEMU peer row of make bench,
+	                   # and make check-kernel's nested guest (with its virtiofsd)
+	libgnutls28-dev    # TLS on migration connections (lib/migration/tls.c)
+	gnutls-bin         # certtool, psktool: making TLS credentials by hand (docs/security.md)
+	iproute2           # ip, tc: the two-host tests (network namespaces, veth, tbf)
 	kmod               # make check-kernel: depmod for the guest's modules
 	bc                 # make check-kernel: the rig's stage timings
 	xz-utils           # make check-kernel: the kernel source tarball
 	libelf1            # make check-kernel: building mtty.ko
 )
-# --bench: also the extras only `make bench` uses.
-if [ "${1:-}" = "--bench" ]; then
-	packages+=(
-		qemu-system-x86    # the QEMU peer row (bench/qemu_peer.py)
-	)
-fi
+# --bench: also the extras only `make bench` uses (none beyond the above now).
 
 missing=()
 for p in "${packages[@]}"; do

@@ -12,7 +12,7 @@ if [ ${#targets[@]} -eq 0 ]; then
 	for f in "$build"/tests/fuzz/fuzz_*; do
 		[ -f "$f" ] && [ -x "$f" ] || continue
 		n=$(basename "$f"); n=${n#fuzz_}
-		[ "$n" = mkseeds ] || targets+=("$n")
+		case $n in mkseeds*) ;; *) targets+=("$n") ;; esac   # seed recorders
 	done
 fi
 mkdir -p "$build/fuzz-artifacts"

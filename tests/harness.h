@@ -8,6 +8,7 @@
 #define VFM_TESTS_HARNESS_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
@@ -72,12 +73,18 @@ static inline void vfm_test_register(const char *name, vfm_test_fn fn, unsigned 
 		exit(1);                                                      \
 	} while (0)
 
+/* The running test's skip reason goes to the parent over this pipe, which
+ * prints it on the TAP line ("ok N - name # SKIP reason"). */
+static int vfm_skip_fd = -1;
+
 /* Skip the running test with a reason (exit code 77, as automake does). */
 #define SKIP(...)                                                             \
 	do {                                                                  \
 		fprintf(stderr, "# SKIP: ");                                  \
 		fprintf(stderr, __VA_ARGS__);                                 \
 		fprintf(stderr, "\n");                                        \
+		if (vfm_skip_fd >= 0)                                         \
+			dprintf(vfm_skip_fd, __VA_ARGS__);                    \
 		fflush(NULL);                                                 \
 		_exit(77);                                                    \
 	} while (0)
@@ -113,28 +120,51 @@ static inline int vfm_test_selected(int argc, char **argv, const char *name)
 	return 0;
 }
 
-static inline int vfm_test_run_one(const struct vfm_test_case *t)
+/* Runs t in a child; 0 passed, 1 skipped (reason in why), -1 failed. */
+static inline int vfm_test_run_one(const struct vfm_test_case *t, char *why, size_t whylen)
 {
 	unsigned timeout = t->timeout_s ? t->timeout_s : vfm_default_timeout_s;
-	int status;
+	int status, pfd[2];
+	ssize_t n;
 	pid_t pid;
 
+	why[0] = '\0';
+	if (pipe(pfd)) {
+		perror("pipe");
+		return -1;
+	}
 	fflush(NULL);
 	pid = fork();
 	if (pid < 0) {
 		perror("fork");
+		close(pfd[0]);
+		close(pfd[1]);
 		return -1;
 	}
 	if (pid == 0) {
+		close(pfd[0]);
+		vfm_skip_fd = pfd[1];
 		alarm(timeout);  /* SIGALRM kills a hung test */
 		t->fn();
 		fflush(NULL);
 		_exit(0);
 	}
+	close(pfd[1]);
 	while (waitpid(pid, &status, 0) < 0) {
-		if (errno != EINTR)
+		if (errno != EINTR) {
+			close(pfd[0]);
 			return -1;
+		}
 	}
+	/* The child has exited: what it wrote is all there (a grandchild
+	 * holding the pipe open makes this read wait, hence O_NONBLOCK). */
+	fcntl(pfd[0], F_SETFL, O_NONBLOCK);
+	n = read(pfd[0], why, whylen - 1);
+	close(pfd[0]);
+	why[n > 0 ? n : 0] = '\0';
+	for (char *c = why; *c; c++)
+		if (*c == '\n')
+			*c = ' ';
 	if (WIFSIGNALED(status)) {
 		fprintf(stderr, "# %s: killed by signal %d%s\n", t->name, WTERMSIG(status),
 			WTERMSIG(status) == SIGALRM ? " (timeout)" : "");
@@ -156,6 +186,7 @@ int main(int argc, char **argv)
 	printf("TAP version 13\n1..%u\n", n);
 	for (unsigned i = 0; i < vfm_ntests; i++) {
 		const struct vfm_test_case *t = &vfm_tests[i];
+		char why[200] = "";
 		int ok, r = 0;
 
 		if (!vfm_test_selected(argc, argv, t->name))
@@ -164,11 +195,12 @@ int main(int argc, char **argv)
 			t->fn();
 			ok = 1;
 		} else {
-			r = vfm_test_run_one(t);
+			r = vfm_test_run_one(t, why, sizeof(why));
 			ok = r >= 0;
 		}
-		printf("%sok %u - %s%s\n", ok ? "" : "not ", ++idx, t->name,
-		       r == 1 ? " # SKIP" : "");
+		/* A skip without a reason counts as a failure (test-summary.py). */
+		printf("%sok %u - %s%s%s\n", ok ? "" : "not ", ++idx, t->name,
+		       r == 1 ? " # SKIP " : "", r == 1 ? why : "");
 		fflush(stdout);
 		failed += !ok;
 	}

@@ -30,6 +30,9 @@ static void ctl_usage(FILE *out)
 		"                          multifd-channels=2 (0: none)  switchover-ack=on|off\n"
 		"                          pre-copy-dirty-page-tracking=on|off\n"
 		"                          multifd-transfer=on|off|auto\n"
+		"                          tls-hostname=NAME (source: the destination's certificate)\n"
+		"                          tls-authz=DN|IDENTITY (destination; repeat to allow\n"
+		"                          several, tls-authz= for any)\n"
 		"  stop | cont           pause or resume the guest\n"
 		"  verify                check the guest's memory against its bookkeeping\n"
 		"  quit                  the VM process exits\n\n"
@@ -186,6 +189,18 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 		if ((r = vfm_parse_onoff(val, false, &sw, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_boolean(sw == VFM_ON));
+	} else if (!strcmp(key, "tls-hostname")) {
+		json_object_object_add(args, key, json_object_new_string(val));
+	} else if (!strcmp(key, "tls-authz")) {
+		/* Repeated: each adds an identity (a DN holds commas); empty: any. */
+		json_object *a;
+
+		if (!json_object_object_get_ex(args, key, &a)) {
+			a = json_object_new_array();
+			json_object_object_add(args, key, a);
+		}
+		if (*val)
+			json_object_array_add(a, json_object_new_string(val));
 	} else if (!strcmp(key, "multifd-transfer")) {
 		if ((r = vfm_parse_onoff(val, true, &sw, err)))
 			return vfm_error_set(err, r, "%s", key);
@@ -194,7 +209,7 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 	} else {
 		return vfm_error_set(err, -EINVAL, "unknown parameter '%s' (downtime-limit, "
 				     "max-bandwidth, avail-switchover-bandwidth, multifd-channels, switchover-ack, "
-				     "pre-copy-dirty-page-tracking, multifd-transfer)", key);
+				     "pre-copy-dirty-page-tracking, multifd-transfer, tls-hostname, tls-authz)", key);
 	}
 	return 0;
 }

@@ -9,11 +9,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "commands.h"
 #include "ctl-client.h"
 #include "demo.h"
+#include "tls-gen.h"
 #include "vfiomig/log.h"
 #include "vfiomig/parse.h"
 #ifdef VFM_HAVE_KVM
@@ -35,6 +37,7 @@ struct demo_opts {
 	unsigned devices;
 	int channels;           /* -1: leave the VM's default */
 	const char *uri;        /* NULL: TCP loopback, a free port */
+	const char *tls;        /* "x509" or "psk": throwaway credentials; NULL: plain */
 };
 
 struct demo {
@@ -45,6 +48,7 @@ struct demo {
 	bool devs_alive[2 * DEMO_MAX_DEVICES], vms_alive[2];  /* when cleanup began */
 	struct ctl_client *ctl[2];
 	char uri[256];          /* the migration URI, port resolved */
+	char tls_creds[200];    /* --tls: KIND:DIR of the credentials made, "" for none */
 	bool file_mode;         /* file:: save a stopped VM, then load it */
 	bool migrating;         /* migrate was sent: the report has figures */
 	bool progress_tty, progress_log;
@@ -69,7 +73,7 @@ static void demo_usage(FILE *out)
 	fprintf(out,
 		"usage: vfiomig demo [--json] [--guest synthetic|kvm|auto] [--mem SIZE] [--devices N]\n"
 		"                    [--device-state SIZE] [--dirty-rate RATE] [--downtime-limit MS]\n"
-		"                    [--channels N] [--uri URI] [--save-latency US]\n\n"
+		"                    [--channels N] [--uri URI] [--save-latency US] [--tls x509|psk]\n\n"
 		"Starts 'dma' vfio-user device servers and two VMs (a source running a guest\n"
 		"and an incoming destination) in a private temp dir, migrates the source live,\n"
 		"and verifies that no guest write and no device byte was lost.\n\n"
@@ -88,6 +92,9 @@ static void demo_usage(FILE *out)
 		"                       unix:PATH, file:PATH (the VM is stopped, saved, loaded);\n"
 		"                       'unix:' or 'file:' alone use the demo's temp dir\n"
 		"  --save-latency US    device firmware latency per MiB saved\n"
+		"  --tls x509|psk       TLS 1.3 on every migration connection, with throwaway\n"
+		"                       credentials (a CA and certificates, or keys.psk) made in\n"
+		"                       the demo's temporary directory (docs/security.md)\n"
 		"Exit status: 0 verified, 1 not verified or failed, 2 usage error.\n",
 		DEMO_MAX_DEVICES);
 }
@@ -160,6 +167,10 @@ static int parse_opts(int argc, char **argv, struct demo_opts *o)
 			if (!*v)
 				return usage_error("--uri: empty");
 			o->uri = v;
+		} else if ((v = tool_opt_value(argc, argv, &i, "--tls"))) {
+			if (strcmp(v, "x509") && strcmp(v, "psk"))
+				return usage_error("--tls: '%s': expected x509 or psk", v);
+			o->tls = v;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--save-latency"))) {
 			if (vfm_parse_uint(v, 0, 10000000, &o->save_latency_us, &err))
 				return usage_error("--save-latency: %s", err.msg);
@@ -333,6 +344,10 @@ static int start_vm(struct demo *d, int side)
 	if (side == DST) {
 		argv[a++] = "--incoming";
 		argv[a++] = d->uri;
+	}
+	if (d->tls_creds[0]) {
+		argv[a++] = "--tls-creds";
+		argv[a++] = d->tls_creds;
 	}
 	argv[a++] = "--control";
 	argv[a++] = ctl;
@@ -648,6 +663,30 @@ static void resolve_guest(struct demo_opts *o)
 	snprintf(o->guest_why, sizeof(o->guest_why), "--guest auto: synthetic (%s)", why);
 }
 
+/* --tls: credentials in QEMU's layout, thrown away with the directory. */
+static int make_tls_creds(struct demo *d)
+{
+	struct vfm_error err = { 0 };
+	struct tls_gen_opts g;
+	char dir[160];
+
+	if (!d->o.tls)
+		return 0;
+	if (d->file_mode)
+		return demo_fail(d, "--tls: a file: URI is not a connection; TLS needs tcp: or unix:");
+	snprintf(dir, sizeof(dir), "%s/tls", d->dir);
+	tls_gen_opts_default(&g);
+	if (mkdir(dir, 0700) < 0)
+		return demo_fail(d, "%s: %s", dir, strerror(errno));
+	if (!strcmp(d->o.tls, "psk") ? tls_gen_psk(dir, "qemu", &err) : tls_gen_x509(dir, &g, &err))
+		return demo_fail(d, "--tls: %s", err.msg);
+	snprintf(d->tls_creds, sizeof(d->tls_creds), "%s:%s", d->o.tls, dir);
+	event(d, "start", "TLS 1.3 (%s) on every migration connection, credentials in %s",
+	      d->o.tls, dir);
+	json_object_object_add(d->res, "tls", json_object_new_string(d->o.tls));
+	return 0;
+}
+
 static int run(struct demo *d)
 {
 	char mem[32], state[32], rate[32];
@@ -655,7 +694,7 @@ static int run(struct demo *d)
 
 	if (demo_tmpdir_create(d->dir, sizeof(d->dir), &err))
 		return demo_fail(d, "%s", err.msg);
-	if (choose_uri(d))
+	if (choose_uri(d) || make_tls_creds(d))
 		return -1;
 	if (d->o.guest_why[0])
 		event(d, "start", "%s", d->o.guest_why);

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "commands.h"
+#include "migration/tls.h"
 #include "vfiomig/parse.h"
 #include "vmm/control.h"
 #include "vmm/main_loop.h"
@@ -18,7 +19,8 @@ static void vm_usage(FILE *out)
 	fprintf(out,
 		"usage: vfiomig vm --mem SIZE [--device SPEC]... [--guest synthetic|kvm|auto|none]\n"
 		"                  [--vcpus N] [--dirty-rate RATE] [--working-set SIZE]\n"
-		"                  [--incoming URI] --control PATH [-v]\n\n"
+		"                  [--incoming URI] [--tls-creds x509:DIR|psk:DIR] [--insecure]\n"
+		"                  --control PATH [-v]\n\n"
 		"Runs a VM: SIZE bytes of guest memory (memfd, mapped into every device for DMA),\n"
 		"its devices, a guest, and the migration engine, controlled through a QMP-style\n"
 		"socket at PATH (vfiomig ctl PATH ..., docs/control-protocol.md).\n\n"
@@ -38,6 +40,13 @@ static void vm_usage(FILE *out)
 		"  --working-set SIZE  kvm: memory the guest rewrites (default 4M)\n"
 		"  --incoming URI      wait for a migration on URI (tcp:HOST:PORT, port 0 = any;\n"
 		"                      unix:PATH; file:PATH; fd:N), then run the guest\n"
+		"  --tls-creds KIND:DIR  TLS 1.3 on every migration connection, in or out; x509:\n"
+		"                      ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,\n"
+		"                      client-key.pem (ca-crl.pem); psk: keys.psk (QEMU's layouts;\n"
+		"                      docs/security.md). Control keys tls-hostname, tls-authz\n"
+		"  --tls-authz ID      incoming: only this client certificate DN (as in\n"
+		"                      CN=src,O=org) or PSK identity (repeatable; default any)\n"
+		"  --insecure          allow --incoming tcp: on a non-loopback address without TLS\n"
 		"  --control PATH      the control socket (mode 0600)\n"
 		"  -v                  more logging (-vv, -vvv)\n", VM_MAX_DEVICES);
 }
@@ -100,6 +109,22 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 			if (!*v)
 				return usage_error("%s", "--incoming: empty URI");
 			cfg->incoming = v;
+		} else if ((v = tool_opt_value(argc, argv, &i, "--tls-creds"))) {
+			if ((strncmp(v, "x509:", 5) || !v[5]) && (strncmp(v, "psk:", 4) || !v[4]))
+				return usage_error("--tls-creds: '%s' is not x509:DIR or psk:DIR", v);
+			if (strlen(v) >= 256)
+				return usage_error("%s", "--tls-creds: path too long");
+			cfg->tls_creds = v;
+		} else if ((v = tool_opt_value(argc, argv, &i, "--tls-authz"))) {
+			size_t have = strlen(cfg->tls_authz);
+
+			if (!*v || strchr(v, '\n') || have + strlen(v) + 2 > sizeof(cfg->tls_authz))
+				return usage_error("--tls-authz: '%.64s': empty, multi-line or too long",
+						   v);
+			snprintf(cfg->tls_authz + have, sizeof(cfg->tls_authz) - have, "%s%s",
+				 have ? "\n" : "", v);
+		} else if (!strcmp(a, "--insecure")) {
+			cfg->insecure = true;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--control"))) {
 			*control = v;
 		} else {
@@ -131,6 +156,17 @@ int cmd_vm(int argc, char **argv)
 	}
 	if ((r = parse_args(argc, argv, &cfg, &control)))
 		return r;
+	if (cfg.tls_creds) {
+		/* Bad credentials fail now, not at the first migration. */
+		struct vfm_tls *t;
+
+		if (vfm_tls_new(cfg.tls_creds, cfg.incoming ? VFM_TLS_SERVER : VFM_TLS_CLIENT,
+				"localhost", NULL, &t, &err)) {
+			fprintf(stderr, "vfiomig vm: --tls-creds: %s\n", err.msg);
+			return VFM_EXIT_FAIL;
+		}
+		vfm_tls_unref(t);
+	}
 	/* A client or device server that goes away must not kill the VM. */
 	signal(SIGPIPE, SIG_IGN);
 	if (vm_create(&cfg, &vm, &err) || vm_run(vm, &err) ||

@@ -330,9 +330,17 @@ void demo_tmpdir_remove(const char *dir)
 		return;
 	d = opendir(dir);
 	if (d) {
-		while ((e = readdir(d)))
-			if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
-				unlinkat(dirfd(d), e->d_name, 0);
+		while ((e = readdir(d))) {
+			char sub[512];
+
+			if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+				continue;
+			/* Subdirectories (--tls credentials) go too; a symbolic link
+			 * is unlinked, never followed. */
+			if (unlinkat(dirfd(d), e->d_name, 0) < 0 && errno == EISDIR &&
+			    (size_t)snprintf(sub, sizeof(sub), "%s/%s", dir, e->d_name) < sizeof(sub))
+				demo_tmpdir_remove(sub);
+		}
 		closedir(d);
 	}
 	rmdir(dir);

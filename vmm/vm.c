@@ -443,6 +443,10 @@ int vm_create(const struct vm_config *cfg, struct vm **out, struct vfm_error *er
 	pthread_mutex_init(&vm->sink_lock, NULL);
 	pthread_cond_init(&vm->cond, NULL);
 	vfm_migration_params_default(&vm->params);
+	if (cfg->tls_creds)
+		snprintf(vm->params.tls_creds, sizeof(vm->params.tls_creds), "%s", cfg->tls_creds);
+	vm->params.insecure = cfg->insecure;
+	snprintf(vm->params.tls_authz, sizeof(vm->params.tls_authz), "%s", cfg->tls_authz);
 	vm->state = cfg->incoming ? VM_INMIGRATE : VM_PAUSED;
 	vm->role = cfg->incoming ? VM_ROLE_INCOMING : VM_ROLE_SOURCE;
 	if (cfg->incoming)

@@ -29,6 +29,9 @@ struct vm_config {
 	uint64_t dirty_rate;                   /* bytes/s */
 	uint64_t working_set;                  /* kvm: bytes the guest rewrites; 0: default */
 	const char *incoming;                  /* URI, or NULL for a source */
+	const char *tls_creds;                 /* "x509:DIR" / "psk:DIR", or NULL */
+	bool insecure;                         /* plaintext tcp beyond loopback allowed */
+	char tls_authz[1024];                  /* --tls-authz values, one per line */
 };
 
 enum vm_state { VM_RUNNING, VM_PAUSED, VM_INMIGRATE, VM_POSTMIGRATE, VM_SHUTDOWN };

@@ -170,6 +170,38 @@ static int bool_arg(const char *key, json_object *v, bool *out, struct vfm_error
 	return 0;
 }
 
+/* tls-authz: a list of identities (or one string; [] or "" = any). */
+static int authz_arg(const char *key, json_object *v, char *out, size_t len,
+		     struct vfm_error *err)
+{
+	size_t n = 0, cnt;
+	bool one = json_object_is_type(v, json_type_string);
+
+	if (!one && !json_object_is_type(v, json_type_array))
+		return vfm_error_set(err, -EINVAL, "'%s' must be a list of strings", key);
+	cnt = one ? 1 : json_object_array_length(v);
+	out[0] = '\0';
+	for (size_t i = 0; i < cnt; i++) {
+		json_object *e = one ? v : json_object_array_get_idx(v, i);
+		const char *id = json_object_is_type(e, json_type_string) ?
+				 json_object_get_string(e) : NULL;
+		size_t l = id ? strlen(id) : 0;
+
+		if (!id || strchr(id, '\n'))
+			return vfm_error_set(err, -EINVAL, "'%s': entry %zu is not a one-line string",
+					     key, i);
+		if (!l)
+			continue;
+		if (n + l + 2 > len)
+			return vfm_error_set(err, -EINVAL, "'%s': longer than %zu bytes", key, len - 1);
+		if (n)
+			out[n++] = '\n';
+		memcpy(out + n, id, l + 1);
+		n += l;
+	}
+	return 0;
+}
+
 int vm_set_params(struct vm *vm, json_object *args, struct vfm_error *err)
 {
 	struct vfm_migration_params p;
@@ -194,6 +226,17 @@ int vm_set_params(struct vm *vm, json_object *args, struct vfm_error *err)
 			ret = bool_arg(key, v, &p.switchover_ack, err);
 		} else if (!strcmp(key, "pre-copy-dirty-page-tracking")) {
 			ret = bool_arg(key, v, &p.pre_copy_dirty_page_tracking, err);
+		} else if (!strcmp(key, "tls-hostname")) {
+			const char *h = json_object_is_type(v, json_type_string) ?
+					json_object_get_string(v) : NULL;
+
+			if (!h || strlen(h) >= sizeof(p.tls_hostname) || strpbrk(h, " \n/"))
+				ret = vfm_error_set(err, -EINVAL, "'%s' must be a host name or address "
+						    "(\"\" = the URI's host)", key);
+			else
+				snprintf(p.tls_hostname, sizeof(p.tls_hostname), "%s", h);
+		} else if (!strcmp(key, "tls-authz")) {
+			ret = authz_arg(key, v, p.tls_authz, sizeof(p.tls_authz), err);
 		} else if (!strcmp(key, "multifd-transfer")) {
 			const char *s = json_object_is_type(v, json_type_string) ?
 					json_object_get_string(v) : "";
@@ -234,6 +277,20 @@ json_object *vm_query_params(struct vm *vm)
 	json_object_object_add(o, "switchover-ack", json_object_new_boolean(p.switchover_ack));
 	json_object_object_add(o, "pre-copy-dirty-page-tracking",
 			       json_object_new_boolean(p.pre_copy_dirty_page_tracking));
+	json_object_object_add(o, "tls-creds", json_object_new_string(p.tls_creds));
+	json_object_object_add(o, "tls-hostname", json_object_new_string(p.tls_hostname));
+	{
+		json_object *a = json_object_new_array();
+
+		for (const char *q = p.tls_authz; *q;) {
+			const char *nl = strchr(q, '\n');
+			size_t n = nl ? (size_t)(nl - q) : strlen(q);
+
+			json_object_array_add(a, json_object_new_string_len(q, (int)n));
+			q += n + (nl ? 1 : 0);
+		}
+		json_object_object_add(o, "tls-authz", a);
+	}
 	json_object_object_add(o, "multifd-transfer", json_object_new_string(
 		p.multifd_transfer == VFM_ON ? "on" : p.multifd_transfer == VFM_OFF ? "off" : "auto"));
 	return o;

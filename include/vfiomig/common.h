@@ -40,7 +40,8 @@ struct vfm_error {
 	X(VFM_ENOMIGRATION, -10005, "device does not support migration")  \
 	X(VFM_ESESSION, -10006, "device data session out of sync")        \
 	X(VFM_ECANCELED, -10007, "migration cancelled")                   \
-	X(VFM_EPARSE, -10008, "invalid value")
+	X(VFM_EPARSE, -10008, "invalid value")                          \
+	X(VFM_ETLS, -10009, "TLS handshake or authentication refused")
 
 enum vfm_errno {
 #define VFM_ERRNO_ENUM(name, val, msg) name = val,

@@ -65,6 +65,18 @@ struct vfm_migration_params {
 	/* destination: bytes of multifd device buffers queued per device before
 	 * the load is failed (0 = the default, 64 MiB) */
 	uint64_t max_queued_buffers_size;
+	/* TLS (docs/security.md): "x509:DIR" or "psk:DIR" (QEMU's layouts), ""
+	 * for none. tcp: and unix: only; every connection of a migration. */
+	char tls_creds[256];
+	/* source: the name the destination's certificate must carry ("" = the
+	 * URI's host) */
+	char tls_hostname[256];
+	/* destination: allowed client certificate DNs or PSK identities, one per
+	 * line ("" = any the CA or keys.psk accepts) */
+	char tls_authz[1024];
+	/* destination: listen in plaintext on an address other than loopback
+	 * (refused by default: whoever reaches the port writes guest memory) */
+	bool insecure;
 };
 VFM_EXPORT void vfm_migration_params_default(struct vfm_migration_params *p);
 

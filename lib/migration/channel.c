@@ -17,7 +17,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <arpa/inet.h>
+
 #include "migration/channel.h"
+#include "migration/tls_int.h"
 #include "util/logging.h"
 
 #define LOG "channel"
@@ -37,6 +40,8 @@
  */
 #define UNIX_SOCK_BUF (4 << 20)
 #define LISTEN_BACKLOG 16
+/* A TLS accept checks cancel this often. */
+#define ACCEPT_TLS_SLICE_MS 200
 
 static uint64_t now_ms(void)
 {
@@ -351,6 +356,9 @@ struct vfm_listener {
 	int fd;                  /* listening socket; file: the open file; fd: -1 */
 	int user_fd;             /* fd: the number given */
 	bool handed_out;         /* file/fd: accept() returned it already */
+	/* TLS (vfm_listen_mig): set before the first accept. */
+	struct vfm_tls_acceptor *acc;
+	const atomic_bool *cancel;
 };
 
 static int listen_tcp(struct vfm_listener *l, struct vfm_uri *uri, struct vfm_error *err)
@@ -561,6 +569,69 @@ static int accept_once(struct vfm_listener *l, int *fd, struct vfm_error *err)
 	return 0;
 }
 
+/* "ADDRESS:PORT" of a tcp peer, the listener's name for a unix one. */
+static const char *peer_name(int fd, const struct vfm_listener *l, char *buf, size_t len)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char a[INET6_ADDRSTRLEN];
+
+	if (l->kind != VFM_URI_TCP || getpeername(fd, (struct sockaddr *)&ss, &sl) < 0) {
+		snprintf(buf, len, "a peer on %.60s", l->name);
+	} else if (ss.ss_family == AF_INET6) {
+		const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&ss;
+
+		inet_ntop(AF_INET6, &s6->sin6_addr, a, sizeof(a));
+		snprintf(buf, len, "[%s]:%u", a, ntohs(s6->sin6_port));
+	} else {
+		const struct sockaddr_in *s4 = (const struct sockaddr_in *)&ss;
+
+		inet_ntop(AF_INET, &s4->sin_addr, a, sizeof(a));
+		snprintf(buf, len, "%s:%u", a, ntohs(s4->sin_port));
+	}
+	return buf;
+}
+
+/*
+ * TLS: every connection that comes is handed to its own handshake thread
+ * (tls_accept.c); the first that passes every check is returned. A peer
+ * that stalls or is refused holds back nobody. Waits in slices to see cancel.
+ */
+static int accept_tls(struct vfm_listener *l, int timeout_ms, uint64_t deadline, int *fd,
+		      struct vfm_error *err)
+{
+	for (;;) {
+		struct pollfd p[2] = { { .fd = l->fd, .events = POLLIN },
+				       { .fd = vfm__tls_acceptor_fd(l->acc), .events = POLLIN } };
+		char peer[80];
+		int cfd, wait;
+
+		if (l->cancel && atomic_load(l->cancel)) {
+			vfm__tls_acceptor_cancel(l->acc);
+			return vfm_error_set(err, VFM_ECANCELED, "incoming migration cancelled");
+		}
+		if (vfm__tls_acceptor_take(l->acc, fd))
+			return 0;
+		while ((cfd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC)) >= 0) {
+			tune_socket(cfd, l->kind == VFM_URI_TCP ? AF_INET : AF_UNIX);
+			vfm__tls_acceptor_add(l->acc, cfd, peer_name(cfd, l, peer, sizeof(peer)));
+		}
+		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+		    errno != ECONNABORTED && errno != EPROTO)
+			return vfm_error_set(err, -errno, "accepting on %s: %s", l->name,
+					     strerror(errno));
+		wait = remaining_ms(timeout_ms, deadline);
+		if (!wait)
+			return vfm_error_set(err, -ETIMEDOUT, "no accepted migration on %s within "
+					     "%d ms", l->name, timeout_ms);
+		if (wait < 0 || wait > ACCEPT_TLS_SLICE_MS)
+			wait = ACCEPT_TLS_SLICE_MS;
+		if (poll(p, 2, wait) < 0 && errno != EINTR)
+			return vfm_error_set(err, -errno, "waiting on %s: %s", l->name,
+					     strerror(errno));
+	}
+}
+
 int vfm_accept(struct vfm_listener *l, int timeout_ms, int *fd, struct vfm_error *err)
 {
 	uint64_t deadline = now_ms() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0);
@@ -568,6 +639,8 @@ int vfm_accept(struct vfm_listener *l, int timeout_ms, int *fd, struct vfm_error
 
 	if (l->kind == VFM_URI_FILE || l->kind == VFM_URI_FD)
 		return accept_once(l, fd, err);
+	if (l->acc)
+		return accept_tls(l, timeout_ms, deadline, fd, err);
 	for (;;) {
 		/* The listener is non-blocking: a client that gave up between poll
 		 * and accept costs a loop, not a hang. */
@@ -598,6 +671,7 @@ void vfm_listener_close(struct vfm_listener *l)
 
 	if (!l)
 		return;
+	vfm__tls_acceptor_free(l->acc);
 	if (l->fd >= 0)
 		close(l->fd);
 	/* Only the file we made: another listener may have taken the path since. */
@@ -718,4 +792,22 @@ int vfm_connect(const struct vfm_uri *uri, int timeout_ms, int *fd, struct vfm_e
 	}
 	*fd = nfd;
 	return 0;
+}
+
+int vfm__listener_set_tls(struct vfm_listener *l, struct vfm_tls *t, int hs_timeout_ms,
+			  const atomic_bool *cancel, struct vfm_error *err)
+{
+	int ret = vfm__tls_acceptor_new(t, hs_timeout_ms, l->name, &l->acc, err);
+
+	if (ret) {
+		vfm_tls_unref(t);
+		return ret;
+	}
+	l->cancel = cancel;
+	return 0;
+}
+
+unsigned vfm_listener_refused(const struct vfm_listener *l)
+{
+	return l->acc ? vfm__tls_acceptor_refused(l->acc) : 0;
 }

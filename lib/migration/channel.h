@@ -7,6 +7,7 @@
 #ifndef VFM_MIGRATION_CHANNEL_H
 #define VFM_MIGRATION_CHANNEL_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 
 #include "vfiomig/common.h"
@@ -45,5 +46,35 @@ void vfm_listener_close(struct vfm_listener *l);   /* removes the unix socket fi
 /* Source side: connect (tcp/unix, bounded by timeout_ms), or create/truncate the
  * file (mode 0600), or dup the fd. Sets TCP_NODELAY on tcp. */
 int vfm_connect(const struct vfm_uri *uri, int timeout_ms, int *fd, struct vfm_error *err);
+
+/*
+ * The migration's own forms of the above (channel_mig.c): TLS when p->tls_creds names
+ * credentials (the fd is then the plaintext end of a relay, tls.h), and the
+ * rule that a plaintext tcp listener binds loopback only unless p->insecure.
+ * A listener with TLS accepts on: a peer refused by the handshake or by
+ * tls-authz is logged and closed, and the wait goes on. cancel (optional)
+ * cuts a handshake short.
+ */
+struct vfm_migration_params;
+int vfm_connect_mig(const struct vfm_uri *uri, const struct vfm_migration_params *p,
+		    const atomic_bool *cancel, int *fd, struct vfm_error *err);
+int vfm_listen_mig(struct vfm_uri *uri, const struct vfm_migration_params *p,
+		   const atomic_bool *cancel, struct vfm_listener **out, struct vfm_error *err);
+/*
+ * Closes a migration connection. Under TLS the fd is a relay's plaintext
+ * end: what was written may still sit in the relay, and a process that
+ * exits next would lose it (a kernel socket would still send it). So the
+ * write side is shut first and the relay's own close awaited (bounded by
+ * p->timeout_ms), like a lingering close.
+ */
+void vfm_channel_close(int fd, const struct vfm_migration_params *p);
+/* channel_mig.c: attaches TLS (taking the reference t, even on failure). */
+struct vfm_tls;
+int vfm__listener_set_tls(struct vfm_listener *l, struct vfm_tls *t, int hs_timeout_ms,
+			  const atomic_bool *cancel, struct vfm_error *err);
+/* Connections refused so far by a TLS listener. */
+unsigned vfm_listener_refused(const struct vfm_listener *l);
+/* Whether every address host resolves to is a loopback one. */
+bool vfm_uri_is_loopback(const struct vfm_uri *uri);
 
 #endif

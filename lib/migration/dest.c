@@ -275,7 +275,7 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 	ret = vfm_guest_mem_prealloc(m->mem, err);
 	if (ret)
 		return ret;
-	ret = vfm_listen(&u, &l, err);
+	ret = vfm_listen_mig(&u, &d.p, &m->in_cancel, &l, err);
 	if (ret)
 		return ret;
 	if (ready)
@@ -352,8 +352,7 @@ out:
 	pthread_mutex_lock(&m->lock);
 	atomic_store(&m->sock_fd, -1);   /* before close: cancel never hits a reused fd */
 	pthread_mutex_unlock(&m->lock);
-	if (fd >= 0)
-		close(fd);
+	vfm_channel_close(fd, &d.p);   /* under TLS: after the relay sent the last records */
 	vfm_listener_close(l);
 	return ret;
 }

@@ -135,7 +135,7 @@ int vfm__mf_src_open(struct vfm_migration *m, const struct vfm_uri *uri,
 		struct mf_chan *c = &mf->ch[i];
 		int fd;
 
-		ret = vfm_connect(uri, (int)p->timeout_ms, &fd, err);
+		ret = vfm_connect_mig(uri, p, &m->cancel, &fd, err);
 		if (ret)
 			return vfm_error_set(err, ret, "multifd channel %u", i);
 		pthread_mutex_lock(&m->lock);

@@ -354,7 +354,7 @@ static int do_setup(struct source *src, struct vfm_error *err)
 	struct vfm_migration *m = src->m;
 	int ret;
 
-	ret = vfm_connect(&src->uri, (int)src->p.timeout_ms, &src->fd, err);
+	ret = vfm_connect_mig(&src->uri, &src->p, &m->cancel, &src->fd, err);
 	if (ret)
 		return ret;
 	atomic_store(&m->sock_fd, src->fd);

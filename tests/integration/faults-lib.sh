@@ -88,8 +88,17 @@ restart_dst() {
 expect_source_intact() {  # expect_source_intact ERROR_PATTERN
 	wait_status "$c.src" "migration: failed" && ok "source migration failed" \
 		|| bad "source status: $(ctl "$c.src" status | head -2)"
-	e=$(ctl "$c.src" status --json | grep -o '"error":"[^"]*"' | head -1)
-	echo "$e" | grep -q -- "$1" && ok "error says '$1'" || bad "error lacks '$1': '$e'"
+	# The reason, not just any text: a pattern that an empty error matches
+	# (".", "") would check nothing.
+	e=$(ctl "$c.src" status --json | grep -o '"error":"[^"]*"' | head -1 |
+		sed 's/^"error":"//; s/"$//')
+	if [ -z "$1" ] || printf '' | grep -q -- "$1"; then
+		bad "expected error pattern '$1' matches an empty error"
+	elif [ -z "$e" ]; then
+		bad "source failed without an error"
+	else
+		echo "$e" | grep -q -- "$1" && ok "error says '$1' ($e)" || bad "error lacks '$1': '$e'"
+	fi
 	st=$(ctl "$c.src" status)
 	echo "$st" | grep -q "^vm: running" && ok "source running" || bad "source: $(echo "$st" | head -1)"
 	echo "$st" | grep -q "^device dev0 (vfio-user): RUNNING" && ok "source device RUNNING" \
@@ -98,10 +107,32 @@ expect_source_intact() {  # expect_source_intact ERROR_PATTERN
 }
 
 # The destination never ran the guest: still waiting (it re-listens on
-# unix:), or gone when the fault killed it.
+# unix:), or gone. expect_dest_clean [killed | DEST_ERROR_RE]:
+#   killed: the cell SIGKILLed the destination VM: gone by that signal;
+#   DEST_ERROR_RE: the destination said why it failed ("incoming migration
+#     failed: ..." matching it) and, if it is gone, it exited by itself with
+#     status 1: a crash (abort, SIGSEGV: status > 128) is a failure;
+#   nothing: as DEST_ERROR_RE, without checking the words of the message.
 expect_dest_clean() {
+	if [ "${1:-}" = killed ]; then
+		if alive "$dst"; then
+			bad "the killed destination still runs"
+		else
+			wait "$dst" 2>/dev/null; rc=$?
+			[ $rc = 137 ] && ok "destination gone (SIGKILL)" || bad "killed destination: status $rc"
+		fi
+		return
+	fi
+	# Bounded wait: the destination may notice the failure after the source.
+	if wait_log "\[vm\] incoming migration failed: .*${1:-}" 50; then
+		ok "destination says why: '${1:-any}'"
+	else
+		bad "no 'incoming migration failed: ${1:-}' from the destination: $(grep '\[vm\] incoming' "$tmp/$cell.log" | tail -1)"
+	fi
 	if ! alive "$dst"; then
-		ok "destination gone"
+		wait "$dst" 2>/dev/null; rc=$?
+		[ $rc = 1 ] && ok "destination exited 1 by itself" \
+			|| bad "destination gone with status $rc (signal if > 128): not a clean exit"
 		return
 	fi
 	st=$(ctl "$c.dst" status)
@@ -125,13 +156,22 @@ expect_retry_ok() {
 	ctl "$c.dst" verify >/dev/null && ok "destination verified after retry" || bad "destination verify"
 }
 
-# one_shot_fault ERROR_RE: a migration that the cell's one-shot fault breaks:
-# the fault fired, the source is intact (its error matching ERROR_RE), the
-# destination clean, and a retry completes.
+# one_shot_fault ERROR_RE [DEST_ERROR_RE]: a migration that the cell's
+# one-shot fault breaks: the fault fired, the source is intact (its error
+# matching ERROR_RE), the destination clean (expect_dest_clean DEST_ERROR_RE),
+# and a retry completes.
 one_shot_fault() {
 	ctl "$c.src" migrate "unix:$c.mig" --wait >/dev/null 2>&1
-	fault_hit; expect_source_intact "$1"; expect_dest_clean; expect_retry_ok
+	fault_hit; expect_source_intact "$1"; expect_dest_clean "${2:-}"; expect_retry_ok
 }
+
+# The source's error when the destination went away or cut the connection
+# before it could say why over the return path (which channel sees it first
+# depends on timing: main, a multifd channel, the return path).
+LOST='peer closed the connection\|closed by peer'
+# A destination device server that died: what its vfio-user client says.
+DEVLOST='vfio-user server at .*\(connection is down\|closed the connection\)'
+
 
 fault_hit() {  # fault_hit: the injected fault really fired
 	grep -q "fault injected" "$tmp/$cell.log" && ok "fault fired" || bad "the fault never fired"

@@ -36,7 +36,7 @@ stop_proxy() { alive "$proxy" && kill "$proxy" 2>/dev/null; wait "$proxy" 2>/dev
 start ack-conn-cut "" "" "-vv" "" && {
 	ack_hold && {
 		kill -USR1 $(pgrep -P "$proxy")  # the relay itself, not its timeout
-		expect_source_intact "."; expect_no_ack; expect_dest_clean; expect_retry_ok
+		expect_source_intact "$LOST"; expect_no_ack; expect_dest_clean "$LOST"; expect_retry_ok
 	}
 	stop_proxy
 }; stop_cell
@@ -45,7 +45,7 @@ start ack-conn-cut "" "" "-vv" "" && {
 start ack-dstvm-killed "" "" "-vv" "" && {
 	ack_hold && {
 		killtree "$dst"
-		expect_source_intact "."; expect_no_ack; expect_dest_clean
+		expect_source_intact "$LOST"; expect_no_ack; expect_dest_clean killed
 		restart_dst; expect_retry_ok
 	}
 	stop_proxy
@@ -55,7 +55,7 @@ start ack-dstvm-killed "" "" "-vv" "" && {
 start ack-dstdev-killed "" "" "-vv" "" && {
 	ack_hold && {
 		killtree "$ddev"
-		expect_source_intact "."; expect_no_ack; expect_dest_clean
+		expect_source_intact "$DEVLOST\|$LOST"; expect_no_ack; expect_dest_clean "$DEVLOST"
 	}
 	stop_proxy
 }; stop_cell
@@ -81,7 +81,7 @@ stopcopy_hold() {  # [URI]
 start stopcopy-dstvm-killed "--fault trickle:1000" "" "" "" && {
 	stopcopy_hold && {
 		killtree "$dst"
-		expect_source_intact "."; expect_dest_clean
+		expect_source_intact "$LOST"; expect_dest_clean killed
 		restart_dst; expect_retry_ok
 	}
 }; stop_cell
@@ -94,7 +94,7 @@ start stopcopy-conn-cut "--fault trickle:1000" "" "" "" && {
 	wait_sock "$c.px" || bad "proxy did not listen"
 	stopcopy_hold "unix:$c.px" && {
 		kill -USR1 $(pgrep -P "$proxy")
-		expect_source_intact "."; expect_dest_clean; expect_retry_ok
+		expect_source_intact "$LOST"; expect_dest_clean "$LOST"; expect_retry_ok
 	}
 	stop_proxy
 }; stop_cell
@@ -103,7 +103,7 @@ start stopcopy-conn-cut "--fault trickle:1000" "" "" "" && {
 start stopcopy-dstdev-killed "--fault trickle:1000" "" "" "" && {
 	stopcopy_hold && {
 		killtree "$ddev"
-		expect_source_intact "."; expect_dest_clean
+		expect_source_intact "$DEVLOST\|$LOST"; expect_dest_clean "$DEVLOST"
 	}
 }; stop_cell
 

@@ -2,12 +2,17 @@
 # The multiboot image of the KVM guest program (lib/guest-mb.img) boots under
 # QEMU with KVM: the console (port 0xe9, QEMU's debugcon) shows the multiboot
 # setup line with the command line's working set and rate, then the guest's
-# own long-mode line, and no PANIC. Skips (77) without QEMU or /dev/kvm.
+# own long-mode line, and no PANIC. Skips (77) without QEMU or /dev/kvm;
+# in CI (CI=true, where scripts/deps.sh installs qemu-system-x86) a missing
+# QEMU is a failure.
 # usage: qemu_boot.sh PATH_TO_GUEST_MB_IMG
 set -u
 img=$1
-qemu=$(command -v qemu-system-x86_64) || { echo "skip: no qemu-system-x86_64"; exit 77; }
-[ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "skip: /dev/kvm not usable"; exit 77; }
+if ! qemu=$(command -v qemu-system-x86_64); then
+	[ "${CI:-}" = true ] && { echo "FAIL: no qemu-system-x86_64 in CI (scripts/deps.sh installs it)"; exit 1; }
+	echo "SKIP: no qemu-system-x86_64 (scripts/deps.sh installs qemu-system-x86)"; exit 77
+fi
+[ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "SKIP: /dev/kvm not usable"; exit 77; }
 tmp=$(mktemp -d /tmp/vfm-qemuboot-XXXXXX)
 pid=""
 cleanup() {

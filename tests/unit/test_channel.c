@@ -716,7 +716,35 @@ TEST(fd_uri)
 	CHECK(contains(err.msg, "not an open file descriptor"));
 }
 
-TEST(listener_close_null)
+/*
+ * Closing a listener removes only the socket file it made: when another
+ * listener has taken the path since, that one's file stays and still
+ * answers. NULL is a no-op. (Mutation caught: the inode comparison in
+ * vfm_listener_close dropped, so the newer listener's file is unlinked.)
+ */
+TEST(listener_close_leaves_a_newer_socket)
 {
+	const char *dir = tmpdir();
+	struct vfm_listener *a, *b;
+	struct vfm_error err = { 0 };
+	struct vfm_uri u;
+	struct stat st;
+	int cfd, afd;
+
 	vfm_listener_close(NULL);
+	sock_uri(&u, dir, "s");
+	if (vfm_listen(&u, &a, &err))
+		FAIL("listen a: %s", err.msg);
+	CHECK(unlink(u.path) == 0);   /* someone removed it; b listens there now */
+	if (vfm_listen(&u, &b, &err))
+		FAIL("listen b: %s", err.msg);
+	vfm_listener_close(a);
+	CHECK(lstat(u.path, &st) == 0 && S_ISSOCK(st.st_mode));
+	CHECK_EQ(vfm_connect(&u, 2000, &cfd, &err), 0);
+	CHECK_EQ(vfm_accept(b, 2000, &afd, &err), 0);
+	close(cfd);
+	close(afd);
+	vfm_listener_close(b);
+	CHECK(lstat(u.path, &st) < 0 && errno == ENOENT);
+	CHECK(rmdir(dir) == 0);
 }

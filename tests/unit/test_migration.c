@@ -11,12 +11,17 @@
 #include <sys/stat.h>
 
 #include "harness.h"
+#include "migration/engine.h"
 #include "testdev.h"
 #include "vfiomig/migration.h"
 
 #define PG 4096ull
 #define MEM_SIZE (16ull << 20)
 #define DEV_STATE (2u << 20)
+/* Pages 0..DMA_PAGES-1 are written by the device's DMA only, never by the
+ * CPU writer: a page there reaches the destination after its first copy
+ * only if the device's dirty log (or the all-dirty fallback) says so. */
+#define DMA_PAGES 64u
 
 struct guest {
 	struct vfm_guest_mem *mem;
@@ -26,6 +31,7 @@ struct guest {
 	int started;              /* vm ops and the test thread, never at once */
 	unsigned seed;
 	uint64_t writes;
+	atomic_uint_fast64_t dma_writes;  /* device writes into pages < DMA_PAGES */
 };
 
 static void *guest_main(void *arg)
@@ -34,15 +40,21 @@ static void *guest_main(void *arg)
 	uint64_t npages = MEM_SIZE / PG;
 
 	while (atomic_load(&g->running)) {
-		uint64_t page = rand_r(&g->seed) % npages;
+		/* The CPU keeps out of the device's pages when there is a device. */
+		uint64_t cpu_lo = g->dma_dev ? DMA_PAGES : 0;
+		uint64_t page = cpu_lo + rand_r(&g->seed) % (npages - cpu_lo);
 		uint64_t *p = vfm_guest_mem_ptr(g->mem, page * PG, PG);
 		unsigned r = (unsigned)rand_r(&g->seed);
 
 		if (g->dma_dev && r % 4 == 0) {
-			/* The device DMAs into guest memory: only its log knows. */
-			page = r % 64;
+			/* The device DMAs into guest memory: only its log knows.
+			 * Mutations caught (docs/reliability.md): sync_device_log
+			 * made a no-op, or vfm__log_sync's all-dirty fallback
+			 * deleted: these pages differ on the destination. */
+			page = r % DMA_PAGES;
 			p = vfm_guest_mem_ptr(g->mem, page * PG, PG);
 			p[r % (PG / 8)] = ++g->writes;
+			atomic_fetch_add(&g->dma_writes, 1);
 			testdev_log_dirty(g->dma_dev, page * PG);
 			continue;
 		}
@@ -95,6 +107,12 @@ static uint64_t fnv(const void *p, size_t n, uint64_t h)
 static uint64_t mem_hash(struct vfm_guest_mem *mem)
 {
 	return fnv(vfm_guest_mem_ptr(mem, 0, MEM_SIZE), MEM_SIZE, 1469598103934665603ull);
+}
+
+static uint64_t dma_hash(struct vfm_guest_mem *mem)
+{
+	return fnv(vfm_guest_mem_ptr(mem, 0, DMA_PAGES * PG), DMA_PAGES * PG,
+		   1469598103934665603ull);
 }
 
 static uint64_t dev_hash(struct testdev *td)
@@ -156,6 +174,7 @@ static void side_init(struct side *s, unsigned ndev, uint64_t flags, unsigned se
 struct result {
 	int32_t status;
 	uint64_t mem, dev[2];
+	uint64_t dma_mem;  /* hash of the pages only the device writes */
 };
 
 /* Destination child: the listener is up, the parent may connect now. */
@@ -184,6 +203,7 @@ static void run_destination(const char *uri, int wfd, unsigned ndev, uint64_t fl
 	if (r.status)
 		fprintf(stderr, "destination: %s\n", err.msg);
 	r.mem = mem_hash(d.mem);
+	r.dma_mem = dma_hash(d.mem);
 	for (unsigned i = 0; i < ndev; i++) {
 		r.dev[i] = dev_hash(d.td[i]);
 		if (!r.status && testdev_state(d.td[i]) != VFM_STATE_RUNNING)
@@ -201,7 +221,100 @@ struct scenario {
 	const char *props;      /* device properties or NULL */
 	bool writer;
 	unsigned td_opts;       /* TESTDEV_NO_* of the source device */
+	unsigned expect;        /* EXPECT_*: what the options must have done */
 };
+
+/* Effects of the device options, checked on the source's first device. */
+#define EXPECT_NO_PRECOPY      (1u << 0)  /* allow-pre-copy=off */
+#define EXPECT_NO_PRECOPY_SYNC (1u << 1)  /* pre-copy-dirty-page-tracking=off */
+#define EXPECT_NO_DMA_LOG      (1u << 2)  /* no DMA logging: all-dirty fallback */
+
+/* What the source looked like when the guest had stopped and the final dirty
+ * sync was done, before the stop-copy data (VFM__PH_STOP_COPY). */
+struct at_stop {
+	struct side *s;
+	uint64_t dev_bytes;       /* device bytes sent in pre-copy */
+	unsigned log_reports;     /* DMA log reports so far, the final sync included */
+	uint64_t dma_writes_setup, dma_writes_stop;
+	bool seen;
+};
+
+static void on_phase(void *opaque, struct vfm_migration *m, enum vfm__mig_phase ph)
+{
+	struct at_stop *a = opaque;
+	struct guest *g = &a->s->g;
+
+	if (ph == VFM__PH_SETUP)
+		a->dma_writes_setup = atomic_load(&g->dma_writes);
+	if (ph == VFM__PH_PRECOPY && g->started && g->dma_dev) {
+		/* The first iteration sent pages 0..63: the device writes some
+		 * again before pre-copy goes on (bounded: a starved writer on a
+		 * loaded machine gets its turn; no timing is asserted). */
+		uint64_t w0 = atomic_load(&g->dma_writes);
+
+		for (int i = 0; i < 5000 && atomic_load(&g->dma_writes) < w0 + 16; i++)
+			nap_ms(1);
+	}
+	if (ph != VFM__PH_STOP_COPY || !a->s->ndev)
+		return;
+	a->seen = true;
+	a->dev_bytes = vfm_migration_device_transferred(m, testdev_device(a->s->td[0]));
+	a->log_reports = testdev_calls(a->s->td[0], TESTDEV_OP_LOG_REPORT);
+	a->dma_writes_stop = atomic_load(&g->dma_writes);
+}
+
+/*
+ * Checks the options' effects. Each check names the mutation it catches
+ * (docs/reliability.md, scripts/mutants.sh): the migration itself succeeds
+ * with an option ignored, only these figures tell.
+ */
+static void check_expect(const struct scenario *sc, struct side *s, const struct at_stop *a)
+{
+	char arcs[512];
+	uint64_t sent;
+
+	if (!sc->ndev)
+		return;
+	CHECK(a->seen);
+	testdev_arcs(s->td[0], arcs, sizeof(arcs));
+	sent = vfm_migration_device_transferred(s->m, testdev_device(s->td[0]));
+	fprintf(stderr, "# dev0: arcs %s; %" PRIu64 " bytes in pre-copy, %" PRIu64
+		" in all; %u log reports by the final sync; %" PRIu64 " DMA writes in pre-copy\n",
+		arcs, a->dev_bytes, sent, a->log_reports, a->dma_writes_stop - a->dma_writes_setup);
+	/* The device wrote its pages while pre-copy ran: they had to be resent. */
+	if (sc->writer && sc->ndev)
+		CHECK(a->dma_writes_stop > a->dma_writes_setup);
+	if (sc->expect & EXPECT_NO_PRECOPY) {
+		/* Mutation: allow-pre-copy ignored (use_precopy from the flags
+		 * alone): the device takes RUNNING -> PRE_COPY and sends data. */
+		if (strstr(arcs, ">PC"))
+			FAIL("allow-pre-copy=off, yet the device went to PRE_COPY: %s", arcs);
+		CHECK_EQ(a->dev_bytes, 0);
+		/* One copy of the state in stop-copy: the state, its END
+		 * record and the framing (measured: 2097308 bytes for 2 MiB);
+		 * the device churns all along, so a pre-copy sends ~2.9 MB. */
+		if (sent > DEV_STATE + 4096)
+			FAIL("%" PRIu64 " device bytes for a %u-byte state without pre-copy",
+			     sent, DEV_STATE);
+	} else if (!(sc->flags & VFM_MIG_PRE_COPY) || !sc->writer) {
+		/* nothing to compare */
+	} else {
+		CHECK(strstr(arcs, ">PC") != NULL);
+		CHECK(a->dev_bytes > 0);
+	}
+	if (sc->expect & EXPECT_NO_PRECOPY_SYNC) {
+		/* Mutation: pre-copy-dirty-page-tracking ignored: every pre-copy
+		 * pass reads the device's log. Here only the final sync does
+		 * (one report for the one memory region). */
+		CHECK_EQ(a->log_reports, 1);
+	} else if (sc->expect & EXPECT_NO_DMA_LOG) {
+		CHECK_EQ(testdev_calls(s->td[0], TESTDEV_OP_LOG_START), 0);
+		CHECK_EQ(a->log_reports, 0);
+	} else if (sc->writer) {
+		/* Pre-copy syncs read the log too: the final one plus at least one. */
+		CHECK(a->log_reports >= 2);
+	}
+}
 
 static char tmpdir[64];
 
@@ -274,8 +387,11 @@ static void run_scenario(const struct scenario *sc)
 	pid_t pid = -1;
 	bool file = !strcmp(sc->uri_kind, "file");
 
+	struct at_stop at = { .s = &s };
+
 	make_uri(sc->uri_kind, uri, sizeof(uri));
 	side_init(&s, sc->ndev, sc->flags, 7, sc->props, sc->td_opts);
+	vfm__migration_set_phase_hook(s.m, on_phase, &at);
 	for (unsigned i = 0; i < sc->ndev; i++)
 		CHECK_EQ(testdev_dirty(s.td[i], 100, 5000), 0);
 	if (!file)
@@ -300,6 +416,9 @@ static void run_scenario(const struct scenario *sc)
 	if (file)
 		pid = fork_destination(uri, sc->ndev, sc->flags, &rfd);
 	destination_result(pid, rfd, &r);
+	/* The pages only the device wrote first: its dirty log's part. */
+	if (r.dma_mem != dma_hash(s.mem))
+		FAIL("pages written by device DMA differ on the destination");
 	CHECK(r.mem == mem_hash(s.mem));
 	for (unsigned i = 0; i < sc->ndev; i++)
 		CHECK(r.dev[i] == dev_hash(s.td[i]));
@@ -307,7 +426,9 @@ static void run_scenario(const struct scenario *sc)
 	CHECK(st.ram_transferred_bytes > 0);
 	if (sc->ndev)
 		CHECK(st.device_transferred_bytes >= DEV_STATE * sc->ndev);
-	CHECK(st.downtime_ms >= 0);
+	/* The guest stopped for a measured, bounded while. */
+	CHECK(st.downtime_ms > 0 && st.downtime_ms < 5000);
+	check_expect(sc, &s, &at);
 	fprintf(stderr, "# %s: %u dev, downtime %.2f ms, %" PRIu64 " iterations, %" PRIu64
 		" bytes\n", sc->uri_kind, sc->ndev, st.downtime_ms, st.precopy_iterations,
 		st.transferred_bytes);
@@ -341,25 +462,26 @@ TEST(unix_precopy_no_p2p)
 
 TEST(unix_opt_out_of_precopy_tracking)
 {
-	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "pre-copy-dirty-page-tracking=off", .writer = true };
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "pre-copy-dirty-page-tracking=off", .writer = true, .expect = EXPECT_NO_PRECOPY_SYNC };
 	run_scenario(&sc);
 }
 
 TEST(unix_allow_pre_copy_off)
 {
-	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "allow-pre-copy=off", .writer = true };
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "allow-pre-copy=off", .writer = true, .expect = EXPECT_NO_PRECOPY };
 	run_scenario(&sc);
 }
 
 TEST(device_without_dma_logging_falls_back_to_all_dirty)
 {
-	struct scenario sc = { "unix", 1, VFM_MIG_ALL, NULL, true, TESTDEV_NO_DMA_LOGGING };
+	struct scenario sc = { "unix", 1, VFM_MIG_ALL, NULL, true, TESTDEV_NO_DMA_LOGGING,
+			       EXPECT_NO_DMA_LOG };
 	run_scenario(&sc);
 }
 
 TEST(device_dirty_tracking_off)
 {
-	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "device-dirty-page-tracking=off", .writer = true };
+	struct scenario sc = { .uri_kind = "unix", .ndev = 1, .flags = VFM_MIG_ALL, .props = "device-dirty-page-tracking=off", .writer = true, .expect = EXPECT_NO_DMA_LOG };
 	run_scenario(&sc);
 }
 
@@ -367,7 +489,7 @@ TEST(device_without_precopy_info)
 {
 	/* vfio-user has no PRECOPY_INFO: pre-copy runs on read amounts alone. */
 	struct scenario sc = { "unix", 1, VFM_MIG_ALL, NULL, true,
-			       TESTDEV_NO_PRECOPY_INFO | TESTDEV_NO_STOP_COPY_SIZE };
+			       TESTDEV_NO_PRECOPY_INFO | TESTDEV_NO_STOP_COPY_SIZE, 0 };
 	run_scenario(&sc);
 }
 

@@ -540,6 +540,35 @@ TEST(rate_limiter_arithmetic)
 	CHECK_EQ(vfm__iter_budget(1ull << 40), 8ull << 20);
 }
 
+/* Where pre-copy began (VFM__PH_SETUP): time and bytes out. */
+struct bw_start {
+	_Atomic uint64_t t0_ns;
+	uint64_t bytes0;
+};
+
+static void bw_phase(void *opaque, struct vfm_migration *m, enum vfm__mig_phase ph)
+{
+	struct bw_start *b = opaque;
+	struct vfm_migration_stats st;
+
+	if (ph != VFM__PH_SETUP)
+		return;
+	vfm_migration_get_stats(m, &st);
+	b->bytes0 = st.transferred_bytes;
+	atomic_store(&b->t0_ns, vfm__now_ns());
+}
+
+/*
+ * The bytes pre-copy sent in a fixed span at a low limit: at most limit x
+ * span plus what one turn sends before its pause: RAM's and the device's
+ * budget (vfm__iter_budget each) and one device read past the budget (the
+ * data buffer: the dma device's max_data_xfer_size, 1 MiB, and headers). A loaded machine only sends less, so it cannot hide the
+ * limiter's absence: without it, the first pass alone (the written RAM and
+ * the 1 MiB device state, several MB) leaves within the span on any machine
+ * this runs on. The migration is then cancelled (it could not converge at
+ * this limit against the guest's DMA) and the source runs on.
+ * Mutation caught: rate_limit()'s body removed (docs/reliability.md).
+ */
 TEST_TIMEOUT(max_bandwidth_honoured, 60)
 {
 	struct md_opts o = { .ndev = 1 };
@@ -547,28 +576,43 @@ TEST_TIMEOUT(max_bandwidth_honoured, 60)
 	struct vfm_migration_params p;
 	struct vfm_migration_stats st;
 	struct vfm_error err = { 0 };
-	struct md_result r;
+	struct bw_start b = { 0 };
 	struct md_dest d;
 	struct md_side s;
-	const uint64_t limit = 40ull << 20;
+	const uint64_t limit = 1ull << 20, span_ms = 1500, one_read = (1ull << 20) + 4096;
+	uint64_t t1, sent, allowed;
 
 	begin(srv, &o, "unix", &d, &s);
 	start_guest(&s);
 	md_params(&p);
 	p.max_bandwidth = limit;
+	/* No PAD probe: its bytes go out unlimited (they time the link). */
+	p.avail_switchover_bandwidth = limit;
+	vfm__migration_set_phase_hook(s.m, bw_phase, &b);
 	CHECK_EQ(vfm_migration_start(s.m, d.uri, &p, &err), 0);
+	for (int i = 0; i < 10000 && !atomic_load(&b.t0_ns); i++)
+		usleep(1000);
+	CHECK(atomic_load(&b.t0_ns) != 0);
+	nap_ms((unsigned)span_ms);
+	vfm_migration_get_stats(s.m, &st);
+	t1 = vfm__now_ns();
+	CHECK_EQ(st.status, VFM_MIG_ACTIVE);
+	sent = st.transferred_bytes - b.bytes0;
+	allowed = (uint64_t)((double)limit * (double)(t1 - b.t0_ns) / 1e9) +
+		  2 * vfm__iter_budget(limit) + one_read;
+	fprintf(stderr, "# pre-copy sent %" PRIu64 " bytes in %.3f s under a %" PRIu64
+		" B/s limit: at most %" PRIu64 " allowed\n", sent,
+		(double)(t1 - b.t0_ns) / 1e9, limit, allowed);
+	/* Something moved, and no more than the limit lets through. */
+	CHECK(sent >= vfm__iter_budget(limit));
+	if (sent > allowed)
+		FAIL("%" PRIu64 " bytes in %" PRIu64 " ms at a %" PRIu64 " B/s limit", sent,
+		     span_ms, limit);
+	vfm_migration_cancel(s.m);
 	md_wait(&s, &st);
-	if (st.status != VFM_MIG_COMPLETED)
-		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
-	CHECK_EQ(md_dest_wait(&d, &r), 0);
-	CHECK(r.mem_hash == md_mem_hash(s.mem));
-	/* Loose and immune to a slow machine: never well above the limit. */
-	fprintf(stderr, "# measured %.1f MB/s under a %.1f MB/s limit\n", st.bandwidth_bps / 1e6,
-		(double)limit / 1e6);
-	CHECK(st.bandwidth_bps > 0);
-	CHECK(st.bandwidth_bps < 3.0 * (double)limit);
-	md_side_free(&s);
-	md_devsrv_kill(&srv[0]);
+	CHECK_EQ(st.status, VFM_MIG_CANCELLED);
+	check_recovered(&s, &st, false);
+	end_dest_failed(&d, &s, srv, 1);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -611,7 +655,7 @@ static void incoming_begin(struct incoming_run *in, struct md_side *s, pthread_t
 
 TEST_TIMEOUT(incoming_cancel_ends_the_wait_for_a_source, 30)
 {
-	struct md_opts o = { .ndev = 1, .quiet = true };
+	struct md_opts o = { .ndev = 1 };
 	struct md_devsrv srv[1];
 	struct incoming_run in = { 0 };
 	struct vfm_error err = { 0 };
