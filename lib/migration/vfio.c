@@ -512,7 +512,10 @@ static bool start_device_log(struct vfm_migration *m, struct vfm_mig_device *md,
 		snprintf(why, len, "DMA logging start: %s", e.msg);
 		return false;
 	}
-	if (trial_report(m, md, false, vfm_guest_mem_page_size(m->mem), &e)) {
+	/* Kernel devices only: the kernel's iova_bitmap is what may be missing. A
+	 * vfio-user report failing later still costs only that sync (all dirty). */
+	if (vfm_device_is_vfio(md->dev) &&
+	    trial_report(m, md, false, vfm_guest_mem_page_size(m->mem), &e)) {
 		snprintf(why, len, "DMA logging report: %s", e.msg);
 		vfm_device_log_stop(md->dev, NULL);
 		return false;
