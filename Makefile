@@ -8,7 +8,7 @@ endif
 MESON_OPTS ?=
 TEST_OPTS  ?= --print-errorlogs
 
-.PHONY: all deps demo check check-asan check-tsan clean install fuzz fuzz-seeds bench bench-quick \
+.PHONY: all deps demo check check-slow check-asan check-tsan clean install fuzz fuzz-seeds bench bench-quick \
 	valgrind valgrind-integration check-kernel
 
 all: $(BUILD)/build.ninja
@@ -28,6 +28,11 @@ demo: deps all
 check: all
 	-$(MESON) test -C $(BUILD) $(TEST_OPTS)
 	./scripts/test-summary.py $(BUILD)/meson-logs --expected tests/expected-tests.txt
+
+# The whole convergence matrix (48 cases of real dma device processes; `make
+# check` runs a reduced one). Minutes, not seconds.
+check-slow: all
+	VFM_MATRIX=full $(MESON) test -C $(BUILD) $(TEST_OPTS) --timeout-multiplier 3 convergence
 
 # The kernel VFIO backend against a real kernel: tests/kernel/*.sh in a nested
 # Debian 6.12 guest with mtty mdevs (tests/kernel/run-in-guest.sh; first use
@@ -49,7 +54,7 @@ check-tsan:
 
 # The unit tests and fuzz corpora under valgrind memcheck (leaks are errors).
 # VALGRIND_SKIP: tests too slow under valgrind (memory-heavy migrations).
-VALGRIND_SKIP ?= migration migration_dma migration_fail kvm
+VALGRIND_SKIP ?= migration migration_dma migration_fail kvm convergence
 valgrind: all
 	$(MESON) test -C $(BUILD) $(TEST_OPTS) --timeout-multiplier 10 \
 		$(filter-out $(VALGRIND_SKIP),$(shell $(MESON) test -C $(BUILD) --list --suite unit \

@@ -7,6 +7,13 @@ kvm`; medians of N runs and the ratios vfiomig / QEMU.
 
 usage: qemu_peer.py BUILD_DIR [--runs N] [--json]
 run.py imports section() for its "## 8. Peer: QEMU".
+
+Each run also measures the blackout as the guest sees it: the guest's vCPU 0
+writes a heartbeat byte to port 0xe8 every HEARTBEAT_US (guest/guest.c); QEMU
+forwards it through an isa-debugcon on a socket chardev, vfiomig through `vm
+--heartbeat`, both to one observer (bench/vfm-heartbeat) that timestamps
+every beat. Blackout = the longest silence over both sockets during the
+migration, the same measure for both VMMs.
 """
 import json
 import os
@@ -27,6 +34,46 @@ MAX_BW = 100 << 30          # QEMU's default cap is 128 MiB/s; vfiomig has none
 MAILBOX = 0x1000
 VCPU0 = MAILBOX + 0x80      # struct kg_vcpu_stats of vCPU 0 (guest/abi.h)
 BOOT_TIMEOUT = 60
+HEARTBEAT_US = 1000
+HEARTBEAT_PORT = 0xe8       # KG_PORT_HEARTBEAT, guest/abi.h
+
+
+def raise_prio():
+    """The observer timestamps beats as it reads them: ahead of the VMs where allowed."""
+    try:
+        os.nice(-10)
+    except OSError:
+        pass
+
+
+class Observer:
+    """bench/vfm-heartbeat on two sockets; mark() brackets the migration."""
+
+    def __init__(self, exe, tmp):
+        self.src = os.path.join(tmp, 'hb-src.sock')
+        self.dst = os.path.join(tmp, 'hb-dst.sock')
+        self.p = subprocess.Popen([exe, self.src, self.dst, '--timeout', '300'],
+                                  stdout=subprocess.PIPE, text=True, preexec_fn=raise_prio)
+        if self.p.stdout.readline().strip() != 'ready':
+            self.p.kill()
+            raise RuntimeError('heartbeat observer did not start')
+
+    def start(self):
+        self.p.send_signal(10)      # SIGUSR1: the migration starts
+
+    def end(self):
+        self.p.send_signal(12)      # SIGUSR2: the destination runs
+
+    def result(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+        out = self.p.communicate(timeout=10)[0]
+        return json.loads(out)
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
 
 
 class Qmp:
@@ -176,12 +223,29 @@ def qemu_version(qemu):
     return p.stdout.splitlines()[0] if p.stdout else '?'
 
 
-def qemu_run(qemu, img, tmp):
+def hb_result(obs, res):
+    """The observer's verdict into a run's result."""
+    hb = obs.result()
+    res.update({'blackout_ms': hb['blackout_ms'], 'switch_ms': hb['switch_ms'],
+                'before_max_gap_ms': hb['before_max_gap_ms'],
+                'blackout_between': hb['blackout_between'],
+                'blackout_at_ms': hb['blackout_at_ms'] - hb['window_ms'][0],
+                'beats': (hb['src']['beats'], hb['dst']['beats']),
+                'beat_period_ms': hb['src']['median_gap_ms']})
+    return res
+
+
+def qemu_run(qemu, img, tmp, hb_exe):
     """One QEMU migration: source and -incoming destination on UNIX sockets."""
     procs = Procs()
+    obs = Observer(hb_exe, tmp)
     base = ['-enable-kvm', '-m', str(RAM_MIB), '-smp', '1', '-nodefaults', '-no-reboot',
             '-display', 'none', '-monitor', 'none', '-serial', 'none', '-kernel', img,
-            '-append', 'ws=%d rate=%d' % (WS, RATE)]
+            '-append', 'ws=%d rate=%d hb=%d' % (WS, RATE, HEARTBEAT_US)]
+
+    def heartbeat(path):
+        return ['-chardev', 'socket,id=hb,path=' + path,
+                '-device', 'isa-debugcon,iobase=0x%x,chardev=hb' % HEARTBEAT_PORT]
     con_s, con_d = os.path.join(tmp, 'src.console'), os.path.join(tmp, 'dst.console')
     qmp_s, qmp_d = os.path.join(tmp, 'src.qmp'), os.path.join(tmp, 'dst.qmp')
     mig = os.path.join(tmp, 'mig.sock')
@@ -189,10 +253,10 @@ def qemu_run(qemu, img, tmp):
         if os.path.exists(f):
             os.unlink(f)
     try:
-        src = procs.start([qemu] + base + ['-debugcon', 'file:' + con_s,
+        src = procs.start([qemu] + base + heartbeat(obs.src) + ['-debugcon', 'file:' + con_s,
                                            '-qmp', 'unix:%s,server=on,wait=off' % qmp_s],
                           os.path.join(tmp, 'src.log'))
-        procs.start([qemu] + base + ['-debugcon', 'file:' + con_d,
+        procs.start([qemu] + base + heartbeat(obs.dst) + ['-debugcon', 'file:' + con_d,
                                      '-qmp', 'unix:%s,server=on,wait=off' % qmp_d,
                                      '-incoming', 'unix:' + mig],
                     os.path.join(tmp, 'dst.log'))
@@ -208,8 +272,11 @@ def qemu_run(qemu, img, tmp):
         rate = (qemu_read_u64(s, VCPU0) - w0) * 4096 / 1.0
         s.cmd('migrate-set-parameters', **{'downtime-limit': DOWNTIME_LIMIT_MS,
                                            'max-bandwidth': MAX_BW})
+        obs.start()
         info = migrate(s, 'unix:' + mig, 'qemu', 'error-desc')
         wait_for(lambda: d.cmd('query-status')['status'] == 'running', 30, 'destination running')
+        time.sleep(0.5)     # the destination's first half second counts too
+        obs.end()
         d0 = qemu_read_u64(d, VCPU0)
         time.sleep(0.5)
         resumed = qemu_read_u64(d, VCPU0) > d0
@@ -218,31 +285,36 @@ def qemu_run(qemu, img, tmp):
         panicked = 'PANIC' in open(con_d).read() + open(con_s).read()
         s.close()
         d.close()
-        return {'downtime_ms': float(info['downtime']), 'total_time_ms': float(info['total-time']),
+        return hb_result(obs, {
+                'downtime_ms': float(info['downtime']), 'total_time_ms': float(info['total-time']),
                 'setup_time_ms': float(info.get('setup-time', 0)),
                 'transferred_bytes': info['ram']['transferred'],
                 'iterations': info['ram'].get('dirty-sync-count', 0),
                 'dirty_rate_measured': rate, 'dst_check_ms': 0.0,
                 'verified': ok and resumed and not panicked,
                 'detail': detail + ('' if resumed else ', guest not running after migration')
-                + (', PANIC on console' if panicked else '')}
+                + (', PANIC on console' if panicked else '')})
     finally:
         procs.stop()
+        obs.kill()
 
 
-def vfiomig_run(vfiomig, tmp):
+def vfiomig_run(vfiomig, tmp, hb_exe):
     """One vfiomig migration of the same guest: `vfiomig vm --guest kvm`."""
     procs = Procs()
+    obs = Observer(hb_exe, tmp)
     base = [vfiomig, 'vm', '--mem', '%dM' % RAM_MIB, '--guest', 'kvm', '--vcpus', '1',
-            '--working-set', str(WS), '--dirty-rate', str(RATE)]
+            '--working-set', str(WS), '--dirty-rate', str(RATE),
+            '--heartbeat-us', str(HEARTBEAT_US)]
     ctl_s, ctl_d = os.path.join(tmp, 'src.ctl'), os.path.join(tmp, 'dst.ctl')
     mig = os.path.join(tmp, 'vmig.sock')
     for f in (ctl_s, ctl_d, mig):
         if os.path.exists(f):
             os.unlink(f)
     try:
-        procs.start(base + ['--control', ctl_s], os.path.join(tmp, 'vsrc.log'))
-        procs.start(base + ['--control', ctl_d, '--incoming', 'unix:' + mig],
+        procs.start(base + ['--heartbeat', obs.src, '--control', ctl_s],
+                    os.path.join(tmp, 'vsrc.log'))
+        procs.start(base + ['--heartbeat', obs.dst, '--control', ctl_d, '--incoming', 'unix:' + mig],
                     os.path.join(tmp, 'vdst.log'))
         s, d = Qmp(ctl_s), Qmp(ctl_d)
         wait_for(lambda: s.cmd('query-vfiomig')['guest'].get('page_writes', 0) > 0,
@@ -251,27 +323,34 @@ def vfiomig_run(vfiomig, tmp):
         time.sleep(1.0)
         rate = (s.cmd('query-vfiomig')['guest']['page_writes'] - w0) * 4096 / 1.0
         s.cmd('migrate-set-parameters', **{'downtime-limit': DOWNTIME_LIMIT_MS})
+        obs.start()
         info = migrate(s, 'unix:' + mig, 'vfiomig', 'error')
         wait_for(lambda: d.cmd('query-status')['status'] == 'running', 30, 'destination running')
+        time.sleep(0.5)
+        obs.end()
         quick = (d.cmd('query-vfiomig')['guest'].get('quick') or {}).get('verify_ms') or 0.0
         g = d.cmd('guest-verify')
         s.close()
         d.close()
-        return {'downtime_ms': info['downtime_ms'], 'total_time_ms': float(info['total_time_ms']),
+        return hb_result(obs, {
+                'switchover_ms': info.get('switchover_ms') or {},
+                'downtime_ms': info['downtime_ms'], 'total_time_ms': float(info['total_time_ms']),
                 'setup_time_ms': float(info.get('setup_time_ms', 0)),
                 'transferred_bytes': info['transferred_bytes'],
                 'iterations': info.get('precopy_iterations', 0),
                 'dirty_rate_measured': rate, 'verified': bool(g.get('verified')),
                 'dst_check_ms': quick,
-                'detail': g.get('detail', '')}
+                'detail': g.get('detail', '')})
     finally:
         procs.stop()
+        obs.kill()
 
 
 def measure(build, vfiomig=None, runs=3):
     qemu = shutil.which('qemu-system-x86_64')
     img = os.path.join(build, 'lib', 'guest-mb.img')
     vfiomig = vfiomig or os.path.join(build, 'tools', 'vfiomig')
+    hb_exe = os.path.join(build, 'bench', 'vfm-heartbeat')
     res = {'ram_mib': RAM_MIB, 'working_set': WS, 'dirty_rate': RATE,
            'downtime_limit_ms': DOWNTIME_LIMIT_MS, 'runs': runs}
     if not qemu:
@@ -285,8 +364,8 @@ def measure(build, vfiomig=None, runs=3):
         return res
     res['qemu_version'] = qemu_version(qemu)
     with tempfile.TemporaryDirectory(prefix='vfm-qemupeer-') as tmp:
-        for name, fn in (('qemu', lambda: qemu_run(qemu, img, tmp)),
-                         ('vfiomig', lambda: vfiomig_run(vfiomig, tmp))):
+        for name, fn in (('qemu', lambda: qemu_run(qemu, img, tmp, hb_exe)),
+                         ('vfiomig', lambda: vfiomig_run(vfiomig, tmp, hb_exe))):
             res[name] = []
             for i in range(runs):
                 try:
@@ -294,11 +373,60 @@ def measure(build, vfiomig=None, runs=3):
                 except (RuntimeError, OSError, KeyError, ValueError) as e:
                     res.setdefault('errors', []).append('%s run %d: %s' % (name, i + 1, e))
                     continue
-                print('  peer %s run %d: downtime %.1f ms, total %.0f ms, verified %s' %
-                      (name, i + 1, r['downtime_ms'], r['total_time_ms'], r['verified']),
-                      flush=True)
+                print('  peer %s run %d: downtime %.1f ms, blackout %.1f ms (%s, %.0f ms after '
+                      'the start), total %.0f ms, verified %s' % (
+                          name, i + 1, r['downtime_ms'], r['blackout_ms'], r['blackout_between'],
+                          r['blackout_at_ms'], r['total_time_ms'], r['verified']), flush=True)
                 res[name].append(r)
     return res
+
+
+def blackout_lines(r):
+    """The blackout rows (issue 19): the same observer for both VMMs."""
+    w = ['\n### Blackout as the guest sees it (heartbeat)\n',
+         'The guest\'s vCPU 0 writes a byte to port 0x%x every %d µs; QEMU forwards it with an '
+         '`isa-debugcon` on a socket chardev, vfiomig with `vm --heartbeat`; one observer '
+         '(`bench/vfm-heartbeat`) timestamps every beat from the source\'s and the '
+         'destination\'s socket. Blackout = the longest silence over both sockets between the '
+         'migration\'s start and half a second after the destination runs (silences clipped to that window); switch gap = the '
+         'destination\'s first beat minus the source\'s last. Same runs as above.\n' %
+         (HEARTBEAT_PORT, HEARTBEAT_US),
+         '| peer | blackout ms (runs) | switch gap ms (runs) | own downtime ms | longest gap '
+         'before the migration ms | beats src/dst |',
+         '|---|---|---|---:|---:|---|']
+    meds = {}
+    for name in ('qemu', 'vfiomig'):
+        xs = [x for x in r.get(name) or [] if 'blackout_ms' in x]
+        if not xs:
+            w.append('| %s | failed | | | |' % name)
+            continue
+        b = median([x['blackout_ms'] for x in xs])
+        meds[name] = b
+        sw = [x['switch_ms'] for x in xs if x.get('switch_ms') is not None]
+        meds[name + '_switch'] = median(sw) if sw else 0
+        w.append('| %s | %.1f (%s) | %s (%s) | %.1f | %.1f | %s |' % (
+            'QEMU' if name == 'qemu' else 'vfiomig', b,
+            ', '.join('%.1f' % x['blackout_ms'] for x in xs),
+            '%.1f' % median(sw) if sw else '—', ', '.join('%.1f' % v for v in sw),
+            median([x['downtime_ms'] for x in xs]),
+            median([x['before_max_gap_ms'] for x in xs]),
+            ', '.join('%d/%d' % tuple(x['beats']) for x in xs)))
+    if 'qemu' in meds and 'vfiomig' in meds and meds['qemu'] > 0:
+        w.append('\nBlackout ratio vfiomig / QEMU (medians): **%.2f** (goal ≤ 0.5); switch gap '
+                 'ratio **%.2f**.' % (meds['vfiomig'] / meds['qemu'],
+                                      meds['vfiomig_switch'] / meds['qemu_switch']
+                                      if meds.get('qemu_switch') else float('inf')))
+    tl = [x['switchover_ms'] for x in r.get('vfiomig') or [] if x.get('switchover_ms')]
+    if tl:
+        w.append('\nvfiomig\'s switchover step by step (`query-migrate` `switchover_ms`, '
+                 'medians over the runs, ms):\n')
+        keys = list(tl[0].keys())
+        w.append('| ' + ' | '.join(keys) + ' |')
+        w.append('|' + '---:|' * len(keys))
+        w.append('| ' + ' | '.join('%.2f' % median([t.get(k, 0) for t in tl]) for k in keys)
+                 + ' |')
+    w.append('')
+    return w
 
 
 def section(build, vfiomig=None, runs=3):
@@ -355,6 +483,7 @@ def section(build, vfiomig=None, runs=3):
     for e in r.get('errors', []):
         w.append('\n- error: %s' % e)
     w.append('')
+    w.extend(blackout_lines(r))
     return w
 
 

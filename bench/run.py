@@ -380,7 +380,7 @@ def main():
     # 8. Peer: QEMU (bench/qemu_peer.py).
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import qemu_peer
-    rep.extend(qemu_peer.section(BUILD, VFIOMIG, runs=3))
+    rep.extend(qemu_peer.section(BUILD, VFIOMIG, runs=3 if QUICK else 5))
 
     # 9. TLS, 10. two hosts.
     tls_section(w, targets, ram_size // 4, dev_state // 4)
@@ -406,6 +406,12 @@ def main():
     w("| source reading never-written guest memory to test it for zero: each read of a memfd hole allocates the page (the migration thread's time was page faults; 256 MiB allocated on the source) | holes found with `lseek(SEEK_DATA/SEEK_HOLE)` per round are sent as zero runs unread | KVM peer guest (256 MiB, 4 MiB written): bulk pass 417 → 2 ms |")
     w('| destination punching zero runs out of memory it had just populated (free now, fault again when the guest touches it; the destination fell ~600 ms behind) | resident zero pages are checked and left as they are (QEMU does the same); only non-resident ranges are punched | drain round trip before switchover 636 → ~10 ms |')
     w('| an idle guest waited for the first 100 ms bandwidth window before the link was known | the link probe runs as soon as the first full pass is out | KVM peer total time ~350 → ~25 ms (ratio to QEMU 6.3 → 0.35) |')
+    w('| multifd: the drain PING before switchover waited for main only, while the destination\'s '
+      'channel threads were still checking a first pass\'s zero runs (256 MiB resident memory, '
+      'page by page): that backlog loaded inside the downtime (`switchover_ms.dest_load`) | the '
+      'drain PING carries the RAM packets sent on each channel and is answered once they are '
+      'applied | KVM peer guest: dest_load 45–157 → 1.6–4.5 ms, blackout (heartbeat) see '
+      'section 8 |')
     w('| copy of every page into a bounce buffer (needed while the guest runs: the checksum must '
       'cover the bytes sent) | no bounce in stop-copy, where the guest is stopped | one copy less '
       'per page inside the downtime |')

@@ -3,6 +3,7 @@
 #define VFM_DEVICES_DMA_PRIV_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <sys/types.h>
 
@@ -66,6 +67,7 @@ struct vfm_dmadev {
 	 * state checksum costs npages x 8 bytes of hashing, not mem_size. */
 	uint64_t *page_hash;
 	uint64_t churn_rate;
+	_Atomic unsigned churn_throttle;   /* percent of churn_rate withheld (migration) */
 	uint64_t save_latency_us;
 	uint64_t instance;
 	struct vfm_vfu_migration_ops mig_ops;  /* the flags this instance offers */

@@ -196,6 +196,7 @@ static uint64_t reg_read_locked(struct vfm_dmadev *dev, uint64_t off)
 	case DMADEV_REG_CHECKSUM: return dmadev_state_hash(dev, dev->win, r);
 	case DMADEV_REG_CHURN: return dev->churn_count;
 	case DMADEV_REG_SCRATCH: return r->scratch;
+	case DMADEV_REG_THROTTLE: return atomic_load(&dev->churn_throttle);
 	default: return 0;
 	}
 }
@@ -255,6 +256,10 @@ static void reg_write_locked(struct vfm_dmadev *dev, uint64_t off, uint64_t v, b
 		break;
 	case DMADEV_REG_SCRATCH:
 		r->scratch = v;
+		break;
+	case DMADEV_REG_THROTTLE:
+		/* The migration's device-side auto-converge: less churn. */
+		atomic_store(&dev->churn_throttle, (unsigned)(v > 99 ? 99 : v));
 		break;
 	default:
 		break;   /* read-only or unused: ignored, as hardware does */
@@ -336,7 +341,8 @@ static void *churn_main(void *arg)
 
 		pthread_cond_timedwait(&dev->cond, &dev->lock, &until);
 		now = mono_ns();
-		add = (uint64_t)(now - last) * dev->churn_rate / 1000000000ull;
+		add = (uint64_t)(now - last) * dev->churn_rate / 1000000000ull *
+		      (100 - atomic_load(&dev->churn_throttle)) / 100;
 		last = now;
 		if (!dev->running) {
 			budget = 0;
@@ -539,6 +545,7 @@ static int dma_reset(struct vfm_vfu_ctx *ctx)
 	dmadev_save_close_locked(dev);
 	dev->regs = (struct dmadev_regs){ 0 };
 	memset(dev->win, 0, DMADEV_WIN_SIZE);
+	atomic_store(&dev->churn_throttle, 0);
 	dev->running = dev->dma_ok = true;
 	pthread_mutex_unlock(&dev->lock);
 	pthread_cond_signal(&dev->cond);

@@ -87,6 +87,9 @@ struct kg_desc {
 #define KG_PORT_CONSOLE  0xe9         /* out8: one console byte (QEMU's debugcon port) */
 #define KG_PORT_IDLE     0xe0         /* out32: microseconds with nothing to do */
 #define KG_PORT_PANIC    0xe4         /* out32: the guest found itself broken; code */
+#define KG_PORT_HEARTBEAT 0xe8        /* out8: vCPU 0's heartbeat, every heartbeat_us; the
+				       * byte is a sequence number mod 256 (QEMU: an
+				       * isa-debugcon at iobase 0xe8 on a socket chardev) */
 
 #define KG_MAGIC         UINT64_C(0x314753454d4b4656)  /* "VFKMESG1" little-endian */
 #define KG_ABI_VERSION   1u
@@ -179,7 +182,10 @@ struct kg_mailbox {
 	uint64_t ndev;            /* dma devices, at most KG_MAX_DEVS */
 	uint64_t dev_gpa;         /* device i's block: dev_gpa + i * KG_DEV_PAGES pages */
 	uint64_t mmio_gpa;        /* device i's BAR0: mmio_gpa + i * KG_MMIO_STRIDE */
-	uint64_t reserved[5];
+	/* Set at boot (zero: no heartbeat, as in guests before it): vCPU 0
+	 * writes KG_PORT_HEARTBEAT every this many microseconds of TSC time. */
+	uint64_t heartbeat_us;
+	uint64_t reserved[4];
 	struct kg_vcpu_stats vcpu[KG_MAX_VCPUS];
 };
 

@@ -480,6 +480,47 @@ static __attribute__((noreturn)) void panic(struct vcpu *v, uint32_t code, const
 		outl(KG_PORT_PANIC, code);
 }
 
+/*
+ * vCPU 0's heartbeat (docs/kvm-guest.md): one byte on KG_PORT_HEARTBEAT every
+ * heartbeat_us, a sequence number, so an observer outside the VMM sees every
+ * moment the guest ran (the blackout of a migration is the longest silence).
+ * Missed beats are not caught up (the gap is the measurement); a TSC that
+ * moved back (another host) restarts the schedule. Returns microseconds to
+ * the next beat (0: no heartbeat).
+ */
+struct heartbeat {
+	uint64_t next, ticks;
+	uint8_t seq;
+};
+
+static uint64_t heartbeat(struct heartbeat *hb, const struct kg_mailbox *mb, uint64_t now)
+{
+	uint64_t us = mb->heartbeat_us, khz = mb->tsc_khz;
+
+	if (!us || !khz)
+		return 0;
+	hb->ticks = us * khz / 1000;
+	if (!hb->ticks)
+		hb->ticks = 1;
+	if ((int64_t)(now - hb->next) >= 0) {
+		outb(KG_PORT_HEARTBEAT, hb->seq++);
+		hb->next += hb->ticks;
+		if ((int64_t)(now - hb->next) >= 0)
+			hb->next = now + hb->ticks;
+	} else if (hb->next - now > hb->ticks) {
+		hb->next = now;
+	}
+	return (hb->next - now) * 1000 / khz + 1;
+}
+
+/* An idle request, cut short so the heartbeat stays on time. */
+static void idle_until(uint64_t us, uint64_t hb_us)
+{
+	if (hb_us && hb_us < us)
+		us = hb_us;
+	outl(KG_PORT_IDLE, (uint32_t)us);
+}
+
 __attribute__((noreturn, section(".text.entry"))) void kg_entry(uint64_t cpu,
 								  struct kg_mailbox *mb);
 
@@ -492,6 +533,7 @@ __attribute__((noreturn, section(".text.entry"))) void kg_entry(uint64_t cpu,
 		.rng = kg_mix(cpu + 1),
 	};
 	uint64_t rate = 0, last = rdtsc(), credit = 0, seen_check = 0;
+	struct heartbeat hb = { .next = last };
 	struct line l;
 
 	if (mb->magic != KG_MAGIC || mb->version != KG_ABI_VERSION || cpu >= mb->nvcpus)
@@ -515,7 +557,7 @@ __attribute__((noreturn, section(".text.entry"))) void kg_entry(uint64_t cpu,
 			dev_setup(&v, i, dev_rec(&v, i));
 
 	for (;;) {
-		uint64_t now, elapsed, hz, my_rate, total, req;
+		uint64_t now, elapsed, hz, my_rate, total, req, hb_us = 0;
 
 		/* Registers and RAM must agree after any stop, save and load. */
 		if (v.written != v.st->pages_written)
@@ -525,12 +567,14 @@ __attribute__((noreturn, section(".text.entry"))) void kg_entry(uint64_t cpu,
 			self_check(&v, req);
 			seen_check = req;
 		}
+		if (cpu == 0)
+			hb_us = heartbeat(&hb, mb, rdtsc());
 		total = mb->rate_pages;
 		my_rate = total / v.ncpu + (cpu < total % v.ncpu);
 		hz = mb->tsc_khz * 1000;
 		if (!my_rate || !hz || !v.mine) {
 			rate = 0;
-			outl(KG_PORT_IDLE, 10000);
+			idle_until(10000, hb_us);
 			continue;
 		}
 		now = rdtsc();
@@ -560,7 +604,7 @@ __attribute__((noreturn, section(".text.entry"))) void kg_entry(uint64_t cpu,
 			uint64_t wait = (hz - credit + rate - 1) / rate;   /* ticks */
 			uint64_t us = wait * 1000 / mb->tsc_khz;
 
-			outl(KG_PORT_IDLE, (uint32_t)(us < 20 ? 20 : us > 10000 ? 10000 : us));
+			idle_until(us < 20 ? 20 : us > 10000 ? 10000 : us, hb_us);
 		}
 	}
 }

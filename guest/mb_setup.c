@@ -120,11 +120,12 @@ uint64_t kg_mb_setup(uint32_t mbi_addr)
 	struct kg_mailbox *mb = (struct kg_mailbox *)KG_MAILBOX_GPA;
 	uint64_t ram = (mbi->flags & 1) ? (UINT64_C(1) << 20) + (uint64_t)mbi->mem_upper * 1024
 					: UINT64_C(64) << 20;
-	uint64_t ws = DEFAULT_WS, rate = DEFAULT_RATE, room, pages, table;
+	uint64_t ws = DEFAULT_WS, rate = DEFAULT_RATE, hb = 0, room, pages, table;
 	uint64_t *p, n;
 
 	cmdline_size(cmd, "ws", &ws);
 	cmdline_size(cmd, "rate", &rate);
+	cmdline_size(cmd, "hb", &hb);      /* heartbeat period, microseconds; 0: none */
 	room = ram > KG_TABLE_GPA + 2 * KG_PAGE_SIZE ? ram - KG_TABLE_GPA : 2 * KG_PAGE_SIZE;
 	pages = ws / KG_PAGE_SIZE;
 	if (pages < 1)
@@ -152,6 +153,7 @@ uint64_t kg_mb_setup(uint32_t mbi_addr)
 	}
 	mb->tsc_khz = tsc_khz_by_pit();
 	mb->rate_pages = rate / KG_PAGE_SIZE;
+	mb->heartbeat_us = hb;
 	puts_e9("multiboot: ");
 	putu_e9(ram >> 20);
 	puts_e9(" MiB RAM, working set ");

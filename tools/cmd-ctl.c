@@ -24,12 +24,15 @@ static void ctl_usage(FILE *out)
 		"                        exit 0 when completed, 1 when failed or cancelled\n"
 		"  status [--json]       the VM, its migration, devices and guest\n"
 		"  cancel                cancel the outgoing migration (the source keeps running)\n"
-		"  set KEY=VALUE...      migration parameters for the next migration:\n"
+		"  set KEY=VALUE...      migration parameters for the next migration (the\n"
+		"                        first three also for the running one):\n"
 		"                          downtime-limit=300ms  max-bandwidth=100M/s\n"
 		"                          avail-switchover-bandwidth=1G/s (0: measured)\n"
 		"                          multifd-channels=2 (0: none)  switchover-ack=on|off\n"
 		"                          pre-copy-dirty-page-tracking=on|off\n"
 		"                          multifd-transfer=on|off|auto\n"
+		"                          auto-converge=on|off  cpu-throttle-initial=20\n"
+		"                          cpu-throttle-increment=10  device-throttle=on|off\n"
 		"                          tls-hostname=NAME (source: the destination's certificate)\n"
 		"                          tls-authz=DN|IDENTITY (destination; repeat to allow\n"
 		"                          several, tls-authz= for any)\n"
@@ -82,6 +85,14 @@ static const char *get_str(json_object *o, const char *key)
 		       ? json_object_get_string(v) : "";
 }
 
+/* Absent: true (an older VM says nothing about convergence). */
+static bool get_bool(json_object *o, const char *key)
+{
+	json_object *v;
+
+	return !json_object_object_get_ex(o, key, &v) || json_object_get_boolean(v);
+}
+
 static const char *size_str(int64_t n, char *buf, size_t len)
 {
 	return vfm_format_size(n < 0 ? 0 : (uint64_t)n, buf, len);
@@ -107,6 +118,10 @@ static void print_migration(json_object *mig, FILE *out)
 			fprintf(out, ", %" PRId64 " iterations", get_i64(mig, "precopy_iterations"));
 	}
 	fprintf(out, "\n");
+	if (!strcmp(st, "active") && !get_bool(mig, "converging"))
+		fprintf(out, "  not converging: it would need a downtime of about %.0f ms "
+			"(limit %" PRId64 "); most pending: %s\n", get_double(mig, "needed_downtime_ms"),
+			get_i64(mig, "downtime_limit_ms"), get_str(mig, "bottleneck"));
 	if (get_str(mig, "error")[0])
 		fprintf(out, "  error: %s\n", get_str(mig, "error"));
 }
@@ -185,7 +200,12 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 		if ((r = vfm_parse_uint(val, 0, 255, &n, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_int64((int64_t)n));
-	} else if (!strcmp(key, "switchover-ack") || !strcmp(key, "pre-copy-dirty-page-tracking")) {
+	} else if (!strcmp(key, "cpu-throttle-initial") || !strcmp(key, "cpu-throttle-increment")) {
+		if ((r = vfm_parse_uint(val, 1, 99, &n, err)))
+			return vfm_error_set(err, r, "%s", key);
+		json_object_object_add(args, key, json_object_new_int64((int64_t)n));
+	} else if (!strcmp(key, "switchover-ack") || !strcmp(key, "pre-copy-dirty-page-tracking") ||
+		   !strcmp(key, "auto-converge") || !strcmp(key, "device-throttle")) {
 		if ((r = vfm_parse_onoff(val, false, &sw, err)))
 			return vfm_error_set(err, r, "%s", key);
 		json_object_object_add(args, key, json_object_new_boolean(sw == VFM_ON));
@@ -209,7 +229,9 @@ static int parse_param(const char *kv, json_object *args, struct vfm_error *err)
 	} else {
 		return vfm_error_set(err, -EINVAL, "unknown parameter '%s' (downtime-limit, "
 				     "max-bandwidth, avail-switchover-bandwidth, multifd-channels, switchover-ack, "
-				     "pre-copy-dirty-page-tracking, multifd-transfer, tls-hostname, tls-authz)", key);
+				     "pre-copy-dirty-page-tracking, multifd-transfer, tls-hostname, tls-authz, "
+				     "auto-converge, cpu-throttle-initial, cpu-throttle-increment, "
+				     "device-throttle)", key);
 	}
 	return 0;
 }
@@ -248,6 +270,10 @@ static int wait_migration(struct ctl_client *c)
 			       size_str(get_i64(mig, "transferred_bytes"), b1, sizeof(b1)),
 			       size_str(get_i64(mig, "pending_bytes"), b2, sizeof(b2)),
 			       size_str((int64_t)get_double(mig, "bandwidth_bps"), b3, sizeof(b3)));
+			if (!get_bool(mig, "converging"))
+				printf(", NOT converging (needs ~%.0f ms downtime, %s)",
+				       get_double(mig, "needed_downtime_ms"),
+				       get_str(mig, "bottleneck"));
 			fflush(stdout);
 			progress_shown = true;
 		}

@@ -447,6 +447,13 @@ static const char *jstr(json_object *o, const char *key)
 	return s ? s : "";
 }
 
+static double jnum(json_object *o, const char *key)
+{
+	json_object *v = jget(o, key);
+
+	return v ? json_object_get_double(v) : 0;
+}
+
 /* tcp:HOST:0 → the port the destination bound, from vm.incoming_uri. */
 static int resolve_incoming_uri(struct demo *d)
 {
@@ -487,7 +494,7 @@ static int set_parameters(struct demo *d)
 
 static void progress(struct demo *d, json_object *mig, bool final)
 {
-	char line[160];
+	char line[256];
 
 	if (!d->progress_tty && !d->progress_log)
 		return;
@@ -548,11 +555,26 @@ static int wait_migration(struct demo *d, int side, double bound_ms, const char 
 			json_object_put(mig);
 			return r;
 		}
+		if (demo_now_ms() >= deadline) {
+			json_object *c = NULL;
+			int r;
+
+			/* Not converging: say what downtime would have worked. */
+			if (json_object_object_get_ex(mig, "converging", &c) &&
+			    !json_object_get_boolean(c))
+				r = demo_fail(d, "the %s migration did not converge within %.0f s: it "
+					      "would need a downtime of about %.0f ms (--downtime-limit); "
+					      "most pending: %s", side == SRC ? "outgoing" : "incoming",
+					      bound_ms / 1000, jnum(mig, "needed_downtime_ms"),
+					      jstr(mig, "bottleneck"));
+			else
+				r = demo_fail(d, "the %s migration did not finish within %.0f s "
+					      "(still %s)", side == SRC ? "outgoing" : "incoming",
+					      bound_ms / 1000, last);
+			json_object_put(mig);
+			return r;
+		}
 		json_object_put(mig);
-		if (demo_now_ms() >= deadline)
-			return demo_fail(d, "the %s migration did not finish within %.0f s "
-					 "(still %s)", side == SRC ? "outgoing" : "incoming",
-					 bound_ms / 1000, last);
 		usleep(DEMO_POLL_MS * 1000);
 	}
 }

@@ -19,6 +19,7 @@ static void vm_usage(FILE *out)
 	fprintf(out,
 		"usage: vfiomig vm --mem SIZE [--device SPEC]... [--guest synthetic|kvm|auto|none]\n"
 		"                  [--vcpus N] [--dirty-rate RATE] [--working-set SIZE]\n"
+		"                  [--heartbeat PATH [--heartbeat-us N]]\n"
 		"                  [--incoming URI] [--tls-creds x509:DIR|psk:DIR] [--insecure]\n"
 		"                  --control PATH [-v]\n\n"
 		"Runs a VM: SIZE bytes of guest memory (memfd, mapped into every device for DMA),\n"
@@ -38,6 +39,10 @@ static void vm_usage(FILE *out)
 		"  --vcpus N           guest vCPUs (default 2; kvm: at most 32)\n"
 		"  --dirty-rate RATE   bytes per second the vCPUs rewrite (default 8M/s; 0 = idle)\n"
 		"  --working-set SIZE  kvm: memory the guest rewrites (default 4M)\n"
+		"  --heartbeat PATH    kvm: the guest's heartbeat port (0xe8) to the UNIX socket\n"
+		"                      PATH, one byte per beat (bench/vfm-heartbeat listens)\n"
+		"  --heartbeat-us N    kvm, fresh guest: beat every N us (default 1000 with\n"
+		"                      --heartbeat, else none; the period migrates with the guest)\n"
 		"  --incoming URI      wait for a migration on URI (tcp:HOST:PORT, port 0 = any;\n"
 		"                      unix:PATH; file:PATH; fd:N), then run the guest\n"
 		"  --tls-creds KIND:DIR  TLS 1.3 on every migration connection, in or out; x509:\n"
@@ -69,6 +74,7 @@ static int usage_error(const char *fmt, ...)
 static int parse_args(int argc, char **argv, struct vm_config *cfg, const char **control)
 {
 	struct vfm_error err = { 0 };
+	bool hb_us_set = false;
 	uint64_t n;
 	const char *v;
 
@@ -105,6 +111,15 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 			    cfg->working_set % 4096)
 				return usage_error("--working-set: %s", err.msg[0] ? err.msg :
 						   "at least 4K, a multiple of 4K");
+		} else if ((v = tool_opt_value(argc, argv, &i, "--heartbeat"))) {
+			if (!*v)
+				return usage_error("%s", "--heartbeat: empty path");
+			cfg->heartbeat = v;
+		} else if ((v = tool_opt_value(argc, argv, &i, "--heartbeat-us"))) {
+			if (vfm_parse_uint(v, 10, 1000000, &n, &err))
+				return usage_error("--heartbeat-us: %s", err.msg);
+			cfg->heartbeat_us = (uint32_t)n;
+			hb_us_set = true;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--incoming"))) {
 			if (!*v)
 				return usage_error("%s", "--incoming: empty URI");
@@ -133,6 +148,12 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 	}
 	if (!cfg->mem_size)
 		return usage_error("%s", "--mem SIZE is required");
+	if ((cfg->heartbeat || hb_us_set) && (!strcmp(cfg->guest, "synthetic") ||
+						  !strcmp(cfg->guest, "none")))
+		return usage_error("--heartbeat: only the kvm guest beats (--guest kvm|auto), not '%s'",
+				   cfg->guest);
+	if (cfg->heartbeat && !hb_us_set)
+		cfg->heartbeat_us = 1000;
 	if (!*control || !**control)
 		return usage_error("%s", "--control PATH is required");
 	return 0;

@@ -387,4 +387,11 @@ void demo_progress_line(json_object *mig, char *buf, size_t len)
 		 size_str(get_u64(mig, "transferred_bytes"), sent, sizeof(sent)),
 		 size_str(get_u64(mig, "pending_bytes"), pend, sizeof(pend)),
 		 size_str((uint64_t)get_num(mig, "bandwidth_bps"), rate, sizeof(rate)));
+	/* The convergence report: what downtime would work, and who holds it. */
+	json_object *c = get(mig, "converging");
+	size_t n = strlen(buf);
+
+	if (c && !json_object_get_boolean(c) && n < len)
+		snprintf(buf + n, len - n, ", NOT converging: needs ~%.0f ms downtime (%s)",
+			 get_num(mig, "needed_downtime_ms"), get_str(mig, "bottleneck", "?"));
 }

@@ -56,6 +56,11 @@ struct vfm_guest_ops {
 	 * Any thread; returns pages reported or a negative errno.
 	 */
 	int (*sync_dirty)(struct vfm_guest *g);
+	/*
+	 * Optional: auto-converge. The vCPUs run only (100 - pct) percent of
+	 * the time (0: full speed). Any thread.
+	 */
+	void (*set_throttle)(struct vfm_guest *g, unsigned pct);
 };
 
 struct vfm_guest {

@@ -103,6 +103,7 @@ static void *vcpu_main(void *arg)
 	/* Each vCPU's share of the rate, in pages per second. */
 	double rate = (double)s->dirty_rate / (double)s->page_size / s->nvcpus;
 	uint64_t t0 = 0, done = 0;
+	double due = 0;
 
 	for (;;) {
 		pthread_mutex_lock(&s->lock);
@@ -123,11 +124,16 @@ static void *vcpu_main(void *arg)
 		if (!t0) {
 			t0 = now_ns();
 			done = 0;
+			due = 0;
 		}
 		/* Pace to the rate: write the pages due by now (64 at most before
 		 * looking at the run flag again), then nap. A device copy counts
-		 * as a page: it rewrites one. */
-		double due = rate * (double)(now_ns() - t0) / 1e9;
+		 * as a page: it rewrites one. A throttled vCPU (auto-converge)
+		 * runs only (100 - pct) percent of the time: it earns its pages
+		 * that much slower, as QEMU's cpu_throttle sleeps a vCPU. */
+		uint64_t t = now_ns();
+		due += rate * (double)(t - t0) / 1e9 * (100 - atomic_load(&s->throttle)) / 100.0;
+		t0 = t;
 		unsigned batch = 0;
 
 		while ((double)done < due && batch++ < 64) {
@@ -147,6 +153,11 @@ static void *vcpu_main(void *arg)
 			nanosleep(&ts, NULL);
 		}
 	}
+}
+
+static void synth_set_throttle(struct vfm_guest *g, unsigned pct)
+{
+	atomic_store(&((struct synth *)g)->throttle, pct > 99 ? 99 : pct);
 }
 
 static int synth_start(struct vfm_guest *g, struct vfm_error *err)
@@ -306,6 +317,7 @@ static const struct vfm_guest_ops synth_ops = {
 	.kind = "synthetic",
 	.start = synth_start,
 	.stop = synth_stop,
+	.set_throttle = synth_set_throttle,
 	.verify = synth_verify,
 	.quick_verify = synth_quick_verify,
 	.stats = synth_stats,

@@ -173,6 +173,10 @@ static void exit_io(struct kvm_vcpu *v)
 	case KG_PORT_PANIC:
 		fail(v, "guest panic, code %u", val);
 		break;
+	case KG_PORT_HEARTBEAT:
+		if (run->io.size == 1)
+			vfm__kvm_heartbeat(v->k, data, run->io.count);
+		break;
 	default:
 		vfm_debug("kvm", "vCPU %u: out 0x%x to port 0x%x ignored", v->idx, val,
 			  run->io.port);
@@ -267,6 +271,98 @@ static void finish_pending(struct kvm_vcpu *v)
 	v->pending = false;
 }
 
+/*
+ * auto-converge, as QEMU's cpu-throttle (softmmu/cpu-throttle.c): every
+ * THROTTLE_SLICE_NS the throttle thread kicks the running vCPUs out of
+ * KVM_RUN, and each sleeps pct / (100 - pct) of a slice before it enters
+ * again. A stop's kick cuts the sleep short (EINTR).
+ */
+#define THROTTLE_SLICE_NS 10000000ull
+
+static void throttle_sleep(struct kvm_vcpu *v)
+{
+	struct kvm_guest *k = v->k;
+	unsigned pct = atomic_load(&k->throttle);
+	uint64_t now = vfm__kvm_now_ns(), until;
+
+	if (!pct)
+		return;
+	/* A slice of running first: kicks come every slice, in no phase with
+	 * this vCPU's sleeps. */
+	if (now - v->throttle_woke < THROTTLE_SLICE_NS)
+		return;
+	until = now + THROTTLE_SLICE_NS * pct / (100 - pct);
+	/* On the condition, not in nanosleep: the throttle's own kicks must not
+	 * cut the sleep short; a stop or quit (broadcast) does. */
+	pthread_mutex_lock(&k->lock);
+	while (k->run && !k->quit && vfm__kvm_now_ns() < until) {
+		struct timespec ts;
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += (long)(until - vfm__kvm_now_ns() < 1000000000ull ?
+				     until - vfm__kvm_now_ns() : 999999999ull);
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&k->cond, &k->lock, &ts);
+	}
+	pthread_mutex_unlock(&k->lock);
+	/* A kick while asleep left immediate_exit set: the loop re-checks
+	 * should_run under the lock before it enters, so dropping it is safe. */
+	v->run->immediate_exit = 0;
+	v->throttle_woke = vfm__kvm_now_ns();
+}
+
+static void kick_all(struct kvm_guest *k);
+
+static void *throttle_main(void *arg)
+{
+	struct kvm_guest *k = arg;
+	struct timespec ts = { 0, (long)THROTTLE_SLICE_NS };
+
+	for (;;) {
+		pthread_mutex_lock(&k->lock);
+		if (k->quit || !atomic_load(&k->throttle)) {
+			pthread_mutex_unlock(&k->lock);
+			return NULL;
+		}
+		if (k->run)
+			kick_all(k);
+		pthread_mutex_unlock(&k->lock);
+		nanosleep(&ts, NULL);
+	}
+}
+
+/* Ends the throttle thread (throttle already 0 or quit set). */
+static void throttle_join(struct kvm_guest *k)
+{
+	bool live;
+
+	pthread_mutex_lock(&k->lock);
+	live = k->throttle_live;
+	k->throttle_live = false;
+	pthread_mutex_unlock(&k->lock);
+	if (live)
+		pthread_join(k->throttle_thread, NULL);
+}
+
+static void kvm_set_throttle(struct vfm_guest *g, unsigned pct)
+{
+	struct kvm_guest *k = (struct kvm_guest *)g;
+
+	atomic_store(&k->throttle, pct > 99 ? 99 : pct);
+	if (!pct) {
+		throttle_join(k);
+		return;
+	}
+	pthread_mutex_lock(&k->lock);
+	if (!k->throttle_live && !k->quit &&
+	    pthread_create(&k->throttle_thread, NULL, throttle_main, k) == 0)
+		k->throttle_live = true;
+	pthread_mutex_unlock(&k->lock);
+}
+
 static void *vcpu_thread(void *arg)
 {
 	struct kvm_vcpu *v = arg;
@@ -309,6 +405,8 @@ static void *vcpu_thread(void *arg)
 			v->run->immediate_exit = 0;
 			if (e != EINTR && e != EAGAIN)
 				fail(v, "KVM_RUN: %s", strerror(e));
+			else if (e == EINTR)
+				throttle_sleep(v);
 		} else {
 			handle_exit(v);
 		}
@@ -425,6 +523,7 @@ static void kvm_destroy(struct vfm_guest *g)
 	pthread_cond_broadcast(&k->cond);
 	kick_all(k);
 	pthread_mutex_unlock(&k->lock);
+	throttle_join(k);
 	for (unsigned i = 0; i < k->nvcpus; i++) {
 		struct kvm_vcpu *v = &k->vcpu[i];
 
@@ -438,6 +537,7 @@ static void kvm_destroy(struct vfm_guest *g)
 	for (unsigned i = 0; i < k->nslots; i++)
 		free(k->slot[i].bitmap);
 	vfm__kvm_free_savables(k);
+	vfm__kvm_heartbeat_close(k);
 	if (k->vm_fd >= 0)
 		close(k->vm_fd);
 	if (k->kvm_fd >= 0)
@@ -478,6 +578,7 @@ static const struct vfm_guest_ops kvm_ops = {
 	.stats = kvm_stats,
 	.destroy = kvm_destroy,
 	.sync_dirty = vfm_guest_kvm_sync_dirty,
+	.set_throttle = kvm_set_throttle,
 };
 
 /* ---- Creation ---- */
@@ -575,7 +676,7 @@ int vfm_guest_kvm_new(struct vfm_guest_mem *mem, const struct vfm_kvm_opts *opts
 		return vfm_error_set(err, -ENOMEM, "out of memory");
 	k->g.ops = &kvm_ops;
 	k->g.mem = mem;
-	k->kvm_fd = k->vm_fd = -1;
+	k->kvm_fd = k->vm_fd = k->hb_fd = -1;
 	for (unsigned i = 0; i < VFM_KVM_MAX_VCPUS; i++) {
 		k->vcpu[i].fd = -1;
 		k->vcpu[i].k = k;
@@ -597,6 +698,8 @@ int vfm_guest_kvm_new(struct vfm_guest_mem *mem, const struct vfm_kvm_opts *opts
 		goto err_free;
 	}
 	pthread_once(&kick_once, install_kick);
+	if ((ret = vfm__kvm_heartbeat_open(k, k->opts.heartbeat, err)))
+		goto err_free;
 
 	k->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (k->kvm_fd < 0) {

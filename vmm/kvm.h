@@ -39,6 +39,12 @@ struct vfm_kvm_opts {
 	unsigned check_timeout_ms;  /* bound on the guest's own check; default 10000 */
 	const struct vfm_kvm_mmio_ops *mmio;
 	void *mmio_opaque;
+	/* The guest's heartbeat (guest/abi.h KG_PORT_HEARTBEAT): a fresh guest
+	 * beats every heartbeat_us (0: never; the period migrates with RAM);
+	 * heartbeat, a UNIX socket path the VM connects to at creation, gets one
+	 * byte per beat (NULL: beats are dropped). */
+	uint32_t heartbeat_us;
+	const char *heartbeat;
 	/*
 	 * `dma` sample devices the guest program drives through their BAR0
 	 * (region 0), at most 16: device d's BAR0 appears at guest physical

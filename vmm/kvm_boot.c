@@ -165,6 +165,7 @@ int vfm__kvm_layout(struct kvm_guest *k, struct vfm_error *err)
 	mb->ws_pages = ws_pages;
 	mb->tsc_khz = k->tsc_khz;
 	mb->rate_pages = k->opts.dirty_rate / KG_PAGE_SIZE;
+	mb->heartbeat_us = k->opts.heartbeat_us;
 	for (unsigned i = 0; i < KG_MAX_VCPUS; i++) {
 		mb->vcpu[i].inflight_page = KG_NONE;
 		mb->vcpu[i].check_first_bad = KG_NONE;

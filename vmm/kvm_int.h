@@ -33,6 +33,7 @@ struct kvm_vcpu {
 	bool thread_live;
 	/* vCPU thread only (or anyone while the vCPU is parked). */
 	bool pending;           /* last exit was I/O or MMIO: KVM completes it on re-entry */
+	uint64_t throttle_woke; /* auto-converge: end of the last throttle sleep */
 	char line[200];         /* console line being assembled */
 	unsigned line_len;
 	/* Guarded by k->lock. */
@@ -80,6 +81,8 @@ struct kvm_guest {
 	uint64_t mmio_gpa;
 	uint64_t dma_base;      /* device copies that happened before this process */
 	_Atomic uint64_t mmio_errors;   /* forwarded accesses the device refused */
+	int hb_fd;                      /* heartbeat socket (kvm_heartbeat.c), -1: none */
+	_Atomic uint64_t hb_sent, hb_dropped;
 
 	pthread_mutex_t dirty_lock;     /* serializes dirty log reads */
 
@@ -90,6 +93,11 @@ struct kvm_guest {
 	bool quit;
 	bool state_ready;       /* vCPU state is valid: booted or loaded */
 	unsigned parked;
+	/* auto-converge (kvm.c): percent of vCPU time withheld; the thread that
+	 * kicks the vCPUs every time slice while it is not 0. */
+	_Atomic unsigned throttle;
+	bool throttle_live;
+	pthread_t throttle_thread;
 	char console[4096];     /* ring of the last console output */
 	size_t con_head, con_len;
 };
@@ -130,6 +138,11 @@ int vfm__kvm_dev_bad_layout(const struct kvm_guest *k, char *detail, size_t len)
 bool vfm__kvm_dev_check_detail(struct kvm_guest *k, uint64_t seq, char *detail, size_t len);
 uint64_t vfm__kvm_dev_ops(struct kvm_guest *k);
 uint64_t vfm__kvm_dev_failed(struct kvm_guest *k);
+
+/* kvm_heartbeat.c: the heartbeat port on a socket (opts.heartbeat). */
+int vfm__kvm_heartbeat_open(struct kvm_guest *k, const char *path, struct vfm_error *err);
+void vfm__kvm_heartbeat(struct kvm_guest *k, const unsigned char *data, unsigned count);
+void vfm__kvm_heartbeat_close(struct kvm_guest *k);
 
 /* kvm_state.c */
 void vfm__kvm_free_savables(struct kvm_guest *k);

@@ -80,6 +80,7 @@ struct synth {
 	bool dma_dead[SYNTH_MAX_DMA];
 
 	_Atomic uint64_t page_writes, dma_ops, dma_errors;
+	_Atomic unsigned throttle;   /* auto-converge: percent of vCPU time withheld */
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;

@@ -203,11 +203,33 @@ static void ops_log_sync(void *opaque)
 	}
 }
 
+/* auto-converge: the guest's vCPUs, and the dma devices' churn (THROTTLE). */
+static void ops_throttle(void *opaque, unsigned vcpu_pct, unsigned device_pct)
+{
+	struct vm *vm = opaque;
+
+	if (vm->guest->ops->set_throttle)
+		vm->guest->ops->set_throttle(vm->guest, vcpu_pct);
+	else if (vcpu_pct)
+		vfm_warn(LOG, "auto-converge: the %s guest cannot be throttled",
+			 vm->guest->ops->kind);
+	for (unsigned i = 0; i < vm->ndevs; i++) {
+		struct vm_dev *vd = &vm->devs[i];
+		struct vfm_error err = { 0 };
+		uint64_t v = device_pct;
+
+		if (vd->is_dma && vfm_device_region_write(vd->dev, 0, DMADEV_REG_THROTTLE, &v,
+							  sizeof(v), &err))
+			vfm_warn(vd->id, "device throttle: %s", err.msg);
+	}
+}
+
 static const struct vfm_vm_ops vm_ops = {
 	.stop = ops_stop,
 	.start = ops_start,
 	.loaded = ops_loaded,
 	.log_sync = ops_log_sync,
+	.throttle = ops_throttle,
 };
 
 /* Any thread the engine runs on; the VM's side effects come before clients see st. */
@@ -385,6 +407,7 @@ static int make_kvm_guest(struct vm *vm, const struct vm_config *cfg, struct vfm
 	struct vfm_kvm_opts ko = {
 		.vcpus = cfg->vcpus, .dirty_rate = cfg->dirty_rate,
 		.working_set = cfg->working_set, .fresh = !cfg->incoming, .dma_devs = dma,
+		.heartbeat = cfg->heartbeat, .heartbeat_us = cfg->heartbeat_us,
 	};
 	char why[256];
 

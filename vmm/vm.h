@@ -28,6 +28,8 @@ struct vm_config {
 	unsigned vcpus;                        /* 0: the guest's default */
 	uint64_t dirty_rate;                   /* bytes/s */
 	uint64_t working_set;                  /* kvm: bytes the guest rewrites; 0: default */
+	const char *heartbeat;                 /* kvm: heartbeat port to this UNIX socket */
+	uint32_t heartbeat_us;                 /* kvm, fresh guest: heartbeat period; 0: none */
 	const char *incoming;                  /* URI, or NULL for a source */
 	const char *tls_creds;                 /* "x509:DIR" / "psk:DIR", or NULL */
 	bool insecure;                         /* plaintext tcp beyond loopback allowed */

@@ -224,6 +224,17 @@ int vm_set_params(struct vm *vm, json_object *args, struct vfm_error *err)
 			p.multifd_channels = (unsigned)n;
 		} else if (!strcmp(key, "switchover-ack")) {
 			ret = bool_arg(key, v, &p.switchover_ack, err);
+		} else if (!strcmp(key, "auto-converge")) {
+			ret = bool_arg(key, v, &p.auto_converge, err);
+		} else if (!strcmp(key, "device-throttle")) {
+			ret = bool_arg(key, v, &p.device_throttle, err);
+		} else if (!strcmp(key, "cpu-throttle-initial") ||
+			   !strcmp(key, "cpu-throttle-increment")) {
+			ret = int_arg(key, v, 1, 99, &n, err);
+			if (!ret && !strcmp(key, "cpu-throttle-initial"))
+				p.cpu_throttle_initial = (unsigned)n;
+			else if (!ret)
+				p.cpu_throttle_increment = (unsigned)n;
 		} else if (!strcmp(key, "pre-copy-dirty-page-tracking")) {
 			ret = bool_arg(key, v, &p.pre_copy_dirty_page_tracking, err);
 		} else if (!strcmp(key, "tls-hostname")) {
@@ -259,6 +270,9 @@ int vm_set_params(struct vm *vm, json_object *args, struct vfm_error *err)
 	pthread_mutex_lock(&vm->lock);
 	vm->params = p;
 	pthread_mutex_unlock(&vm->lock);
+	/* downtime-limit, max-bandwidth and avail-switchover-bandwidth apply to
+	 * a running migration too, as in QEMU; the others wait for the next. */
+	vfm_migration_set_live_params(vm->mig, &p);
 	return 0;
 }
 
@@ -277,6 +291,10 @@ json_object *vm_query_params(struct vm *vm)
 	json_object_object_add(o, "switchover-ack", json_object_new_boolean(p.switchover_ack));
 	json_object_object_add(o, "pre-copy-dirty-page-tracking",
 			       json_object_new_boolean(p.pre_copy_dirty_page_tracking));
+	json_object_object_add(o, "auto-converge", json_object_new_boolean(p.auto_converge));
+	json_object_object_add(o, "cpu-throttle-initial", ju64(p.cpu_throttle_initial));
+	json_object_object_add(o, "cpu-throttle-increment", ju64(p.cpu_throttle_increment));
+	json_object_object_add(o, "device-throttle", json_object_new_boolean(p.device_throttle));
 	json_object_object_add(o, "tls-creds", json_object_new_string(p.tls_creds));
 	json_object_object_add(o, "tls-hostname", json_object_new_string(p.tls_hostname));
 	{
@@ -318,6 +336,15 @@ json_object *vm_query_migrate(struct vm *vm)
 	json_object_object_add(o, "downtime_limit_ms", ju64(limit));
 	json_object_object_add(o, "downtime_same_clock",
 			       json_object_new_boolean(st.downtime_from_same_clock));
+	/* The switchover step by step (docs/control-protocol.md); sums to downtime_ms. */
+	if (st.have_switchover) {
+		json_object *tl = json_object_new_object();
+
+		for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++)
+			json_object_object_add(tl, vfm_switchover_step_name(i),
+					       jdouble(st.switchover_ms[i]));
+		json_object_object_add(o, "switchover_ms", tl);
+	}
 	json_object_object_add(o, "total_time_ms", ju64(st.total_time_ms));
 	json_object_object_add(o, "setup_time_ms", ju64(st.setup_time_ms));
 	json_object_object_add(o, "precopy_iterations", ju64(st.precopy_iterations));
@@ -329,6 +356,29 @@ json_object *vm_query_migrate(struct vm *vm)
 	json_object_object_add(o, "throughput_mbps", jdouble(st.throughput_mbps));
 	json_object_object_add(o, "multifd_channels", ju64(st.multifd_channels));
 	json_object_object_add(o, "multifd_ram_bytes", ju64(st.multifd_ram_bytes));
+	/* The convergence report (docs/architecture.md). */
+	json_object_object_add(o, "converging", json_object_new_boolean(st.converging ||
+									status != VFM_MIG_ACTIVE));
+	json_object_object_add(o, "needed_downtime_ms", jdouble(st.needed_downtime_ms));
+	json_object_object_add(o, "bottleneck", json_object_new_string(st.blocker));
+	json_object_object_add(o, "cpu_throttle_percentage", ju64(st.cpu_throttle_percentage));
+	json_object_object_add(o, "device_throttle_percentage", ju64(st.device_throttle_percentage));
+	{
+		json_object *devs = json_object_new_array();
+
+		for (unsigned i = 0; i < vm->ndevs; i++) {
+			json_object *d = json_object_new_object();
+			uint64_t pending;
+			double rate;
+
+			vfm_migration_device_pending(vm->mig, vm->devs[i].dev, &pending, &rate);
+			json_object_object_add(d, "id", json_object_new_string(vm->devs[i].id));
+			json_object_object_add(d, "pending_bytes", ju64(pending));
+			json_object_object_add(d, "dirty_rate_bps", ju64((uint64_t)rate));
+			json_object_array_add(devs, d);
+		}
+		json_object_object_add(o, "devices", devs);
+	}
 	return o;
 }
 
@@ -371,6 +421,14 @@ static json_object *device_object(struct vm *vm, struct vm_dev *vd)
 	json_object_object_add(o, "flags", flags_array(vfm_device_mig_flags(vd->dev)));
 	json_object_object_add(o, "transferred_bytes",
 			       ju64(vfm_migration_device_transferred(vm->mig, vd->dev)));
+	{
+		uint64_t pending;
+		double rate;
+
+		vfm_migration_device_pending(vm->mig, vd->dev, &pending, &rate);
+		json_object_object_add(o, "pending_bytes", ju64(pending));
+		json_object_object_add(o, "dirty_rate_bps", ju64((uint64_t)rate));
+	}
 	/* The stop-copy size in use and where it comes from ("estimate": the
 	 * device cannot say; docs/interop.md). */
 	src = vfm_migration_device_stop_copy_size(vm->mig, vd->dev, &sc);

@@ -65,6 +65,16 @@ struct vfm_migration_params {
 	/* destination: bytes of multifd device buffers queued per device before
 	 * the load is failed (0 = the default, 64 MiB) */
 	uint64_t max_queued_buffers_size;
+	/* QEMU's auto-converge: when iterations keep finding more new dirty
+	 * data than half of what they sent, throttle the guest's vCPUs, first
+	 * by cpu_throttle_initial percent, then cpu_throttle_increment more
+	 * each time (at most 99). Default off, 20, 10. */
+	bool auto_converge;
+	unsigned cpu_throttle_initial;
+	unsigned cpu_throttle_increment;
+	/* The same for devices that can slow their own dirtying (the dma
+	 * device's churn), through vfm_vm_ops.throttle. Default off. */
+	bool device_throttle;
 	/* TLS (docs/security.md): "x509:DIR" or "psk:DIR" (QEMU's layouts), ""
 	 * for none. tcp: and unix: only; every connection of a migration. */
 	char tls_creds[256];
@@ -80,6 +90,8 @@ struct vfm_migration_params {
 };
 VFM_EXPORT void vfm_migration_params_default(struct vfm_migration_params *p);
 
+#define VFM_SAVABLE_NAME_MAX 64
+
 struct vfm_migration_stats {
 	enum vfm_mig_status status;
 	char error[VFM_ERROR_MSG_MAX];
@@ -94,7 +106,30 @@ struct vfm_migration_stats {
 	unsigned multifd_channels;
 	bool downtime_from_same_clock;  /* false: corrected by RTT (other host) */
 	uint64_t multifd_ram_bytes;     /* part of ram_transferred_bytes on the multifd channels */
+	/* The convergence report: false once several iterations in a row did
+	 * not bring the pending data down while it stays above the threshold. */
+	bool converging;
+	/* The downtime the least pending seen would need at the bandwidth the
+	 * switchover assumes (0 until a first exact check). */
+	double needed_downtime_ms;
+	/* The savable with the most pending data at the last exact check
+	 * ("ram", "vfio:ID", ...): what keeps the migration from converging. */
+	char blocker[VFM_SAVABLE_NAME_MAX];
+	/* auto-converge: the throttles applied now (percent; 0 = none). */
+	unsigned cpu_throttle_percentage;
+	unsigned device_throttle_percentage;
+	/* The source's switchover, step by step (ms, in this order; names from
+	 * vfm_switchover_step_name): guest stop (the vCPUs kicked and parked),
+	 * device arcs to STOP_COPY, final dirty sync, last bytes (stop-copy
+	 * data, config, end of stream flushed), destination load (until its
+	 * LOADED), GO sent, destination resume (devices RUNNING and guest
+	 * started, by the destination's clock when on the same host). Their sum
+	 * is the downtime; have_switchover once a switchover ended. */
+	bool have_switchover;
+	double switchover_ms[7];
 };
+#define VFM_SWITCHOVER_STEPS 7
+VFM_EXPORT const char *vfm_switchover_step_name(unsigned step);
 
 /*
  * What the engine needs from the VM: stop and start its guest (vCPUs). Called
@@ -117,6 +152,13 @@ struct vfm_vm_ops {
 	 * Called from the migration thread.
 	 */
 	void (*log_sync)(void *opaque);
+	/*
+	 * Source, optional: auto-converge. Slow the guest's vCPUs by vcpu_pct
+	 * percent of their time and the devices that can slow their own
+	 * dirtying by device_pct percent (0, 0: full speed again, always
+	 * called when a throttled migration ends). Migration thread.
+	 */
+	void (*throttle)(void *opaque, unsigned vcpu_pct, unsigned device_pct);
 };
 
 /*
@@ -154,7 +196,6 @@ struct vfm_savable_ops {
 	void (*load_cleanup)(void *opaque, bool succeeded);
 };
 
-#define VFM_SAVABLE_NAME_MAX 64
 
 VFM_EXPORT int vfm_migration_new(struct vfm_guest_mem *mem, const struct vfm_vm_ops *vm,
 				 void *vm_opaque, struct vfm_migration **out,
@@ -185,6 +226,20 @@ VFM_EXPORT void vfm_migration_get_stats(struct vfm_migration *m,
  * or last migration; 0 when dev is not part of m. */
 VFM_EXPORT uint64_t vfm_migration_device_transferred(struct vfm_migration *m,
 						     const struct vfm_device *dev);
+/* dev's pending bytes at the last exact check of the running (or last)
+ * migration, and the rate (bytes/s) at which it produced new data between
+ * the last two checks; both 0 when dev is not part of m. */
+VFM_EXPORT void vfm_migration_device_pending(struct vfm_migration *m, const struct vfm_device *dev,
+					     uint64_t *pending, double *dirty_rate_bps);
+/*
+ * Applies the live parameters of p (downtime_limit_ms, max_bandwidth,
+ * avail_switchover_bandwidth) to the running migration, as QEMU's
+ * migrate-set-parameters does; the source thread uses them from its next
+ * loop turn. Without a running migration: nothing (the next one takes its
+ * parameters from vfm_migration_start).
+ */
+VFM_EXPORT void vfm_migration_set_live_params(struct vfm_migration *m,
+					      const struct vfm_migration_params *p);
 /*
  * Source: the stop-copy size the current or last migration uses for dev
  * (*bytes), and where it comes from: "device" (it reported it), "property"

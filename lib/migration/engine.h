@@ -24,6 +24,13 @@ struct vfm_savable {
 	bool ack_needed;       /* switchover-ack expected from the destination */
 	atomic_bool acked;     /* set by the return-path reader */
 	bool loaded_setup;     /* destination: load_setup done */
+	/* Source, migration thread only: the iteration (source.c). */
+	bool pass_done;        /* its pass of this iteration is out */
+	uint64_t sent_iter;    /* bytes its turns put out since the last exact check */
+	uint64_t exact_prev;   /* its pending at the last exact check */
+	/* Reported (query-migrate), guarded by the migration's lock. */
+	uint64_t rpt_pending;  /* pending at the last exact check */
+	double rpt_dirty_rate; /* bytes/s it produced anew between the last two checks */
 };
 
 /* One VFIO device in the migration (the "vfio" savable's opaque). */
@@ -38,7 +45,13 @@ struct vfm_mig_device {
 	bool iommu_dirty;            /* kernel VFIO: IOMMU dirty tracking started instead */
 	bool init_data_sent;         /* INIT_DATA_SENT written */
 	bool precopy_info_ok;        /* backend reports precopy sizes */
-	uint64_t precopy_init, precopy_dirty;  /* cached from precopy info */
+	uint64_t precopy_init, precopy_dirty;  /* from precopy info, decremented as read */
+	bool info_asked;             /* PRECOPY_INFO asked in this iteration */
+	uint64_t precopy_info_calls; /* PRECOPY_INFO queries this migration (tests) */
+	uint64_t pass_left;          /* bytes of this iteration's pass still to read */
+	bool pass_one_turn;          /* no figure for the pass: one turn is the pass */
+	uint64_t arc_ns;             /* one state change (or query) timed at setup */
+	bool stop_copy_exact;        /* an exact check read stop_copy_size: the estimate adds it */
 	uint64_t last_iter_bytes;    /* read in the last iteration (no precopy info) */
 	uint64_t stop_copy_size;
 	bool stop_copy_known;        /* stop_copy_size holds a figure (device, property, 100 GiB) */
@@ -111,6 +124,7 @@ struct vfm_migration {
 	struct vfm_migration_stats stats;
 	struct vfm_migration_params params;
 	bool thread_running;
+	bool params_changed;        /* live parameters set since the source read them */
 	pthread_t thread;
 	char uri[512];
 	void (*event_cb)(void *opaque, enum vfm_mig_status st);

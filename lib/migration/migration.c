@@ -69,6 +69,8 @@ void vfm_migration_params_default(struct vfm_migration_params *p)
 	p->multifd_transfer = VFM_AUTO;
 	p->timeout_ms = 10000;
 	p->max_queued_buffers_size = 64ull << 20;
+	p->cpu_throttle_initial = 20;
+	p->cpu_throttle_increment = 10;
 }
 
 static int prop_bool(const char *key, const char *val, bool *out, struct vfm_error *err)
@@ -364,4 +366,36 @@ uint64_t vfm_migration_device_transferred(struct vfm_migration *m, const struct 
 		if (m->devs[i]->dev == dev)
 			return atomic_load(&m->devs[i]->transferred);
 	return 0;
+}
+
+void vfm_migration_device_pending(struct vfm_migration *m, const struct vfm_device *dev,
+				  uint64_t *pending, double *dirty_rate_bps)
+{
+	*pending = 0;
+	*dirty_rate_bps = 0;
+	for (unsigned i = 0; i < m->nsv; i++) {
+		const struct vfm_savable *sv = &m->sv[i];
+
+		if (sv->ops != &vfm__vfio_savable_ops ||
+		    ((const struct vfm_mig_device *)sv->opaque)->dev != dev)
+			continue;
+		pthread_mutex_lock(&m->lock);
+		*pending = sv->rpt_pending;
+		*dirty_rate_bps = sv->rpt_dirty_rate;
+		pthread_mutex_unlock(&m->lock);
+		return;
+	}
+}
+
+void vfm_migration_set_live_params(struct vfm_migration *m, const struct vfm_migration_params *p)
+{
+	pthread_mutex_lock(&m->lock);
+	if (m->thread_running) {
+		m->params.downtime_limit_ms = p->downtime_limit_ms;
+		m->params.max_bandwidth = p->max_bandwidth;
+		m->params.avail_switchover_bandwidth = p->avail_switchover_bandwidth;
+		m->stats.downtime_limit_ms = p->downtime_limit_ms;
+		m->params_changed = true;
+	}
+	pthread_mutex_unlock(&m->lock);
 }

@@ -76,6 +76,13 @@ int vfm__mf_dst_error(struct vfm_mf_dst *mf, struct vfm_error *err);
 void vfm__mf_dst_close(struct vfm_mf_dst *mf);
 /* Channels of the incoming migration (0: none, or mf NULL). */
 unsigned vfm__mf_dst_nchannels(const struct vfm_mf_dst *mf);
+/*
+ * The drain PING's channel counts (u32 n, then u32 RAM packets sent on each
+ * channel): returns once every channel applied that many, the migration
+ * stops or fails, or no packet was applied for a while. Best effort, so
+ * never an error: it keeps the channels' backlog out of the downtime.
+ */
+void vfm__mf_dst_wait_ram(struct vfm_mf_dst *mf, const unsigned char *counts, size_t len);
 
 /* vfio.c: one buffer into the device (config: the PCI config state). */
 int vfm__vfio_load_buffer(struct vfm_mig_device *md, bool config, const void *buf, size_t len,

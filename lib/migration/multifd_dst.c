@@ -557,6 +557,43 @@ int vfm__mf_dst_ram_end(struct vfm_mf_dst *mf, const void *pl, size_t len, struc
 	return ret;
 }
 
+void vfm__mf_dst_wait_ram(struct vfm_mf_dst *mf, const unsigned char *counts, size_t len)
+{
+	uint64_t idle_ms, last = UINT64_MAX;
+	bool timed_out = false;
+	struct timespec ts;
+	uint32_t n;
+
+	if (!mf || len < 4 || (n = vfm_get_le32(counts)) != mf->n || len != 4 + 4 * (size_t)n)
+		return;
+	/* Shorter than the source's own wait for the PONG (timeout_ms). */
+	idle_ms = mf->timeout_ms / 4 ? mf->timeout_ms / 4 : 1;
+	pthread_mutex_lock(&mf->lock);
+	while (!mf->stop && !mf->fail_code) {
+		uint64_t applied = 0;
+		bool all = true;
+
+		for (unsigned k = 0; k < n; k++) {
+			applied += mf->ch[k].ram_next;
+			all = all && mf->ch[k].ram_next >= vfm_get_le32(counts + 4 + 4 * k);
+		}
+		if (all || (timed_out && applied == last))
+			break;
+		if (applied != last) {
+			last = applied;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_sec += (time_t)(idle_ms / 1000);
+			ts.tv_nsec += (long)(idle_ms % 1000) * 1000000L;
+			if (ts.tv_nsec >= 1000000000L) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000L;
+			}
+		}
+		timed_out = pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) == ETIMEDOUT;
+	}
+	pthread_mutex_unlock(&mf->lock);
+}
+
 void vfm__mf_dst_switchover(struct vfm_mf_dst *mf)
 {
 	if (!mf)

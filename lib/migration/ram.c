@@ -153,7 +153,16 @@ static int ram_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error *
 		vfm_put_le64(buf + len + 8, r->size);
 		len += 16;
 	}
+	/* This migration's figures (a cancelled one before may have sent RAM,
+	 * over channels this one may not have). */
+	atomic_store(&ram->transferred, 0);
+	atomic_store(&ram->mf_transferred, 0);
 	vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, buf, len);
+	/* Every page is to send, from the first iteration on (QEMU sets the
+	 * whole bitmap in ram_save_setup): the send set does not wait for a
+	 * dirty sync, which may not come soon while a device is busy. */
+	vfm_dirty_mark_all(ram->mem);
+	vfm__ram_sync(ram);
 	ram->cur_region = 0;
 	ram->cur_page = 0;
 	ram->chan_ret = 0;

@@ -33,6 +33,27 @@
 #define PROBE_MAX 4
 #define PROBE_BYTES (8ull << 20)
 #define PROBE_RECORD (1u << 20)
+/* Main carries a record at least this often (capped at a quarter of the
+ * timeout): the destination fails a peer silent for timeout_ms, and a
+ * pre-copy may legitimately have nothing to send for long. */
+#define KEEPALIVE_NS 1000000000ull
+/* An iteration that moved nothing naps this long before the next one. */
+#define IDLE_NAP_NS 10000000ull
+/* Exact checks in a row without progress (pending not under 90 % of the
+ * least seen) before the migration is reported as not converging. */
+#define STALL_ITERS 3
+#define STALL_SPACING_NS 500000000ull
+/* An iteration lasts at most this long: a pass that takes longer (a slow or
+ * contended device, a low max-bandwidth) is cut into exact checks, so the
+ * dirty log is synced, new dirty data is seen and the convergence report
+ * stays current within seconds. */
+#define ITER_MAX_NS 500000000ull
+/* auto-converge: new dirty data above this percent of what an iteration sent
+ * counts as high (QEMU's throttle-trigger-threshold default), and this many
+ * high iterations in a row throttle (QEMU's dirty_rate_high_cnt >= 2). */
+#define THROTTLE_TRIGGER_PCT 50
+#define THROTTLE_TRIGGER_ITERS 2
+#define THROTTLE_MAX_PCT 99
 
 struct source {
 	struct vfm_migration *m;
@@ -46,6 +67,7 @@ struct source {
 	bool guest_stopped;
 	bool committed;              /* GO sent (or file written): no way back */
 	uint64_t t_start, t_stop, rtt_ns;
+	uint64_t step_end[VFM_SWITCHOVER_STEPS];  /* switchover timeline (publish_steps) */
 	/* Bandwidth window. */
 	uint64_t win_start, win_bytes0;
 	bool win_busy;
@@ -64,7 +86,23 @@ struct source {
 	double expected_ms;
 	uint64_t ping_token;
 	bool phase_done[VFM__PH_COUNT];
+	/* Keepalive on main (migration thread). */
+	uint64_t ka_ns, ka_bytes;
+	/* Convergence: the exact checks that end the iterations. */
+	bool have_exact;
+	uint64_t exact_ns;           /* time of the last one */
+	uint64_t best_pending;       /* least pending seen at one */
+	unsigned stalled;            /* in a row without progress */
+	uint64_t stall_ns;           /* when the last one counted (or progress was seen) */
+	bool converging;
+	char blocker[VFM_SAVABLE_NAME_MAX];
+	uint64_t sync_ns;            /* the last pre-copy dirty sync took */
+	/* auto-converge (QEMU's migration_trigger_throttle). */
+	unsigned dirty_high;         /* checks in a row that found much new dirty data */
+	unsigned throttle_pct;       /* applied now */
 };
+
+static double switchover_bw(const struct source *src);
 
 /* Bytes sent so far, on main and the channels (pre-copy RAM uses them). */
 static uint64_t out_bytes(struct source *src)
@@ -92,6 +130,10 @@ static void update_stats(struct source *src, uint64_t pending)
 		st->expected_downtime_ms = src->expected_ms;
 	else
 		st->expected_downtime_ms = src->bw > 0 ? (double)pending * 1000.0 / src->bw : 0;
+	st->converging = src->converging;
+	st->needed_downtime_ms = src->have_exact && switchover_bw(src) > 0 ?
+				 (double)src->best_pending * 1000.0 / switchover_bw(src) : 0;
+	snprintf(st->blocker, sizeof(st->blocker), "%s", src->blocker);
 	st->total_time_ms = (now - src->t_start) / 1000000ull;
 	if (st->total_time_ms)
 		st->throughput_mbps = (double)st->transferred_bytes * 8.0 / 1000.0 /
@@ -169,16 +211,34 @@ static int wait_rp(struct source *src, uint16_t type, struct vfm_rec_hdr *h, con
 	}
 }
 
-static int measure_rtt(struct source *src, struct vfm_error *err)
+/*
+ * A PING and its PONG: the round trip, and (drain) the destination caught
+ * up, as it answers only once everything before the PING is loaded. With
+ * multifd channels carrying RAM, the drain PING also names how many RAM
+ * packets went on each channel (flushed first), and the destination waits
+ * for those too (docs/stream-format.md).
+ */
+static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 {
-	unsigned char tok[8];
+	unsigned char tok[8 + 4 + 4 * VFM_MF_MAX_CHANNELS];
+	unsigned nch = drain && src->mf ? vfm__mf_src_nchannels(src->mf) : 0;
+	size_t len = 8;
 	struct vfm_rec_hdr h;
 	const void *pl;
 	uint64_t t0 = vfm__now_ns();
 	int ret;
 
 	vfm_put_le64(tok, ++src->ping_token);
-	vfm_stream_put_record(src->out, VFM_REC_PING, 0, 0, tok, sizeof(tok));
+	if (nch && nch <= VFM_MF_MAX_CHANNELS) {
+		vfm_put_le32(tok + 8, nch);
+		for (unsigned k = 0; k < nch; k++) {
+			if ((ret = vfm__mf_src_flush(src->mf, k, err)))
+				return ret;
+			vfm_put_le32(tok + 12 + 4 * k, vfm__mf_src_ram_packets(src->mf, k));
+		}
+		len = 12 + 4 * (size_t)nch;
+	}
+	vfm_stream_put_record(src->out, VFM_REC_PING, 0, 0, tok, len);
 	vfm_stream_flush(src->out);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
@@ -321,13 +381,73 @@ static uint64_t pending_estimate(struct vfm_migration *m)
 	return sum;
 }
 
-static int pending_exact(struct vfm_migration *m, uint64_t *out, struct vfm_error *err)
+static void set_throttle(struct source *src, unsigned pct)
 {
-	uint64_t sum = 0, v;
-	int ret;
+	struct vfm_migration *m = src->m;
+	unsigned vcpu = src->p.auto_converge ? pct : 0, dev = src->p.device_throttle ? pct : 0;
+
+	src->throttle_pct = pct;
+	if (m->vm && m->vm->throttle)
+		m->vm->throttle(m->vm_opaque, vcpu, dev);
+	pthread_mutex_lock(&m->lock);
+	m->stats.cpu_throttle_percentage = vcpu;
+	m->stats.device_throttle_percentage = dev;
+	pthread_mutex_unlock(&m->lock);
+}
+
+/*
+ * auto-converge, as QEMU's migration_trigger_throttle (migration/ram.c):
+ * an iteration whose new dirty data is more than half of what it sent is
+ * "high"; two in a row throttle the guest (cpu-throttle-initial percent, then
+ * cpu-throttle-increment more each time, at most 99), and the devices that
+ * can slow their own dirtying with device_throttle.
+ */
+static void auto_converge(struct source *src, uint64_t dirtied, uint64_t sent)
+{
+	unsigned pct;
+
+	if (!src->p.auto_converge && !src->p.device_throttle)
+		return;
+	if (dirtied * 100 <= sent * THROTTLE_TRIGGER_PCT) {
+		src->dirty_high = 0;
+		return;
+	}
+	if (++src->dirty_high < THROTTLE_TRIGGER_ITERS)
+		return;
+	src->dirty_high = 0;
+	pct = src->throttle_pct ? src->throttle_pct + src->p.cpu_throttle_increment
+				: src->p.cpu_throttle_initial;
+	if (pct > THROTTLE_MAX_PCT)
+		pct = THROTTLE_MAX_PCT;
+	if (pct == src->throttle_pct)
+		return;
+	vfm_info(LOG, "auto-converge: %" PRIu64 " bytes newly dirty against %" PRIu64
+		 " sent: throttling %s%s%s by %u%%", dirtied, sent,
+		 src->p.auto_converge ? "the vCPUs" : "",
+		 src->p.auto_converge && src->p.device_throttle ? " and " : "",
+		 src->p.device_throttle ? "the devices" : "", pct);
+	set_throttle(src, pct);
+}
+
+/*
+ * The end of an iteration (after a dirty sync): every savable's exact figure,
+ * which also starts its next pass; the rate at which each produced new data
+ * since the last check (pending now - pending then + what it sent, over the
+ * time); and the convergence report: the least pending seen, how many checks
+ * in a row made no progress against it, and the savable with the most.
+ */
+static int exact_check(struct source *src, double threshold, bool pass_end, uint64_t *out,
+		       struct vfm_error *err)
+{
+	struct vfm_migration *m = src->m;
+	uint64_t sum = 0, v, now = vfm__now_ns(), most = 0, dirtied = 0, sent = 0;
+	double dt = src->have_exact ? (double)(now - src->exact_ns) / 1e9 : 0;
+	int ret, top = -1;
 
 	for (unsigned i = 0; i < m->nsv; i++) {
-		const struct vfm_savable *sv = &m->sv[i];
+		struct vfm_savable *sv = &m->sv[i];
+		double rate = 0;
+
 		if (sv->ops->pending_exact) {
 			ret = sv->ops->pending_exact(sv->opaque, &v, err);
 			if (ret)
@@ -335,8 +455,55 @@ static int pending_exact(struct vfm_migration *m, uint64_t *out, struct vfm_erro
 		} else {
 			v = sv->ops->pending_estimate ? sv->ops->pending_estimate(sv->opaque) : 0;
 		}
+		if (dt > 0 && (double)v + (double)sv->sent_iter > (double)sv->exact_prev) {
+			rate = ((double)v + (double)sv->sent_iter - (double)sv->exact_prev) / dt;
+			dirtied += v + sv->sent_iter - sv->exact_prev;
+		}
+		sent += sv->sent_iter;
+		pthread_mutex_lock(&m->lock);
+		sv->rpt_pending = v;
+		if (dt > 0)
+			sv->rpt_dirty_rate = rate;
+		pthread_mutex_unlock(&m->lock);
+		sv->exact_prev = v;
+		sv->sent_iter = 0;
+		sv->pass_done = false;
+		if (v > most || top < 0) {
+			most = v;
+			top = (int)i;
+		}
 		sum += v;
 	}
+	if (src->have_exact)
+		auto_converge(src, dirtied, sent);
+	/* A stall is a whole iteration (every pass out) without progress, or,
+	 * when checks come mid-pass because the estimate fits the threshold and
+	 * the exact figure does not (they restart the passes, so a pass may
+	 * never end), one such check per STALL_SPACING_NS. */
+	if (!src->have_exact || (double)sum < 0.9 * (double)src->best_pending) {
+		src->stalled = 0;
+		src->stall_ns = now;
+	} else if ((double)sum > threshold) {
+		if (pass_end || now - src->stall_ns >= STALL_SPACING_NS) {
+			src->stalled++;
+			src->stall_ns = now;
+		}
+	} else {
+		src->stalled = 0;
+		src->stall_ns = now;
+	}
+	if (!src->have_exact || sum < src->best_pending)
+		src->best_pending = sum;
+	src->have_exact = true;
+	src->exact_ns = now;
+	if (src->converging && src->stalled >= STALL_ITERS)
+		vfm_warn(LOG, "not converging: %" PRIu64 " bytes pending stay above the threshold "
+			 "of %.0f bytes (most from %s); it would need a downtime of %.0f ms",
+			 sum, threshold, top >= 0 ? m->sv[top].name : "?",
+			 switchover_bw(src) > 0 ?
+			 (double)src->best_pending * 1000.0 / switchover_bw(src) : 0.0);
+	src->converging = src->stalled < STALL_ITERS;
+	snprintf(src->blocker, sizeof(src->blocker), "%s", top >= 0 ? m->sv[top].name : "");
 	*out = sum;
 	return 0;
 }
@@ -374,7 +541,7 @@ static int do_setup(struct source *src, struct vfm_error *err)
 		memcpy(buf + 8, sv->name, nl);
 		vfm_stream_put_record(src->out, VFM_REC_SECTION, 0, sv->section, buf, 8 + nl);
 	}
-	if (src->rp && (ret = measure_rtt(src, err)))
+	if (src->rp && (ret = measure_rtt(src, false, err)))
 		return ret;
 	if ((ret = vfm__mf_src_open(m, &src->uri, &src->p, src->out, &src->mf, err)))
 		return ret;
@@ -396,24 +563,163 @@ static int do_setup(struct source *src, struct vfm_error *err)
 	return 0;
 }
 
-/* Pre-copy until the rest fits the downtime limit. */
+/*
+ * Main carries something at least every KEEPALIVE_NS: a PAD record when
+ * nothing else went on it (RAM may use the multifd channels, a device may
+ * have nothing to give, pending may sit above the threshold for long), and a
+ * flush either way, so a destination waiting on main never times out while
+ * the source is alive and the user can still change the parameters.
+ */
+static void keepalive(struct source *src)
+{
+	uint64_t now = vfm__now_ns(), every = KEEPALIVE_NS;
+	uint64_t b = vfm_stream_bytes(src->out);
+
+	if (src->p.timeout_ms && src->p.timeout_ms * 1000000ull / 4 < every)
+		every = src->p.timeout_ms * 1000000ull / 4;
+	if (now - src->ka_ns < every)
+		return;
+	if (b == src->ka_bytes) {
+		unsigned char none = 0;
+
+		vfm_stream_put_record(src->out, VFM_REC_PAD, 0, 0, &none, 0);
+	}
+	vfm_stream_flush(src->out);
+	src->ka_ns = now;
+	src->ka_bytes = vfm_stream_bytes(src->out);
+}
+
+/* migrate-set-parameters during the migration: the live ones apply now. */
+static void read_live_params(struct source *src, uint64_t *budget)
+{
+	struct vfm_migration *m = src->m;
+	bool changed;
+
+	pthread_mutex_lock(&m->lock);
+	changed = m->params_changed;
+	if (changed) {
+		src->p.downtime_limit_ms = m->params.downtime_limit_ms;
+		src->p.max_bandwidth = m->params.max_bandwidth;
+		src->p.avail_switchover_bandwidth = m->params.avail_switchover_bandwidth;
+		m->params_changed = false;
+	}
+	pthread_mutex_unlock(&m->lock);
+	if (!changed)
+		return;
+	*budget = vfm__iter_budget(src->p.max_bandwidth);
+	/* A new rate: the limiter's window starts again. */
+	src->win_start = vfm__now_ns();
+	src->win_bytes0 = out_bytes(src);
+	src->win_busy = false;
+	vfm_info(LOG, "live parameters: downtime-limit %" PRIu64 " ms, max-bandwidth %" PRIu64
+		 " B/s, avail-switchover-bandwidth %" PRIu64 " B/s", src->p.downtime_limit_ms,
+		 src->p.max_bandwidth, src->p.avail_switchover_bandwidth);
+}
+
+static void timed_log_sync(struct source *src)
+{
+	uint64_t t0 = vfm__now_ns();
+
+	vfm__log_sync(src->m, true);
+	src->sync_ns = vfm__now_ns() - t0;
+}
+
+/*
+ * The downtime's fixed part, learned during this migration: the final dirty
+ * sync (as long as the last pre-copy one), the devices' arcs (P2P and
+ * STOP_COPY on the source, RESUMING -> STOP, RUNNING_P2P and RUNNING on the
+ * destination: five per device, each as long as the one timed at setup), and
+ * two round trips (SWITCHOVER to LOADED, GO to RESUMED, both with the
+ * destination's processing; the last RTT measured, after a drain).
+ */
+static double fixed_cost_ms(const struct source *src)
+{
+	const struct vfm_migration *m = src->m;
+	double ns = (double)src->sync_ns + 2.0 * (double)src->rtt_ns;
+
+	for (unsigned i = 0; i < m->ndevs; i++)
+		ns += 5.0 * (double)m->devs[i]->arc_ns;
+	return ns / 1e6;
+}
+
+/* Whether every savable that iterates has its pass of this iteration out. */
+static bool all_passed(struct vfm_migration *m)
+{
+	for (unsigned i = 0; i < m->nsv; i++) {
+		const struct vfm_savable *sv = &m->sv[i];
+
+		if (!sv->ops->save_iterate ||
+		    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
+			continue;
+		if (!sv->pass_done)
+			return false;
+	}
+	return true;
+}
+
+/* One bounded turn for every savable whose pass is not out yet; the bytes. */
+static int iterate_turns(struct source *src, uint64_t budget, uint64_t *moved,
+			 struct vfm_error *err)
+{
+	struct vfm_migration *m = src->m;
+	int ret;
+
+	*moved = 0;
+	for (unsigned i = 0; i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+		uint64_t b0 = out_bytes(src), n;
+
+		if (!sv->ops->save_iterate || sv->pass_done ||
+		    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
+			continue;
+		ret = sv->ops->save_iterate(sv->opaque, src->out, budget, err);
+		if (ret < 0)
+			return vfm_error_set(err, ret, "pre-copy of %s", sv->name);
+		n = out_bytes(src) - b0;
+		sv->sent_iter += n;
+		*moved += n;
+		if (ret == 1)
+			sv->pass_done = true;
+	}
+	return 0;
+}
+
+/*
+ * Pre-copy until the rest fits the downtime limit. An iteration gives every
+ * savable bounded turns until its pass is out (RAM: its send set, filled at
+ * setup and by each sync, is empty; a device: it read what it had pending at
+ * the last exact check, or it has nothing now); then, or as soon as the
+ * cheap estimate fits the threshold (QEMU's migration_iteration_run), a dirty
+ * sync and the exact figures decide, and the next iteration starts. No
+ * savable waits on another's pass: RAM moves from the first iteration
+ * whatever the devices do.
+ */
 static int do_iterate(struct source *src, struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
 	uint64_t pending = 0, iterations = 0, budget = vfm__iter_budget(src->p.max_bandwidth);
+	uint64_t moved_iter = 0, moved, iter_start = vfm__now_ns();
 	unsigned drains = 0;
 	int ret;
 
 	src->win_start = vfm__now_ns();
 	src->win_bytes0 = out_bytes(src);
+	src->ka_ns = vfm__now_ns();
+	src->ka_bytes = vfm_stream_bytes(src->out);
+	src->converging = true;
+	for (unsigned i = 0; i < m->nsv; i++) {
+		m->sv[i].pass_done = false;
+		m->sv[i].sent_iter = m->sv[i].exact_prev = 0;
+	}
 	for (;;) {
 		double threshold, bw;
-		bool all_done = true;
+		bool passed;
 
 		if (atomic_load(&m->cancel))
 			return vfm_error_set(err, VFM_ECANCELED, "migration cancelled");
 		if ((ret = poll_return_path(src, err)))
 			return ret;
+		read_live_params(src, &budget);
 		bandwidth_tick(src);
 		/* No real window yet: probe once the first window measured something
 		 * or, sooner, once a whole pass is out (an idle guest need not wait
@@ -432,13 +738,25 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			bw = switchover_bw(src);
 			threshold = bw * (double)src->p.downtime_limit_ms / 1000.0;
 		}
-		if (bw > 0 && (double)pending <= threshold) {
-			vfm__log_sync(m, true);
+		passed = all_passed(m);
+		if ((bw > 0 && (double)pending <= threshold) || passed ||
+		    vfm__now_ns() - iter_start >= ITER_MAX_NS) {
+			/* The end of an iteration: sync, exact figures, decide. */
+			vfm_stream_flush(src->out);
+			timed_log_sync(src);
 			iterations++;
-			if ((ret = pending_exact(m, &pending, err)))
+			if (passed)
+				src->pass_done = true;
+			if ((ret = exact_check(src, threshold, passed, &pending, err)))
 				return ret;
+			pthread_mutex_lock(&m->lock);
+			m->stats.precopy_iterations = iterations;
+			pthread_mutex_unlock(&m->lock);
 			update_stats(src, pending);
-			if ((double)pending <= threshold) {
+			vfm_debug(LOG, "iteration %" PRIu64 ": %" PRIu64 " bytes moved, %" PRIu64
+				  " pending, threshold %.0f, %.1f MB/s%s", iterations, moved_iter,
+				  pending, threshold, bw / 1e6, src->converging ? "" : ", not converging");
+			if (bw > 0 && (double)pending <= threshold) {
 				if (all_acked(m) && src->rp && drains < DRAIN_MAX) {
 					/*
 					 * Let the destination catch up before the guest
@@ -448,55 +766,37 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 					 * then decide again on fresh figures.
 					 */
 					drains++;
-					if ((ret = measure_rtt(src, err)))
+					if ((ret = measure_rtt(src, true, err)))
 						return ret;
-					vfm__log_sync(m, true);
-					if ((ret = pending_exact(m, &pending, err)))
+					timed_log_sync(src);
+					if ((ret = exact_check(src, threshold, false, &pending, err)))
 						return ret;
 					if ((double)pending > threshold)
 						continue;
 				}
 				if (all_acked(m)) {
-					src->expected_ms = (double)pending * 1000.0 / bw;
+					src->expected_ms = (double)pending * 1000.0 / bw +
+							   fixed_cost_ms(src);
 					src->have_expected = true;
 					break;
 				}
 				phase(src, VFM__PH_ACK_WAIT);
 			}
-		}
-		for (unsigned i = 0; i < m->nsv; i++) {
-			struct vfm_savable *sv = &m->sv[i];
-
-			if (!sv->ops->save_iterate ||
-			    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
-				continue;
-			ret = sv->ops->save_iterate(sv->opaque, src->out, budget, err);
-			if (ret < 0)
-				return vfm_error_set(err, ret, "pre-copy of %s", sv->name);
-			if (ret == 0)
-				all_done = false;
-		}
-		if (all_done) {
-			/* A pass over everything dirty: sync for the next one. */
-			vfm_stream_flush(src->out);
-			vfm__log_sync(m, true);
-			iterations++;
-			src->pass_done = iterations > 1;   /* pass 1 ran before the first sync */
-			vfm_debug(LOG, "pass %" PRIu64 " done: %" PRIu64 " bytes out, %" PRIu64
-				  " pending, %.1f MB/s", iterations, out_bytes(src),
-				  pending_estimate(m), switchover_bw(src) / 1e6);
-			if (pending_estimate(m) == 0) {
-				/* Idle: wait for the guest or for acks rather than spin. */
-				struct timespec ts = { 0, 5000000 };
+			if (!moved_iter) {
+				/* Idle: wait for the guest, a device or acks rather than spin. */
+				struct timespec ts = { 0, (long)IDLE_NAP_NS };
 				nanosleep(&ts, NULL);
 			}
-		} else {
-			src->win_busy = true;
+			moved_iter = 0;
+			iter_start = vfm__now_ns();
 		}
-		pthread_mutex_lock(&m->lock);
-		m->stats.precopy_iterations = iterations;
-		pthread_mutex_unlock(&m->lock);
-		update_stats(src, pending);
+		if ((ret = iterate_turns(src, budget, &moved, err)))
+			return ret;
+		moved_iter += moved;
+		if (moved)
+			src->win_busy = true;
+		update_stats(src, pending_estimate(m));
+		keepalive(src);
 		rate_limit(src);
 		if (vfm_stream_error(src->out, err))
 			return err ? err->code : -EIO;
@@ -518,7 +818,10 @@ static int stop_devices(struct vfm_migration *m, struct vfm_error *err)
 		struct vfm_mig_device *md = m->devs[i];
 		enum vfm_state st = vfm_device_state(md->dev), to;
 
-		if (!(md->flags & VFM_MIG_P2P))
+		/* A device that never ran in this migration (stopped at setup)
+		 * stays stopped: quiescing applies to running ones only. */
+		if (!(md->flags & VFM_MIG_P2P) ||
+		    (st != VFM_STATE_PRE_COPY && st != VFM_STATE_RUNNING))
 			continue;
 		to = st == VFM_STATE_PRE_COPY ? VFM_STATE_PRE_COPY_P2P : VFM_STATE_RUNNING_P2P;
 		ret = vfm_device_set_state(md->dev, to, st, err);
@@ -540,6 +843,57 @@ static int stop_devices(struct vfm_migration *m, struct vfm_error *err)
 	return 0;
 }
 
+const char *vfm_switchover_step_name(unsigned step)
+{
+	static const char *const names[VFM_SWITCHOVER_STEPS] = {
+		"guest_stop", "device_stop", "final_sync", "last_bytes", "dest_load", "go",
+		"dest_resume",
+	};
+
+	return step < VFM_SWITCHOVER_STEPS ? names[step] : "?";
+}
+
+/* The switchover timeline: step i ended at t (CLOCK_MONOTONIC ns). */
+static void step_done(struct source *src, unsigned i, uint64_t t)
+{
+	src->step_end[i] = t;
+}
+
+/*
+ * Each step from the end of the one before; the last end is the downtime's
+ * (the destination's resume), and no step ends after it: the destination may
+ * read GO and resume before the source's own clock read after sending it.
+ */
+static void publish_steps(struct source *src)
+{
+	struct vfm_migration *m = src->m;
+	uint64_t prev = src->t_stop, end = src->t_stop;
+
+	for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++)
+		if (src->step_end[i] > end)
+			end = src->step_end[i];
+	/* Only the last end counts (it may come before an earlier step's). */
+	if (src->step_end[VFM_SWITCHOVER_STEPS - 1] > src->t_stop)
+		end = src->step_end[VFM_SWITCHOVER_STEPS - 1];
+	pthread_mutex_lock(&m->lock);
+	for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++) {
+		uint64_t t = src->step_end[i] > prev ? src->step_end[i] : prev;
+
+		if (t > end)
+			t = end;
+		m->stats.switchover_ms[i] = src->step_end[i] ? (double)(t - prev) / 1e6 : 0;
+		if (src->step_end[i])
+			prev = t;
+	}
+	m->stats.have_switchover = true;
+	pthread_mutex_unlock(&m->lock);
+	vfm_debug(LOG, "switchover: guest stop %.3f, devices %.3f, sync %.3f, last bytes %.3f, "
+		  "destination load %.3f, go %.3f, destination resume %.3f ms",
+		  m->stats.switchover_ms[0], m->stats.switchover_ms[1], m->stats.switchover_ms[2],
+		  m->stats.switchover_ms[3], m->stats.switchover_ms[4], m->stats.switchover_ms[5],
+		  m->stats.switchover_ms[6]);
+}
+
 /* Milliseconds since the guest was told to stop. */
 static double since_stop_ms(const struct source *src)
 {
@@ -559,11 +913,14 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	if (m->vm && m->vm->stop && (ret = m->vm->stop(m->vm_opaque)))
 		return vfm_error_set(err, ret, "stopping the guest");
 	src->guest_stopped = true;
+	memset(src->step_end, 0, sizeof(src->step_end));
+	step_done(src, 0, vfm__now_ns());
 	vfm_debug(LOG, "switchover: guest stopped in %.3f ms", since_stop_ms(src));
 	if ((ret = stop_devices(m, err)))
 		return ret;
 	if (src->mf && (ret = vfm__mf_src_stop_devices(src->mf, err)))
 		return ret;
+	step_done(src, 1, vfm__now_ns());
 	vfm_debug(LOG, "switchover: devices stopped at %.3f ms", since_stop_ms(src));
 	{
 		unsigned char ts[8];
@@ -571,6 +928,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		vfm_stream_put_record(src->out, VFM_REC_SWITCHOVER, 0, 0, ts, sizeof(ts));
 	}
 	vfm__log_sync(m, false);
+	step_done(src, 2, vfm__now_ns());
 	vfm_debug(LOG, "switchover: final dirty sync done at %.3f ms", since_stop_ms(src));
 	phase(src, VFM__PH_STOP_COPY);
 	/* Every device is quiet and synced: the save threads may read. */
@@ -611,6 +969,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	vfm_stream_flush(src->out);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
+	step_done(src, 3, vfm__now_ns());
 	vfm_debug(LOG, "switchover: end of stream sent at %.3f ms", since_stop_ms(src));
 
 	if (!src->rp) {
@@ -620,11 +979,13 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		m->stats.downtime_ms = since_stop_ms(src);
 		m->stats.downtime_from_same_clock = true;
 		pthread_mutex_unlock(&m->lock);
+		publish_steps(src);
 		return 0;
 	}
 	phase(src, VFM__PH_LOADED_WAIT);
 	if ((ret = wait_rp(src, VFM_REC_RP_LOADED, &h, &pl, err)))
 		return ret;
+	step_done(src, 4, vfm__now_ns());
 	/* Commit point: once GO is on the wire the destination may run. A
 	 * cancel that got here first wins; one that comes later is too late. */
 	pthread_mutex_lock(&m->lock);
@@ -648,6 +1009,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 		pthread_mutex_unlock(&m->lock);
 		return vfm_error_set(err, err->code, "sending GO");
 	}
+	step_done(src, 5, vfm__now_ns());
 	phase(src, VFM__PH_COMMITTED);
 	ret = wait_rp(src, VFM_REC_RP_RESUMED, &h, &pl, err);
 	t_resumed_rx = vfm__now_ns();
@@ -656,15 +1018,43 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	pthread_mutex_lock(&m->lock);
 	if (h.length >= 8 + 36 && vfm__same_boot((const char *)pl + 8)) {
 		/* Same host: both timestamps are CLOCK_MONOTONIC of one machine. */
+		src->step_end[6] = vfm_get_le64(pl);
 		m->stats.downtime_ms = (double)(vfm_get_le64(pl) - src->t_stop) / 1e6;
 		m->stats.downtime_from_same_clock = true;
 	} else {
 		/* Another host: the resume happened about half a round trip ago. */
+		src->step_end[6] = t_resumed_rx - src->rtt_ns / 2;
 		m->stats.downtime_ms = (double)(t_resumed_rx - src->t_stop - src->rtt_ns / 2) / 1e6;
 		m->stats.downtime_from_same_clock = false;
 	}
 	pthread_mutex_unlock(&m->lock);
+	publish_steps(src);
 	return 0;
+}
+
+/*
+ * Rollback, before any device goes back to RUNNING: every stopped P2P device
+ * first to RUNNING_P2P, so none runs (and starts DMA to a peer) while another is still
+ * stopped or saving; each save_cleanup then takes its device on to RUNNING.
+ * QEMU does the same through its VM state change "prepare" notifier
+ * (vfio_vmstate_change_prepare in hw/vfio/migration.c) before the
+ * RUNNING one.
+ */
+static void p2p_quiesce_all(struct vfm_migration *m)
+{
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct vfm_mig_device *md = m->devs[i];
+		enum vfm_state st = vfm_device_state(md->dev);
+		struct vfm_error e = { 0 };
+
+		/* PRE_COPY runs (the device does DMA): it goes straight back,
+		 * as QEMU's failure notifier takes it (PRE_COPY -> RUNNING). */
+		if (!(md->flags & VFM_MIG_P2P) || st == VFM_STATE_RUNNING ||
+		    st == VFM_STATE_RUNNING_P2P || st == VFM_STATE_PRE_COPY || st == VFM_STATE_ERROR)
+			continue;
+		if (vfm_device_set_state(md->dev, VFM_STATE_RUNNING_P2P, VFM_STATE_ERROR, &e))
+			vfm_err(vfm_device_id(md->dev), "to RUNNING_P2P on rollback: %s", e.msg);
+	}
 }
 
 static void finish(struct source *src, int ret, const struct vfm_error *err)
@@ -683,10 +1073,16 @@ static void finish(struct source *src, int ret, const struct vfm_error *err)
 		err = &why;
 	}
 
+	/* auto-converge ends with the migration: full speed again (the
+	 * guest resumes unthrottled after a rollback). */
+	if (src->throttle_pct)
+		set_throttle(src, 0);
 	/* Save threads first: nothing may touch a device while it rolls back. */
 	src->mf_bytes = vfm__mf_src_bytes(src->mf);
 	vfm__mf_src_close(src->mf);
 	src->mf = NULL;
+	if (rollback)
+		p2p_quiesce_all(m);
 	for (unsigned i = 0; i < m->nsv; i++)
 		if (m->sv[i].ops->save_cleanup)
 			m->sv[i].ops->save_cleanup(m->sv[i].opaque, !rollback);
@@ -785,6 +1181,7 @@ int vfm_migration_start(struct vfm_migration *m, const char *uri,
 	m->params = src->p;
 	memset(&m->stats, 0, sizeof(m->stats));
 	m->stats.downtime_limit_ms = src->p.downtime_limit_ms;
+	m->stats.converging = true;   /* until iterations say otherwise */
 	m->stats.multifd_channels = 0;
 	snprintf(m->uri, sizeof(m->uri), "%s", uri);
 	atomic_store(&m->cancel, false);

@@ -31,7 +31,7 @@ enum vfm_rec_type {
 	VFM_REC_EOS = 7,             /* end of stream */
 	VFM_REC_SYNC = 8,            /* multifd sync point (payload: u64 seq) */
 	VFM_REC_GO = 9,              /* commit: destination may run the guest */
-	VFM_REC_PAD = 10,            /* padding (bandwidth probe): payload ignored */
+	VFM_REC_PAD = 10,            /* padding (bandwidth probe, keepalive): payload ignored */
 	VFM_REC_MF_CHANNELS = 11,    /* main: u64 migration id, u32 extra channels */
 	VFM_REC_MF_HELLO = 12,       /* extra channel: u64 migration id, u32 index, u32 count */
 	VFM_REC_MF_DEV_STATE = 13,   /* extra channel: u32 version, u32 idx, u32 flags, data */

@@ -37,16 +37,43 @@ static const char *md_id(const struct vfm_mig_device *md)
 	return vfm_device_id(md->dev);
 }
 
-static void refresh_precopy_info(struct vfm_mig_device *md)
+/*
+ * PRECOPY_INFO costs a firmware command on real devices: asked at setup, then
+ * at most once per iteration (the span between two exact checks), at the end
+ * of the device's data or by the exact check if the iteration has not asked
+ * yet; in between the figures are decremented as data is read (QEMU:
+ * vfio_update_estimated_pending_data in hw/vfio/migration.c).
+ */
+static void ask_precopy_info(struct vfm_mig_device *md)
 {
 	uint64_t init, dirty;
 
-	if (!md->precopy_info_ok)
+	if (!md->precopy_info_ok || md->info_asked)
 		return;
+	md->info_asked = true;
+	md->precopy_info_calls++;
 	if (vfm_device_precopy_info(md->dev, &init, &dirty, NULL) == 0) {
 		md->precopy_init = init;
 		md->precopy_dirty = dirty;
 	}
+}
+
+/* n bytes were read: initial data goes first, then dirty (as QEMU). */
+static void consume_precopy(struct vfm_mig_device *md, uint64_t n)
+{
+	uint64_t a = n < md->precopy_init ? n : md->precopy_init;
+
+	md->precopy_init -= a;
+	n -= a;
+	md->precopy_dirty -= n < md->precopy_dirty ? n : md->precopy_dirty;
+}
+
+/* The pass of the iteration that starts: what the device has pending now
+ * (from precopy info), or one turn when it cannot say. */
+static void start_pass(struct vfm_mig_device *md)
+{
+	md->pass_one_turn = !md->precopy_info_ok;
+	md->pass_left = md->precopy_init + md->precopy_dirty;
 }
 
 static uint64_t vfio_pending_estimate(void *opaque);
@@ -132,6 +159,9 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->init_data_sent = false;
 	md->precopy_info_ok = false;
 	md->precopy_init = md->precopy_dirty = md->last_iter_bytes = 0;
+	md->info_asked = false;
+	md->stop_copy_exact = false;
+	md->precopy_info_calls = 0;
 	md->stop_copy_size = 0;
 	md->stop_copy_known = false;
 	md->sc_warned = false;
@@ -146,16 +176,33 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	if (!md->buf)
 		return vfm_error_set(err, -ENOMEM, "%s: out of memory", md_id(md));
 
-	if ((md->flags & VFM_MIG_PRE_COPY) && md->props.allow_pre_copy) {
+	/* PRE_COPY only from RUNNING: a stopped device (a paused VM) has
+	 * nothing to pre-copy and goes straight to STOP_COPY at the switchover
+	 * (QEMU's vfio_save_setup checks the VM is running the same way). */
+	if ((md->flags & VFM_MIG_PRE_COPY) && md->props.allow_pre_copy &&
+	    vfm_device_state(md->dev) == VFM_STATE_RUNNING) {
+		uint64_t t0 = vfm__now_ns();
+
 		ret = vfm_device_set_state(md->dev, VFM_STATE_PRE_COPY, VFM_STATE_RUNNING, err);
+		md->arc_ns = vfm__now_ns() - t0;
 		if (ret)
 			return vfm_error_set(err, ret, "%s: entering PRE_COPY", md_id(md));
 		md->use_precopy = true;
+		md->precopy_info_calls++;
 		if (vfm_device_precopy_info(md->dev, &init, &dirty, NULL) == 0) {
 			md->precopy_info_ok = true;
 			md->precopy_init = init;
 			md->precopy_dirty = dirty;
 		}
+		start_pass(md);
+	}
+	if (!md->use_precopy) {
+		/* No arc to time: a state query costs the same round trip. */
+		enum vfm_state st;
+		uint64_t t0 = vfm__now_ns();
+
+		vfm_device_query_state(md->dev, &st, NULL);
+		md->arc_ns = vfm__now_ns() - t0;
 	}
 	vfm_put_le64(payload, md->flags);
 	vfm_stream_put_record(s, VFM_REC_DATA, DEV_SETUP, section_of(md), payload, sizeof(payload));
@@ -188,56 +235,70 @@ static ssize_t move_block(struct vfm_mig_device *md, struct vfm_stream *s, uint3
 	return n;
 }
 
+static void init_data_sent(struct vfm_mig_device *md, struct vfm_stream *s, uint32_t section)
+{
+	md->init_data_sent = true;
+	vfm_stream_put_record(s, VFM_REC_INIT_DATA_SENT, 0, section, NULL, 0);
+	vfm_debug(md_id(md), "initial pre-copy data sent");
+}
+
+/*
+ * One turn of this iteration's pass: up to budget bytes, and no more than the
+ * pass (what the device had pending at the last exact check). Returns 1 once
+ * the pass is out or the device has nothing now, 0 when the pass goes on.
+ */
 static int vfio_save_iterate(void *opaque, struct vfm_stream *s, uint64_t budget,
 			     struct vfm_error *err)
 {
 	struct vfm_mig_device *md = opaque;
 	uint32_t section = section_of(md);
 	uint64_t sent = 0;
-	bool retried = false;
+	bool end_of_data = false;
 	ssize_t n;
 
-	while (sent < budget) {
+	while (sent < budget && (md->pass_one_turn || md->pass_left)) {
 		n = move_block(md, s, section, err);
 		if (n > 0) {
 			sent += (uint64_t)n;
+			consume_precopy(md, (uint64_t)n);
+			md->pass_left -= (uint64_t)n < md->pass_left ? (uint64_t)n : md->pass_left;
+			/* switchover-ack as soon as the initial data is out, even
+			 * when every turn fills its budget. */
+			if (!md->init_data_sent && md->precopy_info_ok && !md->precopy_init)
+				init_data_sent(md, s, section);
 			continue;
 		}
 		if (n == -EAGAIN)
 			continue;
 		if (n < 0 && n != -ENOMSG)
 			return (int)n;
-		/* Nothing now (ENOMSG, or 0 from some drivers): ask for precopy info,
-		 * which is when mlx5/virtio produce new dirty data; read once more. */
-		refresh_precopy_info(md);
-		if (!retried && md->precopy_info_ok && md->precopy_dirty) {
-			retried = true;
-			continue;
+		/* End of data (ENOMSG, or 0 from some drivers): the point where
+		 * mlx5/virtio produce new dirty data on PRECOPY_INFO; once per
+		 * iteration. What it reports belongs to the next pass. */
+		if (!md->info_asked && md->precopy_info_ok) {
+			ask_precopy_info(md);
+			if (md->precopy_dirty && !md->pass_one_turn)
+				continue;
+		} else {
+			md->precopy_init = md->precopy_dirty = 0;   /* nothing now, as QEMU */
 		}
+		end_of_data = true;
 		break;
 	}
 	md->last_iter_bytes = sent;
-	refresh_precopy_info(md);
-	/*
-	 * Initial data done: with precopy info, when initial_bytes reaches 0;
-	 * without it (vfio-user has no PRECOPY_INFO), at the first point the
-	 * device had nothing more to give.
-	 */
-	if (!md->init_data_sent && sent < budget &&
-	    (!md->precopy_info_ok || md->precopy_init == 0)) {
-		md->init_data_sent = true;
-		vfm_stream_put_record(s, VFM_REC_INIT_DATA_SENT, 0, section, NULL, 0);
-		vfm_debug(md_id(md), "initial pre-copy data sent");
-	}
+	/* Without precopy info (vfio-user without the extension), the initial
+	 * data is out at the first point the device had nothing more. */
+	if (!md->init_data_sent && ((md->precopy_info_ok && !md->precopy_init) ||
+				    (!md->precopy_info_ok && end_of_data)))
+		init_data_sent(md, s, section);
 	if (vfm_stream_error(s, err))
 		return err ? err->code : -EIO;
-	return sent < budget ? 1 : 0;
+	return end_of_data || md->pass_one_turn || !md->pass_left ? 1 : 0;
 }
 
-static uint64_t vfio_pending_estimate(void *opaque)
+/* What pre-copy still has to read, as far as the device said. */
+static uint64_t precopy_left(const struct vfm_mig_device *md)
 {
-	struct vfm_mig_device *md = opaque;
-
 	if (!md->use_precopy)
 		return 0;
 	if (md->precopy_info_ok)
@@ -245,18 +306,44 @@ static uint64_t vfio_pending_estimate(void *opaque)
 	return md->last_iter_bytes;
 }
 
-static int vfio_pending_exact(void *opaque, uint64_t *pending, struct vfm_error *err)
+/*
+ * Cheap: the pre-copy figures as decremented locally, plus the stop-copy size
+ * of the last exact check, so the estimate and the exact figure agree on
+ * what they count (the exact check adds both, as QEMU) and an estimate under
+ * the threshold does not ask the exact figure again and again while it says
+ * no (the loop libvfio-user's unknown size caused). 0 before setup.
+ */
+static uint64_t vfio_pending_estimate(void *opaque)
 {
 	struct vfm_mig_device *md = opaque;
 
-	refresh_precopy_info(md);
+	return precopy_left(md) + (md->stop_copy_exact ? md->stop_copy_size : 0);
+}
+
+/*
+ * The end of an iteration: fresh figures, as QEMU's vfio_state_pending_exact:
+ * the stop-copy size plus the pre-copy initial and dirty bytes. The size
+ * comes from refresh_stop_copy_size, whatever it makes of a device that
+ * cannot report it (never 0 for a failed query). Starts the next pass.
+ */
+static int vfio_pending_exact(void *opaque, uint64_t *pending, struct vfm_error *err)
+{
+	struct vfm_mig_device *md = opaque;
+	uint64_t sc;
+
+	(void)err;
 	refresh_stop_copy_size(md);
-	/*
-	 * The stop-copy size is what STOP_COPY would produce from now, the
-	 * rest of the pre-copy data included (the kernel's MIG_DATA_SIZE, as
-	 * QEMU uses it): adding the pre-copy figures would count them twice.
-	 */
-	*pending = md->stop_copy_known ? md->stop_copy_size : vfio_pending_estimate(md);
+	/* A device that cannot say (stop_copy_known false): the pre-copy
+	 * figure below is the whole estimate refresh_stop_copy_size published
+	 * (its last round's bytes), not to be counted twice. */
+	sc = md->stop_copy_known ? md->stop_copy_size : 0;
+	md->stop_copy_exact = md->stop_copy_known;
+	if (md->use_precopy)
+		ask_precopy_info(md);
+	*pending = sc + precopy_left(md);
+	md->info_asked = false;   /* a new iteration */
+	if (md->use_precopy)
+		start_pass(md);
 	return 0;
 }
 

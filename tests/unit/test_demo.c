@@ -253,6 +253,21 @@ TEST(progress_line)
 	demo_progress_line(mig, line, sizeof(line));
 	CHECK(strstr(line, "active") && strstr(line, "1.0 MiB sent") &&
 	      strstr(line, "2.0 MiB pending") && strstr(line, "3.0 MiB/s"));
+	CHECK(!strstr(line, "converging"));
+	json_object_put(mig);
+}
+
+TEST(progress_line_not_converging)
+{
+	json_object *mig = json_tokener_parse("{\"status\": \"active\", \"transferred_bytes\": "
+					      "1048576, \"pending_bytes\": 2097152, "
+					      "\"bandwidth_bps\": 3145728.0, \"converging\": false, "
+					      "\"needed_downtime_ms\": 812.4, "
+					      "\"bottleneck\": \"vfio:dev0\"}");
+	char line[256];
+
+	demo_progress_line(mig, line, sizeof(line));
+	CHECK(strstr(line, "NOT converging: needs ~812 ms downtime (vfio:dev0)"));
 	json_object_put(mig);
 }
 

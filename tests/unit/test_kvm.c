@@ -452,3 +452,37 @@ TEST_TIMEOUT(migrates_through_the_engine, 90)
 	unlink(path);
 	rmdir(dir);
 }
+
+/* auto-converge's vCPU throttle: at 80 % the guest rewrites far fewer pages
+ * in the same time; back at 0 the throttle thread ends and it runs on. */
+TEST_TIMEOUT(throttle_slows_the_vcpus, 60)
+{
+	struct vfm_guest_mem *mem;
+	struct vfm_guest *g;
+	struct vfm_error err = { 0 };
+	uint64_t a, b, full, slow;
+
+	need_kvm();
+	mem = new_mem();
+	g = new_guest(mem, 4 * RATE, true);
+	CHECK(g->ops->set_throttle != NULL);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	wait_progress(g, NULL, 5);
+	a = written(g);
+	nap_ms(1000);
+	full = written(g) - a;
+	g->ops->set_throttle(g, 80);
+	nap_ms(100);
+	b = written(g);
+	nap_ms(1000);
+	slow = written(g) - b;
+	fprintf(stderr, "# %" PRIu64 " rewrites in 1 s at full speed, %" PRIu64 " throttled 80%%\n",
+		full, slow);
+	CHECK(full > 20);
+	CHECK(slow * 100 <= full * 70);
+	g->ops->set_throttle(g, 0);
+	CHECK_EQ(g->ops->stop(g), 0);
+	check_verified(g);
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}

@@ -68,6 +68,8 @@ struct testdev {
 
 	struct arc_rec arcs[MAX_ARCS];
 	unsigned num_arcs;
+	testdev_arc_fn arc_hook;
+	void *arc_opaque;
 
 	struct arc_fault arc_faults[MAX_ARC_FAULTS];
 	struct op_fault op_faults[TESTDEV_OP_COUNT];
@@ -346,6 +348,14 @@ static void log_arc(struct testdev *td, enum vfm_state from, enum vfm_state to, 
 {
 	if (td->num_arcs < MAX_ARCS)
 		td->arcs[td->num_arcs++] = (struct arc_rec){ from, to, failed };
+	if (td->arc_hook)
+		td->arc_hook(td->arc_opaque, td, from, to, failed);
+}
+
+void testdev_set_arc_hook(struct testdev *td, testdev_arc_fn fn, void *opaque)
+{
+	td->arc_hook = fn;
+	td->arc_opaque = opaque;
 }
 
 static struct arc_fault *arc_fault(struct testdev *td, enum vfm_state from, enum vfm_state to)

@@ -101,6 +101,11 @@ void testdev_set_write_chunk(struct testdev *td, size_t max);
 const char *testdev_arcs(const struct testdev *td, char *buf, size_t len);
 unsigned testdev_num_arcs(const struct testdev *td);
 void testdev_clear_arcs(struct testdev *td);
+/* fn runs on every arc as it is logged (several devices can share one fn to
+ * see the order of arcs across devices); NULL removes it. */
+typedef void (*testdev_arc_fn)(void *opaque, const struct testdev *td, enum vfm_state from,
+			       enum vfm_state to, bool failed);
+void testdev_set_arc_hook(struct testdev *td, testdev_arc_fn fn, void *opaque);
 
 /* ---- Fault injection ---- */
 /*

@@ -1,0 +1,319 @@
+/*
+ * The source engine's iteration semantics with in-process test devices
+ * (tests/unit/testdev.c: real state machine, pre-copy session, call counts):
+ * the VFIO savable driven turn by turn (PRECOPY_INFO at most once per
+ * iteration, switchover-ack data marker when the initial bytes are out even
+ * if every turn fills its budget, the exact pending figure), and whole
+ * migrations to a file for the state flow (PRE_COPY only from RUNNING, every
+ * P2P device in RUNNING_P2P before any goes RUNNING on a cancel).
+ */
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "harness.h"
+#include "migration/engine.h"
+#include "testdev.h"
+#include "vfiomig/migration.h"
+
+#define PG 4096ull
+#define MEM_SIZE (4ull << 20)
+#define STATE (8u << 20)
+/* The VFIO savable reads 1 MiB blocks: a turn of this budget is one block. */
+#define BUDGET (1u << 20)
+
+struct rig {
+	struct vfm_guest_mem *mem;
+	struct vfm_migration *m;
+	struct testdev *td[2];
+	unsigned ndev;
+	char dir[64];
+	char uri[128];
+};
+
+static void rig_init(struct rig *r, unsigned ndev, uint64_t flags)
+{
+	struct vfm_error err = { 0 };
+
+	memset(r, 0, sizeof(*r));
+	CHECK_EQ(vfm_guest_mem_new(PG, &r->mem, &err), 0);
+	CHECK_EQ(vfm_guest_mem_add(r->mem, 0, MEM_SIZE, "ram", &err), 0);
+	CHECK_EQ(vfm_migration_new(r->mem, NULL, NULL, &r->m, &err), 0);
+	r->ndev = ndev;
+	for (unsigned i = 0; i < ndev; i++) {
+		char id[16];
+		struct vfm_device_props props;
+
+		snprintf(id, sizeof(id), "dev%u", i);
+		r->td[i] = testdev_new(id, flags, STATE, 11 + i, 0);
+		vfm_device_props_default(&props);
+		snprintf(props.id, sizeof(props.id), "%s", id);
+		if (vfm_migration_add_device(r->m, testdev_device(r->td[i]), &props, &err))
+			FAIL("add_device: %s", err.msg);
+	}
+	snprintf(r->dir, sizeof(r->dir), "/tmp/vfm-iter-XXXXXX");
+	CHECK(mkdtemp(r->dir));
+	snprintf(r->uri, sizeof(r->uri), "file:%s/vm.state", r->dir);
+}
+
+static void rig_free(struct rig *r)
+{
+	char path[160];
+
+	vfm_migration_free(r->m);
+	for (unsigned i = 0; i < r->ndev; i++)
+		testdev_free(r->td[i]);
+	vfm_guest_mem_free(r->mem);
+	snprintf(path, sizeof(path), "%s/vm.state", r->dir);
+	unlink(path);
+	rmdir(r->dir);
+}
+
+/* The device's savable, set up for pre-copy, writing to /dev/null. */
+static struct vfm_savable *setup_device_savable(struct rig *r, struct vfm_stream **s)
+{
+	struct vfm_error err = { 0 };
+	struct vfm_savable *sv = NULL;
+	int fd = open("/dev/null", O_WRONLY | O_CLOEXEC);
+
+	CHECK(fd >= 0);
+	CHECK_EQ(vfm_stream_open(fd, 1000, s, &err), 0);
+	for (unsigned i = 0; i < r->m->nsv; i++)
+		if (r->m->sv[i].ops == &vfm__vfio_savable_ops)
+			sv = &r->m->sv[i];
+	CHECK(sv != NULL);
+	if (sv->ops->save_setup(sv->opaque, *s, &err))
+		FAIL("save_setup: %s", err.msg);
+	CHECK_EQ(testdev_state(r->td[0]), VFM_STATE_PRE_COPY);
+	return sv;
+}
+
+TEST(precopy_info_at_most_once_per_iteration)
+{
+	struct vfm_error err = { 0 };
+	struct vfm_stream *s;
+	struct vfm_savable *sv;
+	struct vfm_mig_device *md;
+	struct rig r;
+	unsigned calls0, turns;
+	uint64_t pending;
+
+	rig_init(&r, 1, VFM_MIG_ALL);
+	sv = setup_device_savable(&r, &s);
+	md = sv->opaque;
+	calls0 = testdev_calls(r.td[0], TESTDEV_OP_PRECOPY_INFO);
+	CHECK_EQ(calls0, 1);   /* setup asks once */
+	/* The initial pass: many turns, the device busy all along. */
+	for (turns = 0; turns < 64 && sv->ops->save_iterate(sv->opaque, s, BUDGET, &err) == 0; turns++)
+		CHECK_EQ(testdev_dirty(r.td[0], (turns * 4096) % (STATE - 4096), 4096), 0);
+	turns++;
+	CHECK(turns >= STATE / BUDGET - 1);
+	/* Local decrement: the estimate fell with the data read, no query. */
+	CHECK(sv->ops->pending_estimate(sv->opaque) < STATE / 2);
+	/* End of data reached (or the pass is out): at most one query so far. */
+	for (unsigned i = 0; i < 8; i++)
+		CHECK(sv->ops->save_iterate(sv->opaque, s, BUDGET, &err) >= 0);
+	CHECK(testdev_calls(r.td[0], TESTDEV_OP_PRECOPY_INFO) <= calls0 + 1);
+	CHECK_EQ(md->precopy_info_calls, testdev_calls(r.td[0], TESTDEV_OP_PRECOPY_INFO));
+	/* The exact check ends the iteration: fresh figures, a new pass. */
+	CHECK_EQ(sv->ops->pending_exact(sv->opaque, &pending, &err), 0);
+	calls0 = testdev_calls(r.td[0], TESTDEV_OP_PRECOPY_INFO);
+	CHECK_EQ(testdev_dirty(r.td[0], 0, 3 * BUDGET), 0);
+	for (unsigned i = 0; i < 16; i++)
+		CHECK(sv->ops->save_iterate(sv->opaque, s, BUDGET, &err) >= 0);
+	CHECK(testdev_calls(r.td[0], TESTDEV_OP_PRECOPY_INFO) <= calls0 + 1);
+	fprintf(stderr, "# %u turns in the first pass, %u PRECOPY_INFO calls in all\n", turns,
+		testdev_calls(r.td[0], TESTDEV_OP_PRECOPY_INFO));
+	sv->ops->save_cleanup(sv->opaque, false);
+	vfm_stream_free(s);
+	rig_free(&r);
+}
+
+TEST(init_data_sent_although_every_turn_fills_its_budget)
+{
+	struct vfm_error err = { 0 };
+	struct vfm_stream *s;
+	struct vfm_savable *sv;
+	struct vfm_mig_device *md;
+	struct rig r;
+	unsigned turn;
+	int ret;
+
+	rig_init(&r, 1, VFM_MIG_ALL);
+	sv = setup_device_savable(&r, &s);
+	md = sv->opaque;
+	/* The device dirties more than a budget between turns: never a short
+	 * turn, so the old "sent < budget" rule never sent the marker. */
+	for (turn = 0; turn < 200 && !md->init_data_sent; turn++) {
+		uint64_t b0 = vfm_stream_bytes(s);
+
+		CHECK_EQ(testdev_dirty(r.td[0], (turn * 7919u) % (STATE - 2 * BUDGET), 2 * BUDGET), 0);
+		ret = sv->ops->save_iterate(sv->opaque, s, BUDGET, &err);
+		CHECK(ret >= 0);
+		/* A full turn, or the end of the pass: never "nothing now". */
+		CHECK(vfm_stream_bytes(s) - b0 >= BUDGET || (ret == 1 && md->pass_left == 0));
+		if (md->pass_left == 0 && !md->init_data_sent) {
+			uint64_t pending;
+
+			CHECK_EQ(sv->ops->pending_exact(sv->opaque, &pending, &err), 0);
+		}
+	}
+	CHECK(md->init_data_sent);
+	CHECK_EQ(md->precopy_init, 0);
+	/* About the initial data's worth of turns, not an unbounded number. */
+	CHECK(turn <= 2 * STATE / BUDGET + 4);
+	fprintf(stderr, "# INIT_DATA_SENT after %u full turns\n", turn);
+	sv->ops->save_cleanup(sv->opaque, false);
+	vfm_stream_free(s);
+	rig_free(&r);
+}
+
+TEST(pending_exact_is_stop_copy_size_plus_precopy_bytes)
+{
+	struct vfm_error err = { 0 };
+	struct vfm_stream *s;
+	struct vfm_savable *sv;
+	struct rig r;
+	uint64_t pending, sc, init, dirty;
+
+	rig_init(&r, 1, VFM_MIG_ALL);
+	sv = setup_device_savable(&r, &s);
+	for (unsigned i = 0; i < 4; i++)
+		CHECK(sv->ops->save_iterate(sv->opaque, s, BUDGET, &err) >= 0);
+	CHECK_EQ(testdev_dirty(r.td[0], 4096, 3 * 4096), 0);
+	CHECK_EQ(sv->ops->pending_exact(sv->opaque, &pending, &err), 0);
+	/* The device is idle: its figures now are the ones the check used. */
+	CHECK_EQ(vfm_device_stop_copy_size(testdev_device(r.td[0]), &sc, &err), 0);
+	CHECK_EQ(vfm_device_precopy_info(testdev_device(r.td[0]), &init, &dirty, &err), 0);
+	CHECK(init > 0 && dirty > 0 && sc > 0);
+	CHECK_EQ(pending, sc + init + dirty);
+	/* A failed stop-copy size query is never 0 bytes. */
+	testdev_fail_op(r.td[0], TESTDEV_OP_STOP_COPY_SIZE, -EIO, 1);
+	CHECK_EQ(sv->ops->pending_exact(sv->opaque, &pending, &err), 0);
+	CHECK(pending > init + dirty);
+	sv->ops->save_cleanup(sv->opaque, false);
+	vfm_stream_free(s);
+	rig_free(&r);
+}
+
+TEST(stopped_device_goes_straight_to_stop_copy)
+{
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct rig r;
+	char arcs[256];
+
+	rig_init(&r, 1, VFM_MIG_ALL);
+	/* A paused VM's device: stopped through the device layer. */
+	CHECK_EQ(vfm_device_set_state(testdev_device(r.td[0]), VFM_STATE_STOP, VFM_STATE_ERROR, &err), 0);
+	testdev_clear_arcs(r.td[0]);
+	vfm_migration_params_default(&p);
+	p.timeout_ms = 5000;
+	if (vfm_migration_start(r.m, r.uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	CHECK_EQ(vfm_migration_wait(r.m, 20000), 0);
+	vfm_migration_get_stats(r.m, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
+	testdev_arcs(r.td[0], arcs, sizeof(arcs));
+	fprintf(stderr, "# arcs %s\n", arcs);
+	/* Never PRE_COPY, never woken to RUNNING_P2P: STOP -> STOP_COPY -> STOP. */
+	CHECK_STR(arcs, "S>SC,SC>S");
+	CHECK(st.device_transferred_bytes >= STATE);
+	rig_free(&r);
+}
+
+/* Every arc of every device, in the order taken, once recording is on. */
+struct arclog {
+	pthread_mutex_t lock;
+	atomic_bool on;
+	enum vfm__mig_phase at;   /* where to cancel */
+	unsigned n;
+	struct { const struct testdev *td; enum vfm_state from, to; } a[64];
+};
+
+static void on_arc(void *opaque, const struct testdev *td, enum vfm_state from, enum vfm_state to,
+		   bool failed)
+{
+	struct arclog *l = opaque;
+
+	if (!atomic_load(&l->on) || failed)
+		return;
+	pthread_mutex_lock(&l->lock);
+	if (l->n < 64)
+		l->a[l->n++] = (typeof(l->a[0])){ td, from, to };
+	pthread_mutex_unlock(&l->lock);
+}
+
+static void cancel_here(void *opaque, struct vfm_migration *m, enum vfm__mig_phase ph)
+{
+	struct arclog *l = opaque;
+
+	if (ph != l->at)
+		return;
+	atomic_store(&l->on, true);
+	vfm_migration_cancel(m);
+}
+
+static void p2p_rollback(enum vfm__mig_phase at)
+{
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct arclog l = { .lock = PTHREAD_MUTEX_INITIALIZER, .at = at };
+	struct rig r;
+	int first_running = -1, last_p2p = -1;
+	unsigned p2p_seen = 0;
+
+	rig_init(&r, 2, VFM_MIG_ALL);
+	for (unsigned i = 0; i < 2; i++)
+		testdev_set_arc_hook(r.td[i], on_arc, &l);
+	vfm__migration_set_phase_hook(r.m, cancel_here, &l);
+	vfm_migration_params_default(&p);
+	p.timeout_ms = 5000;
+	if (at == VFM__PH_PRECOPY) {
+		/* Never converges: the cancel comes in pre-copy. */
+		p.downtime_limit_ms = 1;
+		p.avail_switchover_bandwidth = 1000;
+	}
+	if (vfm_migration_start(r.m, r.uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	CHECK_EQ(vfm_migration_wait(r.m, 20000), 0);
+	vfm_migration_get_stats(r.m, &st);
+	CHECK_EQ(st.status, VFM_MIG_CANCELLED);
+	for (unsigned i = 0; i < l.n; i++) {
+		fprintf(stderr, "# %s: %s > %s\n", l.a[i].td == r.td[0] ? "dev0" : "dev1",
+			vfm_state_name(l.a[i].from), vfm_state_name(l.a[i].to));
+		if (l.a[i].to == VFM_STATE_RUNNING && first_running < 0)
+			first_running = (int)i;
+		if (l.a[i].to == VFM_STATE_RUNNING_P2P) {
+			last_p2p = (int)i;
+			p2p_seen |= l.a[i].td == r.td[0] ? 1u : 2u;
+		}
+	}
+	if (at == VFM__PH_PRECOPY) {
+		/* PRE_COPY is a running state: each goes straight back, no P2P. */
+		CHECK_EQ(l.n, 2);
+		CHECK_EQ(p2p_seen, 0);
+		for (unsigned i = 0; i < l.n; i++)
+			CHECK(l.a[i].from == VFM_STATE_PRE_COPY && l.a[i].to == VFM_STATE_RUNNING);
+	} else {
+		/* Stopped devices: both through RUNNING_P2P before either runs. */
+		CHECK_EQ(p2p_seen, 3u);
+		CHECK(first_running > last_p2p);
+	}
+	for (unsigned i = 0; i < 2; i++)
+		CHECK_EQ(testdev_state(r.td[i]), VFM_STATE_RUNNING);
+	rig_free(&r);
+}
+
+TEST(cancel_in_stop_copy_p2p_devices_all_running_p2p_before_any_running)
+{
+	p2p_rollback(VFM__PH_STOP_COPY);
+}
+
+TEST(cancel_in_precopy_devices_go_straight_back_to_running)
+{
+	p2p_rollback(VFM__PH_PRECOPY);
+}
