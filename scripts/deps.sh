@@ -19,10 +19,15 @@ packages=(
 	libclang-rt-dev    # sanitizer and libFuzzer runtimes for clang
 	valgrind
 	gnuplot-nox        # plots of make bench (docs/performance.md)
-	qemu-system-x86    # the qemu_boot test (CI runs it), the QEMU peer row of make bench
+	qemu-system-x86    # the qemu_boot test (CI runs it), the QEMU peer row of make bench,
+	                   # and make check-kernel's nested guest (with its virtiofsd)
 	libgnutls28-dev    # TLS on migration connections (lib/migration/tls.c)
 	gnutls-bin         # certtool, psktool: making TLS credentials by hand (docs/security.md)
 	iproute2           # ip, tc: the two-host tests (network namespaces, veth, tbf)
+	kmod               # make check-kernel: depmod for the guest's modules
+	bc                 # make check-kernel: the rig's stage timings
+	xz-utils           # make check-kernel: the kernel source tarball
+	libelf1            # make check-kernel: building mtty.ko
 )
 # --bench: also the extras only `make bench` uses (none beyond the above now).
 

@@ -1,9 +1,12 @@
 /* vfiomig info DEVICE: identity, regions, IRQs, migration and dirty tracking
- * support of a vfio-user or kernel VFIO device, as text or JSON. Read-only. */
+ * support of a vfio-user or kernel VFIO device, as text or JSON. The device
+ * is left as it was (the DMA logging trial maps and unmaps a window). */
 #include <inttypes.h>
 #include <json-c/json.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "commands.h"
 #include "devtool.h"
@@ -15,7 +18,8 @@ static void info_usage(FILE *out)
 		"Shows what a device offers: identity, regions, interrupts, migration flags\n"
 		"and supported states, the current state, the stop-copy size estimate, DMA\n"
 		"logging and (kernel devices) IOMMU dirty tracking. Changes nothing.\n\n"
-		"DEVICE: vfio-user:SOCKET, vfio:/dev/vfio/devices/vfioN or vfio:0000:BB:DD.F\n");
+		"DEVICE: vfio-user:SOCKET, vfio:/dev/vfio/devices/vfioN, vfio:0000:BB:DD.F, or an mdev:\n"
+		"        vfio:UUID or vfio:/sys/bus/mdev/devices/UUID\n");
 }
 
 static json_object *jflags(uint64_t flags)
@@ -152,6 +156,85 @@ static void add_migration(struct vfm_device *dev, json_object *root, bool text)
 	}
 }
 
+#define LOG_WINDOW (1u << 20)
+
+/*
+ * A 1 MiB memfd window DMA-mapped at IOVA 0 for the logging trial, as check
+ * does (a device may refuse to log what is not mapped: libvfio-user). NULL
+ * when it cannot be had: the trial then runs without it.
+ */
+static void *map_window(struct vfm_device *dev)
+{
+	struct vfm_dma_map map = { .iova = 0, .size = LOG_WINDOW,
+				   .prot = VFM_DMA_READ | VFM_DMA_WRITE };
+	int fd = memfd_create("vfiomig-info", MFD_CLOEXEC);
+	void *mem = MAP_FAILED;
+
+	if (fd >= 0 && !ftruncate(fd, LOG_WINDOW))
+		mem = mmap(NULL, LOG_WINDOW, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	map.fd = fd;
+	map.vaddr = mem;
+	if (mem != MAP_FAILED && vfm_device_dma_map(dev, &map, NULL)) {
+		munmap(mem, LOG_WINDOW);
+		mem = MAP_FAILED;
+	}
+	if (fd >= 0)
+		close(fd);
+	return mem == MAP_FAILED ? NULL : mem;
+}
+
+/*
+ * What works, not what a probe accepted: DMA logging is started over the
+ * first MiB, reported and stopped (Debian's 6.12 accepts START, then fails
+ * every REPORT with EOPNOTSUPP: no CONFIG_IOMMUFD_DRIVER). Logging is off
+ * and the window unmapped again afterwards; nothing else of the device changes.
+ */
+static bool logging_works(struct vfm_device *dev, char *why, size_t len)
+{
+	struct vfm_iova_range range = { 0, LOG_WINDOW };
+	uint64_t bits[LOG_WINDOW / 4096 / 64] = { 0 }, pg = 4096;
+	struct vfm_error e = { 0 };
+	bool works = false;
+	void *mem;
+
+	if (!vfm_device_has_dma_logging(dev)) {
+		snprintf(why, len, "the device has none");
+		return false;
+	}
+	mem = map_window(dev);
+	if (vfm_device_log_start(dev, &range, 1, &pg, &e)) {
+		snprintf(why, len, "start: %s", e.msg);
+	} else if (vfm_device_log_report(dev, 0, LOG_WINDOW, pg, bits, &e)) {
+		snprintf(why, len, "report: %s", e.msg);
+		vfm_device_log_stop(dev, NULL);
+	} else if (vfm_device_log_stop(dev, &e)) {
+		snprintf(why, len, "stop: %s", e.msg);
+	} else {
+		works = true;
+	}
+	if (mem) {
+		vfm_device_dma_unmap(dev, 0, LOG_WINDOW, 0, NULL, NULL);
+		munmap(mem, LOG_WINDOW);
+	}
+	return works;
+}
+
+/* The IOMMU's dirty tracking of this process's own (empty) address space: on and off. */
+static bool iommu_dirty_works(struct vfm_device *dev, char *why, size_t len)
+{
+	struct vfm_error e = { 0 };
+
+	if (!vfm_vfio_iommu_dirty_supported(dev)) {
+		snprintf(why, len, "the IOMMU offers none");
+		return false;
+	}
+	if (vfm_vfio_iommu_dirty_start(dev, &e) || vfm_vfio_iommu_dirty_stop(dev, &e)) {
+		snprintf(why, len, "%s", e.msg);
+		return false;
+	}
+	return true;
+}
+
 static int info_run(const char *spec, bool json)
 {
 	struct vfm_device_props props;
@@ -202,20 +285,30 @@ static int info_run(const char *spec, bool json)
 	json_object_object_add(root, "regions", regions);
 	json_object_object_add(root, "irqs", irqs);
 	add_migration(dev, root, !json);
-	json_object_object_add(root, "dma_logging",
-			       json_object_new_boolean(vfm_device_has_dma_logging(dev)));
-	if (!json)
-		printf("DMA logging: %s\n", vfm_device_has_dma_logging(dev) ? "yes" : "no");
+	{
+		char why[VFM_ERROR_MSG_MAX + 32] = "";
+		bool works = logging_works(dev, why, sizeof(why));
+
+		json_object_object_add(root, "dma_logging", json_object_new_boolean(works));
+		if (!works)
+			json_object_object_add(root, "dma_logging_why", json_object_new_string(why));
+		if (!json)
+			printf("DMA logging: %s%s%s%s\n", works ? "yes" : "no", works ? "" : " (",
+			       why, works ? "" : ")");
+	}
 	if (vfm_device_is_vfio(dev)) {
 		json_object *io = json_object_new_object();
+		char why[VFM_ERROR_MSG_MAX + 32] = "";
+		bool works = iommu_dirty_works(dev, why, sizeof(why));
 
 		json_object_object_add(io, "kind", json_object_new_string(vfm_vfio_iommu_name(dev)));
-		json_object_object_add(io, "dirty_tracking",
-				       json_object_new_boolean(vfm_vfio_iommu_dirty_supported(dev)));
+		json_object_object_add(io, "dirty_tracking", json_object_new_boolean(works));
+		if (!works)
+			json_object_object_add(io, "dirty_tracking_why", json_object_new_string(why));
 		json_object_object_add(root, "iommu", io);
 		if (!json)
-			printf("IOMMU: %s, dirty tracking %s\n", vfm_vfio_iommu_name(dev),
-			       vfm_vfio_iommu_dirty_supported(dev) ? "yes" : "no");
+			printf("IOMMU: %s, dirty tracking %s%s%s%s\n", vfm_vfio_iommu_name(dev),
+			       works ? "yes" : "no", works ? "" : " (", why, works ? "" : ")");
 	}
 	if (json)
 		printf("%s\n", json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN));

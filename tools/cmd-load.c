@@ -23,7 +23,8 @@ static void load_usage(FILE *out)
 		"(header, sizes, checksums) and refused if it came from a different kind of\n"
 		"device, all before the device is touched; then RESUMING, the data, STOP\n"
 		"(where the driver validates it), the PCI config space, RUNNING.\n\n"
-		"DEVICE: vfio-user:SOCKET, vfio:/dev/vfio/devices/vfioN or vfio:0000:BB:DD.F\n");
+		"DEVICE: vfio-user:SOCKET, vfio:/dev/vfio/devices/vfioN, vfio:0000:BB:DD.F, or an mdev:\n"
+		"        vfio:UUID or vfio:/sys/bus/mdev/devices/UUID\n");
 }
 
 static int read_at(int fd, void *buf, size_t len, off_t off, struct vfm_error *err)

@@ -21,7 +21,8 @@ static void save_usage(FILE *out)
 		"into FILE with a header (device identity, migration flags, sizes, checksums)\n"
 		"and its PCI config space, then STOP -> RUNNING. FILE is replaced only when\n"
 		"the save succeeded. 'vfiomig load' puts the state back.\n\n"
-		"DEVICE: vfio-user:SOCKET, vfio:/dev/vfio/devices/vfioN or vfio:0000:BB:DD.F\n");
+		"DEVICE: vfio-user:SOCKET, vfio:/dev/vfio/devices/vfioN, vfio:0000:BB:DD.F, or an mdev:\n"
+		"        vfio:UUID or vfio:/sys/bus/mdev/devices/UUID\n");
 }
 
 struct sink {

@@ -26,7 +26,7 @@ static void vm_usage(FILE *out)
 		"its devices, a guest, and the migration engine, controlled through a QMP-style\n"
 		"socket at PATH (vfiomig ctl PATH ..., docs/control-protocol.md).\n\n"
 		"  --mem SIZE          guest memory (64M, 1G, ...)\n"
-		"  --device SPEC       vfio-user:SOCKET or vfio:/dev/vfio/devices/vfioN|BDF, with\n"
+		"  --device SPEC       vfio-user:SOCKET or vfio:/dev/vfio/devices/vfioN|BDF|UUID, with\n"
 		"                      ,id=NAME ,enable-migration=on|off|auto ,allow-pre-copy=on|off\n"
 		"                      ,pre-copy-dirty-page-tracking=on|off\n"
 		"                      ,device-dirty-page-tracking=on|off\n"

@@ -42,6 +42,7 @@ enum {
 	IOMMUFD_CMD_BASE = 0x80,
 	IOMMUFD_CMD_DESTROY = 0x80,
 	IOMMUFD_CMD_IOAS_ALLOC = 0x81,
+	IOMMUFD_CMD_IOAS_IOVA_RANGES = 0x84,
 	IOMMUFD_CMD_IOAS_MAP = 0x85,
 	IOMMUFD_CMD_IOAS_UNMAP = 0x86,
 	IOMMUFD_CMD_HWPT_ALLOC = 0x89,
@@ -63,6 +64,22 @@ struct iommu_ioas_alloc {
 	__u32 out_ioas_id;
 };
 #define IOMMU_IOAS_ALLOC _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_ALLOC)
+
+/* The IOVA ranges an IOAS can map (what the attached devices' IOMMUs reserve,
+ * such as x86's MSI window, left out). -EMSGSIZE: num_iovas says how many. */
+struct iommu_iova_range {
+	__aligned_u64 start;
+	__aligned_u64 last;
+};
+struct iommu_ioas_iova_ranges {
+	__u32 size;
+	__u32 ioas_id;
+	__u32 num_iovas;
+	__u32 __reserved;
+	__aligned_u64 allowed_iovas;
+	__aligned_u64 out_iova_alignment;
+};
+#define IOMMU_IOAS_IOVA_RANGES _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_IOVA_RANGES)
 
 enum iommufd_ioas_map_flags {
 	IOMMU_IOAS_MAP_FIXED_IOVA = 1 << 0,  /* else the kernel picks the IOVA */
@@ -180,6 +197,7 @@ _Static_assert(sizeof(struct iommu_hwpt_get_dirty_bitmap) == 48,
 _Static_assert(IOMMUFD_TYPE == 0x3b, "iommufd ioctl type");
 _Static_assert(IOMMU_DESTROY == _IO(0x3b, 0x80), "IOMMU_DESTROY");
 _Static_assert(IOMMU_IOAS_ALLOC == _IO(0x3b, 0x81), "IOMMU_IOAS_ALLOC");
+_Static_assert(IOMMU_IOAS_IOVA_RANGES == _IO(0x3b, 0x84), "IOMMU_IOAS_IOVA_RANGES");
 _Static_assert(IOMMU_IOAS_MAP == _IO(0x3b, 0x85), "IOMMU_IOAS_MAP");
 _Static_assert(IOMMU_IOAS_UNMAP == _IO(0x3b, 0x86), "IOMMU_IOAS_UNMAP");
 _Static_assert(IOMMU_HWPT_ALLOC == _IO(0x3b, 0x89), "IOMMU_HWPT_ALLOC");

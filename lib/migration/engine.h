@@ -41,7 +41,8 @@ struct vfm_mig_device {
 	uint64_t flags;              /* migration flags, probed */
 	/* Migration thread only. */
 	bool use_precopy;            /* device went to PRE_COPY */
-	bool dma_logging;            /* DMA logging started */
+	bool dma_logging;            /* DMA logging started (and a report worked) */
+	bool iommu_dirty;            /* kernel VFIO: IOMMU dirty tracking started instead */
 	bool init_data_sent;         /* INIT_DATA_SENT written */
 	bool precopy_info_ok;        /* backend reports precopy sizes */
 	uint64_t precopy_init, precopy_dirty;  /* from precopy info, decremented as read */

@@ -545,7 +545,8 @@ static int do_setup(struct source *src, struct vfm_error *err)
 		return ret;
 	if ((ret = vfm__mf_src_open(m, &src->uri, &src->p, src->out, &src->mf, err)))
 		return ret;
-	vfm__dirty_tracking_start(m, err);
+	if ((ret = vfm__dirty_tracking_start(m, err)))
+		return ret;
 	for (unsigned i = 0; i < m->nsv; i++) {
 		struct vfm_savable *sv = &m->sv[i];
 

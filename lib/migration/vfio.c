@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -16,6 +17,7 @@
 #include "migration/engine.h"
 #include "migration/multifd.h"
 #include "util/bitmap.h"
+#include "vfiomig/vfio.h"
 #include "vfiomig/vfio_user.h"
 #include "util/logging.h"
 
@@ -554,6 +556,90 @@ const struct vfm_savable_ops vfm__vfio_savable_ops = {
 
 /* ---- Dirty tracking of device DMA ---- */
 
+#define WHY_MAX (VFM_ERROR_MSG_MAX + 32)   /* a prefix and an error message */
+
+/*
+ * Whether a report works, asked once at start over the first region (its
+ * bits are dropped: the first pass sends all memory anyway). A probe is not
+ * enough: Debian's 6.12 (no CONFIG_IOMMUFD_DRIVER) accepts
+ * DMA_LOGGING_START yet answers every REPORT with EOPNOTSUPP
+ * (include/linux/iova_bitmap.h stubs), so logging must be seen to report.
+ */
+static int trial_report(struct vfm_migration *m, struct vfm_mig_device *md, bool iommu,
+			uint64_t pgsize, struct vfm_error *e)
+{
+	const struct vfm_mem_region *r = vfm_guest_mem_region(m->mem, 0);
+	uint64_t *bits = calloc(VFM_BITMAP_WORDS(r->size / pgsize), sizeof(uint64_t));
+	int ret;
+
+	if (!bits)
+		return vfm_error_set(e, -ENOMEM, "no memory for a dirty bitmap");
+	ret = iommu ? vfm_vfio_iommu_dirty_report(md->dev, r->gpa, r->size, pgsize, bits, e)
+		    : vfm_device_log_report(md->dev, r->gpa, r->size, pgsize, bits, e);
+	free(bits);
+	return ret;
+}
+
+/* Device DMA logging: started, and a report works. */
+static bool start_device_log(struct vfm_migration *m, struct vfm_mig_device *md,
+			     const struct vfm_iova_range *ranges, unsigned n, char *why, size_t len)
+{
+	uint64_t pgsize = vfm_guest_mem_page_size(m->mem);
+	struct vfm_error e = { 0 };
+
+	if (!md->props.device_dirty_page_tracking) {
+		snprintf(why, len, "device-dirty-page-tracking=off");
+		return false;
+	}
+	if (!vfm_device_has_dma_logging(md->dev)) {
+		snprintf(why, len, "the device has no DMA logging");
+		return false;
+	}
+	if (vfm_device_log_start(md->dev, ranges, n, &pgsize, &e)) {
+		snprintf(why, len, "DMA logging start: %s", e.msg);
+		return false;
+	}
+	/* Kernel devices only: the kernel's iova_bitmap is what may be missing. A
+	 * vfio-user report failing later still costs only that sync (all dirty). */
+	if (vfm_device_is_vfio(md->dev) &&
+	    trial_report(m, md, false, vfm_guest_mem_page_size(m->mem), &e)) {
+		snprintf(why, len, "DMA logging report: %s", e.msg);
+		vfm_device_log_stop(md->dev, NULL);
+		return false;
+	}
+	return true;
+}
+
+/* The IOMMU's tracking (type1 VFIO_IOMMU_DIRTY_PAGES, iommufd dirty HWPT). */
+static bool start_iommu_dirty(struct vfm_migration *m, struct vfm_mig_device *md, char *why,
+			      size_t len)
+{
+	struct vfm_error e = { 0 };
+
+	if (!vfm_device_is_vfio(md->dev) || !vfm_vfio_iommu_dirty_supported(md->dev)) {
+		snprintf(why, len, "the IOMMU cannot track dirty pages");
+		return false;
+	}
+	if (vfm_vfio_iommu_dirty_start(md->dev, &e)) {
+		snprintf(why, len, "%s", e.msg);
+		return false;
+	}
+	if (trial_report(m, md, true, vfm_guest_mem_page_size(m->mem), &e)) {
+		snprintf(why, len, "IOMMU dirty report: %s", e.msg);
+		vfm_vfio_iommu_dirty_stop(md->dev, NULL);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * As QEMU (hw/vfio/migration.c vfio_migration_realize, container dirty
+ * tracking in hw/vfio/common.c): the device's own DMA logging, else the
+ * IOMMU's tracking (kernel devices), else every sync marks all memory dirty.
+ * With enable-migration=auto a kernel device that nothing can track is
+ * refused ("VFIO device doesn't support device and IOMMU dirty tracking"):
+ * pre-copy would never converge.
+ */
 int vfm__dirty_tracking_start(struct vfm_migration *m, struct vfm_error *err)
 {
 	struct vfm_iova_range ranges[VFM_MEM_MAX_REGIONS];
@@ -566,24 +652,32 @@ int vfm__dirty_tracking_start(struct vfm_migration *m, struct vfm_error *err)
 	}
 	for (unsigned d = 0; d < m->ndevs; d++) {
 		struct vfm_mig_device *md = m->devs[d];
-		struct vfm_error e = { 0 };
-		uint64_t pgsize;
+		char dev_why[WHY_MAX] = "", io_why[WHY_MAX] = "";
 
-		md->dma_logging = false;
-		if (!n || !md->props.device_dirty_page_tracking ||
-		    !vfm_device_has_dma_logging(md->dev)) {
-			vfm_info(md_id(md), "no device dirty tracking: all memory counts as dirty at each sync");
+		md->dma_logging = md->iommu_dirty = false;
+		if (!n)
+			continue;
+		md->dma_logging = start_device_log(m, md, ranges, n, dev_why, sizeof(dev_why));
+		if (md->dma_logging) {
+			vfm_info(md_id(md), "dirty tracking: device DMA logging");
 			continue;
 		}
-		pgsize = vfm_guest_mem_page_size(m->mem);
-		if (vfm_device_log_start(md->dev, ranges, n, &pgsize, &e)) {
-			vfm_warn(md_id(md), "DMA logging start failed (%s): all memory counts as dirty",
-				 e.msg);
+		md->iommu_dirty = start_iommu_dirty(m, md, io_why, sizeof(io_why));
+		if (md->iommu_dirty) {
+			vfm_info(md_id(md), "dirty tracking: IOMMU (%s; %s)",
+				 vfm_vfio_iommu_name(md->dev), dev_why);
 			continue;
 		}
-		md->dma_logging = true;
+		if (vfm_device_is_vfio(md->dev) && md->props.enable_migration == VFM_AUTO) {
+			vfm__dirty_tracking_stop(m);
+			return vfm_error_set(err, -ENOTSUP, "%s: nothing tracks its DMA, refused "
+					     "with enable-migration=auto (=on: all memory dirty at "
+					     "each sync); device: %s; IOMMU: %s", md_id(md), dev_why,
+					     io_why);
+		}
+		vfm_info(md_id(md), "no dirty tracking (%s; %s): all memory counts as dirty at "
+			 "each sync", dev_why, io_why);
 	}
-	(void)err;
 	return 0;
 }
 
@@ -593,11 +687,13 @@ void vfm__dirty_tracking_stop(struct vfm_migration *m)
 		struct vfm_mig_device *md = m->devs[d];
 		if (md->dma_logging && vfm_device_log_stop(md->dev, NULL))
 			vfm_warn(md_id(md), "DMA logging stop failed");
-		md->dma_logging = false;
+		if (md->iommu_dirty && vfm_vfio_iommu_dirty_stop(md->dev, NULL))
+			vfm_warn(md_id(md), "IOMMU dirty tracking stop failed");
+		md->dma_logging = md->iommu_dirty = false;
 	}
 }
 
-/* One device's DMA log into guest memory; false when it is lost. */
+/* One device's DMA log (or its IOMMU's) into guest memory; false when it is lost. */
 static bool sync_device_log(struct vfm_migration *m, struct vfm_mig_device *md)
 {
 	uint64_t pgsize = vfm_guest_mem_page_size(m->mem);
@@ -611,12 +707,14 @@ static bool sync_device_log(struct vfm_migration *m, struct vfm_mig_device *md)
 
 		if (!bits)
 			return false;
-		ret = vfm_device_log_report(md->dev, r->gpa, r->size, pgsize, bits, &e);
+		ret = md->iommu_dirty
+			      ? vfm_vfio_iommu_dirty_report(md->dev, r->gpa, r->size, pgsize, bits, &e)
+			      : vfm_device_log_report(md->dev, r->gpa, r->size, pgsize, bits, &e);
 		if (!ret)
 			vfm_dirty_merge(m->mem, r->gpa, r->size, pgsize, bits, NULL);
 		free(bits);
 		if (ret) {
-			vfm_warn(md_id(md), "DMA logging report failed (%s): all memory dirty", e.msg);
+			vfm_warn(md_id(md), "dirty report failed (%s): all memory dirty", e.msg);
 			return false;
 		}
 	}
@@ -664,7 +762,7 @@ void vfm__log_sync(struct vfm_migration *m, bool in_precopy)
 				   !m->params.pre_copy_dirty_page_tracking))
 			continue;
 		sync_client_log(m, md);
-		if (md->dma_logging && sync_device_log(m, md))
+		if ((md->dma_logging || md->iommu_dirty) && sync_device_log(m, md))
 			continue;
 		all_dirty = true;  /* cannot track its DMA: QEMU's fallback */
 	}

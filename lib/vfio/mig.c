@@ -74,7 +74,7 @@ static int mig_get_flags(struct vfm_device *dev, uint64_t *flags, struct vfm_err
 	return 0;
 }
 
-static int get_state(struct kv_dev *k, enum vfm_state *out, struct vfm_error *err)
+int kv_get_state(struct kv_dev *k, enum vfm_state *out, struct vfm_error *err)
 {
 	struct vfio_device_feature_mig_state s = { .data_fd = -1 };
 	int r = kv_feature(k, VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
@@ -96,7 +96,7 @@ static int get_state(struct kv_dev *k, enum vfm_state *out, struct vfm_error *er
 
 static int mig_get_state(struct vfm_device *dev, enum vfm_state *state, struct vfm_error *err)
 {
-	return get_state(kv_of(dev), state, err);
+	return kv_get_state(kv_of(dev), state, err);
 }
 
 /*
@@ -118,7 +118,7 @@ static int mig_set_state(struct vfm_device *dev, enum vfm_state new_state, bool 
 
 	*session_opened = false;
 	if (!k->state_known) {
-		r = get_state(k, &from, err);
+		r = kv_get_state(k, &from, err);
 		if (r)
 			return r;
 	}
@@ -332,9 +332,9 @@ static int log_start(struct vfm_device *dev, const struct vfm_iova_range *ranges
 	}
 	if (ctl.page_size >= 4096 && !(ctl.page_size & (ctl.page_size - 1)))
 		*page_size = ctl.page_size;
-	pthread_mutex_lock(&k->lock);
+	pthread_mutex_lock(&k->as->lock);
 	k->dev_log_on = true;
-	pthread_mutex_unlock(&k->lock);
+	pthread_mutex_unlock(&k->as->lock);
 	vfm_debug(k->id, "DMA logging on: %d ranges, %" PRIu64 "-byte pages", n, *page_size);
 out:
 	free(fit);
@@ -350,9 +350,9 @@ static int log_stop(struct vfm_device *dev, struct vfm_error *err)
 
 	if (r)
 		return vfm_error_set(err, r, "%s: DMA_LOGGING_STOP: %s", k->id, strerror(-r));
-	pthread_mutex_lock(&k->lock);
+	pthread_mutex_lock(&k->as->lock);
 	k->dev_log_on = false;
-	pthread_mutex_unlock(&k->lock);
+	pthread_mutex_unlock(&k->as->lock);
 	return 0;
 }
 

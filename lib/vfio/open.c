@@ -112,23 +112,61 @@ static ssize_t kv_region_write(struct vfm_device *dev, uint32_t index, uint64_t 
 	return region_io(dev, true, index, offset, (void *)buf, len, err);
 }
 
+/*
+ * VFIO_DEVICE_RESET, issued even when the device info does not advertise it:
+ * mtty (samples/vfio-mdev/mtty.c, 6.12) leaves VFIO_DEVICE_FLAGS_RESET out yet
+ * handles the ioctl (mtty_reset() -> mtty_reset_mig_state()), and a device left
+ * in RESUMING after a refused load is the one thing that must not happen
+ * (mtty keeps a dangling pointer and oopses the next user, mtty_load_state()).
+ * With migration, the state is read back to confirm the reset took.
+ */
 static int kv_reset(struct vfm_device *dev, struct vfm_error *err)
 {
 	struct kv_dev *k = kv_of(dev);
+	bool advertised = k->info.flags & VFIO_DEVICE_FLAGS_RESET;
+	enum vfm_state st;
 	int r;
 
-	if (!(k->info.flags & VFIO_DEVICE_FLAGS_RESET))
-		return vfm_error_set(err, -ENOTSUP, "%s: device has no reset", k->id);
 	r = kv_ioctl(k, k->devfd, VFIO_DEVICE_RESET, NULL);
 	/* Whatever happened, the old data fd is dead (ENODEV from now on). */
 	kv_close_data_fd(k);
-	if (r) {
-		k->state_known = false;
+	k->state_known = false;
+	if (r && !advertised)
+		return vfm_error_set(err, -ENOTSUP, "%s: device has no reset (VFIO_DEVICE_RESET: "
+				     "%s)", k->id, strerror(-r));
+	if (r)
 		return vfm_error_set(err, r, "%s: VFIO_DEVICE_RESET: %s", k->id, strerror(-r));
+	if (k->has_mig) {
+		r = kv_get_state(k, &st, err);
+		if (r)
+			return r;
+		if (st != VFM_STATE_RUNNING)
+			return vfm_error_set(err, -EIO, "%s: still %s after VFIO_DEVICE_RESET",
+					     k->id, vfm_state_name(st));
 	}
 	k->state = VFM_STATE_RUNNING;
 	k->state_known = true;
 	return 0;
+}
+
+/*
+ * A device is never closed in RESUMING or ERROR (half a state, or none): it is
+ * reset first (kv_reset). Other states are the caller's to choose.
+ */
+static void reset_if_unsafe(struct kv_dev *k, struct vfm_device *dev)
+{
+	struct vfm_error e = { 0 };
+	enum vfm_state st;
+
+	if (!k->has_mig || k->devfd < 0)
+		return;
+	if (!k->state_known && kv_get_state(k, &st, NULL))
+		k->state = VFM_STATE_ERROR;
+	if (k->state != VFM_STATE_RESUMING && k->state != VFM_STATE_ERROR)
+		return;
+	vfm_warn(k->id, "closing in %s: resetting the device", vfm_state_name(k->state));
+	if (kv_reset(dev, &e))
+		vfm_err(k->id, "reset at close: %s", e.msg);
 }
 
 KV_OPS(ops_mig_log, &kv_mig_ops, &kv_log_ops);
@@ -187,15 +225,19 @@ static void close_fd(struct kv_dev *k, int *fd)
 static void kv_destroy(struct kv_dev *k)
 {
 	kv_close_data_fd(k);
-	kv_dma_cleanup(k);
+	if (k->as)
+		kv_dma_cleanup(k);
 	/* The device first: closing it detaches it from the IOAS or container. */
 	close_fd(k, &k->devfd);
-	close_fd(k, &k->iommufd);
-	close_fd(k, &k->group);
-	close_fd(k, &k->container);
+	if (k->hwpt_id && k->as) {
+		struct iommu_destroy d = { .size = sizeof(d), .id = k->hwpt_id };
+
+		kv_ioctl(k, k->iommufd, IOMMU_DESTROY, &d);
+	}
+	kv_group_put(k->grp);
+	kv_as_put(k->as);
 	free(k->regions);
-	free(k->maps);
-	pthread_mutex_destroy(&k->lock);
+	free(k->mine);
 	free(k);
 }
 
@@ -204,6 +246,7 @@ static void kv_close(struct vfm_device *dev)
 	struct kv_dev *k = kv_of(dev);
 
 	vfm_debug(k->id, "closing %s", k->name);
+	reset_if_unsafe(k, dev);
 	kv_destroy(k);
 }
 
@@ -247,7 +290,6 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 			struct vfm_error *err)
 {
 	struct vfio_device_bind_iommufd bind = { .argsz = sizeof(bind) };
-	struct iommu_ioas_alloc ioas = { .size = sizeof(ioas) };
 	struct vfio_device_attach_iommufd_pt at = { .argsz = sizeof(at) };
 	int r;
 
@@ -255,12 +297,12 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 	if (r < 0)
 		return vfm_error_set(err, r, "%s: open %s: %s", k->id, cdev, strerror(-r));
 	k->devfd = r;
-	r = k->sys->open(k->sys->opaque, "/dev/iommu", O_RDWR);
-	if (r < 0) {
-		vfm_error_set(err, r, "%s: open /dev/iommu: %s", k->id, strerror(-r));
+	/* The process's iommufd and IOAS, shared with its other devices (as.c). */
+	r = kv_as_get(k->sys, KV_IOMMUFD, k->id, &k->as, err);
+	if (r)
 		goto err_close;
-	}
-	k->iommufd = r;
+	k->iommufd = k->as->fd;
+	k->ioas_id = k->as->ioas_id;
 	bind.iommufd = k->iommufd;
 	r = kv_ioctl(k, k->devfd, VFIO_DEVICE_BIND_IOMMUFD, &bind);
 	if (r) {
@@ -268,12 +310,6 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 		goto err_close;
 	}
 	k->devid = bind.out_devid;
-	r = kv_ioctl(k, k->iommufd, IOMMU_IOAS_ALLOC, &ioas);
-	if (r) {
-		vfm_error_set(err, r, "%s: IOMMU_IOAS_ALLOC: %s", k->id, strerror(-r));
-		goto err_close;
-	}
-	k->ioas_id = ioas.out_ioas_id;
 	if (!want_dirty || !attach_dirty_hwpt(k)) {
 		at.pt_id = k->ioas_id;
 		r = kv_ioctl(k, k->devfd, VFIO_DEVICE_ATTACH_IOMMUFD_PT, &at);
@@ -284,76 +320,57 @@ static int open_iommufd(struct kv_dev *k, const char *cdev, bool want_dirty,
 		}
 	}
 	k->iommu = KV_IOMMUFD;
+	kv_iommufd_probe_ranges(k);
 	return 0;
 
 err_close:
 	close_fd(k, &k->devfd);
-	close_fd(k, &k->iommufd);
+	if (k->hwpt_id && k->as) {
+		struct iommu_destroy d = { .size = sizeof(d), .id = k->hwpt_id };
+
+		kv_ioctl(k, k->iommufd, IOMMU_DESTROY, &d);
+	}
+	kv_as_put(k->as);
+	k->as = NULL;
+	k->iommufd = -1;
 	k->hwpt_id = 0;
 	k->hwpt_dirty = false;
 	return r;
 }
 
-static int open_type1(struct kv_dev *k, const char *bdf, int group, struct vfm_error *err)
+static int open_type1(struct kv_dev *k, const char *devname, int group, struct vfm_error *err)
 {
-	struct vfio_group_status gs = { .argsz = sizeof(gs) };
-	char path[64];
 	int r;
 
-	if (group < 0 || !bdf[0])
+	if (group < 0 || !devname[0])
 		return vfm_error_set(err, -ENODEV, "%s: no IOMMU group known for %s", k->id, k->name);
-	r = k->sys->open(k->sys->opaque, "/dev/vfio/vfio", O_RDWR);
-	if (r < 0)
-		return vfm_error_set(err, r, "%s: open /dev/vfio/vfio: %s", k->id, strerror(-r));
-	k->container = r;
-	r = kv_ioctl(k, k->container, VFIO_GET_API_VERSION, NULL);
-	if (r != VFIO_API_VERSION) {
-		r = vfm_error_set(err, r < 0 ? r : -EPROTO, "%s: VFIO API version %d (want %d)",
-				  k->id, r, VFIO_API_VERSION);
-		goto err_close;
-	}
-	r = kv_ioctl(k, k->container, VFIO_CHECK_EXTENSION, (void *)(uintptr_t)VFIO_TYPE1v2_IOMMU);
-	if (r <= 0) {
-		r = vfm_error_set(err, r < 0 ? r : -ENOTSUP, "%s: no type1v2 IOMMU", k->id);
-		goto err_close;
-	}
-	snprintf(path, sizeof(path), "/dev/vfio/%d", group);
-	r = k->sys->open(k->sys->opaque, path, O_RDWR);
-	if (r < 0) {
-		vfm_error_set(err, r, "%s: open %s: %s", k->id, path, strerror(-r));
-		goto err_close;
-	}
-	k->group = r;
-	r = kv_ioctl(k, k->group, VFIO_GROUP_GET_STATUS, &gs);
-	if (!r && !(gs.flags & VFIO_GROUP_FLAGS_VIABLE))
-		r = vfm_error_set(err, -EBUSY, "%s: IOMMU group %d is not viable (bind every "
-				  "device of the group to vfio-pci)", k->id, group);
-	else if (r)
-		vfm_error_set(err, r, "%s: VFIO_GROUP_GET_STATUS: %s", k->id, strerror(-r));
+	/* The process's container and this group's fd, shared (as.c). */
+	r = kv_as_get(k->sys, KV_TYPE1, k->id, &k->as, err);
 	if (r)
-		goto err_close;
-	r = kv_ioctl(k, k->group, VFIO_GROUP_SET_CONTAINER, &k->container);
-	if (!r)
-		r = kv_ioctl(k, k->container, VFIO_SET_IOMMU, (void *)(uintptr_t)VFIO_TYPE1v2_IOMMU);
-	if (r) {
-		vfm_error_set(err, r, "%s: setting up the type1v2 container: %s", k->id,
-			      strerror(-r));
-		goto err_close;
-	}
-	r = kv_ioctl(k, k->group, VFIO_GROUP_GET_DEVICE_FD, (void *)bdf);
+		return r;
+	r = kv_group_get(k->as, group, k->id, &k->grp, err);
+	if (r)
+		goto err_put;
+	k->container = k->as->fd;
+	k->group = k->grp->fd;
+	/* The kernel matches dev_name(): the PCI address, or an mdev's UUID. */
+	r = kv_ioctl(k, k->group, VFIO_GROUP_GET_DEVICE_FD, (void *)devname);
 	if (r < 0) {
-		vfm_error_set(err, r, "%s: VFIO_GROUP_GET_DEVICE_FD %s: %s", k->id, bdf,
+		vfm_error_set(err, r, "%s: VFIO_GROUP_GET_DEVICE_FD %s: %s", k->id, devname,
 			      strerror(-r));
-		goto err_close;
+		goto err_put;
 	}
 	k->devfd = r;
 	k->iommu = KV_TYPE1;
-	kv_type1_probe_dirty(k);
+	kv_type1_probe(k);
 	return 0;
 
-err_close:
-	close_fd(k, &k->group);
-	close_fd(k, &k->container);
+err_put:
+	kv_group_put(k->grp);
+	kv_as_put(k->as);
+	k->grp = NULL;
+	k->as = NULL;
+	k->container = k->group = -1;
 	return r;
 }
 
@@ -411,7 +428,7 @@ int vfm_vfio_open(const char *name, const struct vfm_vfio_opts *opts, struct vfm
 		  struct vfm_error *err)
 {
 	enum vfm_vfio_iommu mode = opts ? opts->iommu : VFM_VFIO_IOMMU_AUTO;
-	char cdev[256], bdf[32];
+	char cdev[256], devname[64];
 	struct vfm_error e1 = { 0 };
 	struct vfm_device *dev;
 	struct kv_dev *k;
@@ -422,7 +439,7 @@ int vfm_vfio_open(const char *name, const struct vfm_vfio_opts *opts, struct vfm
 	if (r)
 		return r;
 	r = kv_resolve(opts && opts->sysfs_root ? opts->sysfs_root : "/sys", name, cdev,
-		       sizeof(cdev), bdf, sizeof(bdf), &group, err);
+		       sizeof(cdev), devname, sizeof(devname), &group, err);
 	if (r)
 		return r;
 	k = calloc(1, sizeof(*k));
@@ -430,13 +447,12 @@ int vfm_vfio_open(const char *name, const struct vfm_vfio_opts *opts, struct vfm
 		return vfm_error_set(err, -ENOMEM, "no memory for a vfio device");
 	snprintf(k->id, sizeof(k->id), "%s", opts && opts->id && *opts->id ? opts->id : "vfio");
 	snprintf(k->name, sizeof(k->name), "%s", name);
-	snprintf(k->bdf, sizeof(k->bdf), "%s", bdf);
+	snprintf(k->devname, sizeof(k->devname), "%s", devname);
 	k->sys = opts && opts->sys ? opts->sys : kv_default_sys();
 	k->timeout_ms = (int)(opts && opts->timeout_ms ? opts->timeout_ms
 						     : VFM_VFIO_DEFAULT_TIMEOUT_MS);
 	k->devfd = k->iommufd = k->container = k->group = k->data_fd = -1;
 	k->state = VFM_STATE_RUNNING;
-	pthread_mutex_init(&k->lock, NULL);
 
 	r = -ENODEV;
 	if (mode != VFM_VFIO_IOMMU_LEGACY) {
@@ -448,7 +464,7 @@ int vfm_vfio_open(const char *name, const struct vfm_vfio_opts *opts, struct vfm
 	if (r && mode != VFM_VFIO_IOMMU_IOMMUFD) {
 		if (mode == VFM_VFIO_IOMMU_AUTO)
 			vfm_debug(k->id, "iommufd: %s; trying the legacy container", e1.msg);
-		r = open_type1(k, bdf, group, err);
+		r = open_type1(k, devname, group, err);
 		if (r && mode == VFM_VFIO_IOMMU_AUTO)
 			vfm_error_set(err, r, "%s (and iommufd: %s)", k->id, e1.msg);
 	} else if (r) {

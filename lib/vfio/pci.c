@@ -113,7 +113,21 @@ int vfm_pci_config_restore(struct vfm_device *dev, const struct vfm_pci_config *
 	if (c->len < 64 || c->len > VFM_PCI_CONFIG_MAX)
 		return vfm_error_set(err, -EINVAL, "%s: saved config space of %" PRIu32 " bytes",
 				     vfm_device_id(dev), c->len);
-	/* BARs and the ROM BAR before decoding is switched back on. */
+	/*
+	 * Decoding and bus mastering off first, so no BAR is live at a half-
+	 * written address (QEMU hw/vfio/pci.c vfio_pci_load_config() likewise
+	 * restores the command register after the BARs); the saved command
+	 * register goes back last.
+	 */
+	{
+		uint16_t cmd = get16(c, CFG_COMMAND) & (uint16_t)~0x7u;   /* IO, MEM, MASTER */
+		uint8_t off[2] = { (uint8_t)cmd, (uint8_t)(cmd >> 8) };
+
+		r = vfm_device_region_write(dev, VFM_PCI_CONFIG_REGION, CFG_COMMAND, off, 2, err);
+		if (r)
+			return vfm_error_set(err, r, "%s: turning decoding off: %s",
+					     vfm_device_id(dev), vfm_strerror(r));
+	}
 	r = put(dev, c, CFG_BAR0, 24, err);
 	if (!r)
 		r = put(dev, c, CFG_ROM, 4, err);
@@ -128,7 +142,9 @@ int vfm_pci_config_restore(struct vfm_device *dev, const struct vfm_pci_config *
 			if (get16(c, cap + 2) & MSI_CTRL_ENABLE)
 				msi = 1;
 		} else if (id == CAP_ID_MSIX) {
-			/* The table lives in a BAR, which is device state, not config. */
+			/* Only the control word: the MSI-X table and PBA are the VMM's
+			 * emulated state (vfio-pci drops table writes), which the
+			 * VMM restores and re-arms with VFIO_DEVICE_SET_IRQS. */
 			r = put(dev, c, cap + 2, 2, err);
 			if (!msi && (get16(c, cap + 2) & MSIX_CTRL_ENABLE))
 				msi = 2;

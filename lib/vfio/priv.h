@@ -27,22 +27,53 @@ struct kv_region {
 struct kv_map {
 	uint64_t iova, size;
 	void *mapped;              /* our mmap() of the caller's fd, or NULL */
+	unsigned refs;             /* devices that mapped exactly this range */
+};
+
+/* One per process and IOMMU kind (as.c): an iommufd + IOAS, or a container. */
+struct kv_as {
+	struct kv_as *next;        /* registry, under its lock */
+	const struct vfm_vfio_sys *sys;
+	enum kv_iommu iommu;
+	int fd;                    /* /dev/iommu or /dev/vfio/vfio */
+	uint32_t ioas_id;          /* KV_IOMMUFD */
+	bool iommu_set;            /* KV_TYPE1: VFIO_SET_IOMMU done */
+	unsigned refs;             /* devices, under the registry lock */
+
+	/* lock guards the rest, and each device's dirty-tracking flags. */
+	pthread_mutex_t lock;
+	struct kv_map *maps;
+	size_t nmaps, maps_cap;
+	unsigned dirty_users;      /* KV_TYPE1: devices with container tracking on */
+	bool type1_dirty;          /* KV_TYPE1: the container offers dirty tracking */
+	uint64_t dirty_pgsize;     /* KV_TYPE1: smallest page size of its dirty bitmaps */
+	struct vfm_iova_range *iova_ok;  /* IOVAs the IOMMU can map (none: any) */
+	uint32_t niova_ok;
+};
+
+/* An IOMMU group's fd (type1), shared by the devices of the group. */
+struct kv_group {
+	struct kv_group *next;
+	struct kv_as *as;
+	int num, fd;
+	unsigned refs;
 };
 
 struct kv_dev {
 	/* Set at open, never change after. */
 	char id[64];
 	char name[256];            /* what the user gave, for messages */
-	char bdf[32];              /* PCI address when known, else "" */
+	char devname[64];          /* the kernel's name (PCI address, mdev UUID), else "" */
 	const struct vfm_vfio_sys *sys;
 	int timeout_ms;
 	enum kv_iommu iommu;
 	int devfd;
-	int iommufd;               /* KV_IOMMUFD */
+	struct kv_as *as;          /* shared, counted */
+	struct kv_group *grp;      /* KV_TYPE1, shared, counted */
+	int iommufd;               /* KV_IOMMUFD: as->fd (not ours) */
 	uint32_t devid, ioas_id, hwpt_id;   /* hwpt_id 0: the IOAS is attached */
 	bool hwpt_dirty;           /* the attached HWPT can track dirty pages */
-	int container, group;      /* KV_TYPE1 */
-	bool type1_dirty;          /* the container offers dirty page tracking */
+	int container, group;      /* KV_TYPE1: as->fd, grp->fd (not ours) */
 	struct vfm_device_info info;
 	struct kv_region *regions; /* info.num_regions entries (capped) */
 	uint32_t nregions;
@@ -59,10 +90,9 @@ struct kv_dev {
 	enum vfm_state state;      /* last state the kernel confirmed */
 	bool state_known;
 
-	/* lock guards the map table and the IOMMU dirty-tracking flag. */
-	pthread_mutex_t lock;
-	struct kv_map *maps;
-	size_t nmaps, maps_cap;
+	/* Under as->lock: what this device mapped, and its tracking flags. */
+	struct vfm_iova_range *mine;
+	size_t nmine, mine_cap;
 	bool iommu_dirty_on;
 	bool dev_log_on;           /* device DMA logging started (for unmap) */
 };
@@ -86,21 +116,38 @@ const struct vfm_vfio_sys *kv_default_sys(void);
 /* ---- sysfs.c ---- */
 
 /*
- * Resolves name into the cdev path (cdev_out, "" if the device has none) and
- * the PCI address (bdf_out, "" if unknown) and its IOMMU group (-1 if
- * unknown).
+ * Resolves name (cdev path, PCI address, mdev UUID or sysfs device path)
+ * into the cdev path (cdev_out, "" if the device has none), the device's
+ * kernel name for VFIO_GROUP_GET_DEVICE_FD (devname_out, "" if unknown) and
+ * its IOMMU group (-1 if unknown).
  */
 int kv_resolve(const char *sysfs_root, const char *name, char *cdev_out, size_t cdev_len,
-	       char *bdf_out, size_t bdf_len, int *group_out, struct vfm_error *err);
+	       char *devname_out, size_t devname_len, int *group_out, struct vfm_error *err);
+
+/* ---- as.c ---- */
+
+/* The process's address space of that kind for sys, made on first use. */
+int kv_as_get(const struct vfm_vfio_sys *sys, enum kv_iommu iommu, const char *id,
+	      struct kv_as **out, struct vfm_error *err);
+void kv_as_put(struct kv_as *as);
+/* Group num's fd in the type1 as (opened, viable, in the container on first use). */
+int kv_group_get(struct kv_as *as, int num, const char *id, struct kv_group **out,
+		 struct vfm_error *err);
+void kv_group_put(struct kv_group *g);
 
 /* ---- dma.c ---- */
 
 int kv_dma_map(struct vfm_device *dev, const struct vfm_dma_map *map, struct vfm_error *err);
 int kv_dma_unmap(struct vfm_device *dev, uint64_t iova, uint64_t size, uint64_t page_size,
 		 uint64_t *dirty_bitmap, struct vfm_error *err);
-/* Whether the type1 container reports the migration (dirty pages) cap. */
-void kv_type1_probe_dirty(struct kv_dev *k);
-/* Unmaps everything left (close). */
+/*
+ * The type1 container's info (asked again with the argsz it returns): the
+ * migration cap (dirty tracking, its page sizes) and the valid IOVA ranges.
+ */
+void kv_type1_probe(struct kv_dev *k);
+/* The IOAS's valid IOVA ranges (IOMMU_IOAS_IOVA_RANGES), after attach. */
+void kv_iommufd_probe_ranges(struct kv_dev *k);
+/* Lets go of everything this device mapped (close). */
 void kv_dma_cleanup(struct kv_dev *k);
 
 /* ---- mig.c ---- */
@@ -111,6 +158,8 @@ extern const struct vfm_dma_logging_ops kv_log_ops;
 void kv_probe_features(struct kv_dev *k);
 /* One VFIO_DEVICE_FEATURE with payload (len bytes, in and out). */
 int kv_feature(struct kv_dev *k, uint32_t flags, void *payload, size_t len);
+/* GET MIG_DEVICE_STATE into k->state (and *out). */
+int kv_get_state(struct kv_dev *k, enum vfm_state *out, struct vfm_error *err);
 /* Closes the data fd, if any. */
 void kv_close_data_fd(struct kv_dev *k);
 

@@ -1,7 +1,8 @@
 /*
- * Name resolution for kernel VFIO devices through sysfs: a PCI address to
- * its cdev (/sys/bus/pci/devices/BDF/vfio-dev/vfioN) and IOMMU group, and a
- * cdev path back to its PCI address (/sys/class/vfio-dev/vfioN/device).
+ * Name resolution for kernel VFIO devices through sysfs: a PCI address, an
+ * mdev UUID or a sysfs device path to its cdev (DIR/vfio-dev/vfioN), IOMMU
+ * group (DIR/iommu_group) and device name, and a cdev path back to its device
+ * (/sys/class/vfio-dev/vfioN/device).
  */
 #include <ctype.h>
 #include <dirent.h>
@@ -10,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "vfio/priv.h"
@@ -86,14 +86,31 @@ static int find_vfio_entry(const char *dir, char *out, size_t len)
 	return r;
 }
 
-static int group_of(const char *sysfs, const char *bdf, int *group)
+/* 8-4-4-4-12 hex digits: an mdev's name. */
+static bool is_uuid(const char *s)
+{
+	static const int run[] = { 8, 4, 4, 4, 12 };
+
+	for (size_t i = 0; i < 5; i++) {
+		if (!hex_run(s, (size_t)run[i]))
+			return false;
+		s += run[i];
+		if (*s != (i < 4 ? '-' : '\0'))
+			return false;
+		s += i < 4;
+	}
+	return true;
+}
+
+/* The IOMMU group number of the sysfs device directory dir (its iommu_group link). */
+static int group_of(const char *dir, int *group)
 {
 	char path[PATH_MAX], name[32];
 	char *end;
 	long g;
 
 	*group = -1;
-	snprintf(path, sizeof(path), "%s/bus/pci/devices/%s/iommu_group", sysfs, bdf);
+	snprintf(path, sizeof(path), "%s/iommu_group", dir);
 	if (link_basename(path, name, sizeof(name)))
 		return -ENOENT;
 	g = strtol(name, &end, 10);
@@ -103,46 +120,81 @@ static int group_of(const char *sysfs, const char *bdf, int *group)
 	return 0;
 }
 
-int kv_resolve(const char *sysfs, const char *name, char *cdev, size_t cdev_len, char *bdf,
-	       size_t bdf_len, int *group, struct vfm_error *err)
+/*
+ * From a sysfs device directory: its cdev (DIR/vfio-dev/vfioN), its IOMMU
+ * group (DIR/iommu_group) and the name the kernel matches in
+ * VFIO_GROUP_GET_DEVICE_FD: dev_name(), the directory's own name (a PCI
+ * address, or an mdev's UUID; drivers/vfio/group.c vfio_device_get_from_name()).
+ */
+static int from_device_dir(const char *dir, const char *shown, char *cdev, size_t cdev_len, char *devname, size_t devname_len, int *group,
+			   struct vfm_error *err)
 {
-	char path[PATH_MAX], entry[64], driver[64] = "";
-	struct stat st;
+	char path[PATH_MAX], real[PATH_MAX], entry[64], driver[64] = "";
+	const char *base;
 
-	cdev[0] = bdf[0] = '\0';
+	if (!realpath(dir, real))
+		return vfm_error_set(err, -ENOENT, "vfio: no device %s (%s)", shown, dir);
+	base = strrchr(real, '/');
+	base = base ? base + 1 : real;
+	if (!*base || strlen(base) >= devname_len)
+		return vfm_error_set(err, -ENAMETOOLONG, "vfio: device name of %s too long", dir);
+	snprintf(devname, devname_len, "%s", base);
+	snprintf(path, sizeof(path), "%s/vfio-dev", dir);
+	if (find_vfio_entry(path, entry, sizeof(entry)) == 0)
+		snprintf(cdev, cdev_len, CDEV_DIR "%s", entry);
+	group_of(dir, group);
+	if (!cdev[0] && *group < 0) {
+		snprintf(path, sizeof(path), "%s/driver", dir);
+		link_basename(path, driver, sizeof(driver));
+		return vfm_error_set(err, -ENODEV, "vfio: %s is not bound to a VFIO driver "
+				     "(driver: %s); bind it to vfio-pci or its variant driver",
+				     shown, driver[0] ? driver : "none");
+	}
+	return 0;
+}
+
+int kv_resolve(const char *sysfs, const char *name, char *cdev, size_t cdev_len, char *devname,
+	       size_t devname_len, int *group, struct vfm_error *err)
+{
+	char path[PATH_MAX], bdf[16];
+
+	cdev[0] = devname[0] = '\0';
 	*group = -1;
 	if (!name || !*name)
 		return vfm_error_set(err, -EINVAL, "vfio: empty device name");
+	if (!strncmp(name, "/sys/", 5)) {
+		/* A sysfs device directory (/sys/bus/mdev/devices/UUID, ...). */
+		snprintf(path, sizeof(path), "%s%s", sysfs, name + 4);
+		return from_device_dir(path, name, cdev, cdev_len, devname, devname_len,
+				       group, err);
+	}
 	if (name[0] == '/') {
 		const char *base = strrchr(name, '/') + 1;
 
 		if (strlen(name) >= cdev_len)
 			return vfm_error_set(err, -ENAMETOOLONG, "vfio: path '%s' too long", name);
 		strcpy(cdev, name);
-		/* The PCI address matters only for the legacy fallback. */
+		/* The device's name and group matter only for the legacy fallback. */
 		snprintf(path, sizeof(path), "%s/class/vfio-dev/%s/device", sysfs, base);
-		if (link_basename(path, entry, sizeof(entry)) == 0 &&
-		    parse_bdf(entry, bdf, bdf_len) == 0)
-			group_of(sysfs, bdf, group);
+		if (link_basename(path, devname, devname_len) == 0)
+			group_of(path, group);
+		else
+			devname[0] = '\0';
 		return 0;
 	}
-	if (parse_bdf(name, bdf, bdf_len))
+	if (is_uuid(name)) {
+		snprintf(path, sizeof(path), "%s/bus/mdev/devices/%s", sysfs, name);
+		return from_device_dir(path, name, cdev, cdev_len, devname, devname_len,
+				       group, err);
+	}
+	if (parse_bdf(name, bdf, sizeof(bdf)))
 		return vfm_error_set(err, -EINVAL, "vfio: '%s' is neither a cdev path "
-				     "(/dev/vfio/devices/vfioN) nor a PCI address (0000:BB:DD.F)",
+				     "(/dev/vfio/devices/vfioN), a PCI address (0000:BB:DD.F), an "
+				     "mdev UUID nor a sysfs device path (/sys/bus/mdev/devices/UUID)",
 				     name);
 	snprintf(path, sizeof(path), "%s/bus/pci/devices/%s", sysfs, bdf);
-	if (stat(path, &st))
+	if (access(path, F_OK))
 		return vfm_error_set(err, -ENOENT, "vfio: no PCI device %s (%s)", bdf, path);
-	snprintf(path, sizeof(path), "%s/bus/pci/devices/%s/vfio-dev", sysfs, bdf);
-	if (find_vfio_entry(path, entry, sizeof(entry)) == 0)
-		snprintf(cdev, cdev_len, CDEV_DIR "%s", entry);
-	group_of(sysfs, bdf, group);
-	if (!cdev[0] && *group < 0) {
-		snprintf(path, sizeof(path), "%s/bus/pci/devices/%s/driver", sysfs, bdf);
-		link_basename(path, driver, sizeof(driver));
-		return vfm_error_set(err, -ENODEV, "vfio: %s is not bound to a VFIO driver "
-				     "(driver: %s); bind it to vfio-pci or its variant driver",
-				     bdf, driver[0] ? driver : "none");
-	}
-	return 0;
+	return from_device_dir(path, bdf, cdev, cdev_len, devname, devname_len, group,
+			       err);
 }

@@ -31,6 +31,10 @@ struct fake_kvfio_cfg {
 	bool info_produces_dirty;  /* mlx5: dirty data appears only after PRECOPY_INFO */
 	bool nonblocking;          /* data fd reads EAGAIN until poll() */
 	bool no_reset;             /* device lacks VFIO_DEVICE_FLAGS_RESET */
+	bool reset_hidden;         /* mtty: no FLAGS_RESET, yet VFIO_DEVICE_RESET works */
+	bool log_report_unsupported; /* DMA_LOGGING_REPORT is EOPNOTSUPP (Debian's 6.12) */
+	bool msi_hole;             /* x86: IOVAs 0xfee00000-0xfeefffff reserved (type1
+				      IOVA_RANGE cap, IOMMU_IOAS_IOVA_RANGES) */
 	uint32_t read_chunk;       /* most bytes one read() returns; 0: 64 KiB */
 };
 

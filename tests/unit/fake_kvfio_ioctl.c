@@ -108,6 +108,9 @@ static int feature(struct fake_kvfio *fk, struct vfio_device_feature *f)
 		if (r <= 0)
 			return r;
 		memcpy(&q, f->data, sizeof(q));
+		/* Debian's 6.12: no CONFIG_IOMMUFD_DRIVER, iova_bitmap_alloc() stub. */
+		if (fk->cfg.log_report_unsupported)
+			return -EOPNOTSUPP;
 		return fkv_log_report(fk, &q);
 	}
 	default:
@@ -157,7 +160,7 @@ static int device_ioctl(struct fake_kvfio *fk, struct obj *ob, unsigned long req
 
 		if (d->argsz < 16)
 			return -EINVAL;
-		d->flags = VFIO_DEVICE_FLAGS_PCI | (fk->cfg.no_reset ? 0 : VFIO_DEVICE_FLAGS_RESET);
+		d->flags = VFIO_DEVICE_FLAGS_PCI | (fk->cfg.no_reset || fk->cfg.reset_hidden ? 0 : VFIO_DEVICE_FLAGS_RESET);
 		d->num_regions = NREGIONS;
 		d->num_irqs = NIRQS;
 		return 0;
@@ -251,6 +254,24 @@ static int iommufd_ioctl(struct fake_kvfio *fk, unsigned long req, void *arg)
 		if (a->size < sizeof(*a) || a->flags || fk->ioas)
 			return -EINVAL;
 		fk->ioas = a->out_ioas_id = fk->next_id++;
+		return 0;
+	}
+	case IOMMU_IOAS_IOVA_RANGES: {
+		struct iommu_ioas_iova_ranges *q = arg;
+		struct iommu_iova_range r[2] = { { 0, 0xfedfffffull }, { 0xfef00000ull, ~0ull } };
+		uint32_t n = fk->cfg.msi_hole ? 2 : 1;
+
+		if (q->size < sizeof(*q) || q->ioas_id != fk->ioas)
+			return -EINVAL;
+		if (!fk->cfg.msi_hole)
+			r[0].last = ~0ull;
+		if (q->num_iovas < n) {
+			q->num_iovas = n;
+			return -EMSGSIZE;
+		}
+		q->num_iovas = n;
+		memcpy((void *)(uintptr_t)q->allowed_iovas, r, n * sizeof(r[0]));
+		q->out_iova_alignment = PG;
 		return 0;
 	}
 	case IOMMU_GET_HW_INFO: {
@@ -352,27 +373,43 @@ static int container_ioctl(struct fake_kvfio *fk, unsigned long req, void *arg)
 		fk->iommu_set = true;
 		return 0;
 	case VFIO_IOMMU_GET_INFO: {
+		/* As vfio_iommu_type1_get_info(): caps only with room for them all,
+		 * else argsz says how much; the IOVA range cap first, then migration. */
 		struct vfio_iommu_type1_info *in = arg;
 		struct vfio_iommu_type1_info_cap_migration cap = {
 			.header = { VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1, 0 },
 			.pgsize_bitmap = PG, .max_dirty_bitmap_size = 1ull << 20,
 		};
-		uint32_t need = sizeof(*in) + sizeof(cap);
+		struct {
+			struct vfio_iommu_type1_info_cap_iova_range h;
+			struct vfio_iova_range r[2];
+		} iov = { .h = { .header = { VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, 0 },
+				 .nr_iovas = 2 },
+			  .r = { { 0, 0xfedfffffull }, { 0xfef00000ull, ~0ull } } };
+		uint32_t need = sizeof(*in), at = sizeof(*in);
 
 		if (!fk->iommu_set || in->argsz < sizeof(*in))
 			return -EINVAL;
+		need += fk->cfg.msi_hole ? sizeof(iov) : 0;
+		need += fk->cfg.type1_dirty ? sizeof(cap) : 0;
 		in->flags = VFIO_IOMMU_INFO_PGSIZES;
 		in->iova_pgsizes = PG;
 		in->cap_offset = 0;
-		if (fk->cfg.type1_dirty) {
-			if (in->argsz < need) {
-				in->argsz = need;
-			} else {
-				in->flags |= VFIO_IOMMU_INFO_CAPS;
-				in->cap_offset = sizeof(*in);
-				memcpy((char *)in + sizeof(*in), &cap, sizeof(cap));
-			}
+		if (need == sizeof(*in))
+			return 0;
+		if (in->argsz < need) {
+			in->argsz = need;
+			return 0;
 		}
+		in->flags |= VFIO_IOMMU_INFO_CAPS;
+		in->cap_offset = at;
+		if (fk->cfg.msi_hole) {
+			iov.h.header.next = fk->cfg.type1_dirty ? at + sizeof(iov) : 0;
+			memcpy((char *)in + at, &iov, sizeof(iov));
+			at += sizeof(iov);
+		}
+		if (fk->cfg.type1_dirty)
+			memcpy((char *)in + at, &cap, sizeof(cap));
 		return 0;
 	}
 	case VFIO_IOMMU_MAP_DMA: {

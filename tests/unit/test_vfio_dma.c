@@ -267,3 +267,51 @@ TEST(logging_more_than_256_ranges_through_the_backend)
 	CHECK_EQ(st.log_ranges, 256);
 	rig_close(&r);
 }
+
+/*
+ * Guest RAM from 0 past 4 GiB crosses x86's MSI window, which the IOMMU
+ * reserves: the map is refused before the kernel sees it, naming the hole;
+ * maps on either side of it go through (type1's IOVA_RANGE cap, asked again
+ * with the argsz the kernel returned; iommufd's IOMMU_IOAS_IOVA_RANGES).
+ */
+TEST(maps_across_the_msi_window_refused)
+{
+	for (int legacy = 0; legacy < 2; legacy++) {
+		struct fake_kvfio_cfg cfg;
+		struct fake_kvfio_stats st;
+		struct vfm_error err = { 0 };
+		struct vfm_device *dev;
+		struct fake_kvfio *fk;
+		char root[64], cmd[128];
+		void *mem = mmap(NULL, 2 * MEM, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+				 -1, 0);
+		struct vfm_dma_map m = { .vaddr = mem, .iova = 0xfee00000ull - MEM, .size = 2 * MEM,
+					 .prot = VFM_DMA_READ | VFM_DMA_WRITE, .fd = -1 };
+
+		CHECK(mem != MAP_FAILED);
+		fake_kvfio_cfg_default(&cfg);
+		cfg.no_iommufd = legacy;
+		cfg.msi_hole = true;
+		snprintf(root, sizeof(root), "/tmp/vfm-kvfio-msi-XXXXXX");
+		CHECK(mkdtemp(root));
+		CHECK_EQ(fake_kvfio_make_sysfs(&cfg, root), 0);
+		fk = fake_kvfio_new(&cfg);
+		if (fake_kvfio_open(fk, "0000:01:00.0", VFM_VFIO_IOMMU_AUTO, root, &dev, &err))
+			FAIL("open: %s", err.msg);
+		CHECK_EQ(vfm_device_dma_map(dev, &m, &err), -ERANGE);
+		CHECK(strstr(err.msg, "0xfee00000-0xfeefffff") && strstr(err.msg, "MSI"));
+		fake_kvfio_stats(fk, &st);
+		CHECK_EQ(st.maps, 0);
+		m.size = MEM;                  /* just below it */
+		CHECK_EQ(vfm_device_dma_map(dev, &m, &err), 0);
+		m.iova = 0xfef00000ull;        /* just above it */
+		CHECK_EQ(vfm_device_dma_map(dev, &m, &err), 0);
+		/* type1: the migration cap after the IOVA one is found too. */
+		CHECK(vfm_vfio_iommu_dirty_supported(dev));
+		vfm_device_free(dev);
+		fake_kvfio_free(fk);
+		munmap(mem, 2 * MEM);
+		snprintf(cmd, sizeof(cmd), "rm -rf '%s'", root);
+		CHECK_EQ(system(cmd), 0);
+	}
+}

@@ -394,6 +394,38 @@ TEST(reset_kills_the_session)
 	rig_close(&r);
 }
 
+/*
+ * mtty: no VFIO_DEVICE_FLAGS_RESET in its info, yet the reset works. A
+ * refused load (the fake validates at RESUMING -> STOP) is reset anyway and
+ * the device ends RUNNING; a device closed in RESUMING is reset at close.
+ */
+TEST(unadvertised_reset_is_issued)
+{
+	struct fake_kvfio_cfg cfg;
+	struct fake_kvfio_stats st;
+	struct vfm_error err = { 0 };
+	uint8_t junk[64];
+	struct rig r;
+
+	fake_kvfio_cfg_default(&cfg);
+	cfg.reset_hidden = true;
+	rig_open(&r, &cfg);
+	memset(junk, 0x5a, sizeof(junk));
+	set(r.dev, VFM_STATE_RESUMING);
+	CHECK_EQ(vfm_device_write_data(r.dev, junk, sizeof(junk), NULL), 0);
+	CHECK(vfm_device_set_state(r.dev, VFM_STATE_STOP, VFM_STATE_ERROR, &err) < 0);
+	CHECK_EQ(vfm_device_state(r.dev), VFM_STATE_RUNNING);
+	fake_kvfio_stats(r.fk, &st);
+	CHECK_EQ(st.resets, 1);
+	/* Closed in RESUMING: reset on the way out. */
+	set(r.dev, VFM_STATE_RESUMING);
+	vfm_device_free(r.dev);
+	r.dev = NULL;
+	fake_kvfio_stats(r.fk, &st);
+	CHECK_EQ(st.resets, 2);
+	rig_close(&r);
+}
+
 TEST(stop_copy_size)
 {
 	struct fake_kvfio_cfg cfg;
