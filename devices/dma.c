@@ -197,6 +197,7 @@ static uint64_t reg_read_locked(struct vfm_dmadev *dev, uint64_t off)
 	case DMADEV_REG_CHURN: return dev->churn_count;
 	case DMADEV_REG_SCRATCH: return r->scratch;
 	case DMADEV_REG_THROTTLE: return atomic_load(&dev->churn_throttle);
+	case DMADEV_REG_LOG_REPORTS: return dev->ctx ? vfm_vfu_log_reports(dev->ctx) : 0;
 	default: return 0;
 	}
 }

@@ -37,7 +37,8 @@ struct vfm_dmadev;
 #define DMADEV_REG_CHURN     0x60  /* RO  internal rewrites so far (not state) */
 #define DMADEV_REG_SCRATCH   0x68  /* RW  free for drivers (state) */
 #define DMADEV_REG_THROTTLE  0x70  /* RW  churn slowed by this percent, 0..99 (not state) */
-#define DMADEV_REG_END       0x78
+#define DMADEV_REG_LOG_REPORTS 0x78 /* RO  DMA_LOGGING_REPORT requests answered (not state) */
+#define DMADEV_REG_END       0x80
 
 #define DMADEV_ID            0x31414d44564d4656ull  /* "VFMVDMA1" */
 #define DMADEV_CTRL_ENABLE     (1ull << 0)  /* run descriptors */

@@ -91,6 +91,9 @@ mutant all-dirty-fallback lib/migration/vfio.c \
 mutant precopy-tracking-ignored lib/migration/vfio.c \
 	's/if \(in_precopy && \(!md->props.pre_copy_dirty_page_tracking/if (0 \&\& in_precopy \&\& (!md->props.pre_copy_dirty_page_tracking/' \
 	migration unix_opt_out_of_precopy_tracking
+mutant precopy-tracking-ignored-dma lib/migration/vfio.c \
+	's/if \(in_precopy && \(!md->props.pre_copy_dirty_page_tracking/if (0 \&\& in_precopy \&\& (!md->props.pre_copy_dirty_page_tracking/' \
+	migration_dma unix_opt_out_of_precopy_dirty_tracking
 mutant allow-pre-copy-ignored lib/migration/vfio.c \
 	's/\(md->flags & VFM_MIG_PRE_COPY\) && md->props.allow_pre_copy\)/(md->flags \& VFM_MIG_PRE_COPY))/' \
 	migration unix_allow_pre_copy_off

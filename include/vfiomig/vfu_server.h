@@ -269,6 +269,8 @@ VFM_EXPORT int vfm_vfu_dma_write(struct vfm_vfu_ctx *ctx, uint64_t iova, const v
 
 /* The migration state the client sees. Any thread. */
 VFM_EXPORT enum vfm_state vfm_vfu_mig_state(const struct vfm_vfu_ctx *ctx);
+/* DMA_LOGGING_REPORT requests answered so far (a device may expose it). Any thread. */
+VFM_EXPORT uint64_t vfm_vfu_log_reports(const struct vfm_vfu_ctx *ctx);
 /*
  * From a failing transition() only: the device could not return to the
  * arc's start state either, it is now ERROR (left only by a reset).

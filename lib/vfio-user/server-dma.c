@@ -527,5 +527,7 @@ int vfu_srv_log_report(struct vfm_vfu_ctx *ctx, uint64_t iova, uint64_t length,
 		}
 	}
 	pthread_rwlock_unlock(&ctx->dma_lock);
+	if (!r)
+		__atomic_add_fetch(&ctx->log_reports, 1, __ATOMIC_RELAXED);
 	return r;
 }

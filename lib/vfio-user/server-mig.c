@@ -37,6 +37,11 @@ enum vfm_state vfm_vfu_mig_state(const struct vfm_vfu_ctx *ctx)
 	return vfu_srv_state(ctx);
 }
 
+uint64_t vfm_vfu_log_reports(const struct vfm_vfu_ctx *ctx)
+{
+	return __atomic_load_n(&ctx->log_reports, __ATOMIC_RELAXED);
+}
+
 void vfm_vfu_mig_set_error(struct vfm_vfu_ctx *ctx)
 {
 	ctx->mig_error = true;

@@ -113,6 +113,7 @@ struct vfm_vfu_ctx {
 	size_t nmaps, maps_cap;
 	bool logging;
 	uint64_t log_pgsize;
+	uint64_t log_reports;              /* answered; atomic */
 
 	/* Migration: the state the client sees; written by the loop thread. */
 	int mig_state;                    /* enum vfm_state, atomic */
