@@ -189,9 +189,18 @@ static int demo_fail(struct demo *d, const char *fmt, ...)
 	va_list ap;
 
 	if (!d->why[0]) {
+		char what[sizeof(d->why)];
+
 		va_start(ap, fmt);
-		vsnprintf(d->why, sizeof(d->why), fmt, ap);
+		vsnprintf(what, sizeof(what), fmt, ap);
 		va_end(ap);
+		/* A signal cuts the current wait short (no SA_RESTART): whichever
+		 * step saw it fail first, the signal is the reason. */
+		if (demo_signal && !strstr(what, "interrupted by signal"))
+			snprintf(d->why, sizeof(d->why), "interrupted by signal %d (%s): %.400s",
+				 (int)demo_signal, strsignal(demo_signal), what);
+		else
+			snprintf(d->why, sizeof(d->why), "%s", what);
 	}
 	return -1;
 }
