@@ -81,6 +81,23 @@ int vm__guest_start_locked(struct vm *vm, struct vfm_error *err)
 
 	if (vm->guest->running)
 		return 0;
+	/*
+	 * Devices run with their guest, as QEMU's vmstate handler puts them in
+	 * RUNNING when the VM runs. One found stopped at open (the kernel keeps
+	 * an mdev's migration state across close: mtty opens in STOP after a
+	 * migration left it there) would otherwise stay stopped, and pre-copy
+	 * skips a stopped device.
+	 */
+	for (unsigned i = 0; i < vm->ndevs; i++) {
+		struct vm_dev *vd = &vm->devs[i];
+		enum vfm_state st = vfm_device_state(vd->dev);
+
+		if (st != VFM_STATE_STOP && st != VFM_STATE_RUNNING_P2P)
+			continue;
+		vfm_info(vd->id, "found in %s: to RUNNING with the guest", vfm_state_name(st));
+		if ((ret = vfm_device_set_state(vd->dev, VFM_STATE_RUNNING, VFM_STATE_ERROR, err)))
+			return ret;
+	}
 	ret = vm->guest->ops->start(vm->guest, err);
 	if (ret)
 		return ret;
