@@ -487,12 +487,50 @@ int vfm__mf_dst_dev_end(struct vfm_mig_device *md, uint32_t total, struct vfm_er
 	return ret;
 }
 
+/*
+ * With mf->lock held: waits until every channel k applied the RAM packets
+ * that counts (u32 n, then n x u32, little endian) gives it, as long as
+ * packets keep coming. 0: all in; -ETIMEDOUT: none applied for idle_ms;
+ * 1: a channel failed (mf->fail_code), or with at_stop the channels stop.
+ */
+static int wait_ram_applied(struct vfm_mf_dst *mf, const unsigned char *counts,
+			    uint64_t idle_ms, bool at_stop)
+{
+	uint64_t last = UINT64_MAX;
+	bool timed_out = false;
+	struct timespec ts;
+
+	for (;;) {
+		uint64_t applied = 0;
+		bool all = true;
+
+		if (mf->fail_code || (at_stop && mf->stop))
+			return 1;
+		for (unsigned k = 0; k < mf->n; k++) {
+			applied += mf->ch[k].ram_next;
+			all = all && mf->ch[k].ram_next >= vfm_get_le32(counts + 4 + 4 * k);
+		}
+		if (all)
+			return 0;
+		if (timed_out && applied == last)
+			return -ETIMEDOUT;
+		if (applied != last) {
+			last = applied;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_sec += (time_t)(idle_ms / 1000);
+			ts.tv_nsec += (long)(idle_ms % 1000) * 1000000L;
+			if (ts.tv_nsec >= 1000000000L) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000L;
+			}
+		}
+		timed_out = pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) == ETIMEDOUT;
+	}
+}
+
 int vfm__mf_dst_ram_end(struct vfm_mf_dst *mf, const void *pl, size_t len, struct vfm_error *err)
 {
 	const unsigned char *b = pl;
-	struct timespec ts;
-	uint64_t last = UINT64_MAX;
-	bool timed_out = false;
 	uint32_t n;
 	int ret = 0;
 
@@ -523,35 +561,20 @@ int vfm__mf_dst_ram_end(struct vfm_mf_dst *mf, const void *pl, size_t len, struc
 	pthread_cond_broadcast(&mf->cond);
 	/* The sync: nothing goes on (EOS, LOADED, the guest) before every page
 	 * sent on a channel is in guest memory. */
-	while (!ret) {
-		uint64_t applied = 0;
-		bool all = true;
-
-		if (mf->fail_code) {
+	if (!ret) {
+		ret = wait_ram_applied(mf, b, (mf->timeout_ms / 1000 + 1) * 1000, false);
+		if (ret == -ETIMEDOUT) {
+			for (unsigned k = 0; k < n; k++)
+				if (mf->ch[k].ram_next != mf->ch[k].ram_total) {
+					vfm_error_set(err, -ETIMEDOUT, "ram: channel %u applied %u of %u "
+						      "RAM packets, no progress in %" PRIu64 " ms",
+						      k, mf->ch[k].ram_next, mf->ch[k].ram_total,
+						      mf->timeout_ms);
+					break;
+				}
+		} else if (ret) {
 			ret = vfm_error_set(err, mf->fail_code, "%s", mf->fail.msg);
-			break;
 		}
-		for (unsigned k = 0; k < n; k++) {
-			applied += mf->ch[k].ram_next;
-			all = all && mf->ch[k].ram_next == mf->ch[k].ram_total;
-		}
-		if (all)
-			break;
-		if (timed_out && applied == last) {
-			for (unsigned k = 0; k < n && !ret; k++)
-				if (mf->ch[k].ram_next != mf->ch[k].ram_total)
-					ret = vfm_error_set(err, -ETIMEDOUT, "ram: channel %u applied %u of %u "
-							    "RAM packets, no progress in %" PRIu64 " ms",
-							    k, mf->ch[k].ram_next, mf->ch[k].ram_total,
-							    mf->timeout_ms);
-			break;
-		}
-		if (applied != last) {
-			last = applied;
-			clock_gettime(CLOCK_REALTIME, &ts);
-			ts.tv_sec += (time_t)(mf->timeout_ms / 1000) + 1;
-		}
-		timed_out = pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) == ETIMEDOUT;
 	}
 	pthread_mutex_unlock(&mf->lock);
 	return ret;
@@ -559,38 +582,13 @@ int vfm__mf_dst_ram_end(struct vfm_mf_dst *mf, const void *pl, size_t len, struc
 
 void vfm__mf_dst_wait_ram(struct vfm_mf_dst *mf, const unsigned char *counts, size_t len)
 {
-	uint64_t idle_ms, last = UINT64_MAX;
-	bool timed_out = false;
-	struct timespec ts;
 	uint32_t n;
 
 	if (!mf || len < 4 || (n = vfm_get_le32(counts)) != mf->n || len != 4 + 4 * (size_t)n)
 		return;
-	/* Shorter than the source's own wait for the PONG (timeout_ms). */
-	idle_ms = mf->timeout_ms / 4 ? mf->timeout_ms / 4 : 1;
 	pthread_mutex_lock(&mf->lock);
-	while (!mf->stop && !mf->fail_code) {
-		uint64_t applied = 0;
-		bool all = true;
-
-		for (unsigned k = 0; k < n; k++) {
-			applied += mf->ch[k].ram_next;
-			all = all && mf->ch[k].ram_next >= vfm_get_le32(counts + 4 + 4 * k);
-		}
-		if (all || (timed_out && applied == last))
-			break;
-		if (applied != last) {
-			last = applied;
-			clock_gettime(CLOCK_REALTIME, &ts);
-			ts.tv_sec += (time_t)(idle_ms / 1000);
-			ts.tv_nsec += (long)(idle_ms % 1000) * 1000000L;
-			if (ts.tv_nsec >= 1000000000L) {
-				ts.tv_sec++;
-				ts.tv_nsec -= 1000000000L;
-			}
-		}
-		timed_out = pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) == ETIMEDOUT;
-	}
+	/* Shorter than the source's own wait for the PONG (timeout_ms). */
+	(void)wait_ram_applied(mf, counts, mf->timeout_ms / 4 ? mf->timeout_ms / 4 : 1, true);
 	pthread_mutex_unlock(&mf->lock);
 }
 
