@@ -72,6 +72,7 @@ struct vfm_mig_device {
 	bool mf_use;
 	struct vfm_mf_devq *mfq;               /* destination queue */
 	_Atomic uint64_t mf_out_of_order;      /* destination: packets ahead of their turn */
+	_Atomic uint64_t mf_queue_waits;       /* destination: a reader waited for room */
 };
 
 /* Where a device's stop-copy size comes from (docs/interop.md). */

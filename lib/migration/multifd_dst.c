@@ -35,6 +35,7 @@ struct vfm_mf_devq {
 	struct pkt *head;
 	uint32_t next;               /* the index to load next */
 	uint64_t queued;             /* bytes waiting */
+	bool loading;                /* the load thread writes a packet (unlocked) */
 	bool got_any, total_known, done;
 	uint32_t seen_max;           /* highest index arrived so far */
 	uint32_t total;
@@ -65,6 +66,8 @@ struct vfm_mf_dst {
 	bool stop;                   /* guarded by lock */
 	bool switched;               /* guarded by lock: main passed SWITCHOVER */
 	bool ram_end;                /* guarded by lock: RAM's end marker came */
+	unsigned blocked;            /* guarded by lock: readers waiting for room */
+	uint64_t loaded;             /* guarded by lock: device packets loaded */
 	int fail_code;               /* guarded by lock: the first failure */
 	struct vfm_error fail;
 };
@@ -94,6 +97,63 @@ static struct vfm_mf_devq *devq_of(struct vfm_mf_dst *mf, uint32_t section)
 	return NULL;
 }
 
+/* Under lock: a load thread can write a packet now (or is writing one). */
+static bool a_loader_can_run(const struct vfm_mf_dst *mf)
+{
+	for (unsigned i = 0; i < mf->m->ndevs; i++) {
+		const struct vfm_mf_devq *q = &mf->q[i];
+
+		if (q->loading || (q->head && q->head->idx == q->next))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Under lock: backpressure. A reader holding packet p of queue q waits while
+ * q's waiting bytes would pass max-queued-buffers-size, and does not read its
+ * channel meanwhile (the source's writes then block on the full socket: the
+ * save thread waits, no buffer grows). QEMU fails the migration there
+ * (vfio_load_state_buffer_insert(): "queuing state buffer ... would exceed
+ * the max queued buffers size"); a device whose load is slower than the
+ * link, or a main channel that reaches SWITCHOVER late, is no error. It never
+ * waits:
+ * - for the packet the load thread needs next (p->idx == q->next): it is
+ *   loaded at once, so an in-order stream always moves;
+ * - on an empty queue (one packet bigger than the limit);
+ * - when every other reader waits too and no load thread can run after the
+ *   switchover: each holds a packet another device's gap needs behind it on
+ *   its channel (device X's next packet behind a Y packet on channel B, Y's
+ *   behind an X packet on channel A). Then this one goes over the limit by
+ *   its one packet and the others keep waiting: one packet per such knot.
+ * Before SWITCHOVER no load thread runs; main reaches SWITCHOVER without the
+ * channels (the source flushes it before the first device packet). Returns
+ * false if the migration stops or failed meanwhile.
+ */
+static bool wait_for_room(struct vfm_mf_dst *mf, struct vfm_mf_devq *q, const struct pkt *p)
+{
+	bool waited = false;
+
+	for (;;) {
+		if (mf->stop || mf->fail_code)
+			return false;
+		if (q->queued + p->len <= mf->max_queued || !q->queued || p->idx == q->next)
+			break;
+		if (mf->switched && mf->blocked + 1 >= mf->n && !a_loader_can_run(mf)) {
+			vfm_debug(LOG, "%s: packet %u over max-queued-buffers-size: every channel "
+				  "waits on a gap", vfm_device_id(q->md->dev), p->idx);
+			break;
+		}
+		if (!waited)
+			atomic_fetch_add(&q->md->mf_queue_waits, 1);
+		waited = true;
+		mf->blocked++;
+		pthread_cond_wait(&mf->cond, &mf->lock);
+		mf->blocked--;
+	}
+	return true;
+}
+
 /* Under lock: validate and queue one packet (takes p or frees it). */
 static int enqueue(struct vfm_mf_dst *mf, struct vfm_mf_devq *q, struct pkt *p, unsigned ch)
 {
@@ -112,12 +172,6 @@ static int enqueue(struct vfm_mf_dst *mf, struct vfm_mf_devq *q, struct pkt *p, 
 	if (*at && (*at)->idx == p->idx) {
 		fail_locked(mf, VFM_ESTREAM, "%s: duplicate multifd packet index %u (channel %u)", id,
 			    p->idx, ch);
-		free(p);
-		return -1;
-	}
-	if (q->queued + p->len > mf->max_queued) {
-		fail_locked(mf, -ENOBUFS, "%s: multifd buffers waiting for their turn exceed "
-			    "max-queued-buffers-size (%" PRIu64 " bytes)", id, mf->max_queued);
 		free(p);
 		return -1;
 	}
@@ -284,6 +338,11 @@ static void *reader_main(void *arg)
 		p->flags = vfm_get_le32((const unsigned char *)pl + 8);
 		p->len = h.length - VFM_MF_PKT_HDR;
 		memcpy(p->data, (const unsigned char *)pl + VFM_MF_PKT_HDR, p->len);
+		if (!wait_for_room(mf, q, p)) {
+			pthread_mutex_unlock(&mf->lock);
+			free(p);
+			break;
+		}
 		ret = enqueue(mf, q, p, c->idx);
 		pthread_mutex_unlock(&mf->lock);
 		if (ret)
@@ -320,17 +379,22 @@ static void *loader_main(void *arg)
 		p = q->head;
 		q->head = p->next;
 		q->queued -= p->len;
+		q->loading = true;
+		/* Room: a reader may be waiting for it. */
+		pthread_cond_broadcast(&mf->cond);
 		pthread_mutex_unlock(&mf->lock);
 		/* Config is the last packet: one after it is beyond the end marker's
 		 * total and fails there (or as out of range). */
 		ret = vfm__vfio_load_buffer(md, p->flags & VFM_MF_FLAG_CONFIG, p->data, p->len, &err);
 		free(p);
 		pthread_mutex_lock(&mf->lock);
+		q->loading = false;
 		if (ret) {
 			fail_locked(mf, ret, "%s", err.msg);
 			break;
 		}
 		q->next++;
+		mf->loaded++;
 		pthread_cond_broadcast(&mf->cond);
 	}
 	pthread_mutex_unlock(&mf->lock);
@@ -425,6 +489,7 @@ int vfm__mf_dst_open(struct vfm_migration *m, struct vfm_listener *l, int main_f
 		q->md->mfq = q;
 		q->md->mf_use = true;    /* may load over multifd; the source decides */
 		atomic_store(&q->md->mf_out_of_order, 0);
+		atomic_store(&q->md->mf_queue_waits, 0);
 		if ((ret = pthread_create(&q->thread, NULL, loader_main, q)))
 			return vfm_error_set(err, -ret, "starting a multifd load thread");
 		q->started = true;
@@ -501,7 +566,10 @@ static int wait_ram_applied(struct vfm_mf_dst *mf, const unsigned char *counts,
 	struct timespec ts;
 
 	for (;;) {
-		uint64_t applied = 0;
+		/* Device packets loaded count as progress: a channel whose
+		 * reader waits for room (wait_for_room) carries its RAM packets
+		 * once the load threads made it. */
+		uint64_t applied = mf->loaded;
 		bool all = true;
 
 		if (mf->fail_code || (at_stop && mf->stop))

@@ -368,6 +368,10 @@ void md_params_for(struct vfm_migration_params *p, const struct md_opts *o)
 		p->timeout_ms = o->timeout_ms;
 	if (o->mf_channels)
 		p->multifd_channels = o->mf_channels - 1;
+	if (o->max_queued)
+		p->max_queued_buffers_size = o->max_queued;
+	if (o->downtime_limit_ms)
+		p->downtime_limit_ms = o->downtime_limit_ms;
 }
 
 void md_wait(struct md_side *s, struct vfm_migration_stats *st)
@@ -427,8 +431,10 @@ static void dest_main(const char *uri, const struct md_opts *o, int rfd, int wfd
 		snprintf(res.error, sizeof(res.error), "%s", err.msg);
 	res.guest_starts = (uint32_t)atomic_load(&s.g.starts);
 	res.mem_hash = md_mem_hash(s.mem);
-	for (unsigned i = 0; i < s.m->ndevs; i++)
+	for (unsigned i = 0; i < s.m->ndevs; i++) {
 		res.mf_out_of_order += atomic_load(&s.m->devs[i]->mf_out_of_order);
+		res.mf_queue_waits += atomic_load(&s.m->devs[i]->mf_queue_waits);
+	}
 	{
 		struct vfm_migration_stats st;
 

@@ -45,6 +45,8 @@ struct md_opts {
 	int mf_ram_delay_chan;    /* destination: hold the first RAM packet of this channel + 1 */
 	uint64_t save_latency_us; /* devices: firmware latency per MiB saved */
 	unsigned timeout_ms;      /* both sides' migration timeout (0: 5000) */
+	uint64_t max_queued;      /* destination: max-queued-buffers-size (0: the default) */
+	uint64_t downtime_limit_ms; /* source: downtime-limit (0: the default) */
 };
 
 struct md_side;
@@ -75,6 +77,7 @@ struct md_result {
 	uint64_t mem_hash;
 	uint64_t dev_sum[MD_MAXDEV];
 	uint64_t mf_out_of_order;   /* multifd buffers that came before their turn */
+	uint64_t mf_queue_waits;    /* times a multifd reader waited for queue room */
 	uint64_t mf_ram_bytes;      /* RAM bytes that came over the multifd channels */
 	int32_t dev_state[MD_MAXDEV];
 	char error[VFM_ERROR_MSG_MAX];

@@ -206,7 +206,17 @@ TEST_TIMEOUT(matrix, 1200)
 		 * down to ~10 MB/s: that is the full matrix's), both device
 		 * counts, pre-copy on; and 4 x 256M without pre-copy (the
 		 * stall). */
-		if (!full || strcmp(full, "full")) {
+		if (full && !strncmp(full, "case=", 5)) {
+			/* One case: VFM_MATRIX=case=NDEV,STATE_MIB,CHURN_MIB,LAT_US,PRECOPY */
+			unsigned nd, st, ch, lat, on;
+
+			if (sscanf(full + 5, "%u,%u,%u,%u,%u", &nd, &st, &ch, &lat, &on) != 5)
+				FAIL("VFM_MATRIX=case=NDEV,STATE_MIB,CHURN_MIB,LAT_US,PRECOPY");
+			if (nd != k.ndev || (uint64_t)st << 20 != k.state ||
+			    (uint64_t)ch << 20 != k.churn || lat != k.latency_us ||
+			    !on != !k.precopy)
+				continue;
+		} else if (!full || strcmp(full, "full")) {
 			bool small = b == 0 && c == 1 && pc == 0 && (l == 0 || a == 1);
 			bool stall = a == 1 && b == 1 && c == 0 && l == 0 && pc == 1;
 

@@ -58,7 +58,8 @@ static void check_no_precopy(const struct scenario *sc, struct md_side *s,
 			" in all (one copy %" PRIu64 ")\n", i, pb->dev[i], sent, one_copy);
 		CHECK_EQ(pb->dev[i], 0);
 		CHECK(sent >= one_copy);
-		if (sent > one_copy + 4096)
+		/* Framing: 4 KiB, plus a multifd packet's headers per MiB. */
+		if (sent > one_copy + 4096 + (size >> 20) * 64)
 			FAIL("dev%u: %" PRIu64 " bytes without pre-copy, one copy is %" PRIu64, i,
 			     sent, one_copy);
 	}
@@ -176,14 +177,17 @@ static void run(const struct scenario *sc)
 	}
 	if (sc->out_of_order)
 		CHECK(r.mf_out_of_order > 0);
+	/* A queue made small must have filled: readers waited for room. */
+	if (sc->o.max_queued)
+		CHECK(r.mf_queue_waits > 0);
 	if (sc->o.props && strstr(sc->o.props, "allow-pre-copy=off"))
 		check_no_precopy(sc, &s, &pb);
 	fprintf(stderr, "# %s %u dev, %u channels: %" PRIu64 " descriptors, %" PRIu64 " writes, %"
 		PRIu64 " iterations, downtime %.1f ms (expected %.1f), %" PRIu64 " out of order, %"
-		PRIu64 " RAM bytes on the channels\n",
+		PRIu64 " RAM bytes on the channels, %" PRIu64 " waits for queue room\n",
 		sc->kind, sc->o.ndev, st.multifd_channels, completed,
 		(uint64_t)atomic_load(&s.g.writes), st.precopy_iterations, st.downtime_ms,
-		st.expected_downtime_ms, r.mf_out_of_order, st.multifd_ram_bytes);
+		st.expected_downtime_ms, r.mf_out_of_order, st.multifd_ram_bytes, r.mf_queue_waits);
 	md_side_free(&s);
 	for (unsigned i = 0; i < sc->o.ndev; i++)
 		md_devsrv_kill(&srv[i]);
@@ -325,6 +329,37 @@ TEST_TIMEOUT(multifd_out_of_order_delivery, 60)
 	 * channel while the device's packets go out. */
 	struct scenario sc = { "unix", { .ndev = 1, .state_size = 4u << 20, .mf_channels = 3,
 					 .mf_delay_chan = 1, .quiet = true }, 2, true };
+	run(&sc);
+}
+
+/*
+ * Backpressure on the destination's queue (max-queued-buffers-size): a
+ * reader that would pass it stops reading its channel until the load thread
+ * made room, where the queue used to fail the migration with ENOBUFS.
+ * Channel 0 is slow, so channel 1's packets come ahead of their turn and
+ * fill a 2 MiB queue (two packets); all 8 MiB of state moves in stop-copy.
+ */
+TEST_TIMEOUT(multifd_full_queue_waits_for_room, 60)
+{
+	struct scenario sc = { "unix", { .ndev = 1, .state_size = 8u << 20, .mf_channels = 3,
+					 .mf_delay_chan = 1, .quiet = true,
+					 .props = "allow-pre-copy=off", .max_queued = 2u << 20 },
+			       2, true };
+	run(&sc);
+}
+
+/*
+ * The size that overflowed the default 64 MiB queue: 2 devices x 256 MiB of
+ * state in stop-copy over 2 channels; the load threads (a MIG_DATA_WRITE
+ * round trip per MiB) are slower than the channels' readers. The limit is
+ * raised so that 512 MiB switch over at once.
+ */
+TEST_TIMEOUT(multifd_2_devices_256m_stop_copy, 120)
+{
+	struct scenario sc = { "unix", { .ndev = 2, .state_size = 256u << 20, .mf_channels = 3,
+					 .quiet = true, .props = "allow-pre-copy=off",
+					 .downtime_limit_ms = 60000 },
+			       2, false };
 	run(&sc);
 }
 
