@@ -51,7 +51,8 @@ struct vfm_mig_device {
 	uint64_t pass_left;          /* bytes of this iteration's pass still to read */
 	bool pass_one_turn;          /* no figure for the pass: one turn is the pass */
 	uint64_t arc_ns;             /* one state change (or query) timed at setup */
-	bool stop_copy_exact;        /* an exact check read stop_copy_size: the estimate adds it */
+	bool stop_copy_exact;        /* an exact check read stop_copy_size: the estimate uses it */
+	uint64_t read_since_exact;   /* pre-copy bytes read since that check */
 	uint64_t last_iter_bytes;    /* read in the last iteration (no precopy info) */
 	uint64_t stop_copy_size;
 	bool stop_copy_known;        /* stop_copy_size holds a figure (device, property, 100 GiB) */
