@@ -404,7 +404,7 @@ static int bench_migrate(const struct opts *o)
 	       ",\"device_transferred_bytes\":%" PRIu64 ",\"bandwidth_bps\":%.0f,"
 	       "\"cpu_src_s\":%.3f,\"cpu_dst_s\":%.3f,\"same_clock\":%s,"
 	       "\"rss_src_kib\":%ld,\"rss_dst_kib\":%ld,\"rss_dev_src_kib\":%ld,"
-	       "\"rss_dev_dst_kib\":%ld,\"cpu_dev_src_s\":%.3f,\"cpu_dev_dst_s\":%.3f}\n",
+	       "\"rss_dev_dst_kib\":%ld,\"cpu_dev_src_s\":%.3f,\"cpu_dev_dst_s\":%.3f,",
 	       o->kind, o->mem, o->fill ? "true" : "false", o->devices, o->dev_state,
 	       o->precopy ? "true" : "false", o->dirty_rate, o->downtime_ms, o->save_latency_us,
 	       o->channels, st.downtime_ms, st.expected_downtime_ms, st.total_time_ms,
@@ -412,6 +412,15 @@ static int bench_migrate(const struct opts *o)
 	       st.ram_transferred_bytes, st.device_transferred_bytes, st.bandwidth_bps, cpu_src,
 	       cpu_dst, st.downtime_from_same_clock ? "true" : "false", rss_src, rss_dst[0], rss_dev,
 	       rss_dst[1], cpu_dev_src, cpu_dev_dst);
+	/* The switchover step by step, measured and as the engine expected it. */
+	for (unsigned k = 0; k < 2; k++) {
+		const double *v = k ? st.expected_switchover_ms : st.switchover_ms;
+
+		printf("\"%s\":[", k ? "expected_switchover_ms" : "switchover_ms");
+		for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++)
+			printf("%s%.3f", i ? "," : "", v[i]);
+		printf("]%s", k ? "}\n" : ",");
+	}
 	return 0;
 }
 

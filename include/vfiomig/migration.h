@@ -127,6 +127,9 @@ struct vfm_migration_stats {
 	 * is the downtime; have_switchover once a switchover ended. */
 	bool have_switchover;
 	double switchover_ms[7];
+	/* The same steps as the engine expected them when it decided to switch
+	 * over (their sum is expected_downtime_ms; all 0 before the decision). */
+	double expected_switchover_ms[7];
 };
 #define VFM_SWITCHOVER_STEPS 7
 VFM_EXPORT const char *vfm_switchover_step_name(unsigned step);

@@ -28,6 +28,12 @@ struct vfm_savable {
 	bool pass_done;        /* its pass of this iteration is out */
 	uint64_t sent_iter;    /* bytes its turns put out since the last exact check */
 	uint64_t exact_prev;   /* its pending at the last exact check */
+	double pace, pace_prev; /* best bytes/s of a turn (>= 1 MiB) since the last
+				 * exact check, and in the span before it */
+	uint64_t run_bytes, run_ns; /* turns since the last sustained sample */
+	double sustained;       /* bytes/s over the last >= 32 MiB of its turns */
+	uint64_t exact_min_ns;  /* its quickest exact query (RAM: the sync of its
+				 * send set, which its stop-copy does again) */
 	/* Reported (query-migrate), guarded by the migration's lock. */
 	uint64_t rpt_pending;  /* pending at the last exact check */
 	double rpt_dirty_rate; /* bytes/s it produced anew between the last two checks */
@@ -51,6 +57,8 @@ struct vfm_mig_device {
 	uint64_t pass_left;          /* bytes of this iteration's pass still to read */
 	bool pass_one_turn;          /* no figure for the pass: one turn is the pass */
 	uint64_t arc_ns;             /* one state change (or query) timed at setup */
+	uint64_t short_read_min_ns;  /* the quickest pre-copy read that did not fill a
+				      * block (stop-copy ends with two such) */
 	bool stop_copy_exact;        /* an exact check read stop_copy_size: the estimate uses it */
 	uint64_t read_since_exact;   /* pre-copy bytes read since that check */
 	uint64_t last_iter_bytes;    /* read in the last iteration (no precopy info) */

@@ -7,6 +7,7 @@
  * device back to RUNNING and restarts the guest.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -67,10 +68,17 @@ struct source {
 	bool guest_stopped;
 	bool committed;              /* GO sent (or file written): no way back */
 	uint64_t t_start, t_stop, rtt_ns;
+	uint64_t rtt_min_ns;         /* the least round trip seen: the link's own */
 	uint64_t step_end[VFM_SWITCHOVER_STEPS];  /* switchover timeline (publish_steps) */
 	/* Bandwidth window. */
 	uint64_t win_start, win_bytes0;
 	bool win_busy;
+	bool win_napped;             /* an iteration of the window idled */
+	uint64_t win_rq0;            /* runqueue_wait_ns() at the window's start */
+	/* The last window that never idled and moved real volume, its bytes
+	 * over its time less this thread's wait for a CPU: the sustained
+	 * throughput of the whole pipe (source, link, destination's load). */
+	double bw_sat;
 	double bw;                   /* bytes per second */
 	bool bw_real;                /* measured on a busy window or by the probe */
 	bool probed;
@@ -84,6 +92,10 @@ struct source {
 	uint64_t probe_ns;
 	bool have_expected;          /* the estimate at the switchover decision */
 	double expected_ms;
+	double exp_ms;               /* expected downtime at the last exact check */
+	double exp_steps[VFM_SWITCHOVER_STEPS];  /* its parts (expect_switchover) */
+	bool exp_known;              /* every savable with data has a pace */
+	double best_exp_ms;          /* least expected downtime seen at a check */
 	uint64_t ping_token;
 	bool phase_done[VFM__PH_COUNT];
 	/* Keepalive on main (migration thread). */
@@ -103,6 +115,8 @@ struct source {
 };
 
 static double switchover_bw(const struct source *src);
+static uint64_t runqueue_wait_ns(void);
+static double expect_switchover(const struct source *src, double steps[VFM_SWITCHOVER_STEPS]);
 
 /* Bytes sent so far, on main and the channels (pre-copy RAM uses them). */
 static uint64_t out_bytes(struct source *src)
@@ -128,11 +142,12 @@ static void update_stats(struct source *src, uint64_t pending)
 	/* From the switchover decision on, the estimate made then stands. */
 	if (src->have_expected)
 		st->expected_downtime_ms = src->expected_ms;
+	else if (src->have_exact && src->exp_known)
+		st->expected_downtime_ms = src->exp_ms;
 	else
 		st->expected_downtime_ms = src->bw > 0 ? (double)pending * 1000.0 / src->bw : 0;
 	st->converging = src->converging;
-	st->needed_downtime_ms = src->have_exact && switchover_bw(src) > 0 ?
-				 (double)src->best_pending * 1000.0 / switchover_bw(src) : 0;
+	st->needed_downtime_ms = src->have_exact ? src->best_exp_ms : 0;
 	snprintf(st->blocker, sizeof(st->blocker), "%s", src->blocker);
 	st->total_time_ms = (now - src->t_start) / 1000000ull;
 	if (st->total_time_ms)
@@ -246,6 +261,9 @@ static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 	if (ret)
 		return ret;
 	src->rtt_ns = vfm__now_ns() - t0;
+	/* A drain's round trip also waits for the destination's backlog. */
+	if (!src->rtt_min_ns || src->rtt_ns < src->rtt_min_ns)
+		src->rtt_min_ns = src->rtt_ns;
 	vfm_debug(LOG, "round trip %.3f ms", (double)src->rtt_ns / 1e6);
 	return 0;
 }
@@ -272,9 +290,16 @@ static void bandwidth_tick(struct source *src)
 	} else if (bytes && !src->bw_real) {
 		src->bw = (double)bytes * 1e9 / (double)el;
 	}
+	if (!src->win_napped && bytes >= BW_REAL_MIN) {
+		uint64_t w = runqueue_wait_ns() - src->win_rq0;
+
+		src->bw_sat = (double)bytes * 1e9 / (double)(el - (w < el / 2 ? w : el / 2));
+	}
 	src->win_start = now;
 	src->win_bytes0 = out_bytes(src);
 	src->win_busy = false;
+	src->win_napped = false;
+	src->win_rq0 = runqueue_wait_ns();
 }
 
 uint64_t vfm__rate_limit_delay_ns(uint64_t sent, uint64_t elapsed_ns, uint64_t limit)
@@ -351,6 +376,7 @@ static int probe_bandwidth(struct source *src, struct vfm_error *err)
 	/* The probe's bytes are not pre-copy progress: restart the window. */
 	src->win_start = vfm__now_ns();
 	src->win_bytes0 = out_bytes(src);
+	src->win_napped = true;
 	return 0;
 }
 
@@ -436,11 +462,18 @@ static void auto_converge(struct source *src, uint64_t dirtied, uint64_t sent)
  * time); and the convergence report: the least pending seen, how many checks
  * in a row made no progress against it, and the savable with the most.
  */
-static int exact_check(struct source *src, double threshold, bool pass_end, uint64_t *out,
-		       struct vfm_error *err)
+/* The switchover decision: the downtime expected at the last exact check
+ * fits the limit (and every savable with data has a pace to expect it by). */
+static bool expect_fits(const struct source *src)
+{
+	return src->have_exact && src->exp_known && src->exp_ms <= (double)src->p.downtime_limit_ms;
+}
+
+static int exact_check(struct source *src, bool pass_end, uint64_t *out, struct vfm_error *err)
 {
 	struct vfm_migration *m = src->m;
-	uint64_t sum = 0, v, now = vfm__now_ns(), most = 0, dirtied = 0, sent = 0;
+	uint64_t sum = 0, v, now = vfm__now_ns(), dirtied = 0, sent = 0;
+	double most = -1;
 	double dt = src->have_exact ? (double)(now - src->exact_ns) / 1e9 : 0;
 	int ret, top = -1;
 
@@ -449,9 +482,14 @@ static int exact_check(struct source *src, double threshold, bool pass_end, uint
 		double rate = 0;
 
 		if (sv->ops->pending_exact) {
+			uint64_t t0 = vfm__now_ns(), took;
+
 			ret = sv->ops->pending_exact(sv->opaque, &v, err);
 			if (ret)
 				return ret;
+			took = vfm__now_ns() - t0;
+			if (!sv->exact_min_ns || took < sv->exact_min_ns)
+				sv->exact_min_ns = took;
 		} else {
 			v = sv->ops->pending_estimate ? sv->ops->pending_estimate(sv->opaque) : 0;
 		}
@@ -467,15 +505,29 @@ static int exact_check(struct source *src, double threshold, bool pass_end, uint
 		pthread_mutex_unlock(&m->lock);
 		sv->exact_prev = v;
 		sv->sent_iter = 0;
+		/* A new span for the pace; the last one's best still counts. */
+		if (sv->pace > 0) {
+			sv->pace_prev = sv->pace;
+			sv->pace = 0;
+		}
 		sv->pass_done = false;
-		if (v > most || top < 0) {
-			most = v;
+		/* The bottleneck: the most pending plus what it makes anew in a
+		 * second, at most as much again (a device churning above the
+		 * link holds the migration even when RAM has a few more bytes
+		 * pending at one check; a small guest rewritten fast does not
+		 * outweigh a large device state). */
+		if ((double)v + (rate < (double)v ? rate : (double)v) > most) {
+			most = (double)v + (rate < (double)v ? rate : (double)v);
 			top = (int)i;
 		}
 		sum += v;
 	}
 	if (src->have_exact)
 		auto_converge(src, dirtied, sent);
+	src->exp_ms = expect_switchover(src, src->exp_steps);
+	src->exp_known = src->exp_ms >= 0;
+	if (!src->exp_known)
+		src->exp_ms = switchover_bw(src) > 0 ? (double)sum * 1000.0 / switchover_bw(src) : 0;
 	/* A stall is a whole iteration (every pass out) without progress, or,
 	 * when checks come mid-pass because the estimate fits the threshold and
 	 * the exact figure does not (they restart the passes, so a pass may
@@ -483,7 +535,7 @@ static int exact_check(struct source *src, double threshold, bool pass_end, uint
 	if (!src->have_exact || (double)sum < 0.9 * (double)src->best_pending) {
 		src->stalled = 0;
 		src->stall_ns = now;
-	} else if ((double)sum > threshold) {
+	} else if (!expect_fits(src)) {
 		if (pass_end || now - src->stall_ns >= STALL_SPACING_NS) {
 			src->stalled++;
 			src->stall_ns = now;
@@ -494,14 +546,15 @@ static int exact_check(struct source *src, double threshold, bool pass_end, uint
 	}
 	if (!src->have_exact || sum < src->best_pending)
 		src->best_pending = sum;
+	if (src->exp_ms > 0 && (!src->best_exp_ms || src->exp_ms < src->best_exp_ms))
+		src->best_exp_ms = src->exp_ms;
 	src->have_exact = true;
 	src->exact_ns = now;
 	if (src->converging && src->stalled >= STALL_ITERS)
-		vfm_warn(LOG, "not converging: %" PRIu64 " bytes pending stay above the threshold "
-			 "of %.0f bytes (most from %s); it would need a downtime of %.0f ms",
-			 sum, threshold, top >= 0 ? m->sv[top].name : "?",
-			 switchover_bw(src) > 0 ?
-			 (double)src->best_pending * 1000.0 / switchover_bw(src) : 0.0);
+		vfm_warn(LOG, "not converging: %" PRIu64 " bytes pending (most from %s) stay "
+			 "above what a downtime of %" PRIu64 " ms moves; it would need a downtime "
+			 "of %.0f ms", sum, top >= 0 ? m->sv[top].name : "?",
+			 src->p.downtime_limit_ms, src->best_exp_ms);
 	src->converging = src->stalled < STALL_ITERS;
 	snprintf(src->blocker, sizeof(src->blocker), "%s", top >= 0 ? m->sv[top].name : "");
 	*out = sum;
@@ -611,6 +664,7 @@ static void read_live_params(struct source *src, uint64_t *budget)
 	src->win_start = vfm__now_ns();
 	src->win_bytes0 = out_bytes(src);
 	src->win_busy = false;
+	src->win_napped = true;
 	vfm_info(LOG, "live parameters: downtime-limit %" PRIu64 " ms, max-bandwidth %" PRIu64
 		 " B/s, avail-switchover-bandwidth %" PRIu64 " B/s", src->p.downtime_limit_ms,
 		 src->p.max_bandwidth, src->p.avail_switchover_bandwidth);
@@ -624,22 +678,167 @@ static void timed_log_sync(struct source *src)
 	src->sync_ns = vfm__now_ns() - t0;
 }
 
+/* A turn must have sent this much for its pace to count. */
+#define PACE_MIN_TURN (1ull << 20)
+/* Turns adding up to this much give the sustained pace (beyond buffering). */
+#define PACE_SUSTAINED (32ull << 20)
+
 /*
- * The downtime's fixed part, learned during this migration: the final dirty
- * sync (as long as the last pre-copy one), the devices' arcs (P2P and
- * STOP_COPY on the source, RESUMING -> STOP, RUNNING_P2P and RUNNING on the
- * destination: five per device, each as long as the one timed at setup), and
- * two round trips (SWITCHOVER to LOADED, GO to RESUMED, both with the
- * destination's processing; the last RTT measured, after a drain).
+ * Bytes per second a savable moves its data at, as in stop-copy: the best
+ * turn (>= 1 MiB) of the last two spans between exact checks, its bytes over
+ * its time (RAM: scanning, zero pages, writing; a device: its MIG_DATA_READ
+ * round trips and firmware latency, then the writes), at most max-bandwidth
+ * (QEMU's decision assumes the rate limit too). The best turn, not the
+ * average: in pre-copy the guest and the devices' own work share this
+ * machine's cores with the sender, and a stop-copy runs with the guest
+ * stopped (the average made expected 2x measured at 512 MiB/s dirtying).
+ * Not the migration's bandwidth window either, which is the producers' pace
+ * averaged with their idle time (a guest dirtying 128 MiB/s measured 70 MB/s
+ * over a 4 GB/s link: expected 8x measured). 0: not known yet.
  */
-static double fixed_cost_ms(const struct source *src)
+static double savable_pace(const struct source *src, const struct vfm_savable *sv)
+{
+	double pace = sv->pace > sv->pace_prev ? sv->pace : sv->pace_prev;
+
+	/* Bulk data goes at the sustained pace: a single turn may fit in the
+	 * socket buffers (several MiB on loopback) and not wait for the
+	 * destination at all. */
+	if (sv->sustained > 0 && sv->exact_prev >= PACE_SUSTAINED && sv->sustained < pace)
+		pace = sv->sustained;
+
+	if (src->p.max_bandwidth && pace > (double)src->p.max_bandwidth)
+		pace = (double)src->p.max_bandwidth;
+	return pace;
+}
+
+/*
+ * Nanoseconds this thread has waited runnable for a CPU
+ * (/proc/thread-self/schedstat, second field: run-queue wait), 0 where the
+ * kernel does not say. A turn's time less that wait is what it would take
+ * with a CPU to itself, as in stop-copy where the guest no longer competes.
+ */
+static uint64_t runqueue_wait_ns(void)
+{
+	char buf[96];
+	unsigned long long run, wait;
+	ssize_t n;
+	int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	if (sscanf(buf, "%llu %llu", &run, &wait) != 2)
+		return 0;
+	return (uint64_t)wait;
+}
+
+/* A savable's part of last_bytes (expect_switchover), ms; < 0: no pace yet. */
+static double savable_ms(const struct source *src, const struct vfm_savable *sv)
+{
+	double pace = savable_pace(src, sv), fixed;
+
+	if (sv->ops == &vfm__vfio_savable_ops) {
+		const struct vfm_mig_device *md = sv->opaque;
+
+		fixed = 2.0 * (double)(md->short_read_min_ns ? md->short_read_min_ns
+							 : md->arc_ns) / 1e6;
+	} else {
+		fixed = (double)sv->exact_min_ns / 1e6;
+	}
+	if (!sv->exact_prev)
+		return fixed;
+	if (pace <= 0)
+		pace = src->bw;
+	if (pace <= 0)
+		return -1.0;
+	return fixed + (double)sv->exact_prev * 1000.0 / pace;
+}
+
+static bool on_channels(const struct source *src, const struct vfm_savable *sv)
+{
+	if (!src->mf)
+		return false;
+	if (sv->ops != &vfm__vfio_savable_ops)
+		return true;   /* RAM: its stop-copy pass runs on every channel */
+	return ((const struct vfm_mig_device *)sv->opaque)->mf_use;
+}
+
+/*
+ * The downtime as it would go if the switchover started now, step by step
+ * (the steps of vfm_switchover_step_name, as publish_steps measures them),
+ * from what this migration learned: each savable's pending bytes at the last
+ * exact check over its own pace; each device's round trip (one state change
+ * timed at setup: arc_ns) for its arcs and its config read; the last dirty
+ * sync; the return path's least round trip. Returns the sum, or a
+ * negative value when a savable with data has no pace yet.
+ * - guest_stop: 0 (not measurable before the guest stops; ~0.1 ms).
+ * - device_stop: per device PRE_COPY(_P2P) arcs: to P2P (if it has P2P), a
+ *   config read, to STOP_COPY (stop_devices).
+ * - final_sync: as long as the last pre-copy sync.
+ * - last_bytes: main carries its savables one after another (sum): each
+ *   its pending bytes over its pace, RAM after a sync of its send set (as
+ *   long as its quickest exact query), a device ending with two reads that
+ *   do not fill a block (its quickest such read in pre-copy; a round trip
+ *   before one was seen); with
+ *   multifd channels RAM and each device on the channels move in parallel
+ *   (the longest lane); avail-switchover-bandwidth, when set, states the
+ *   pace of the whole (as QEMU: all pending over it).
+ * - dest_load: the destination's RESUMING -> STOP -> RUNNING_P2P (two arcs
+ *   per device) and LOADED back (a round trip).
+ * - go: sending GO, nothing to wait for.
+ * - dest_resume: RUNNING per device and GO's way over (half a round trip).
+ */
+static double expect_switchover(const struct source *src, double steps[VFM_SWITCHOVER_STEPS])
 {
 	const struct vfm_migration *m = src->m;
-	double ns = (double)src->sync_ns + 2.0 * (double)src->rtt_ns;
+	double rtt = (double)src->rtt_min_ns / 1e6, lane_main = 0, lane_max = 0, total = 0;
+	uint64_t all = 0;
+	bool known = true;
 
-	for (unsigned i = 0; i < m->ndevs; i++)
-		ns += 5.0 * (double)m->devs[i]->arc_ns;
-	return ns / 1e6;
+	memset(steps, 0, sizeof(double) * VFM_SWITCHOVER_STEPS);
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		const struct vfm_mig_device *md = m->devs[i];
+		double a = (double)md->arc_ns / 1e6;
+
+		steps[1] += a * ((md->flags & VFM_MIG_P2P) ? 3 : 2);
+		steps[4] += 2 * a;
+		steps[6] += a;
+	}
+	steps[2] = (double)src->sync_ns / 1e6;
+	for (unsigned i = 0; i < m->nsv; i++) {
+		const struct vfm_savable *sv = &m->sv[i];
+		double t = savable_ms(src, sv);
+
+		all += sv->exact_prev;
+		if (t < 0) {
+			known = false;
+			continue;
+		}
+		if (on_channels(src, sv))
+			lane_max = t > lane_max ? t : lane_max;
+		else
+			lane_main += t;
+	}
+	steps[3] = lane_main > lane_max ? lane_main : lane_max;
+	/* No faster than the pipe sustained while it never idled: four
+	 * devices' stop-copy in a row wait for the destination's loads, which
+	 * pre-copy's interleaving hid from each turn (4 x 32 MiB at 2 ms/MiB:
+	 * 268 ms expected from the paces, 556 ms measured). */
+	if (src->bw_sat > 0 && (double)all * 1000.0 / src->bw_sat > steps[3])
+		steps[3] = (double)all * 1000.0 / src->bw_sat;
+	if (src->p.avail_switchover_bandwidth) {
+		steps[3] = (double)all * 1000.0 / (double)src->p.avail_switchover_bandwidth;
+		known = true;
+	}
+	steps[4] += rtt;
+	steps[6] += rtt / 2;
+	for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++)
+		total += steps[i];
+	return known ? total : -1.0;
 }
 
 /* Whether every savable that iterates has its pass of this iteration out. */
@@ -672,10 +871,27 @@ static int iterate_turns(struct source *src, uint64_t budget, uint64_t *moved,
 		if (!sv->ops->save_iterate || sv->pass_done ||
 		    (sv->ops->is_active_iterate && !sv->ops->is_active_iterate(sv->opaque)))
 			continue;
+		uint64_t t0 = vfm__now_ns(), w0 = runqueue_wait_ns();
+
 		ret = sv->ops->save_iterate(sv->opaque, src->out, budget, err);
 		if (ret < 0)
 			return vfm_error_set(err, ret, "pre-copy of %s", sv->name);
 		n = out_bytes(src) - b0;
+		if (n) {
+			/* Its pace (savable_pace), without the time the turn
+			 * waited for a CPU (at most half of it taken off). */
+			uint64_t dt = vfm__now_ns() - t0, w = runqueue_wait_ns() - w0;
+
+			dt -= w < dt / 2 ? w : dt / 2;
+			if (n >= PACE_MIN_TURN && (double)n * 1e9 / (double)(dt + 1) > sv->pace)
+				sv->pace = (double)n * 1e9 / (double)(dt + 1);
+			sv->run_bytes += n;
+			sv->run_ns += dt;
+			if (sv->run_bytes >= PACE_SUSTAINED) {
+				sv->sustained = (double)sv->run_bytes * 1e9 / (double)(sv->run_ns + 1);
+				sv->run_bytes = sv->run_ns = 0;
+			}
+		}
 		sv->sent_iter += n;
 		*moved += n;
 		if (ret == 1)
@@ -704,12 +920,16 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 
 	src->win_start = vfm__now_ns();
 	src->win_bytes0 = out_bytes(src);
+	src->win_rq0 = runqueue_wait_ns();
 	src->ka_ns = vfm__now_ns();
 	src->ka_bytes = vfm_stream_bytes(src->out);
 	src->converging = true;
 	for (unsigned i = 0; i < m->nsv; i++) {
 		m->sv[i].pass_done = false;
 		m->sv[i].sent_iter = m->sv[i].exact_prev = 0;
+		m->sv[i].pace = m->sv[i].pace_prev = m->sv[i].sustained = 0;
+		m->sv[i].run_bytes = m->sv[i].run_ns = 0;
+		m->sv[i].exact_min_ns = 0;
 	}
 	for (;;) {
 		double threshold, bw;
@@ -747,16 +967,17 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			iterations++;
 			if (passed)
 				src->pass_done = true;
-			if ((ret = exact_check(src, threshold, passed, &pending, err)))
+			if ((ret = exact_check(src, passed, &pending, err)))
 				return ret;
 			pthread_mutex_lock(&m->lock);
 			m->stats.precopy_iterations = iterations;
 			pthread_mutex_unlock(&m->lock);
 			update_stats(src, pending);
 			vfm_debug(LOG, "iteration %" PRIu64 ": %" PRIu64 " bytes moved, %" PRIu64
-				  " pending, threshold %.0f, %.1f MB/s%s", iterations, moved_iter,
-				  pending, threshold, bw / 1e6, src->converging ? "" : ", not converging");
-			if (bw > 0 && (double)pending <= threshold) {
+				  " pending, expected downtime %.1f ms%s, %.1f MB/s%s", iterations,
+				  moved_iter, pending, src->exp_ms, src->exp_known ? "" : " (no pace)",
+				  bw / 1e6, src->converging ? "" : ", not converging");
+			if (expect_fits(src)) {
 				if (all_acked(m) && src->rp && drains < DRAIN_MAX) {
 					/*
 					 * Let the destination catch up before the guest
@@ -769,15 +990,24 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 					if ((ret = measure_rtt(src, true, err)))
 						return ret;
 					timed_log_sync(src);
-					if ((ret = exact_check(src, threshold, false, &pending, err)))
+					if ((ret = exact_check(src, false, &pending, err)))
 						return ret;
-					if ((double)pending > threshold)
+					if (!expect_fits(src))
 						continue;
 				}
 				if (all_acked(m)) {
-					src->expected_ms = (double)pending * 1000.0 / bw +
-							   fixed_cost_ms(src);
+					for (unsigned i = 0; i < m->nsv; i++)
+						vfm_debug(LOG, "switchover expected: %s %" PRIu64
+							  " bytes at %.1f MB/s: %.3f ms",
+							  m->sv[i].name, m->sv[i].exact_prev,
+							  savable_pace(src, &m->sv[i]) / 1e6,
+							  savable_ms(src, &m->sv[i]));
+					src->expected_ms = src->exp_ms;
 					src->have_expected = true;
+					pthread_mutex_lock(&m->lock);
+					memcpy(m->stats.expected_switchover_ms, src->exp_steps,
+					       sizeof(src->exp_steps));
+					pthread_mutex_unlock(&m->lock);
 					break;
 				}
 				phase(src, VFM__PH_ACK_WAIT);
@@ -785,6 +1015,8 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 			if (!moved_iter) {
 				/* Idle: wait for the guest, a device or acks rather than spin. */
 				struct timespec ts = { 0, (long)IDLE_NAP_NS };
+
+				src->win_napped = true;
 				nanosleep(&ts, NULL);
 			}
 			moved_iter = 0;
@@ -951,6 +1183,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 
 		if (sv->ops->save_complete && (ret = sv->ops->save_complete(sv->opaque, src->out, err)))
 			return vfm_error_set(err, ret, "stop-copy of %s", sv->name);
+		vfm_debug(LOG, "switchover: %s complete at %.3f ms", sv->name, since_stop_ms(src));
 	}
 	if (src->mf && (ret = vfm__mf_src_finish(src->mf, src->out, err)))
 		return ret;
