@@ -824,11 +824,12 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 			lane_main += t;
 	}
 	steps[3] = lane_main > lane_max ? lane_main : lane_max;
-	/* No faster than the pipe sustained while it never idled: four
+	/* Bulk (beyond what socket buffers absorb) no faster than the pipe
+	 * sustained while it never idled: four
 	 * devices' stop-copy in a row wait for the destination's loads, which
 	 * pre-copy's interleaving hid from each turn (4 x 32 MiB at 2 ms/MiB:
 	 * 268 ms expected from the paces, 556 ms measured). */
-	if (src->bw_sat > 0 && (double)all * 1000.0 / src->bw_sat > steps[3])
+	if (src->bw_sat > 0 && all >= PACE_SUSTAINED && (double)all * 1000.0 / src->bw_sat > steps[3])
 		steps[3] = (double)all * 1000.0 / src->bw_sat;
 	if (src->p.avail_switchover_bandwidth) {
 		steps[3] = (double)all * 1000.0 / (double)src->p.avail_switchover_bandwidth;
