@@ -157,8 +157,11 @@ static void run_case(const struct conv_case *c)
 		FAIL("source status %s: %s", vfm_mig_status_name(st.status), st.error);
 	verify(&s, &d, c->ndev);
 	/* RAM moved from the start, whatever the devices did (8 MiB guest: the
-	 * first iteration sends it, unless the whole migration took < 1 s). */
-	CHECK(st.ram_transferred_bytes >= MD_MEM / 2);
+	 * first iteration sends it; a page the writer has not reached yet goes
+	 * as a zero page of a few bytes, so a migration that ended within 1 s
+	 * may have sent less; verify() compared the memory anyway). */
+	if (st.total_time_ms >= 1000)
+		CHECK(st.ram_transferred_bytes >= MD_MEM / 2);
 	/* ... and early: not after the devices' passes (at 1 s the first
 	 * iteration has given RAM its turns whatever the devices have). */
 	if (ram_at_1s && !c->max_bw)
