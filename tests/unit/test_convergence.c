@@ -180,13 +180,16 @@ static void run_case(const struct conv_case *c)
 		 * without pre-copy what is pending stays the same until the
 		 * switchover, so the downtime measured then is the truth (with
 		 * max-bandwidth the decision assumes the limit, as QEMU's, and
-		 * stop-copy runs unlimited: no truth to compare). */
+		 * stop-copy runs unlimited: no truth to compare; nor with a
+		 * firmware latency: a device that never read in pre-copy has no
+		 * pace, and the engine can only assume the link's, as QEMU's:
+		 * 1 x 256M at 2000 us/MiB said 415 ms and took over 830). */
 		upper = c->ndev * (c->state + (1u << 20)) + MD_MEM;
 		CHECK(needed > 0);
 		CHECK((double)pending_nc <= 2.0 * (double)upper);
 		if (!c->precopy) {
 			CHECK((double)pending_nc >= (double)(c->ndev * c->state) / 2.0);
-			if (!c->max_bw) {
+			if (!c->max_bw && !c->latency_us) {
 				CHECK(st.downtime_ms <= 2.0 * needed);
 				CHECK(st.downtime_ms >= needed / 2.0);
 			}
