@@ -430,7 +430,7 @@ static void dest_main(const char *uri, const struct md_opts *o, int rfd, int wfd
 	struct md_side s;
 
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
-	alarm(60);
+	alarm(o->dest_alarm_s ? o->dest_alarm_s : 60);
 	for (unsigned i = 0; i < o->ndev; i++) {
 		char name[32];
 

@@ -47,6 +47,7 @@ struct md_opts {
 	unsigned timeout_ms;      /* both sides' migration timeout (0: 5000) */
 	uint64_t max_queued;      /* destination: max-queued-buffers-size (0: the default) */
 	uint64_t downtime_limit_ms; /* source: downtime-limit (0: the default) */
+	unsigned dest_alarm_s;    /* the destination process's life bound (0: 60 s) */
 };
 
 struct md_side;

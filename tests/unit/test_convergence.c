@@ -73,10 +73,11 @@ static void run_case(const struct conv_case *c)
 	struct md_opts o = { .ndev = c->ndev, .state_size = c->state, .churn = c->churn,
 			     .save_latency_us = c->latency_us,
 			     .props = c->precopy ? NULL : "allow-pre-copy=off", .timeout_ms = 5000,
-			     /* Main only: with channels, a 256M stop-copy can overrun the
-			      * destination's 64 MiB multifd queue (a multifd limit, not
-			      * convergence). */
-			     .mf_channels = 1 };
+			     /* Main only: convergence, not multifd (a 256M stop-copy
+			      * over channels: multifd_2_devices_256m_stop_copy). */
+			     .mf_channels = 1,
+			     /* The case's own bound (below) ends a hang first. */
+			     .dest_alarm_s = 300 };
 	struct vfm_migration_params p;
 	struct vfm_migration_stats st;
 	struct vfm_error err = { 0 };
