@@ -16,6 +16,18 @@
 #include <time.h>
 
 #include <xxhash.h>
+/*
+ * The page hashes run at the CPU's best (AVX2/AVX-512) where libxxhash has
+ * run-time dispatch, as the stream's checksums do (lib/meson.build): the
+ * destination hashes every page it loads, and through the plain SSE2 entry
+ * points that was the largest single cost of the destination device
+ * (docs/performance.md, device-state hops). Same values either way.
+ */
+#if defined(__x86_64__) && defined(__has_include)
+#if __has_include(<xxh_x86dispatch.h>)
+#include <xxh_x86dispatch.h>
+#endif
+#endif
 
 #include "dma-priv.h"
 #include "util/bitmap.h"

@@ -133,6 +133,9 @@ static bool feature_lookup(const struct vfm_vfu_ctx *ctx, uint32_t id, struct fe
 	case VFM_VFU_FEATURE_PRECOPY_INFO:
 		*f = (struct feature){ VFU_FEATURE_GET, 2 * sizeof(uint64_t) };
 		return mig && mig->precopy_info && (mig->flags & VFM_MIG_PRE_COPY);
+	case VFM_VFU_FEATURE_MIG_SHM:
+		*f = (struct feature){ VFU_FEATURE_SET, sizeof(struct vfu_mig_shm_set) };
+		return mig && ctx->neg.mig_shm;
 	default:
 		return false;
 	}
@@ -256,6 +259,12 @@ static int feature_set(struct vfm_vfu_ctx *ctx, uint32_t id, struct vfu_msg *m,
 		vfu_srv_log_stop(ctx);
 		reply_echo(r, m);
 		return 0;
+	case VFM_VFU_FEATURE_MIG_SHM:
+		ret = vfu_srv_mig_shm_set(ctx, m, data, err);
+		if (ret)
+			return ret;
+		reply_echo(r, m);
+		return 0;
 	}
 	return vfm_error_set(err, -ENOTTY, "feature %" PRIu32 " has no SET", id);
 }
@@ -317,6 +326,7 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 {
 	enum vfm_state s = vfu_srv_state(ctx);
 	struct vfu_mig_data req, rep;
+	uint8_t *out;
 	size_t n = 0;
 	int ret;
 
@@ -327,7 +337,10 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 		return ret;
 	memcpy(&req, m->payload, sizeof(req));
 	ret = vfu_check_count(m, req.size, ctx->max_xfer, err);
-	ret = ret ?: vfu_check_argsz(m, req.argsz, sizeof(req) + (size_t)req.size, UINT32_MAX, err);
+	/* With a window the reply is {argsz, size, offset} alone. */
+	ret = ret ?: vfu_check_argsz(m, req.argsz, ctx->shm ? sizeof(struct vfu_mig_shm_data)
+							   : sizeof(req) + (size_t)req.size,
+				     UINT32_MAX, err);
 	if (ret)
 		return ret;
 	if (!vfm_state_is_saving(s))
@@ -335,9 +348,13 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	/* Never more data than the client can receive (its max_data_xfer_size). */
 	if (req.size > ctx->neg.peer_max_xfer)
 		req.size = ctx->neg.peer_max_xfer;
+	if (ctx->shm && req.size > ctx->shm_size)
+		req.size = (uint32_t)ctx->shm_size;
+	/* The device's records go straight into the window, or the reply. */
+	out = ctx->shm ? ctx->shm : r->buf + sizeof(rep);
 	/* Fill the request: a short reply tells the client there is no more. */
 	while (n < req.size) {
-		ssize_t got = ctx->mig_ops->read_data(ctx, r->buf + sizeof(rep) + n, req.size - n);
+		ssize_t got = ctx->mig_ops->read_data(ctx, out + n, req.size - n);
 
 		if (got == 0 || got == -ENOMSG)
 			break;
@@ -357,6 +374,16 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	 * efd091b): its client transport takes a reply shorter than the
 	 * caller's buffer for a reset connection (tran_sock_recv_fds()).
 	 */
+	if (ctx->shm) {
+		struct vfu_mig_shm_data w = { .argsz = sizeof(w), .size = (uint32_t)n, .offset = 0 };
+
+		memcpy(r->buf, &w, sizeof(w));
+		r->len = sizeof(w);
+		__atomic_add_fetch(&ctx->shm_bytes, n, __ATOMIC_RELAXED);
+		vfm_trace(ctx->id, "MIG_DATA_READ %zu of %" PRIu32 " bytes in %s (window)", n,
+			  req.size, vfm_state_name(s));
+		return 0;
+	}
 	rep = (struct vfu_mig_data){ .argsz = (uint32_t)(sizeof(rep) + req.size), .size = (uint32_t)n };
 	memcpy(r->buf, &rep, sizeof(rep));
 	memset(r->buf + sizeof(rep) + n, 0, req.size - n);
@@ -372,25 +399,32 @@ int vfu_srv_mig_data_write(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	enum vfm_state s = vfu_srv_state(ctx);
 	struct vfu_mig_data req;
 	const uint8_t *p;
-	size_t left;
+	size_t left, size;
 	int ret;
 
 	if (!ctx->mig_ops)
 		return vfm_error_set(err, -ENOTTY, "MIG_DATA_WRITE: device has no migration");
-	ret = vfu_check_payload(m, sizeof(req), err);
-	if (ret)
-		return ret;
-	memcpy(&req, m->payload, sizeof(req));
-	if (req.size != m->len - sizeof(req))
-		return vfm_error_set(err, -EINVAL, "MIG_DATA_WRITE: size %" PRIu32 " but %zu data bytes",
-				     req.size, m->len - sizeof(req));
-	ret = vfu_check_count(m, req.size, ctx->max_xfer, err);
-	if (ret)
-		return ret;
+	if (ctx->shm) {
+		ret = vfu_srv_mig_shm_write_range(ctx, m, &p, &left, err);
+		if (ret)
+			return ret;
+	} else {
+		ret = vfu_check_payload(m, sizeof(req), err);
+		if (ret)
+			return ret;
+		memcpy(&req, m->payload, sizeof(req));
+		if (req.size != m->len - sizeof(req))
+			return vfm_error_set(err, -EINVAL, "MIG_DATA_WRITE: size %" PRIu32
+					     " but %zu data bytes", req.size, m->len - sizeof(req));
+		ret = vfu_check_count(m, req.size, ctx->max_xfer, err);
+		if (ret)
+			return ret;
+		p = (const uint8_t *)m->payload + sizeof(req);
+		left = req.size;
+	}
 	if (s != VFM_STATE_RESUMING)
 		return vfm_error_set(err, -EINVAL, "MIG_DATA_WRITE in %s", vfm_state_name(s));
-	p = (const uint8_t *)m->payload + sizeof(req);
-	left = req.size;
+	size = left;
 	while (left) {
 		ssize_t n = ctx->mig_ops->write_data(ctx, p, left);
 
@@ -400,7 +434,9 @@ int vfu_srv_mig_data_write(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 		p += n;
 		left -= (size_t)n;
 	}
-	vfm_trace(ctx->id, "MIG_DATA_WRITE %" PRIu32 " bytes", req.size);
+	if (ctx->shm)
+		__atomic_add_fetch(&ctx->shm_bytes, size, __ATOMIC_RELAXED);
+	vfm_trace(ctx->id, "MIG_DATA_WRITE %zu bytes%s", size, ctx->shm ? " (window)" : "");
 	r->len = 0;
 	return 0;
 }

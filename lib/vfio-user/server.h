@@ -118,7 +118,19 @@ struct vfm_vfu_ctx {
 	/* Migration: the state the client sees; written by the loop thread. */
 	int mig_state;                    /* enum vfm_state, atomic */
 	bool mig_error;                   /* set by vfm_vfu_mig_set_error() */
+	/* vfiomig_mig_shm: the client's data window (loop thread), NULL: none. */
+	uint8_t *shm;
+	uint64_t shm_size;
+	uint64_t shm_bytes;               /* moved through it; atomic */
+	bool no_mig_shm;                  /* opts: do not offer the extension */
 };
+
+/* server-mig-shm.c: the vfiomig_mig_shm window (proto.h struct vfu_mig_shm_data). */
+void vfu_srv_mig_shm_release(struct vfm_vfu_ctx *ctx);
+int vfu_srv_mig_shm_set(struct vfm_vfu_ctx *ctx, struct vfu_msg *m, const uint8_t *data,
+			struct vfm_error *err);
+int vfu_srv_mig_shm_write_range(struct vfm_vfu_ctx *ctx, const struct vfu_msg *m,
+				const uint8_t **p, size_t *len, struct vfm_error *err);
 
 typedef int (*vfu_srv_handler)(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 			       struct vfu_srv_reply *r, struct vfm_error *err);
