@@ -44,7 +44,8 @@ bool vfu_cli_shm_ready(struct vfu_client *c)
 	struct iovec iov = { &req, sizeof(req) };
 	struct vfu_msg reply = VFU_MSG_INIT;
 	struct vfm_error e = { 0 };
-	uint64_t size = ((uint64_t)c->neg.max_xfer + 4095) & ~4095ull;
+	/* Two blocks: the server reads the next one ahead into the other half. */
+	uint64_t size = 2 * (((uint64_t)c->neg.max_xfer + 4095) & ~4095ull);
 	void *p;
 	int fd, r;
 

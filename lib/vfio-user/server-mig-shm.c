@@ -19,6 +19,8 @@
 #include "util/logging.h"
 #include "vfio-user/server.h"
 
+void vfu_srv_mig_prefetch_drop(struct vfm_vfu_ctx *ctx);
+
 uint64_t vfm_vfu_mig_shm_bytes(const struct vfm_vfu_ctx *ctx)
 {
 	return __atomic_load_n(&ctx->shm_bytes, __ATOMIC_RELAXED);
@@ -26,6 +28,7 @@ uint64_t vfm_vfu_mig_shm_bytes(const struct vfm_vfu_ctx *ctx)
 
 void vfu_srv_mig_shm_release(struct vfm_vfu_ctx *ctx)
 {
+	vfu_srv_mig_prefetch_drop(ctx);
 	if (ctx->shm)
 		munmap(ctx->shm, ctx->shm_size);
 	ctx->shm = NULL;
@@ -64,7 +67,7 @@ int vfu_srv_mig_shm_set(struct vfm_vfu_ctx *ctx, struct vfu_msg *m, const uint8_
 	if (p == MAP_FAILED)
 		return vfm_error_set(err, -errno, "MIG_SHM: mmap of %" PRIu64 " bytes: %s", req.size,
 				     strerror(errno));
-	vfu_srv_mig_shm_release(ctx);
+	vfu_srv_mig_shm_release(ctx);   /* and what was read ahead into it */
 	ctx->shm = p;
 	ctx->shm_size = req.size;
 	vfm_debug(ctx->id, "migration data window of %" PRIu64 " bytes", req.size);
@@ -96,4 +99,139 @@ int vfu_srv_mig_shm_write_range(struct vfm_vfu_ctx *ctx, const struct vfu_msg *m
 	*p = ctx->shm + req.offset;
 	*len = req.size;
 	return 0;
+}
+
+/* ---- Read-ahead ---- */
+
+/*
+ * Up to len bytes of device data into p; *n: how many. An error after some
+ * bytes stops there (they were taken from the device and must not be lost);
+ * before any, it is returned.
+ */
+static int device_fill(struct vfm_vfu_ctx *ctx, uint8_t *p, size_t len, size_t *n)
+{
+	*n = 0;
+	while (*n < len) {
+		ssize_t got = ctx->mig_ops->read_data(ctx, p + *n, len - *n);
+
+		if (got == 0 || got == -ENOMSG)
+			break;
+		if (got < 0 || (size_t)got > len - *n) {
+			if (*n)
+				break;
+			return got < 0 ? (int)got : -EIO;
+		}
+		*n += (size_t)got;
+	}
+	return 0;
+}
+
+void vfu_srv_mig_prefetch_drop(struct vfm_vfu_ctx *ctx)
+{
+	if (ctx->pf_len)
+		vfm_debug(ctx->id, "dropping %" PRIu32 " bytes read ahead (the data session ended)",
+			  ctx->pf_len);
+	ctx->pf_want = false;
+	ctx->pf_len = 0;
+	ctx->pf_initial = 0;
+	ctx->pf_err = 0;
+}
+
+/* k bytes of the read-ahead go to the client: initial ones first. */
+static void prefetch_consume(struct vfm_vfu_ctx *ctx, uint32_t k)
+{
+	ctx->pf_initial -= k < ctx->pf_initial ? k : ctx->pf_initial;
+	ctx->pf_off += k;
+	ctx->pf_len -= k;
+}
+
+/*
+ * A windowed MIG_DATA_READ: what was read ahead first, then the device, all
+ * contiguous in the window from *base. A full reply asks for the next block
+ * to be read ahead (vfu_srv_mig_prefetch(), once the reply is out) into a
+ * part of the window that does not overlap it: the client reads the reply's
+ * bytes until its next data request (docs/vfio-user-server.md).
+ */
+int vfu_srv_mig_shm_read(struct vfm_vfu_ctx *ctx, uint32_t size, uint64_t *base, size_t *n,
+			 struct vfm_error *err)
+{
+	size_t have = 0, more = 0;
+	int r;
+
+	ctx->pf_want = false;
+	if (ctx->pf_err) {
+		r = ctx->pf_err;
+		ctx->pf_err = 0;
+		return vfm_error_set(err, r, "MIG_DATA_READ: device read failed: %s (reading ahead)",
+				     vfm_strerror(r));
+	}
+	*base = 0;
+	if (ctx->pf_len) {
+		*base = ctx->pf_off;
+		if (ctx->pf_len >= size) {
+			*n = size;
+			prefetch_consume(ctx, size);
+			goto out;
+		}
+		have = ctx->pf_len;
+		if (*base + size > ctx->shm_size) {
+			memmove(ctx->shm, ctx->shm + *base, have);
+			*base = 0;
+		}
+		prefetch_consume(ctx, (uint32_t)have);
+	}
+	r = device_fill(ctx, ctx->shm + *base + have, size - have, &more);
+	if (r && !have)
+		return vfm_error_set(err, r, "MIG_DATA_READ: device read failed: %s", vfm_strerror(r));
+	*n = have + more;
+out:
+	if (*n == size && size && !ctx->pf_len) {
+		if (*base >= size) {
+			ctx->pf_base = 0;
+			ctx->pf_want = true;
+		} else if (*base + 2ull * size <= ctx->shm_size) {
+			ctx->pf_base = *base + size;
+			ctx->pf_want = true;
+		}
+		ctx->pf_size = size;
+	}
+	return 0;
+}
+
+/*
+ * The read-ahead, after a full reply went out: the next block of the same
+ * size from the device while the client writes the last one to its
+ * migration channel (on the source the device's work and the engine's
+ * overlap instead of taking turns). Only in a saving state; initial
+ * pre-copy bytes come first (as VFIO_MIG_GET_PRECOPY_INFO counts them), so
+ * PRECOPY_INFO and MIG_DATA_SIZE can add back what is held here. A device
+ * error is kept for the next READ.
+ */
+void vfu_srv_mig_prefetch(struct vfm_vfu_ctx *ctx)
+{
+	enum vfm_state s = vfu_srv_state(ctx);
+	uint64_t initial = 0, dirty;
+	size_t n;
+	int r;
+
+	if (!ctx->pf_want || !ctx->shm || !ctx->mig_ops)
+		return;
+	ctx->pf_want = false;
+	if (!vfm_state_is_saving(s) || ctx->pf_len || ctx->pf_err)
+		return;
+	if ((s == VFM_STATE_PRE_COPY || s == VFM_STATE_PRE_COPY_P2P) && ctx->mig_ops->precopy_info &&
+	    ctx->mig_ops->precopy_info(ctx, &initial, &dirty))
+		initial = 0;
+	r = device_fill(ctx, ctx->shm + ctx->pf_base, ctx->pf_size, &n);
+	if (r) {
+		ctx->pf_err = r;
+		return;
+	}
+	if (!n)
+		return;
+	ctx->pf_off = ctx->pf_base;
+	ctx->pf_len = (uint32_t)n;
+	ctx->pf_initial = initial < n ? initial : n;
+	__atomic_add_fetch(&ctx->pf_reads, 1, __ATOMIC_RELAXED);
+	vfm_trace(ctx->id, "read %zu bytes ahead at %" PRIu64, n, ctx->pf_off);
 }

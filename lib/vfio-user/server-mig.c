@@ -50,6 +50,7 @@ void vfm_vfu_mig_set_error(struct vfm_vfu_ctx *ctx)
 void vfu_srv_mig_reset(struct vfm_vfu_ctx *ctx)
 {
 	ctx->mig_error = false;
+	vfu_srv_mig_prefetch_drop(ctx);
 	vfu_srv_set_state(ctx, VFM_STATE_RUNNING);
 }
 
@@ -85,6 +86,8 @@ static int mig_set_state(struct vfm_vfu_ctx *ctx, uint32_t target, struct vfm_er
 			if (ctx->mig_error)
 				vfu_srv_set_state(ctx, VFM_STATE_ERROR);
 			ctx->mig_error = false;
+			if (!vfm_state_is_saving(vfu_srv_state(ctx)))
+				vfu_srv_mig_prefetch_drop(ctx);
 			return vfm_error_set(err, r, "MIG_DEVICE_STATE: arc %s -> %s failed (%s), device is %s",
 					     vfm_state_name(cur), vfm_state_name(path[i]),
 					     vfm_strerror(r), vfm_state_name(vfu_srv_state(ctx)));
@@ -92,6 +95,9 @@ static int mig_set_state(struct vfm_vfu_ctx *ctx, uint32_t target, struct vfm_er
 		vfm_trace(ctx->id, "state %s -> %s", vfm_state_name(cur), vfm_state_name(path[i]));
 		cur = path[i];
 		vfu_srv_set_state(ctx, cur);
+		/* Out of the saving states the data session is over. */
+		if (!vfm_state_is_saving(cur))
+			vfu_srv_mig_prefetch_drop(ctx);
 	}
 	vfm_debug(ctx->id, "device state %s", vfm_state_name(cur));
 	return 0;
@@ -218,6 +224,7 @@ static int feature_get(struct vfm_vfu_ctx *ctx, uint32_t id, const struct vfu_de
 		ret = mig->stop_copy_size(ctx, &v[0]);
 		if (ret)
 			return vfm_error_set(err, ret, "MIG_DATA_SIZE: device failed");
+		v[0] += ctx->pf_len;   /* read ahead, not yet given to the client */
 		reply_get(r, req->flags, v, sizeof(v[0]));
 		return 0;
 	case VFM_VFU_FEATURE_PRECOPY_INFO:
@@ -226,6 +233,8 @@ static int feature_get(struct vfm_vfu_ctx *ctx, uint32_t id, const struct vfu_de
 		ret = mig->precopy_info(ctx, &v[0], &v[1]);
 		if (ret)
 			return vfm_error_set(err, ret, "PRECOPY_INFO: device failed");
+		v[0] += ctx->pf_initial;   /* read ahead, not yet given to the client */
+		v[1] += ctx->pf_len - ctx->pf_initial;
 		reply_get(r, req->flags, v, sizeof(v));
 		return 0;
 	}
@@ -348,10 +357,26 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	/* Never more data than the client can receive (its max_data_xfer_size). */
 	if (req.size > ctx->neg.peer_max_xfer)
 		req.size = ctx->neg.peer_max_xfer;
-	if (ctx->shm && req.size > ctx->shm_size)
-		req.size = (uint32_t)ctx->shm_size;
-	/* The device's records go straight into the window, or the reply. */
-	out = ctx->shm ? ctx->shm : r->buf + sizeof(rep);
+	if (ctx->shm) {
+		/* The device's records go straight into the window. */
+		struct vfu_mig_shm_data w = { .argsz = sizeof(w) };
+		uint64_t off;
+
+		if (req.size > ctx->shm_size)
+			req.size = (uint32_t)ctx->shm_size;
+		ret = vfu_srv_mig_shm_read(ctx, req.size, &off, &n, err);
+		if (ret)
+			return ret;
+		w.size = (uint32_t)n;
+		w.offset = off;
+		memcpy(r->buf, &w, sizeof(w));
+		r->len = sizeof(w);
+		__atomic_add_fetch(&ctx->shm_bytes, n, __ATOMIC_RELAXED);
+		vfm_trace(ctx->id, "MIG_DATA_READ %zu of %" PRIu32 " bytes at %" PRIu64 " in %s "
+			  "(window)", n, req.size, w.offset, vfm_state_name(s));
+		return 0;
+	}
+	out = r->buf + sizeof(rep);
 	/* Fill the request: a short reply tells the client there is no more. */
 	while (n < req.size) {
 		ssize_t got = ctx->mig_ops->read_data(ctx, out + n, req.size - n);
@@ -374,16 +399,6 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	 * efd091b): its client transport takes a reply shorter than the
 	 * caller's buffer for a reset connection (tran_sock_recv_fds()).
 	 */
-	if (ctx->shm) {
-		struct vfu_mig_shm_data w = { .argsz = sizeof(w), .size = (uint32_t)n, .offset = 0 };
-
-		memcpy(r->buf, &w, sizeof(w));
-		r->len = sizeof(w);
-		__atomic_add_fetch(&ctx->shm_bytes, n, __ATOMIC_RELAXED);
-		vfm_trace(ctx->id, "MIG_DATA_READ %zu of %" PRIu32 " bytes in %s (window)", n,
-			  req.size, vfm_state_name(s));
-		return 0;
-	}
 	rep = (struct vfu_mig_data){ .argsz = (uint32_t)(sizeof(rep) + req.size), .size = (uint32_t)n };
 	memcpy(r->buf, &rep, sizeof(rep));
 	memset(r->buf + sizeof(rep) + n, 0, req.size - n);

@@ -564,7 +564,11 @@ static void dispatch(struct vfm_vfu_ctx *ctx, struct vfu_msg *m)
 			     ret ? NULL : r.fds, ret ? 0 : r.nfds, ctx->io_timeout_ms, &e)) {
 		vfm_info(ctx->id, "reply to %s failed: %s", name, e.msg);
 		ctx->drop = true;
+		return;
 	}
+	/* The reply is on its way: read the next block ahead meanwhile. */
+	if (cmd == VFU_CMD_MIG_DATA_READ && !ret)
+		vfu_srv_mig_prefetch(ctx);
 }
 
 static void queue_push(struct vfm_vfu_ctx *ctx, struct vfu_msg *m)

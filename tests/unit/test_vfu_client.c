@@ -1000,7 +1000,7 @@ TEST(mig_shm_window)
 	CHECK_EQ(rd(dev, buf, sizeof(buf)), 0);
 	fake_stats(dev, &st);
 	CHECK_EQ(st.shm_sets, 1);
-	CHECK_EQ(st.shm_size, 1 << 20);
+	CHECK_EQ(st.shm_size, 2 << 20);             /* two blocks: room to read ahead */
 	CHECK_EQ(st.shm_reads, st.mig_reads);
 	CHECK_EQ(vfm_vfio_user_mig_shm_bytes(dev), 8000);
 
@@ -1059,7 +1059,7 @@ static void shm_hostile(uint64_t offset, uint32_t extra, const char *what)
 	n = vfm_vfio_user_read_data_view(dev, buf, 1000, &view, &err);
 	fprintf(stderr, "# %s: %zd %s\n", what, n, err.msg);
 	CHECK_EQ(n, VFM_EPROTOCOL);
-	CHECK(strstr(err.msg, "outside the 1048576-byte window") != NULL);
+	CHECK(strstr(err.msg, "outside the 2097152-byte window") != NULL);
 	CHECK(view == buf);
 	vfm_error_clear(&err);
 	CHECK_EQ(vfm_device_read_data(dev, buf, 1000, &err), VFM_EPROTOCOL);
@@ -1069,7 +1069,7 @@ static void shm_hostile(uint64_t offset, uint32_t extra, const char *what)
 
 TEST(mig_shm_hostile_ranges_refused)
 {
-	shm_hostile((1 << 20) - 10, 0, "past the end");
+	shm_hostile((2 << 20) - 10, 0, "past the end");
 	shm_hostile(UINT64_MAX - 100, 0, "wrapping");
 	shm_hostile(0, 1, "more than asked");
 }
