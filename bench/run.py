@@ -155,37 +155,48 @@ def multifd_section(w, targets):
 
 
 # The hops of device state between the `dma` device's memory and the
-# destination device (issue 19 item 2), as the code stands; the figures were
-# measured by hand (2026-12-07, this machine, 256 MiB of state over UNIX,
-# 5 interleaved runs of each build, medians of CPU seconds: wall time on this
-# shared machine moved by ±50% between runs and told nothing).
+# destination device (issue 19 item 2), as the code stands; the CPU figures
+# were measured by hand with perf (2026-12-07, this machine, 1 GiB of state
+# over UNIX, samples after both devices had filled their state).
 DEVSTATE_HOPS = (
     '### Device state: the hops\n\n'
     'Each byte of device state, from the source `dma` device to the destination one '
-    '(copies: C, hashes: H). Removed in this round: marked ~~struck~~.\n\n'
+    '(copies: C, hashes: H). Removed: marked ~~struck~~. With our client and our server '
+    'the device state no longer crosses the device sockets: the VERSION extension '
+    '`vfiomig_mig_shm` (`docs/vfio-user-server.md`) moves it through a shared-memory window '
+    '(a memfd the client passes); a peer without it (libvfio-user) still gets rows 2–4 and 8 '
+    'as they were.\n\n'
     '| # | process | hop | kind |\n'
     '|---:|---|---|---|\n'
-    '| 1 | src device | page → record buffer `s->rec` (`devices/dma-mig.c` `rec_build()`) | ~~C~~: the record is now built in the MIG_DATA_READ reply buffer when it fits (every full 1 MiB request) |\n'
-    '| 2 | src device | record → MIG_DATA_READ reply buffer | C |\n'
-    '| 3 | src device → src engine | `sendmsg()` / `recv()` of the reply over the device\'s UNIX socket | C, C (kernel) |\n'
-    '| 4 | src engine | reply payload → the engine\'s 1 MiB block (`client_mig.c` `mig_read_data()`) | C |\n'
+    '| 1 | src device | page → record, built straight into the output (the window; the MIG_DATA_READ reply without it) with the record checksum over the page\'s hash kept since it was written (`devices/dma-mig.c` `rec_build()`) | C |\n'
+    '| 2 | src device | record → reply buffer | ~~C~~ (previous round) |\n'
+    '| 3 | src device → src engine | `sendmsg()` / `recv()` of the reply over the device\'s UNIX socket | ~~C, C (kernel)~~: a 16-byte reply names the bytes in the window |\n'
+    '| 4 | src engine | reply payload → the engine\'s 1 MiB block | ~~C~~: the stream writes the channel from the window (`vfm_vfio_user_read_data_view()`, `lib/migration/vfio.c` `move_block()`) |\n'
     '| 5 | src engine | stream record checksum (XXH3 over the block) | H |\n'
-    '| 6 | src engine → dst engine | migration channel `write()` / `read()` | C, C (kernel) |\n'
-    '| 7 | dst engine | stream record checksum check | H |\n'
-    '| 8 | dst engine → dst device | MIG_DATA_WRITE `sendmsg()` / `recv()`: 1 MiB per request with our server (extension `vfiomig_whole_messages`, `docs/vfio-user-server.md`), ~~32 KiB~~ before (32 requests and round trips per MiB) | C, C (kernel) |\n'
-    '| 9 | dst device | page → device memory, page hash (checks the record, keeps the hash) | C, H |\n\n'
-    'Measured before → after, medians of 5 interleaved runs of each build, 2026-12-07 (source device server, destination engine and device server as separate '
-    'processes; CPU seconds of the whole migration of 256 MiB of state, both device servers\' '
-    'figures include filling their 256 MiB at start): all four processes 1.107 → 0.999 s; '
-    'source device 0.419 → 0.357 s (hop 1); destination engine 0.138 → 0.105 s (hop 8). '
-    'Wall time did not move beyond the noise: on this 2-core machine shared with other jobs '
-    'the four processes take turns, and each 1 MiB block waits for a MIG_DATA_READ round '
-    'trip before the engine writes it (no read-ahead): the ratio to the raw link stays well '
-    'under the 0.9 target (2026-12-07, 256 MiB, link and migration alternated, 5 rounds: '
-    'unix 0.27–0.96, median 0.55; tcp 0.20–1.35, median 0.37; the raw link itself moved '
-    'between 669 and 1719 MB/s). Not done: a shared-memory ring for MIG_DATA_READ/WRITE (would '
-    'remove hops 2–4 and 8 but the stream copies), read-ahead of the next block while the '
-    'engine writes the last, and one end-to-end hash (the device record\'s) instead of three.\n')
+    '| 6 | src engine → dst engine | migration channel `writev()` / `read()`: the raw link itself | C, C (kernel) |\n'
+    '| 7 | dst engine | the part of a 1 MiB record already in the stream\'s 256 KiB read buffer → its payload buffer (`stream.c` `read_payload()`), then the record checksum check | C (≤ 1/4), H |\n'
+    '| 8 | dst engine → dst device | MIG_DATA_WRITE `sendmsg()` / `recv()` | ~~C, C (kernel)~~ → one C into the window and a 16-byte request |\n'
+    '| 9 | dst device | page → device memory, page hash (checks the record, keeps the hash) | C, H (now through libxxhash\'s AVX2/AVX-512 dispatch) |\n\n'
+    'Besides the copies: with the window the source server **reads the next block ahead** '
+    'into the window\'s other half while the engine writes the last one to the channel '
+    '(the device\'s work and the engine\'s overlap instead of taking turns; '
+    '`lib/vfio-user/server-mig-shm.c`). Where the CPU goes now (perf, 1 GiB over UNIX, '
+    'samples after the devices\' start-up, all four processes): destination engine 29% '
+    '(channel `recv()` 34% of it, copies 21% (into the window, row 7), XXH3 12%); '
+    'destination device 27% (page hash 38%, page copy 31%); source engine 23% (channel '
+    '`writev()` 59%, XXH3 12%); source device 21% (page copy 41%, record checksums 20%). '
+    'Before the window the source engine\'s share was 21% with `recv()` from the device '
+    '25% of it, and the destination engine\'s `sendmsg()` to the device 43% of its '
+    '33%. The 2-core machine runs these four processes and the other jobs on it at '
+    'once: wall time is set by the CPU all four need, so the ratio to a raw link (two '
+    'processes, two copies) cannot reach 0.9 here: the devices\' own copies and hashes '
+    '(rows 1 and 9, about 45% of the CPU) and the stream\'s checksums (rows 5 and 7) are '
+    'work the raw link does not do. Not done: the stream reading a record straight into '
+    'the window (row 7\'s copies; `stream.c`), one end-to-end checksum instead of the '
+    'stream\'s and the device\'s (a stream-format change), `MSG_ZEROCOPY`/`splice()` '
+    'toward the channel (over loopback the kernel copies anyway), and the destination '
+    'writing block N+1 into the window while the device loads block N.\n')
+
 
 def med(xs):
     xs = sorted(xs)
