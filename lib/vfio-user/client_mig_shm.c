@@ -37,11 +37,10 @@ void vfu_cli_shm_cleanup(struct vfu_client *c)
 /* Sets the window up once per connection; false: standard messages. Lock held. */
 bool vfu_cli_shm_ready(struct vfu_client *c)
 {
-	struct {
-		struct vfu_device_feature f;
-		struct vfu_mig_shm_set s;
-	} VFU_PACKED req;
-	struct iovec iov = { &req, sizeof(req) };
+	struct vfu_device_feature f;
+	struct vfu_mig_shm_set set;
+	uint8_t req[sizeof(f) + sizeof(set)];
+	struct iovec iov = { req, sizeof(req) };
 	struct vfu_msg reply = VFU_MSG_INIT;
 	struct vfm_error e = { 0 };
 	/* Two blocks: the server reads the next one ahead into the other half. */
@@ -71,9 +70,11 @@ bool vfu_cli_shm_ready(struct vfu_client *c)
 		close(fd);
 		return false;
 	}
-	req.f = (struct vfu_device_feature){ .argsz = sizeof(req),
-					     .flags = VFM_VFU_FEATURE_MIG_SHM | VFU_FEATURE_SET };
-	req.s.size = size;
+	f = (struct vfu_device_feature){ .argsz = sizeof(req),
+					 .flags = VFM_VFU_FEATURE_MIG_SHM | VFU_FEATURE_SET };
+	set.size = size;
+	memcpy(req, &f, sizeof(f));
+	memcpy(req + sizeof(f), &set, sizeof(set));
 	r = vfu_cli_request(c, VFU_CMD_DEVICE_FEATURE, &iov, 1, &fd, 1, &reply, &e);
 	vfu_msg_release(&reply);
 	close(fd);   /* the server has its own mapping now */

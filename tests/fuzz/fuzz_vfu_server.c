@@ -48,20 +48,14 @@ static void shm_preamble(int fd)
 {
 	static const char json[] = "{\"capabilities\":{\"max_msg_fds\":8,"
 				   "\"vfiomig_mig_shm\":true}}";
-	struct {
-		struct vfu_hdr h;
-		struct vfu_version v;
-		char json[sizeof(json)];
-	} VFU_PACKED ver = { { 0xfff0, VFU_CMD_VERSION, sizeof(ver), 0, 0 },
-			     { VFU_VERSION_MAJOR, VFU_VERSION_MINOR }, { 0 } };
-	struct {
-		struct vfu_hdr h;
-		struct vfu_device_feature f;
-		struct vfu_mig_shm_set s;
-	} VFU_PACKED set = { { 0xfff1, VFU_CMD_DEVICE_FEATURE, sizeof(set), 0, 0 },
-			     { 16, VFM_VFU_FEATURE_MIG_SHM | VFU_FEATURE_SET }, { SHM_SIZE } };
+	struct vfu_hdr vh = { 0xfff0, VFU_CMD_VERSION, 16 + 4 + sizeof(json), 0, 0 };
+	struct vfu_hdr sh = { 0xfff1, VFU_CMD_DEVICE_FEATURE, 16 + 8 + 8, 0, 0 };
+	struct vfu_version v = { VFU_VERSION_MAJOR, VFU_VERSION_MINOR };
+	struct vfu_device_feature f = { 16, VFM_VFU_FEATURE_MIG_SHM | VFU_FEATURE_SET };
+	struct vfu_mig_shm_set s = { SHM_SIZE };
+	uint8_t ver[16 + 4 + sizeof(json)], set[16 + 8 + 8];
 	char cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
-	struct iovec iov = { &set, sizeof(set) };
+	struct iovec iov = { set, sizeof(set) };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
 			     .msg_controllen = sizeof(cbuf) };
 	struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
@@ -69,8 +63,13 @@ static void shm_preamble(int fd)
 
 	if (mfd < 0 || ftruncate(mfd, SHM_SIZE))
 		abort();
-	memcpy(ver.json, json, sizeof(json));
-	if (write(fd, &ver, sizeof(ver)) != (ssize_t)sizeof(ver))
+	memcpy(ver, &vh, 16);
+	memcpy(ver + 16, &v, 4);
+	memcpy(ver + 20, json, sizeof(json));
+	memcpy(set, &sh, 16);
+	memcpy(set + 16, &f, 8);
+	memcpy(set + 24, &s, 8);
+	if (write(fd, ver, sizeof(ver)) != (ssize_t)sizeof(ver))
 		abort();
 	cm->cmsg_level = SOL_SOCKET;
 	cm->cmsg_type = SCM_RIGHTS;

@@ -378,11 +378,11 @@ TEST(mig_data)
 /* DEVICE_FEATURE SET MIG_SHM { size } with fd (-1: none). */
 static int shm_set(struct rc *c, int fd, uint64_t size)
 {
-	struct {
-		struct vfu_device_feature f;
-		struct vfu_mig_shm_set s;
-	} VFU_PACKED req = { { sizeof(req), VFM_VFU_FEATURE_MIG_SHM | VFU_FEATURE_SET }, { size } };
+	struct vfu_device_feature f = { 16, VFM_VFU_FEATURE_MIG_SHM | VFU_FEATURE_SET };
+	uint8_t req[sizeof(f) + sizeof(size)];
 
+	memcpy(req, &f, sizeof(f));
+	memcpy(req + sizeof(f), &size, sizeof(size));
 	return rc_call(c, VFU_CMD_DEVICE_FEATURE, &req, sizeof(req), fd >= 0 ? &fd : NULL,
 		       fd >= 0 ? 1 : 0, NULL);
 }
