@@ -36,6 +36,7 @@ VCPU0 = MAILBOX + 0x80      # struct kg_vcpu_stats of vCPU 0 (guest/abi.h)
 BOOT_TIMEOUT = 60
 HEARTBEAT_US = 1000
 HEARTBEAT_PORT = 0xe8       # KG_PORT_HEARTBEAT, guest/abi.h
+GAPS_MS = 2                 # silences longer than this are listed per run (--json)
 
 
 def raise_prio():
@@ -52,7 +53,8 @@ class Observer:
     def __init__(self, exe, tmp):
         self.src = os.path.join(tmp, 'hb-src.sock')
         self.dst = os.path.join(tmp, 'hb-dst.sock')
-        self.p = subprocess.Popen([exe, self.src, self.dst, '--timeout', '300'],
+        self.p = subprocess.Popen([exe, self.src, self.dst, '--timeout', '300',
+                                   '--gaps', str(GAPS_MS)],
                                   stdout=subprocess.PIPE, text=True, preexec_fn=raise_prio)
         if self.p.stdout.readline().strip() != 'ready':
             self.p.kill()
@@ -231,6 +233,10 @@ def hb_result(obs, res):
                 'blackout_between': hb['blackout_between'],
                 'blackout_at_ms': hb['blackout_at_ms'] - hb['window_ms'][0],
                 'beats': (hb['src']['beats'], hb['dst']['beats']),
+                # every silence > GAPS_MS, ms from the migration's start
+                'gaps': [dict(g, at_ms=round(g['at_ms'] - hb['window_ms'][0], 3))
+                         for g in hb.get('gaps', [])],
+                'dst_first_ms': hb['dst']['first_ms'] - hb['window_ms'][0],
                 'beat_period_ms': hb['src']['median_gap_ms']})
     return res
 

@@ -161,8 +161,7 @@ static bool all_parked(struct kvm_guest *k)
 	while (!k->run && k->parked < k->nvcpus && vfm__kvm_now_ns() < deadline) {
 		struct timespec ts;
 
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += 1;
+		vfm__kvm_deadline(&ts, 1000000000ull);
 		pthread_cond_timedwait(&k->cond, &k->lock, &ts);
 	}
 	ok = !k->run && k->parked == k->nvcpus;

@@ -3,6 +3,7 @@
  * the console, KVM's dirty log into the memory layer, stop/start, and vCPU
  * state carried into a second VM over a copy of the memory.
  */
+#include <sys/utsname.h>
 #include <time.h>
 
 #include "guest/abi.h"
@@ -483,6 +484,72 @@ TEST_TIMEOUT(throttle_slows_the_vcpus, 60)
 	g->ops->set_throttle(g, 0);
 	CHECK_EQ(g->ops->stop(g), 0);
 	check_verified(g);
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}
+
+/* Linux 6.12 and later honour a SCHED_OTHER thread's slice request. */
+static bool kernel_has_custom_slices(void)
+{
+	struct utsname u;
+	unsigned maj = 0, min = 0;
+
+	return uname(&u) == 0 && sscanf(u.release, "%u.%u", &maj, &min) == 2 &&
+	       (maj > 6 || (maj == 6 && min >= 12));
+}
+
+/*
+ * An idle guest's vCPUs sleep in their idle exits (port 0xe0, 10 ms each at
+ * rate 0): a wait that returns before its deadline would leave the vCPU
+ * thread always runnable, time-sliced against the VM's other threads (the
+ * heartbeat's 3-12 ms silences, docs/performance.md section 8; the deadline
+ * was once on another clock than the condition). Counts, no timing bound:
+ * no wait times out early, and there are at most as many waits as 10 ms
+ * periods elapsed. The vCPU threads carry the slice they were given, and
+ * pauses counts the stops that parked a running guest.
+ */
+TEST(idle_vcpus_sleep_and_are_scheduled_as_asked)
+{
+	struct vfm_kvm_opts o = { .vcpus = 2, .working_set = WS, .fresh = true,
+				  .vcpu_slice_us = 250 };
+	struct vfm_guest_mem *mem;
+	struct vfm_kvm_sched_info si;
+	struct vfm_guest *g = NULL;
+	struct vfm_error err = { 0 };
+	uint64_t t0, ms, deadline;
+
+	need_kvm();
+	mem = new_mem();
+	if (vfm_guest_kvm_new(mem, &o, &g, &err))
+		FAIL("vfm_guest_kvm_new: %s", err.msg);
+	vfm_guest_kvm_sched_info(g, &si);
+	CHECK_EQ(si.pauses, 0);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	deadline = now_ms() + 10000;
+	do {
+		nap_ms(5);
+		vfm_guest_kvm_sched_info(g, &si);
+		if (now_ms() > deadline)
+			FAIL("the idle guest never idled");
+	} while (!si.idle_waits);
+	t0 = now_ms();
+	nap_ms(300);
+	vfm_guest_kvm_sched_info(g, &si);
+	ms = now_ms() - t0;
+	fprintf(stderr, "# %" PRIu64 " idle waits in ~%" PRIu64 " ms, %" PRIu64 " early, vCPU slice "
+		"%" PRIu64 " ns\n", si.idle_waits, ms, si.idle_early, si.slice_ns);
+	CHECK_EQ(si.idle_early, 0);
+	CHECK(si.idle_waits <= 2 * (ms / 10 + 3));
+	if (kernel_has_custom_slices())
+		CHECK_EQ(si.slice_ns, 250000);
+	CHECK_EQ(g->ops->stop(g), 0);
+	CHECK_EQ(g->ops->stop(g), 0);           /* already parked: no pause */
+	vfm_guest_kvm_sched_info(g, &si);
+	CHECK_EQ(si.pauses, 1);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	CHECK_EQ(g->ops->stop(g), 0);
+	vfm_guest_kvm_sched_info(g, &si);
+	CHECK_EQ(si.pauses, 2);
 	g->ops->destroy(g);
 	vfm_guest_mem_free(mem);
 }
