@@ -128,7 +128,7 @@ void vfm__kvm_deadline(struct timespec *ts, uint64_t ns)
  * The wait must really sleep: a vCPU thread that comes straight back is
  * always runnable, and the scheduler then runs it in time slices against
  * the VM's other threads (the heartbeat went silent for 3-10 ms, a slice,
- * whenever a migration thread had work). Until 2026-12 the deadline here was
+ * whenever a migration thread had work). The deadline here was once
  * CLOCK_MONOTONIC while the condition waited on CLOCK_REALTIME: every wait
  * timed out at once and the vCPU spun through idle exits at 100 % CPU.
  * idle_early counts waits that time out before their deadline (must stay 0).
