@@ -859,6 +859,7 @@ void vfm_guest_kvm_sched_info(struct vfm_guest *g, struct vfm_kvm_sched_info *ou
 	out->idle_waits = atomic_load(&k->idle_waits);
 	out->idle_early = atomic_load(&k->idle_early);
 	out->slice_ns = atomic_load(&k->vcpu[0].slice_ns);
+	out->tsc_advance_ns = atomic_load(&k->tsc_advance_ns);
 	pthread_mutex_lock(&k->lock);
 	out->pauses = k->pauses;
 	pthread_mutex_unlock(&k->lock);

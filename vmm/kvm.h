@@ -112,6 +112,8 @@ struct vfm_kvm_sched_info {
 	uint64_t idle_early;        /* idle waits that timed out before their deadline: 0 */
 	uint64_t pauses;            /* stops that parked running vCPUs (migration, verify) */
 	uint64_t slice_ns;          /* vCPU 0's scheduler slice in force (0: unknown) */
+	uint64_t tsc_advance_ns;    /* the last vCPU state load moved the guest's TSC on by
+				     * this: the time since the source saved it */
 };
 void vfm_guest_kvm_sched_info(struct vfm_guest *g, struct vfm_kvm_sched_info *out);
 /* Last console output (up to len-1 bytes, oldest first, NUL-terminated). */

@@ -86,6 +86,7 @@ struct kvm_guest {
 	/* Idle exits (port 0xe0) the vCPUs slept in, and waits that timed out
 	 * before their deadline (a wait that does not sleep: must stay 0). */
 	_Atomic uint64_t idle_waits, idle_early;
+	_Atomic uint64_t tsc_advance_ns;        /* the last load's TSC advance (kvm_state.c) */
 	int hb_fd;                      /* heartbeat socket (kvm_heartbeat.c), -1: none */
 	_Atomic uint64_t hb_sent, hb_dropped;
 

@@ -3,6 +3,7 @@
  * the console, KVM's dirty log into the memory layer, stop/start, and vCPU
  * state carried into a second VM over a copy of the memory.
  */
+#include <linux/kvm.h>
 #include <sys/utsname.h>
 #include <time.h>
 
@@ -275,6 +276,30 @@ TEST(guest_self_check_catches_a_lost_write)
 	vfm_guest_mem_free(mem);
 }
 
+/* vCPU 0's TSC (MSR 0x10) in a vfm_guest_kvm_save_vcpus blob (vmm/kvm_state.c). */
+static uint64_t blob_tsc(const void *blob, size_t len)
+{
+	const unsigned char *p = (const unsigned char *)blob + 24 + 8, *end = p - 32 + len;
+	uint32_t n, tag, ilen;
+
+	memcpy(&n, p - 4, 4);
+	for (uint32_t i = 0; i < n && end - p >= 8; i++) {
+		memcpy(&tag, p, 4);
+		memcpy(&ilen, p + 4, 4);
+		p += 8;
+		if (tag == 6) {     /* ITEM_MSRS: struct kvm_msrs, then entries */
+			const struct kvm_msrs *m = (const void *)p;
+
+			for (uint32_t e = 0; e < m->nmsrs; e++)
+				if (m->entries[e].index == 0x10)
+					return m->entries[e].data;
+		}
+		p += ilen + (8 - ilen % 8) % 8;
+	}
+	FAIL("no TSC in the vCPU state");
+	return 0;
+}
+
 TEST_TIMEOUT(vcpu_state_moves_to_a_second_vm, 60)
 {
 	struct vfm_guest_mem *mem_a, *mem_b;
@@ -303,8 +328,29 @@ TEST_TIMEOUT(vcpu_state_moves_to_a_second_vm, 60)
 	b = new_guest(mem_b, 0, false);
 	CHECK(b->ops->start(b, &err) != 0);    /* no state yet */
 	memcpy(vfm_guest_mem_region(mem_b, 0)->host, vfm_guest_mem_region(mem_a, 0)->host, RAM);
+	/* The guest's clock keeps time across the gap (kvm_state.c): its TSC
+	 * moves on by at least the 50 ms between save and load. */
+	nap_ms(50);
 	if (vfm_guest_kvm_load_vcpus(b, blob, len, &err))
 		FAIL("load: %s", err.msg);
+	{
+		struct vfm_kvm_sched_info si;
+		void *blob_b;
+		size_t len_b;
+		uint64_t khz = 0;
+
+		vfm_guest_kvm_sched_info(b, &si);
+		CHECK(si.tsc_advance_ns >= 50000000ull);
+		if (vfm_guest_kvm_save_vcpus(b, &blob_b, &len_b, &err))
+			FAIL("save of the loaded state: %s", err.msg);
+		memcpy(&khz, (const unsigned char *)blob + 16, 8);
+		fprintf(stderr, "# TSC advanced by %" PRIu64 " ticks (%" PRIu64 " us at %" PRIu64
+			" kHz) over a %" PRIu64 " us gap\n", blob_tsc(blob_b, len_b) - blob_tsc(blob, len),
+			(blob_tsc(blob_b, len_b) - blob_tsc(blob, len)) * 1000 / khz, khz,
+			si.tsc_advance_ns / 1000);
+		CHECK(blob_tsc(blob_b, len_b) - blob_tsc(blob, len) >= 50 * khz);
+		free(blob_b);
+	}
 	for (unsigned i = 0; i < 2; i++) {
 		CHECK_EQ(vfm_guest_kvm_vcpu_info(a, i, &ia), 0);
 		CHECK_EQ(vfm_guest_kvm_vcpu_info(b, i, &ib), 0);
