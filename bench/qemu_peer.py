@@ -402,10 +402,11 @@ def measure(build, vfiomig=None, runs=3):
     res['qemu_version'] = qemu_version(qemu)
     res['load_before'] = loadavg()
     with tempfile.TemporaryDirectory(prefix='vfm-qemupeer-') as tmp:
-        for name, fn in (('qemu', lambda: qemu_run(qemu, img, tmp, hb_exe)),
-                         ('vfiomig', lambda: vfiomig_run(vfiomig, tmp, hb_exe))):
-            res[name] = []
-            for i in range(runs):
+        res['qemu'], res['vfiomig'] = [], []
+        # Alternated, so that a change in the host's load falls on both.
+        for i in range(runs):
+            for name, fn in (('qemu', lambda: qemu_run(qemu, img, tmp, hb_exe)),
+                             ('vfiomig', lambda: vfiomig_run(vfiomig, tmp, hb_exe))):
                 try:
                     r = fn()
                 except (RuntimeError, OSError, KeyError, ValueError) as e:
@@ -483,7 +484,7 @@ def section(build, vfiomig=None, runs=3):
              'working set rewritten at %d MiB/s by the guest itself (KVM dirty log), '
              'downtime-limit %d ms, source and destination processes on this host over a UNIX '
              'socket, no devices; QEMU\'s max-bandwidth raised from its 128 MiB/s default to '
-             'unlimited as vfiomig\'s. Median of %d runs each; downtime and total time are each '
+             'unlimited as vfiomig\'s. Median of %d runs each, alternated (QEMU, vfiomig, QEMU, ...) so that the host\'s load falls on both; downtime and total time are each '
              'tool\'s own report. Each destination is checked after the migration (QEMU: the '
              'destination is stopped and its working set, table and mailbox read with '
              '`pmemsave` and checked as `vmm/kvm_check.c` does; vfiomig: `guest-verify`). '
