@@ -38,6 +38,73 @@ HEARTBEAT_US = 1000
 HEARTBEAT_PORT = 0xe8       # KG_PORT_HEARTBEAT, guest/abi.h
 GAPS_MS = 2                 # silences longer than this are listed per run (--json)
 
+# The explanation under section 8's tables (docs/performance.md): what the
+# traces of these runs showed and what was changed (issue 19). Static text;
+# the figures it quotes were measured as it says.
+NOTES = """
+### Where the silences come from
+
+Found with the kernel's trace (`sched_switch`, `sched_wakeup`, `kvm_pio` at port 0xe8 for
+each beat as the vCPU thread wrote it, `trace_clock` mono) over single bench runs, and the
+observer's list of every silence over 2 ms (`vfm-heartbeat --gaps 2`, in `--json`), each
+silence put down to what the vCPU thread was doing (sleeping, or runnable and waiting) and who
+held the two CPUs meanwhile (the VMs' own threads or other processes).
+
+- **The vCPU never slept (fixed).** An idle exit (port 0xe0) waited on a condition variable
+  timed on `CLOCK_REALTIME` with a `CLOCK_MONOTONIC` deadline: every wait timed out at once,
+  so the vCPU thread went back into the guest, which asked to idle again 30-250 µs later.
+  Always runnable at 100 % of a CPU, it was time-sliced (1.4 ms slices) against the source's
+  multifd threads and the destination's receiving threads: silences of 3-12 ms on the source
+  during the first pass, and on the destination whenever anything else wanted its CPU (the
+  `dst-dst` silences 300-400 ms after the start of earlier runs came after the migration,
+  with the destination's vCPU spinning; in traces since, every `dst-dst` silence over 2 ms
+  had other processes on both CPUs). The wait now sleeps (monotonic
+  clock); `guest.kvm.idle_early` counts a wait that times out early and stays 0 (tests `kvm`
+  `idle_vcpus_sleep_and_are_scheduled_as_asked`, `vm_heartbeat`).
+- **The destination's quick check read every word of the working set inside the downtime
+  (fixed).** 1024 pages, ~0.9 ms (the "dst check" column of earlier runs). It samples three
+  words a page now (the page being rewritten whole), as the synthetic guest's does: a lost
+  page differs in every word; `guest-verify` still reads every word after the migration.
+- **The destination's multifd wait woke at every RAM packet (fixed).** The main thread
+  waiting for the channels' RAM (drain PING, RAM end marker) and a channel thread took turns
+  on one CPU every 2-3 µs: ~600-750 context switches per migration, 0.5 ms of them inside
+  the switchover, the rest taking CPU from the source's vCPU during the drain. A channel
+  now wakes the waiter when it reaches the count waited for: ~20 switches.
+- **The guest's clock stood still from the source's MSR read to the destination's load
+  (fixed).** The TSC was restored as saved (QEMU 7.2 does the same), so the guest's next
+  beat (and any timer) came that much late after the resume. It is moved on by the time
+  since, the procedure of the kernel's `KVM_VCPU_TSC_OFFSET` documentation
+  (`guest.kvm.tsc_advance_ms`).
+- **vCPU threads ask for 100 µs scheduler slices** (`vm --vcpu-slice-us`, EEVDF's custom
+  slice), so that a vCPU waking from an idle wait can preempt a busy thread; its share of the
+  CPU is unchanged. Its effect could not be told apart from this host's load in A/B runs
+  (blackout medians 10.4 ms with it, 16.2 ms without, 8 alternated runs each at load ~4, but
+  silences before the migration varied 7-70 ms in both).
+- **Not causes:** `guest-verify` runs after the window (the bench calls it after the
+  observer's end mark), and nothing pauses the destination's vCPUs after the resume
+  (`guest.kvm.pauses` is 0 until a verify, test `vm_heartbeat`); the heartbeat is sent
+  from the vCPU thread with a non-blocking `send()` (~15 µs from the beat's exit to the next
+  `KVM_RUN` in the traces); the destination does no RAM work after the resume (its memory is
+  populated before it listens; the full check runs only on `guest-verify`); first touches
+  and dirty-log write faults show as vCPU run time, not as silences; the stop's kick takes
+  0.1-0.4 ms (`guest_stop`).
+- **Left:** on this 2-CPU host the migration's own threads compete with the vCPU. The
+  destination's channel threads check a first pass's 256 MiB of zero pages (both CPUs for
+  ~30-50 ms), and a source vCPU that ran just before waits its lag out (EEVDF) behind them:
+  4-5 ms silences on the source early in the migration, with only the VMs' threads on the
+  CPUs. QEMU's single migration thread leaves a CPU to its vCPU; vfiomig's default is 2
+  multifd channels. The rest of the silences in loaded runs are other processes (other
+  sessions' autogroups, which no nice value or slice of ours reaches).
+
+Why the switch gap is longer than the reported downtime: the source's last beat comes up
+to one beat period (1 ms) before the stop, the guest having nothing to send in between
+(the same for QEMU); the destination stamps its resume when it lets the vCPUs go, and the
+vCPU thread's wakeup and first `KVM_RUN` come after (0.02-0.2 ms in the traces, more under
+load); the guest's clock stood still between the MSR read and the load (fixed, above); and
+the observer reads each beat a little late. QEMU's own downtime leaves out the
+destination's load and start, so its switch gap exceeds it by more.
+"""
+
 
 def raise_prio():
     """The observer timestamps beats as it reads them: ahead of the VMs and of
@@ -529,6 +596,11 @@ def section(build, vfiomig=None, runs=3):
         w.append('\n- error: %s' % e)
     w.append('')
     w.extend(blackout_lines(r))
+    w.append('Measured %s UTC by `bench/qemu_peer.py BUILD --runs %d`; load average (1 min) %s '
+             'before the runs and %s after on this 2-CPU host shared with other work.' % (
+                 time.strftime('%Y-%m-%d %H:%M', time.gmtime()), r['runs'],
+                 r.get('load_before', '?'), r.get('load_after', '?')))
+    w.extend(NOTES.splitlines())
     return w
 
 
