@@ -69,7 +69,9 @@ held the two CPUs meanwhile (the VMs' own threads or other processes).
   waiting for the channels' RAM (drain PING, RAM end marker) and a channel thread took turns
   on one CPU every 2-3 µs: ~600-750 context switches per migration, 0.5 ms of them inside
   the switchover, the rest taking CPU from the source's vCPU during the drain. A channel
-  now wakes the waiter when it reaches the count waited for: ~20 switches.
+  now wakes the waiter when it reaches the count waited for: ~20 switches (test
+  `multifd_ram` `ram_end_wait_wakes_per_channel_not_per_packet`: 2 wakeups for 2 x 40
+  packets, 20 with a wakeup per packet).
 - **The guest's clock stood still from the source's MSR read to the destination's load
   (fixed).** The TSC was restored as saved (QEMU 7.2 does the same), so the guest's next
   beat (and any timer) came that much late after the resume. It is moved on by the time

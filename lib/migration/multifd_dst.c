@@ -549,6 +549,7 @@ static int wait_ram_counts(struct vfm_mf_dst *mf, const unsigned char *counts,
 			}
 		}
 		timed_out = pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) == ETIMEDOUT;
+		mf->m->mf_ram_wakeups++;
 	}
 }
 
