@@ -660,6 +660,14 @@ def main():
       'per page inside the downtime |')
     w('| destination guest verification inside the downtime (155 ms of 333 ms for 256 MiB) | '
       'quick check before the vCPUs run, full check after (`guest-verify`) | see the demo report |')
+    w('| KVM guest: idle exits did not sleep (a `CLOCK_MONOTONIC` deadline on a `CLOCK_REALTIME` '
+      'condition): the vCPU thread spun at 100 % CPU and was time-sliced against the migration '
+      'threads (traced with `sched_switch` and `kvm_pio`) | the wait is timed on the monotonic '
+      'clock; `guest.kvm.idle_early` stays 0 | heartbeat silences of 3-12 ms during the first '
+      'pass gone; see section 8 |')
+    w('| multifd destination: the thread waiting for the channels\' RAM woke at every packet '
+      '(2-3 µs ping-pong with the channel thread on one CPU) | a channel wakes it at the count '
+      'waited for | ~600-750 → ~20 context switches per KVM peer migration |')
     w('')
     w('## Targets\n')
     for name, ok in targets:
