@@ -325,6 +325,7 @@ static void throttle_sleep(struct kvm_vcpu *v)
 		pthread_cond_timedwait(&k->cond, &k->lock, &ts);
 	}
 	pthread_mutex_unlock(&k->lock);
+	atomic_fetch_add(&k->throttle_ns, vfm__kvm_now_ns() - now);
 	/* A kick while asleep left immediate_exit set: the loop re-checks
 	 * should_run under the lock before it enters, so dropping it is safe. */
 	v->run->immediate_exit = 0;
@@ -860,6 +861,7 @@ void vfm_guest_kvm_sched_info(struct vfm_guest *g, struct vfm_kvm_sched_info *ou
 	out->idle_early = atomic_load(&k->idle_early);
 	out->slice_ns = atomic_load(&k->vcpu[0].slice_ns);
 	out->tsc_advance_ns = atomic_load(&k->tsc_advance_ns);
+	out->throttle_ns = atomic_load(&k->throttle_ns);
 	pthread_mutex_lock(&k->lock);
 	out->pauses = k->pauses;
 	pthread_mutex_unlock(&k->lock);

@@ -114,6 +114,7 @@ struct vfm_kvm_sched_info {
 	uint64_t slice_ns;          /* vCPU 0's scheduler slice in force (0: unknown) */
 	uint64_t tsc_advance_ns;    /* the last vCPU state load moved the guest's TSC on by
 				     * this: the time since the source saved it */
+	uint64_t throttle_ns;       /* time the vCPUs slept for auto-converge (all vCPUs) */
 };
 void vfm_guest_kvm_sched_info(struct vfm_guest *g, struct vfm_kvm_sched_info *out);
 /* Last console output (up to len-1 bytes, oldest first, NUL-terminated). */

@@ -87,6 +87,7 @@ struct kvm_guest {
 	 * before their deadline (a wait that does not sleep: must stay 0). */
 	_Atomic uint64_t idle_waits, idle_early;
 	_Atomic uint64_t tsc_advance_ns;        /* the last load's TSC advance (kvm_state.c) */
+	_Atomic uint64_t throttle_ns;   /* time the vCPUs slept for auto-converge's throttle */
 	int hb_fd;                      /* heartbeat socket (kvm_heartbeat.c), -1: none */
 	_Atomic uint64_t hb_sent, hb_dropped;
 

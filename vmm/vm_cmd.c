@@ -512,6 +512,7 @@ static json_object *guest_object(struct vm *vm)
 		json_object_object_add(k, "pauses", ju64(si.pauses));
 		json_object_object_add(k, "vcpu_slice_us", jdouble((double)si.slice_ns / 1000.0));
 		json_object_object_add(k, "tsc_advance_ms", jdouble((double)si.tsc_advance_ns / 1e6));
+		json_object_object_add(k, "throttle_ms", jdouble((double)si.throttle_ns / 1e6));
 		json_object_object_add(o, "kvm", k);
 	}
 #endif
