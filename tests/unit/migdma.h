@@ -48,6 +48,7 @@ struct md_opts {
 	uint64_t max_queued;      /* destination: max-queued-buffers-size (0: the default) */
 	uint64_t downtime_limit_ms; /* source: downtime-limit (0: the default) */
 	unsigned dest_alarm_s;    /* the destination process's life bound (0: 60 s) */
+	bool no_mig_shm;          /* device servers without the vfiomig_mig_shm window */
 };
 
 struct md_side;
@@ -81,6 +82,7 @@ struct md_result {
 	uint64_t mf_queue_waits;    /* times a multifd reader waited for queue room */
 	uint64_t mf_ram_bytes;      /* RAM bytes that came over the multifd channels */
 	int32_t dev_state[MD_MAXDEV];
+	uint64_t dev_shm[MD_MAXDEV];  /* bytes through the migration data window */
 	char error[VFM_ERROR_MSG_MAX];
 };
 
