@@ -64,6 +64,7 @@ struct vfm_stream {
 	size_t mem_pos;
 	struct vfm_error error;        /* sticky: the first failure */
 	uint64_t bytes;                /* stream bytes put or consumed */
+	uint64_t blocked_ns;           /* writer: time waiting for the socket to take more */
 
 	/* Writer. */
 	unsigned char *wbuf;           /* WBUF_SIZE, allocated on first write */
@@ -273,6 +274,11 @@ uint64_t vfm_stream_bytes(const struct vfm_stream *s)
 	return s ? s->bytes : 0;
 }
 
+uint64_t vfm_stream_blocked_ns(const struct vfm_stream *s)
+{
+	return s ? s->blocked_ns : 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Raw I/O                                                                   */
 
@@ -375,7 +381,13 @@ static int raw_writev(struct vfm_stream *s, struct iovec *iov, int cnt)
 			if (errno == EINTR)
 				continue;
 			if ((errno == EAGAIN || errno == EWOULDBLOCK) && s->kind != T_FILE) {
+				struct timespec t0, t1;
+
+				clock_gettime(CLOCK_MONOTONIC, &t0);
 				ret = wait_fd(s->fd, POLLOUT, s->timeout_ms);
+				clock_gettime(CLOCK_MONOTONIC, &t1);
+				s->blocked_ns += (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000ll +
+							    (t1.tv_nsec - t0.tv_nsec));
 				if (ret)
 					break;
 				continue;

@@ -86,6 +86,9 @@ void vfm_stream_flush(struct vfm_stream *s);
 int vfm_stream_error(const struct vfm_stream *s, struct vfm_error *err);
 /* Bytes written or read so far, headers included. */
 uint64_t vfm_stream_bytes(const struct vfm_stream *s);
+/* Writer: the time spent waiting for the socket to take more (the link, or
+ * the peer, was the limit then). */
+uint64_t vfm_stream_blocked_ns(const struct vfm_stream *s);
 
 /* ---- Reading ---- */
 int vfm_stream_read_header(struct vfm_stream *s, struct vfm_error *err);
