@@ -410,9 +410,11 @@ static int check_opts(const struct vfm_vfio_opts *o, struct vfm_error *err)
 				     o->version, VFM_VFIO_OPTS_V1);
 	if (o->iommu > VFM_VFIO_IOMMU_LEGACY || o->timeout_ms > INT32_MAX / 2)
 		return vfm_error_set(err, -EINVAL, "vfio options: bad iommu mode or timeout");
-	if (o->sys && (o->sys->version != VFM_VFIO_SYS_V1 || !o->sys->open || !o->sys->close ||
-		       !o->sys->ioctl || !o->sys->read || !o->sys->write || !o->sys->pread ||
-		       !o->sys->pwrite || !o->sys->mmap || !o->sys->munmap || !o->sys->poll))
+	if (o->sys && ((o->sys->version != VFM_VFIO_SYS_V1 && o->sys->version != VFM_VFIO_SYS_V2) ||
+		       !o->sys->open || !o->sys->close || !o->sys->ioctl || !o->sys->read ||
+		       !o->sys->write || !o->sys->pread || !o->sys->pwrite || !o->sys->mmap ||
+		       !o->sys->munmap || !o->sys->poll ||
+		       (o->sys->version == VFM_VFIO_SYS_V2 && !o->sys->fcntl)))
 		return vfm_error_set(err, -EINVAL, "vfio options: incomplete system call table");
 	return 0;
 }

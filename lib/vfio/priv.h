@@ -7,6 +7,7 @@
 #define VFM_VFIO_PRIV_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "compat/vfio_compat.h"
 #include "compat/iommufd_compat.h"
@@ -87,8 +88,13 @@ struct kv_dev {
 	 * changes in set_state/get_state/reset, never during a read or write.
 	 */
 	int data_fd;               /* -1 when no session */
+	bool data_nonblock;        /* O_NONBLOCK set on data_fd */
 	enum vfm_state state;      /* last state the kernel confirmed */
 	bool state_known;
+
+	/* vfm_vfio_set_cancel_check(): opaque stored before fn, fn cleared first. */
+	_Atomic(bool (*)(void *)) cancelled;
+	void *_Atomic cancel_opaque;
 
 	/* Under as->lock: what this device mapped, and its tracking flags. */
 	struct vfm_iova_range *mine;

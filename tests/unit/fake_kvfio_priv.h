@@ -27,6 +27,7 @@ struct obj {
 	enum obj_kind kind;
 	unsigned session;      /* O_DATA: the session it belongs to */
 	bool granted;          /* O_DEV: bound (cdev) or from a group */
+	bool nonblock;         /* O_DATA: O_NONBLOCK set by fcntl */
 };
 
 struct rec {
@@ -70,6 +71,7 @@ struct fake_kvfio {
 	/* Session: one at a time. */
 	unsigned session;      /* 0: none */
 	bool saving, loading, ready, hdr_sent, end_sent;
+	uint64_t stall_from_ms;      /* first read/write of the session; 0: none yet */
 	uint64_t next_page;
 	uint8_t *dirty, *produced;   /* per page, saving */
 	uint8_t recbuf[sizeof(struct rec) + PG];
