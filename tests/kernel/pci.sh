@@ -1,0 +1,78 @@
+#!/bin/sh
+# Real PCI devices on the real kernel: run in run.sh's "pci" guest (q35 with
+# an emulated VT-d IOMMU, intel-iommu,intremap=off, and two QEMU `edu`
+# devices behind one conventional PCI bridge, which puts them in one IOMMU
+# group), bound to Debian's own vfio-pci, on the group/type1 path:
+# - named by PCI address (vfio:0000:BB:DD.F and vfio:BB:DD.F), config space
+#   read (identity 1234:11e8), BAR0 offered for mmap;
+# - `info` on a device without migration support says so;
+# - both devices of the group open in one `vfiomig vm` process: one
+#   container, one group fd, guest RAM mapped for DMA;
+# - the x86 MSI window 0xfee00000 is a reserved IOVA range under VT-d: guest
+#   RAM of 4 GiB from 0 crosses it and is refused with a message naming it.
+# usage: pci.sh VFIOMIG
+bin=$1
+. "$(dirname "$0")/lib.sh"
+
+modprobe -d "$KVFIO_STAGE" vfio-pci || { bad "modprobe vfio-pci"; finish; }
+# intremap=off: no interrupt remapping, which type1 refuses unless allowed
+# (drivers/vfio/vfio_iommu_type1.c, allow_unsafe_interrupts).
+echo Y >/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
+edus=""
+for d in /sys/bus/pci/devices/*; do
+	[ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] && edus="$edus ${d##*/}"
+done
+set -- $edus
+[ $# = 2 ] && ok "two edu devices: $*" || { bad "edu devices: '$edus'"; ls /sys/bus/pci/devices; finish; }
+a=$1 b=$2
+ga=$(basename "$(readlink "/sys/bus/pci/devices/$a/iommu_group")")
+gb=$(basename "$(readlink "/sys/bus/pci/devices/$b/iommu_group")")
+[ -n "$ga" ] && [ "$ga" = "$gb" ] && ok "one IOMMU group ($ga): $(ls "/sys/kernel/iommu_groups/$ga/devices" | tr '\n' ' ')" \
+	|| bad "groups '$ga' '$gb'"
+for d in $a $b; do
+	echo vfio-pci >"/sys/bus/pci/devices/$d/driver_override"
+	echo "$d" >/sys/bus/pci/drivers_probe
+	[ "$(basename "$(readlink "/sys/bus/pci/devices/$d/driver")")" = vfio-pci ] || bad "$d not bound to vfio-pci"
+done
+[ -c "/dev/vfio/$ga" ] && ok "/dev/vfio/$ga" || { bad "no /dev/vfio/$ga"; ls -l /dev/vfio; finish; }
+
+# info by full and short PCI address
+vfm info "vfio:$a" >"$tmp/out" 2>&1; rc=$?
+sed 's/^/    /' "$tmp/out"
+[ $rc = 0 ] && ok "info vfio:$a" || bad "info vfio:$a exited $rc"
+grep -q '^identity: PCI 1234:11e8' "$tmp/out" && ok "config space read: 1234:11e8" || bad "identity"
+grep -qE '^  BAR0 +1048576 bytes  rwm' "$tmp/out" && ok "BAR0: 1 MiB, mmap offered" || bad "BAR0 line"
+grep -q '^migration: not supported' "$tmp/out" && ok "no migration support said" || bad "migration line"
+grep -q '^IOMMU: type1v2' "$tmp/out" && ok "type1v2" || bad "IOMMU line"
+vfm info "vfio:${b#0000:}" >"$tmp/out" 2>&1 && grep -q '^identity: PCI 1234:11e8' "$tmp/out" \
+	&& ok "info vfio:${b#0000:} (domain 0 implied)" || { bad "short BDF"; cat "$tmp/out"; }
+vfm save "vfio:$a" "$tmp/a.state" >"$tmp/out" 2>&1 && bad "save of a device without migration" \
+	|| { grep -qi 'migrat' "$tmp/out" && ok "save refused: $(head -1 "$tmp/out")" || { bad "save message"; cat "$tmp/out"; }; }
+[ -e "$tmp/a.state" ] && bad "save left a file"
+
+# Both devices of the group in one process: one container, one group fd.
+bg timeout -k 5 120 "$bin" vm --mem 32M --guest none --device "vfio:$a,id=a" \
+	--device "vfio:$b,id=b" --control "$tmp/vm" -v
+vm_pid=$last
+wait_sock "$tmp/vm" || { bad "the VM did not start"; cat "$tmp/log"; finish; }
+vm=$(pgrep -P "$vm_pid" | head -1)
+fds=$(ls -l "/proc/$vm/fd" 2>/dev/null)
+n=$(echo "$fds" | grep -c ' -> /dev/vfio/vfio$')
+[ "$n" = 1 ] && ok "one container for the two devices" || { bad "container fds: $n"; echo "$fds"; }
+n=$(echo "$fds" | grep -c " -> /dev/vfio/$ga\$")
+[ "$n" = 1 ] && ok "one fd for their group" || { bad "group fds: $n"; echo "$fds"; }
+ctl "$tmp/vm" status >"$tmp/st" 2>&1
+sed 's/^/    /' "$tmp/st"
+grep -q '^vm: running' "$tmp/st" && ok "VM running with both" || bad "VM status"
+grep -q 'cannot migrate' "$tmp/log" && ok "the VM says it cannot migrate" || bad "no migration blocker said"
+ctl "$tmp/vm" quit >/dev/null
+wait $vm_pid
+
+# 4 GiB of guest RAM from 0 crosses the MSI window: refused before pinning.
+timeout -k 5 120 "$bin" vm --mem 4G --guest none --device "vfio:$a,id=a" --control "$tmp/vm2" \
+	>"$tmp/out" 2>&1 && bad "4 GiB mapped across the MSI window"
+sed 's/^/    /' "$tmp/out" | tail -3
+grep -q 'is not in an IOVA range the IOMMU can map (reserved: .*0xfee00000' "$tmp/out" \
+	&& ok "a map across the MSI window is refused, naming it" || bad "MSI window message"
+no_oops "pci"
+finish
