@@ -17,9 +17,8 @@ static void kv_close(struct vfm_device *dev);
 
 /*
  * Four tables: migration and DMA logging are each optional (as in the kernel).
- * No region_areas: this backend reaches regions with pread/pwrite on the
- * device fd and mmap()s none of them (not even VFIO_REGION_INFO_FLAG_MMAP
- * ones), so vfm_device_region_areas() answers -ENOTSUP for it.
+ * Region I/O is pread/pwrite on the device fd; region_areas (mmap.c) maps a
+ * region's mmap()able areas when a caller asks for them.
  */
 #define KV_OPS(name_, mig_, log_)                                             \
 	static const struct vfm_device_ops name_ = {                          \
@@ -32,6 +31,7 @@ static void kv_close(struct vfm_device *dev);
 		.dma_unmap = kv_dma_unmap,                                    \
 		.reset = kv_reset,                                            \
 		.close = kv_close,                                            \
+		.region_areas = kv_region_areas,                              \
 		.mig = mig_,                                                  \
 		.log = log_,                                                  \
 	}
@@ -227,6 +227,7 @@ static void kv_destroy(struct kv_dev *k)
 	kv_close_data_fd(k);
 	if (k->as)
 		kv_dma_cleanup(k);
+	kv_unmap_regions(k);
 	/* The device first: closing it detaches it from the IOAS or container. */
 	close_fd(k, &k->devfd);
 	if (k->hwpt_id && k->as) {

@@ -1,7 +1,8 @@
 /*
  * Internals of the kernel VFIO backend, shared by its files: open.c (open,
  * close, info, regions, reset, ops tables), sysfs.c (name resolution), dma.c
- * (DMA map/unmap, IOMMU dirty tracking), mig.c (migration, DMA logging).
+ * (DMA map/unmap, IOMMU dirty tracking), mig.c (migration, DMA logging),
+ * mmap.c (regions mapped into the process).
  */
 #ifndef VFM_VFIO_PRIV_H
 #define VFM_VFIO_PRIV_H
@@ -23,6 +24,10 @@ enum kv_iommu { KV_IOMMUFD, KV_TYPE1 };
 struct kv_region {
 	struct vfm_region_info info;
 	uint64_t offset;           /* in the device fd */
+	/* mmap.c, under its lock: the areas mapped on first request. */
+	bool mapped;
+	struct vfm_region_area *areas;
+	unsigned nareas;
 };
 
 struct kv_map {
@@ -155,6 +160,14 @@ void kv_type1_probe(struct kv_dev *k);
 void kv_iommufd_probe_ranges(struct kv_dev *k);
 /* Lets go of everything this device mapped (close). */
 void kv_dma_cleanup(struct kv_dev *k);
+
+/* ---- mmap.c ---- */
+
+/* The device's region_areas op: maps the region's mmap()able areas once. */
+int kv_region_areas(struct vfm_device *dev, uint32_t index, struct vfm_region_area *areas,
+		    unsigned max, unsigned *count, struct vfm_error *err);
+/* Unmaps every region mapped (close). */
+void kv_unmap_regions(struct kv_dev *k);
 
 /* ---- mig.c ---- */
 

@@ -77,6 +77,7 @@ int fake_kvfio_cfg_parse(const char *s, struct fake_kvfio_cfg *c)
 		KEY("stall_ms", stall_ms);
 		KEY("ignore_nonblock", ignore_nonblock);
 		KEY("no_poll", no_poll);
+		KEY("sparse_bar0", sparse_bar0);
 		KEY("chunk", read_chunk);
 		KEY("no_data_size", no_mig_data_size);
 		else
@@ -585,7 +586,25 @@ static ssize_t f_pwrite(void *o, int fd, const void *buf, size_t len, off_t off)
 static void *f_mmap(void *o, void *addr, size_t len, int prot, int flags, int fd, off_t off,
 		    int *err_out)
 {
-	void *p = mmap(addr, len, prot, flags, fd, off);
+	struct fake_kvfio *fk = o;
+	struct obj *ob = fkv_obj_of(fk, fd);
+	void *p;
+
+	if (ob) {
+		/* vfio-pci: only a BAR offered for mmap, inside it, shared. */
+		uint64_t at = (uint64_t)off & ((1ull << REGION_SHIFT) - 1);
+
+		if (ob->kind != O_DEV || !ob->granted || (uint64_t)off >> REGION_SHIFT != 0 ||
+		    at + len > PG || !(flags & MAP_SHARED)) {
+			if (err_out)
+				*err_out = -EINVAL;
+			return MAP_FAILED;
+		}
+		fd = fk->bar0_fd;
+		off = (off_t)at;
+		fk->st.bar_mmaps++;
+	}
+	p = mmap(addr, len, prot, flags, fd, off);
 
 	if (p == MAP_FAILED && err_out)
 		*err_out = -errno;
@@ -697,7 +716,15 @@ struct fake_kvfio *fake_kvfio_new(const struct fake_kvfio_cfg *cfg)
 	fk->cfg = *cfg;
 	fk->npages = cfg->state_size / PG;
 	fk->mem = malloc(cfg->state_size ? cfg->state_size : 1);
-	if (!fk->mem || cfg->state_size % PG) {
+	fk->bar0_fd = memfd_create("fake-kvfio-bar0", MFD_CLOEXEC);
+	fk->bar0 = MAP_FAILED;
+	if (fk->bar0_fd >= 0 && ftruncate(fk->bar0_fd, PG) == 0)
+		fk->bar0 = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_SHARED, fk->bar0_fd, 0);
+	if (!fk->mem || cfg->state_size % PG || fk->bar0 == MAP_FAILED) {
+		if (fk->bar0 != MAP_FAILED)
+			munmap(fk->bar0, PG);
+		if (fk->bar0_fd >= 0)
+			close(fk->bar0_fd);
 		free(fk->mem);
 		free(fk);
 		return NULL;
@@ -724,6 +751,8 @@ void fake_kvfio_free(struct fake_kvfio *fk)
 	fkv_end_session(fk);
 	fkv_log_free(fk);
 	fkv_maps_clear(fk);
+	munmap(fk->bar0, PG);
+	close(fk->bar0_fd);
 	free(fk->mem);
 	free(fk);
 }

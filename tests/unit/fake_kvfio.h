@@ -43,6 +43,8 @@ struct fake_kvfio_cfg {
 	bool msi_hole;             /* x86: IOVAs 0xfee00000-0xfeefffff reserved (type1
 				      IOVA_RANGE cap, IOMMU_IOAS_IOVA_RANGES) */
 	uint32_t read_chunk;       /* most bytes one read() returns; 0: 64 KiB */
+	bool sparse_bar0;          /* BAR0's info carries a sparse-mmap capability
+				      (one area: its first page) */
 };
 
 /* Defaults: all three migration flags, 64 KiB of state, logging, hw_dirty. */
@@ -86,6 +88,7 @@ struct fake_kvfio_stats {
 	bool data_nonblock;        /* the last data fd handed out has O_NONBLOCK */
 	unsigned resets;
 	unsigned maps;             /* live DMA mappings */
+	unsigned bar_mmaps;        /* BAR0 mmap()s made of the device fd */
 	bool logging, iommu_dirty; /* trackers on */
 	uint32_t log_ranges;       /* ranges DMA logging was started with */
 	uint64_t log_page_size;

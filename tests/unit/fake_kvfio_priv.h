@@ -58,7 +58,8 @@ struct fake_kvfio {
 	uint8_t *mem;
 	uint64_t npages;
 	uint8_t cfgsp[256], cfgmask[256];
-	uint8_t bar0[PG];
+	uint8_t *bar0;             /* PG bytes of bar0_fd (a memfd): mmap()able */
+	int bar0_fd;
 	uint32_t devid;
 
 	/* IOMMU. */
