@@ -20,6 +20,10 @@
 
 typedef void (*vfm_test_fn)(void);
 
+/* A test file's helpers may define this: called in a case's process after the
+ * case passed (e.g. to remove its temp dir; a failed case leaves it to look at). */
+void vfm_test_passed(void) __attribute__((weak));
+
 /* Monotonic milliseconds, and a sleep of ms, for the tests' bounded waits. */
 static inline uint64_t now_ms(void)
 {
@@ -146,6 +150,8 @@ static inline int vfm_test_run_one(const struct vfm_test_case *t, char *why, siz
 		vfm_skip_fd = pfd[1];
 		alarm(timeout);  /* SIGALRM kills a hung test */
 		t->fn();
+		if (vfm_test_passed)
+			vfm_test_passed();
 		fflush(NULL);
 		_exit(0);
 	}

@@ -7,24 +7,10 @@
 set -u
 bin=$1
 precopy=$2
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/vfiomig-session.XXXXXX") || exit 1
-pids=""
-fail=0
-cleanup() {
-	for p in $pids; do kill "$p" 2>/dev/null; done
-	wait 2>/dev/null
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-die() { echo "FAIL: $*"; fail=1; }
+lib_name=session
+. "$(dirname "$0")/scaffold.sh"
+die() { bad "$@"; }
 bg() { log=$1; shift; "$@" >"$tmp/$log.log" 2>&1 & pids="$pids $!"; }
-wait_sock() {  # up to 10 s for a socket file
-	i=0
-	while [ ! -S "$1" ]; do
-		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
-	done
-}
 ctl() { timeout -k 5 30 "$bin" ctl "$@"; }
 
 state=4M

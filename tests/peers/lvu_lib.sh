@@ -1,27 +1,11 @@
 # Sourced by the interop tests (tests/peers/*.sh): a temp dir, children
 # started with bg() and killed on exit, ok/bad reporting into $fail, bounded
 # waits. Expects $bin (vfiomig) and $lvu (the libvfio-user test device).
-tmp=$(mktemp -d "/tmp/vfm-lvu-XXXXXX")
-pids=""
-fail=0
-cleanup() {
-	for p in $pids; do kill "$p" 2>/dev/null; done
-	wait 2>/dev/null
-	rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-ok() { echo "ok: $*"; }
-bad() { echo "FAIL: $*"; fail=1; }
+lib_name=lvu
+. "$(dirname "$0")/../integration/scaffold.sh"
 bg() {  # bg LOG CMD...: in the background, output to $tmp/LOG
 	log=$1; shift
 	"$@" >>"$tmp/$log" 2>&1 & last=$!; pids="$pids $last"
-}
-wait_sock() {  # wait_sock PATH: up to 10 s for a socket file
-	i=0
-	while [ ! -S "$1" ]; do
-		i=$((i + 1)); [ $i -gt 200 ] && return 1; sleep 0.05
-	done
 }
 wait_grep() {  # wait_grep FILE PATTERN [TENTHS]: until FILE has PATTERN (default 10 s)
 	i=0

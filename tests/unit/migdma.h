@@ -84,6 +84,8 @@ extern const struct vfm_vm_ops md_vm_ops;
 
 /* Temp dir for sockets and files (created once per test process). */
 const char *md_dir(void);
+/* Removes md_dir() once a case passed (harness.h calls it). */
+void vfm_test_passed(void);
 /* Forks a device server process (before any thread); waits for its socket. */
 void md_devsrv_spawn(struct md_devsrv *d, const char *name, const struct md_opts *o,
 		     uint64_t churn, uint64_t seed);

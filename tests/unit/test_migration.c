@@ -318,6 +318,20 @@ static void check_expect(const struct scenario *sc, struct side *s, const struct
 
 static char tmpdir[64];
 
+/* After a passing case (harness.h): its socket or state file, then the dir. */
+void vfm_test_passed(void)
+{
+	char path[128];
+
+	if (!tmpdir[0])
+		return;
+	snprintf(path, sizeof(path), "%s/mig.sock", tmpdir);
+	unlink(path);
+	snprintf(path, sizeof(path), "%s/vm.state", tmpdir);
+	unlink(path);
+	rmdir(tmpdir);
+}
+
 static void make_uri(const char *kind, char *uri, size_t len)
 {
 	strcpy(tmpdir, "/tmp/vfm-mig-XXXXXX");
