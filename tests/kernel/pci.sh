@@ -9,6 +9,9 @@
 # - `info` on a device without migration support says so;
 # - both devices of the group open in one `vfiomig vm` process: one
 #   container, one group fd, guest RAM mapped for DMA;
+# - edu DMAs a page out of memory the backend mapped and back into another
+#   (kvfio-edu-dma, through VT-d), and type1's dirty report has that page
+#   set (and, for an IOMMU-backed group, every other page too);
 # - the x86 MSI window 0xfee00000 is a reserved IOVA range under VT-d: guest
 #   RAM of 4 GiB from 0 crosses it and is refused with a message naming it.
 # usage: pci.sh VFIOMIG
@@ -68,6 +71,20 @@ grep -q '^vm: running' "$tmp/st" && ok "VM running with both" || bad "VM status"
 grep -q 'cannot migrate' "$tmp/log" && ok "the VM says it cannot migrate" || bad "no migration blocker said"
 ctl "$tmp/vm" quit >/dev/null
 wait $vm_pid
+
+# Real DMA by edu into memory the backend mapped (type1 through VT-d), and
+# the container's dirty report after it (tests/kernel/edu_dma.c).
+edu=$(dirname "$bin")/../tests/kvfio-edu-dma
+timeout -k 5 120 "$edu" "vfio:$a" >"$tmp/out" 2>&1; rc=$?
+sed 's/^/    /' "$tmp/out"
+grep -q '^edu id: 0x010000ed' "$tmp/out" && ok "BAR0 read: edu's id register" || bad "edu id"
+grep -q '^DMA moved the page: yes' "$tmp/out" && ok "edu DMA read and wrote the mapped memory" \
+	|| bad "edu DMA (rc $rc)"
+grep -q '^dirty after DMA: .* the written page dirty' "$tmp/out" && ok "type1 reports the page edu wrote dirty" \
+	|| bad "dirty report after DMA"
+# An IOMMU-backed group: type1 knows no page-exact bits, it reports all of them.
+grep -q "^dirty before DMA: 512/512" "$tmp/out" && ok "type1 reports every mapped page for a real device" \
+	|| bad "dirty before DMA not all"
 
 # 4 GiB of guest RAM from 0 crosses the MSI window: refused before pinning.
 timeout -k 5 120 "$bin" vm --mem 4G --guest none --device "vfio:$a,id=a" --control "$tmp/vm2" \
