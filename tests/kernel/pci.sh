@@ -1,8 +1,10 @@
 #!/bin/sh
-# Real PCI devices on the real kernel: run in run.sh's "pci" guest (q35 with
-# an emulated VT-d IOMMU, intel-iommu,intremap=off, and two QEMU `edu`
-# devices behind one conventional PCI bridge, which puts them in one IOMMU
-# group), bound to Debian's own vfio-pci, on the group/type1 path:
+# Real PCI devices on the real kernel, in a guest of run.sh with its PCI
+# machine (q35 with an emulated VT-d IOMMU, intel-iommu,intremap=off, and two
+# QEMU `edu` devices behind one conventional PCI bridge, which puts them in
+# one IOMMU group), bound to vfio-pci: Debian's own on the group/type1 path,
+# the rig's rebuilt one with a cdev on the iommufd path (where `vfio:BDF`
+# opens the cdev, and one /dev/iommu replaces the container and group fd):
 # - named by PCI address (vfio:0000:BB:DD.F and vfio:BB:DD.F), config space
 #   read (identity 1234:11e8), BAR0 mmap()ed (region_areas: one area, edu
 #   has no MSI-X table to leave out);
@@ -19,9 +21,14 @@ bin=$1
 . "$(dirname "$0")/lib.sh"
 
 modprobe -d "$KVFIO_STAGE" vfio-pci || { bad "modprobe vfio-pci"; finish; }
-# intremap=off: no interrupt remapping, which type1 refuses unless allowed
-# (drivers/vfio/vfio_iommu_type1.c, allow_unsafe_interrupts).
+# intremap=off: no interrupt remapping, which type1 and iommufd refuse unless
+# allowed (vfio_iommu_type1.c and iommufd/device.c, allow_unsafe_interrupts).
 echo Y >/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
+iommu=type1v2
+if [ -e /dev/iommu ]; then
+	iommu=iommufd
+	echo Y >/sys/module/iommufd/parameters/allow_unsafe_interrupts
+fi
 edus=""
 for d in /sys/bus/pci/devices/*; do
 	[ "$(cat "$d/vendor")" = 0x1234 ] && [ "$(cat "$d/device")" = 0x11e8 ] && edus="$edus ${d##*/}"
@@ -39,6 +46,10 @@ for d in $a $b; do
 	[ "$(basename "$(readlink "/sys/bus/pci/devices/$d/driver")")" = vfio-pci ] || bad "$d not bound to vfio-pci"
 done
 [ -c "/dev/vfio/$ga" ] && ok "/dev/vfio/$ga" || { bad "no /dev/vfio/$ga"; ls -l /dev/vfio; finish; }
+if [ $iommu = iommufd ]; then
+	ls "/sys/bus/pci/devices/$a/vfio-dev/" | grep -q '^vfio[0-9]' && ok "cdev $(ls "/sys/bus/pci/devices/$a/vfio-dev/")" \
+		|| bad "no vfio cdev for $a"
+fi
 
 # info by full and short PCI address
 vfm info "vfio:$a" >"$tmp/out" 2>&1; rc=$?
@@ -47,24 +58,32 @@ sed 's/^/    /' "$tmp/out"
 grep -q '^identity: PCI 1234:11e8' "$tmp/out" && ok "config space read: 1234:11e8" || bad "identity"
 grep -qE '^  BAR0 +1048576 bytes  rwm  \(mapped: 1 area\)' "$tmp/out" && ok "BAR0: 1 MiB, mmap()ed" || bad "BAR0 line"
 grep -q '^migration: not supported' "$tmp/out" && ok "no migration support said" || bad "migration line"
-grep -q '^IOMMU: type1v2' "$tmp/out" && ok "type1v2" || bad "IOMMU line"
+grep -q "^IOMMU: $iommu," "$tmp/out" && ok "IOMMU: $iommu" || bad "IOMMU line"
 vfm info "vfio:${b#0000:}" >"$tmp/out" 2>&1 && grep -q '^identity: PCI 1234:11e8' "$tmp/out" \
 	&& ok "info vfio:${b#0000:} (domain 0 implied)" || { bad "short BDF"; cat "$tmp/out"; }
 vfm save "vfio:$a" "$tmp/a.state" >"$tmp/out" 2>&1 && bad "save of a device without migration" \
 	|| { grep -qi 'migrat' "$tmp/out" && ok "save refused: $(head -1 "$tmp/out")" || { bad "save message"; cat "$tmp/out"; }; }
 [ -e "$tmp/a.state" ] && bad "save left a file"
 
-# Both devices of the group in one process: one container, one group fd.
+# Both devices of the group in one process: one container and one group fd,
+# or one /dev/iommu.
 bg timeout -k 5 120 "$bin" vm --mem 32M --guest none --device "vfio:$a,id=a" \
 	--device "vfio:$b,id=b" --control "$tmp/vm" -v
 vm_pid=$last
 wait_sock "$tmp/vm" || { bad "the VM did not start"; cat "$tmp/log"; finish; }
 vm=$(pgrep -P "$vm_pid" | head -1)
 fds=$(ls -l "/proc/$vm/fd" 2>/dev/null)
-n=$(echo "$fds" | grep -c ' -> /dev/vfio/vfio$')
-[ "$n" = 1 ] && ok "one container for the two devices" || { bad "container fds: $n"; echo "$fds"; }
-n=$(echo "$fds" | grep -c " -> /dev/vfio/$ga\$")
-[ "$n" = 1 ] && ok "one fd for their group" || { bad "group fds: $n"; echo "$fds"; }
+if [ $iommu = iommufd ]; then
+	n=$(echo "$fds" | grep -c ' -> /dev/iommu$')
+	[ "$n" = 1 ] && ok "one /dev/iommu for the two devices" || { bad "/dev/iommu fds: $n"; echo "$fds"; }
+	n=$(echo "$fds" | grep -c ' -> /dev/vfio/devices/vfio[0-9]*$')
+	[ "$n" = 2 ] && ok "two device cdevs" || { bad "cdev fds: $n"; echo "$fds"; }
+else
+	n=$(echo "$fds" | grep -c ' -> /dev/vfio/vfio$')
+	[ "$n" = 1 ] && ok "one container for the two devices" || { bad "container fds: $n"; echo "$fds"; }
+	n=$(echo "$fds" | grep -c " -> /dev/vfio/$ga\$")
+	[ "$n" = 1 ] && ok "one fd for their group" || { bad "group fds: $n"; echo "$fds"; }
+fi
 ctl "$tmp/vm" status >"$tmp/st" 2>&1
 sed 's/^/    /' "$tmp/st"
 grep -q '^vm: running' "$tmp/st" && ok "VM running with both" || bad "VM status"
@@ -72,8 +91,9 @@ grep -q 'cannot migrate' "$tmp/log" && ok "the VM says it cannot migrate" || bad
 ctl "$tmp/vm" quit >/dev/null
 wait $vm_pid
 
-# Real DMA by edu into memory the backend mapped (type1 through VT-d), and
-# the container's dirty report after it (tests/kernel/edu_dma.c).
+# Real DMA by edu into memory the backend mapped (type1 through VT-d, on both
+# paths: the iommufd rig keeps type1), and the container's dirty report after
+# it (tests/kernel/edu_dma.c).
 edu=$(dirname "$bin")/../tests/kvfio-edu-dma
 timeout -k 5 120 "$edu" "vfio:$a" >"$tmp/out" 2>&1; rc=$?
 sed 's/^/    /' "$tmp/out"
