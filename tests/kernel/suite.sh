@@ -2,12 +2,11 @@
 # Runs inside the guest of run-in-guest.sh (--mdevs 4): every tests/kernel
 # test in order, each bounded, one 'PASS name' / 'FAIL name' line each (their
 # output indented), then 'kernel suite (PATH): N passed, N failed'.
-# usage: suite.sh VFIOMIG [--path NAME] [TEST...]   (NAME: the summary's label)
+# usage: suite.sh VFIOMIG [TEST...]
 bin=$1; shift
 here=$(cd "$(dirname "$0")" && pwd)
 path=type1; [ -e /dev/iommu ] && path=iommufd
-[ "${1:-}" = --path ] && { path=$2; shift 2; }
-tests=${*:-info check save_load live refused_load}
+tests=${*:-info check save_load live refused_load pci}
 pass=0 failed=0
 for t in $tests; do
 	start=$(date +%s)
