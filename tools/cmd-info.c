@@ -322,13 +322,18 @@ static int info_run(const char *spec, bool json)
 		bool works = iommu_dirty_works(dev, why, sizeof(why));
 
 		json_object_object_add(io, "kind", json_object_new_string(vfm_vfio_iommu_name(dev)));
+		bool exact = works && vfm_vfio_iommu_dirty_exact(dev);
+
 		json_object_object_add(io, "dirty_tracking", json_object_new_boolean(works));
 		if (!works)
 			json_object_object_add(io, "dirty_tracking_why", json_object_new_string(why));
+		else
+			json_object_object_add(io, "dirty_exact", json_object_new_boolean(exact));
 		json_object_object_add(root, "iommu", io);
 		if (!json)
-			printf("IOMMU: %s, dirty tracking %s%s%s%s\n", vfm_vfio_iommu_name(dev),
-			       works ? "yes" : "no", works ? "" : " (", why, works ? "" : ")");
+			printf("IOMMU: %s, dirty tracking %s%s%s%s%s\n", vfm_vfio_iommu_name(dev),
+			       works ? "yes" : "no", works ? "" : " (", why, works ? "" : ")",
+			       works && !exact ? " (every mapped page: an IOMMU-backed group)" : "");
 	}
 	if (json)
 		printf("%s\n", json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN));

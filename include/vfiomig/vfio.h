@@ -113,6 +113,13 @@ VFM_EXPORT int vfm_vfio_irq_info(struct vfm_device *dev, uint32_t index,
 
 /* Whether the IOMMU side can track dirty pages for this device. */
 VFM_EXPORT bool vfm_vfio_iommu_dirty_supported(const struct vfm_device *dev);
+/*
+ * Whether those reports are page-exact. type1 only knows the pages mdevs pin:
+ * with a device of an IOMMU-backed group (a PCI device under vfio-pci) in the
+ * container, every report has every mapped page dirty. false then (and
+ * without tracking); true for an iommufd HWPT and a container of mdevs.
+ */
+VFM_EXPORT bool vfm_vfio_iommu_dirty_exact(const struct vfm_device *dev);
 VFM_EXPORT int vfm_vfio_iommu_dirty_start(struct vfm_device *dev, struct vfm_error *err);
 VFM_EXPORT int vfm_vfio_iommu_dirty_stop(struct vfm_device *dev, struct vfm_error *err);
 /*

@@ -228,6 +228,11 @@ static void kv_destroy(struct kv_dev *k)
 	if (k->as)
 		kv_dma_cleanup(k);
 	kv_unmap_regions(k);
+	if (k->iommu_backed) {
+		pthread_mutex_lock(&k->as->lock);
+		k->as->iommu_backed--;
+		pthread_mutex_unlock(&k->as->lock);
+	}
 	/* The device first: closing it detaches it from the IOAS or container. */
 	close_fd(k, &k->devfd);
 	if (k->hwpt_id && k->as) {
@@ -364,6 +369,14 @@ static int open_type1(struct kv_dev *k, const char *devname, int group, struct v
 	k->devfd = r;
 	k->iommu = KV_TYPE1;
 	kv_type1_probe(k);
+	/* Only mdevs pin what they DMA to; any other device's group is backed by
+	 * the IOMMU, and type1 then reports every mapped page dirty. */
+	if (!kv_is_mdev_name(devname)) {
+		pthread_mutex_lock(&k->as->lock);
+		k->as->iommu_backed++;
+		pthread_mutex_unlock(&k->as->lock);
+		k->iommu_backed = true;
+	}
 	return 0;
 
 err_put:

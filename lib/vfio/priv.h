@@ -52,6 +52,7 @@ struct kv_as {
 	size_t nmaps, maps_cap;
 	unsigned dirty_users;      /* KV_TYPE1: devices with container tracking on */
 	bool type1_dirty;          /* KV_TYPE1: the container offers dirty tracking */
+	unsigned iommu_backed;     /* KV_TYPE1: devices of IOMMU-backed groups in it */
 	uint64_t dirty_pgsize;     /* KV_TYPE1: smallest page size of its dirty bitmaps */
 	struct vfm_iova_range *iova_ok;  /* IOVAs the IOMMU can map (none: any) */
 	uint32_t niova_ok;
@@ -79,6 +80,7 @@ struct kv_dev {
 	int iommufd;               /* KV_IOMMUFD: as->fd (not ours) */
 	uint32_t devid, ioas_id, hwpt_id;   /* hwpt_id 0: the IOAS is attached */
 	bool hwpt_dirty;           /* the attached HWPT can track dirty pages */
+	bool iommu_backed;         /* KV_TYPE1: counted in as->iommu_backed (not an mdev) */
 	int container, group;      /* KV_TYPE1: as->fd, grp->fd (not ours) */
 	struct vfm_device_info info;
 	struct kv_region *regions; /* info.num_regions entries (capped) */
@@ -132,6 +134,8 @@ const struct vfm_vfio_sys *kv_default_sys(void);
  * kernel name for VFIO_GROUP_GET_DEVICE_FD (devname_out, "" if unknown) and
  * its IOMMU group (-1 if unknown).
  */
+/* Whether a kernel device name is an mdev's (a UUID; else a PCI address...). */
+bool kv_is_mdev_name(const char *name);
 int kv_resolve(const char *sysfs_root, const char *name, char *cdev_out, size_t cdev_len,
 	       char *devname_out, size_t devname_len, int *group_out, struct vfm_error *err);
 

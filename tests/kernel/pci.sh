@@ -59,6 +59,9 @@ grep -q '^identity: PCI 1234:11e8' "$tmp/out" && ok "config space read: 1234:11e
 grep -qE '^  BAR0 +1048576 bytes  rwm  \(mapped: 1 area\)' "$tmp/out" && ok "BAR0: 1 MiB, mmap()ed" || bad "BAR0 line"
 grep -q '^migration: not supported' "$tmp/out" && ok "no migration support said" || bad "migration line"
 grep -q "^IOMMU: $iommu," "$tmp/out" && ok "IOMMU: $iommu" || bad "IOMMU line"
+# type1's tracking for an IOMMU-backed group is every page, and info says so.
+[ $iommu = iommufd ] || { grep -q '^IOMMU: type1v2, dirty tracking yes (every mapped page: an IOMMU-backed group)' \
+	"$tmp/out" && ok "info: type1 tracking is every page here" || bad "info: type1 exactness"; }
 vfm info "vfio:${b#0000:}" >"$tmp/out" 2>&1 && grep -q '^identity: PCI 1234:11e8' "$tmp/out" \
 	&& ok "info vfio:${b#0000:} (domain 0 implied)" || { bad "short BDF"; cat "$tmp/out"; }
 vfm save "vfio:$a" "$tmp/a.state" >"$tmp/out" 2>&1 && bad "save of a device without migration" \
