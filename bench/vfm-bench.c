@@ -41,6 +41,7 @@ struct opts {
 	uint64_t bytes, mem, dev_state, dirty_rate, downtime_ms, save_latency_us;
 	unsigned devices, channels, dirty_percent;
 	bool fill, precopy;
+	bool no_mig_shm;          /* devices without the vfiomig_mig_shm window */
 };
 
 static char tmpdir[64];
@@ -139,7 +140,8 @@ static void start_device(const struct opts *o, const char *sock)
 	pid = fork();
 	if (pid == 0) {
 		execl(o->vfiomig, o->vfiomig, "device", "dma", "--socket", sock, "--state-size", size,
-		      "--save-latency", lat, "--once", (char *)NULL);
+		      "--save-latency", lat, "--once", o->no_mig_shm ? "--no-mig-shm" : (char *)NULL,
+		      (char *)NULL);
 		_exit(127);
 	}
 	dev_pids[ndev_pids++] = pid;
@@ -481,6 +483,7 @@ static void usage(void)
 		"       vfm-bench migrate --vfiomig PATH [--kind tcp|unix] [--mem SIZE] [--fill]\n"
 		"                 [--devices N] [--device-state SIZE] [--precopy on|off]\n"
 		"                 [--dirty-rate RATE] [--downtime-limit MS] [--save-latency US]\n"
+		"                 [--no-mig-shm]\n"
 		"                 [--channels N] [--tls x509|psk]\n"
 		"       vfm-bench sync --vfiomig PATH [--mem SIZE] [--dirty-percent P]\n");
 	exit(2);
@@ -513,6 +516,7 @@ int main(int argc, char **argv)
 	for (int i = 2; i < argc; i++) {
 		const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 		if (!strcmp(a, "--fill")) { o.fill = true; continue; }
+		if (!strcmp(a, "--no-mig-shm")) { o.no_mig_shm = true; continue; }
 		if (!v)
 			usage();
 		i++;

@@ -9,13 +9,15 @@
  * time the guest did not run, as the guest and the outside world see it,
  * whatever each VMM reports as its downtime.
  *
- * usage: vfm-heartbeat SRC_SOCKET DST_SOCKET [--timeout SECONDS]
+ * usage: vfm-heartbeat SRC_SOCKET DST_SOCKET [--timeout SECONDS] [--gaps MS]
  * Prints "ready" once both listen, then runs until SIGTERM/SIGINT or the
  * timeout (default 300 s) and prints one JSON object (docs/performance.md).
  * SIGUSR1 marks the migration's start, SIGUSR2 its end: the blackout is the
  * longest silence inside that window (a host hiccup before the migration, or
  * a check of the stopped guest after it, is not its blackout); without
- * marks, the whole run.
+ * marks, the whole run. --gaps MS also lists every silence longer than MS
+ * (from a second before the window to its end), where it lies and between
+ * which sides: the evidence of what made each one (docs/performance.md).
  */
 #include <errno.h>
 #include <poll.h>
@@ -251,6 +253,29 @@ static void print_blackout(const struct side *src, const struct side *dst, uint6
 		printf("\"switch_ms\": null, ");
 }
 
+/* Every silence longer than min_ns from a second before the window to its end. */
+static void print_gaps(const struct side *src, const struct side *dst, uint64_t t0,
+		       uint64_t w0, uint64_t w1, uint64_t min_ns)
+{
+	size_t i = 0, j = 0, shown = 0;
+	uint64_t prev = 0, from_t = w0 > t0 + 1000000000ull ? w0 - 1000000000ull : t0;
+	int prev_side = -1;
+
+	printf("\"gaps\": [");
+	while (i < src->n || j < dst->n) {
+		int k = j >= dst->n || (i < src->n && src->b[i].t_ns <= dst->b[j].t_ns) ? 0 : 1;
+		uint64_t t = k == 0 ? src->b[i++].t_ns : dst->b[j++].t_ns;
+
+		if (prev_side >= 0 && t - prev > min_ns && t > from_t && prev < w1 && shown < 200)
+			printf("%s{\"at_ms\": %.3f, \"ms\": %.3f, \"between\": \"%s-%s\"}",
+			       shown++ ? ", " : "", ms(prev - t0), ms(t - prev),
+			       prev_side ? "dst" : "src", k ? "dst" : "src");
+		prev = t;
+		prev_side = k;
+	}
+	printf("], ");
+}
+
 int main(int argc, char **argv)
 {
 	struct side sides[2] = {
@@ -258,21 +283,25 @@ int main(int argc, char **argv)
 		{ .name = "dst", .lfd = -1 },
 	};
 	struct sigaction sa = { .sa_handler = on_signal };
-	double timeout_s = 300;
+	double timeout_s = 300, gaps_ms = -1;
 	uint64_t t0, deadline, w0 = 0, w1 = UINT64_MAX;
 
-	if (argc != 3 && !(argc == 5 && !strcmp(argv[3], "--timeout"))) {
-		fprintf(stderr, "usage: vfm-heartbeat SRC_SOCKET DST_SOCKET [--timeout SECONDS]\n");
-		return 2;
-	}
-	if (argc == 5) {
+	if (argc < 3 || argc % 2 == 0)
+		goto usage;
+	for (int a = 3; a + 1 < argc; a += 2) {
 		char *end;
+		double v = strtod(argv[a + 1], &end);
 
-		timeout_s = strtod(argv[4], &end);
-		if (*end || !(timeout_s > 0 && timeout_s <= 3600)) {
-			fprintf(stderr, "vfm-heartbeat: --timeout: '%s' is not 0 < seconds <= 3600\n",
-				argv[4]);
+		if (!strcmp(argv[a], "--timeout") && !*end && v > 0 && v <= 3600)
+			timeout_s = v;
+		else if (!strcmp(argv[a], "--gaps") && !*end && v >= 0 && v <= 60000)
+			gaps_ms = v;
+		else if (!strcmp(argv[a], "--timeout") || !strcmp(argv[a], "--gaps")) {
+			fprintf(stderr, "vfm-heartbeat: %s: '%s' is not %s\n", argv[a], argv[a + 1],
+				argv[a][2] == 't' ? "0 < seconds <= 3600" : "0 <= ms <= 60000");
 			return 2;
+		} else {
+			goto usage;
 		}
 	}
 	sides[0].path = argv[1];
@@ -307,6 +336,8 @@ int main(int argc, char **argv)
 		if (pump(sides, 0))
 			break;
 	printf("{");
+	if (gaps_ms >= 0)
+		print_gaps(&sides[0], &sides[1], t0, w0, w1, (uint64_t)(gaps_ms * 1e6));
 	print_blackout(&sides[0], &sides[1], t0, w0, w1);
 	print_side(&sides[0], t0);
 	printf(", ");
@@ -320,4 +351,8 @@ int main(int argc, char **argv)
 		free(sides[k].b);
 	}
 	return 0;
+usage:
+	fprintf(stderr, "usage: vfm-heartbeat SRC_SOCKET DST_SOCKET [--timeout SECONDS] "
+		"[--gaps MS]\n");
+	return 2;
 }

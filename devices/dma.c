@@ -596,7 +596,8 @@ static int setup_server(struct vfm_dmadev *dev, const char *path,
 		.size = DMADEV_WIN_SIZE, .flags = VFM_VFU_REGION_READ | VFM_VFU_REGION_WRITE,
 		.fd = dev->win_fd, .areas = &win_area, .nr_areas = 1,
 	};
-	struct vfm_vfu_opts vo = { .id = dev->id, .max_data_xfer_size = o->max_data_xfer_size };
+	struct vfm_vfu_opts vo = { .id = dev->id, .max_data_xfer_size = o->max_data_xfer_size,
+				   .no_mig_shm = o->no_mig_shm };
 	int r;
 
 	r = vfm_vfu_create(path, &vo, dev, &dev->ctx, err);

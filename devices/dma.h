@@ -160,6 +160,9 @@ struct vfm_dmadev_opts {
 	uint64_t mig_flags;
 	const struct vfm_dmadev_fault *faults;  /* copied; nfaults <= DMADEV_FAULTS_MAX */
 	unsigned nfaults;
+	/* Do not offer the vfiomig_mig_shm window: migration data in message
+	 * payloads, as a plain vfio-user server (tests, benchmarks). */
+	bool no_mig_shm;
 };
 
 /* Creates the device and its vfio-user server on socket_path (NULL: no

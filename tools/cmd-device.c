@@ -23,7 +23,8 @@ static void device_usage(FILE *out)
 {
 	fprintf(out,
 		"usage: vfiomig device dma --socket PATH [--state-size SIZE] [--churn RATE]\n"
-		"                          [--save-latency US] [--fault SPEC]... [--once] [-v]\n\n"
+		"                          [--save-latency US] [--fault SPEC]... [--no-mig-shm]\n"
+		"                          [--once] [-v]\n\n"
 		"Serves the 'dma' sample device (a DMA engine with SIZE bytes of internal\n"
 		"state, default 64M) over vfio-user on the UNIX socket PATH (mode 0600), to\n"
 		"one client after another until SIGINT or SIGTERM.\n\n"
@@ -35,6 +36,8 @@ static void device_usage(FILE *out)
 		"                       read[:N], write[:N], size, stall:MS[:N],\n"
 		"                       trickle:MS[:N]; N = which\n"
 		"                       occurrence (default 1, * = every); docs/devices/dma.md\n"
+		"  --no-mig-shm         do not offer the vfiomig_mig_shm window: migration data\n"
+		"                       in MIG_DATA_READ/WRITE payloads (docs/vfio-user-server.md)\n"
 		"  --once               exit after the first client leaves\n"
 		"  -v                   more logging (-vv, -vvv)\n");
 }
@@ -125,6 +128,8 @@ int cmd_device(int argc, char **argv)
 			return VFM_EXIT_OK;
 		} else if (!strcmp(a, "--once")) {
 			once = true;
+		} else if (!strcmp(a, "--no-mig-shm")) {
+			o.no_mig_shm = true;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--socket"))) {
 			socket = v;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--state-size"))) {

@@ -19,7 +19,7 @@ static void vm_usage(FILE *out)
 	fprintf(out,
 		"usage: vfiomig vm --mem SIZE [--device SPEC]... [--guest synthetic|kvm|auto|none]\n"
 		"                  [--vcpus N] [--dirty-rate RATE] [--working-set SIZE]\n"
-		"                  [--heartbeat PATH [--heartbeat-us N]]\n"
+		"                  [--heartbeat PATH [--heartbeat-us N]] [--vcpu-slice-us N]\n"
 		"                  [--incoming URI] [--tls-creds x509:DIR|psk:DIR] [--insecure]\n"
 		"                  --control PATH [-v]\n\n"
 		"Runs a VM: SIZE bytes of guest memory (memfd, mapped into every device for DMA),\n"
@@ -43,6 +43,9 @@ static void vm_usage(FILE *out)
 		"                      PATH, one byte per beat (bench/vfm-heartbeat listens)\n"
 		"  --heartbeat-us N    kvm, fresh guest: beat every N us (default 1000 with\n"
 		"                      --heartbeat, else none; the period migrates with the guest)\n"
+		"  --vcpu-slice-us N   kvm: the vCPU threads ask the scheduler for N us slices\n"
+		"                      (default %d: a vCPU that wakes runs ahead of busy threads;\n"
+		"                      0 = the kernel's default)\n"
 		"  --incoming URI      wait for a migration on URI (tcp:HOST:PORT, port 0 = any;\n"
 		"                      unix:PATH; file:PATH; fd:N), then run the guest\n"
 		"  --tls-creds KIND:DIR  TLS 1.3 on every migration connection, in or out; x509:\n"
@@ -53,7 +56,7 @@ static void vm_usage(FILE *out)
 		"                      CN=src,O=org) or PSK identity (repeatable; default any)\n"
 		"  --insecure          allow --incoming tcp: on a non-loopback address without TLS\n"
 		"  --control PATH      the control socket (mode 0600)\n"
-		"  -v                  more logging (-vv, -vvv)\n", VM_MAX_DEVICES);
+		"  -v                  more logging (-vv, -vvv)\n", VM_MAX_DEVICES, VM_VCPU_SLICE_US);
 }
 
 static int usage_error(const char *fmt, ...) VFM_PRINTF(1, 2);
@@ -80,6 +83,7 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 
 	cfg->dirty_rate = DEFAULT_DIRTY_RATE;
 	cfg->guest = "synthetic";
+	cfg->vcpu_slice_us = VM_VCPU_SLICE_US;
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
 
@@ -120,6 +124,11 @@ static int parse_args(int argc, char **argv, struct vm_config *cfg, const char *
 				return usage_error("--heartbeat-us: %s", err.msg);
 			cfg->heartbeat_us = (uint32_t)n;
 			hb_us_set = true;
+		} else if ((v = tool_opt_value(argc, argv, &i, "--vcpu-slice-us"))) {
+			if (vfm_parse_uint(v, 0, 100000, &n, &err) || (n && n < 100))
+				return usage_error("--vcpu-slice-us: %s", err.msg[0] ? err.msg :
+						   "0, or 100 to 100000");
+			cfg->vcpu_slice_us = (unsigned)n;
 		} else if ((v = tool_opt_value(argc, argv, &i, "--incoming"))) {
 			if (!*v)
 				return usage_error("%s", "--incoming: empty URI");

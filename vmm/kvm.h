@@ -45,6 +45,10 @@ struct vfm_kvm_opts {
 	 * byte per beat (NULL: beats are dropped). */
 	uint32_t heartbeat_us;
 	const char *heartbeat;
+	/* The vCPU threads' scheduler slice request in microseconds (EEVDF's
+	 * custom slice, docs/kvm-guest.md "Stop, dirty log, verification"):
+	 * 0 = the kernel's default; the VM asks VM_VCPU_SLICE_US_DEFAULT. */
+	unsigned vcpu_slice_us;
 	/*
 	 * `dma` sample devices the guest program drives through their BAR0
 	 * (region 0), at most 16: device d's BAR0 appears at guest physical
@@ -102,6 +106,17 @@ struct vfm_kvm_vcpu_info {
 };
 int vfm_guest_kvm_vcpu_info(struct vfm_guest *g, unsigned idx, struct vfm_kvm_vcpu_info *out);
 unsigned vfm_guest_kvm_vcpus(struct vfm_guest *g);
+/* How the vCPU threads were scheduled (query-vfiomig "guest"."kvm"). */
+struct vfm_kvm_sched_info {
+	uint64_t idle_waits;        /* idle exits (port 0xe0) the vCPUs slept in */
+	uint64_t idle_early;        /* idle waits that timed out before their deadline: 0 */
+	uint64_t pauses;            /* stops that parked running vCPUs (migration, verify) */
+	uint64_t slice_ns;          /* vCPU 0's scheduler slice in force (0: unknown) */
+	uint64_t tsc_advance_ns;    /* the last vCPU state load moved the guest's TSC on by
+				     * this: the time since the source saved it */
+	uint64_t throttle_ns;       /* time the vCPUs slept for auto-converge (all vCPUs) */
+};
+void vfm_guest_kvm_sched_info(struct vfm_guest *g, struct vfm_kvm_sched_info *out);
 /* Last console output (up to len-1 bytes, oldest first, NUL-terminated). */
 size_t vfm_guest_kvm_console(struct vfm_guest *g, char *buf, size_t len);
 

@@ -35,18 +35,20 @@ static int bad_layout(const struct kvm_guest *k, const struct kg_mailbox *mb, ch
  * Stopped guest. A vCPU may have stopped in the middle of a rewrite: its
  * announced page then holds words of either the old or the new generation
  * and the table either one (the vCPU finishes the page when it runs again).
+ * sample: the first, middle and last word of each page only (the announced
+ * page whole): a page of the wrong generation differs in every word, so a
+ * lost or stale page is caught; a torn one only by the full check. 1024
+ * pages are ~0.05 ms sampled and ~0.9 ms read whole on this machine, and the
+ * quick check runs inside the destination's downtime.
  */
-int vfm__kvm_host_check(struct kvm_guest *k, struct vfm_guest_verify *out)
+static void check_pages(struct kvm_guest *k, struct vfm_guest_verify *out, bool sample)
 {
 	const struct kg_mailbox *mb = k->mb;
 	const volatile uint64_t *table;
+	const uint64_t words = KG_PAGE_SIZE / 8;
+	const uint64_t few[3] = { 0, words / 2, words - 1 };
 	uint64_t base;
 
-	memset(out, 0, sizeof(*out));
-	if (bad_layout(k, mb, out->detail, sizeof(out->detail))) {
-		out->errors = 1;
-		return 0;
-	}
 	table = (const volatile uint64_t *)(k->ram0 + mb->table_gpa);
 	base = mb->ws_gpa / KG_PAGE_SIZE;
 	for (uint64_t idx = 0; idx < mb->ws_pages; idx++) {
@@ -55,11 +57,14 @@ int vfm__kvm_host_check(struct kvm_guest *k, struct vfm_guest_verify *out)
 		uint64_t ig = st->inflight_page == p ? st->inflight_gen : 0;
 		const uint64_t *w = (const uint64_t *)(k->ram0 + p * KG_PAGE_SIZE);
 		bool bad = ig && gen != ig && gen + 1 != ig;
-
+		bool whole = !sample || ig;
 		uint64_t want = kg_page_word(p, ig ? ig : gen), old = ig ? kg_page_word(p, ig - 1) : want;
 
-		for (uint64_t i = 0; i < KG_PAGE_SIZE / 8 && !bad; i++)
-			bad = w[i] != want && w[i] != old;
+		for (uint64_t i = 0; i < (whole ? words : 3) && !bad; i++) {
+			uint64_t x = w[whole ? i : few[i]];
+
+			bad = x != want && x != old;
+		}
 		out->pages_checked++;
 		if (bad) {
 			if (!out->errors)
@@ -69,8 +74,23 @@ int vfm__kvm_host_check(struct kvm_guest *k, struct vfm_guest_verify *out)
 			out->errors++;
 		}
 	}
+}
+
+static int host_check(struct kvm_guest *k, struct vfm_guest_verify *out, bool sample)
+{
+	memset(out, 0, sizeof(*out));
+	if (bad_layout(k, k->mb, out->detail, sizeof(out->detail))) {
+		out->errors = 1;
+		return 0;
+	}
+	check_pages(k, out, sample);
 	vfm__kvm_dev_check(k, out);
 	return 0;
+}
+
+int vfm__kvm_host_check(struct kvm_guest *k, struct vfm_guest_verify *out)
+{
+	return host_check(k, out, false);
 }
 
 static uint64_t failed_vcpus(struct kvm_guest *k)
@@ -151,9 +171,10 @@ int vfm__kvm_quick_verify(struct vfm_guest *g, struct vfm_guest_verify *out)
 {
 	struct kvm_guest *k = (struct kvm_guest *)g;
 
-	/* Bounded by the working set, not RAM; the guest's own check needs it
-	 * to run for seconds here, so it waits for a full verify. */
-	vfm__kvm_host_check(k, out);
+	/* Bounded by the working set, not RAM, and sampled (check_pages); the
+	 * guest's own check needs it to run for seconds here, so it waits for
+	 * a full verify, as does a torn page. */
+	host_check(k, out, true);
 	if (failed_vcpus(k) && !out->errors) {
 		snprintf(out->detail, sizeof(out->detail), "%" PRIu64 " vCPU(s) failed (see the log)",
 			 failed_vcpus(k));

@@ -6,6 +6,7 @@
 #include <linux/kvm.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <time.h>
 
 #include "../guest/abi.h"
 #include "kvm.h"
@@ -34,6 +35,7 @@ struct kvm_vcpu {
 	/* vCPU thread only (or anyone while the vCPU is parked). */
 	bool pending;           /* last exit was I/O or MMIO: KVM completes it on re-entry */
 	uint64_t throttle_woke; /* auto-converge: end of the last throttle sleep */
+	_Atomic uint64_t slice_ns;      /* the thread's scheduler slice (vcpu_sched) */
 	char line[200];         /* console line being assembled */
 	unsigned line_len;
 	/* Guarded by k->lock. */
@@ -81,6 +83,11 @@ struct kvm_guest {
 	uint64_t mmio_gpa;
 	uint64_t dma_base;      /* device copies that happened before this process */
 	_Atomic uint64_t mmio_errors;   /* forwarded accesses the device refused */
+	/* Idle exits (port 0xe0) the vCPUs slept in, and waits that timed out
+	 * before their deadline (a wait that does not sleep: must stay 0). */
+	_Atomic uint64_t idle_waits, idle_early;
+	_Atomic uint64_t tsc_advance_ns;        /* the last load's TSC advance (kvm_state.c) */
+	_Atomic uint64_t throttle_ns;   /* time the vCPUs slept for auto-converge's throttle */
 	int hb_fd;                      /* heartbeat socket (kvm_heartbeat.c), -1: none */
 	_Atomic uint64_t hb_sent, hb_dropped;
 
@@ -93,6 +100,7 @@ struct kvm_guest {
 	bool quit;
 	bool state_ready;       /* vCPU state is valid: booted or loaded */
 	unsigned parked;
+	uint64_t pauses;        /* stops that parked running vCPUs */
 	/* auto-converge (kvm.c): percent of vCPU time withheld; the thread that
 	 * kicks the vCPUs every time slice while it is not 0. */
 	_Atomic unsigned throttle;
@@ -113,11 +121,14 @@ int vfm__kvm_probe_state(struct kvm_guest *k, struct vfm_error *err);
 void vfm__kvm_mark(struct kvm_guest *k, const volatile void *host, uint64_t len);
 uint64_t vfm__kvm_written(struct kvm_guest *k);
 uint64_t vfm__kvm_now_ns(void);
+/* A deadline ns from now for waits on kvm_guest.cond (CLOCK_MONOTONIC). */
+void vfm__kvm_deadline(struct timespec *ts, uint64_t ns);
 
 /* kvm_check.c: the host-side check of a stopped guest; the verify op. */
 int vfm__kvm_host_check(struct kvm_guest *k, struct vfm_guest_verify *out);
 int vfm__kvm_verify(struct vfm_guest *g, struct vfm_guest_verify *out);
-/* quick_verify: the host check and the vCPUs' failure flags (the guest does not run). */
+/* quick_verify: the host check with pages sampled (3 words each), and the
+ * vCPUs' failure flags (the guest does not run). */
 int vfm__kvm_quick_verify(struct vfm_guest *g, struct vfm_guest_verify *out);
 
 /* kvm_dev.c: the guest's dma devices (docs/kvm-guest.md, "Devices"). */

@@ -6,6 +6,17 @@
  * Blob (little-endian, the x86 host order): "VFKVCPU1", u32 version, u32
  * nvcpus, u64 tsc_khz; per vCPU: u32 index, u32 item count, then items of
  * u32 tag, u32 length, payload padded to 8 bytes.
+ *
+ * The guest's TSC (MSR 0x10) keeps time across a migration: ITEM_CLOCK is
+ * the CLOCK_REALTIME at which the source read the MSRs, and the loader
+ * advances the TSC by the time since (at this host's TSC rate), as the
+ * migration procedure of KVM_VCPU_TSC_OFFSET does (the kernel's
+ * Documentation/virt/kvm/devices/vcpu.rst: "ofs_dst[i] = ofs_src[i] -
+ * (guest_src - guest_dest) * freq + ..."). Restored as saved, the clock
+ * stood still for the downtime and the guest's timers (its heartbeat) came
+ * up to one period late after the resume; QEMU 7.2 restores the raw TSC as
+ * saved. Across hosts this relies on synchronised wall clocks, as KVM's
+ * procedure does; a clock behind the source's advances nothing.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -24,8 +35,19 @@
 
 enum item_tag {
 	ITEM_REGS = 1, ITEM_SREGS, ITEM_XSAVE, ITEM_FPU, ITEM_XCRS, ITEM_MSRS, ITEM_EVENTS,
-	ITEM_DEBUGREGS, ITEM_MAX
+	ITEM_DEBUGREGS, ITEM_CLOCK, ITEM_MAX
 };
+
+#define MSR_IA32_TSC 0x10
+#define TSC_ADVANCE_MAX_NS (3600ull * 1000000000ull)   /* a clock jump, not a downtime */
+
+static uint64_t realtime_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 struct msrs_buf {
 	struct kvm_msrs hdr;
@@ -93,6 +115,7 @@ static int save_one(struct kvm_guest *k, struct kvm_vcpu *v, struct buf *b, void
 	struct kvm_debugregs dr;
 	struct kvm_fpu fpu;
 	struct msrs_buf msrs;
+	uint64_t clock_ns;
 	unsigned n = 2;
 
 #define GET(req, arg, what)                                                            \
@@ -122,7 +145,8 @@ static int save_one(struct kvm_guest *k, struct kvm_vcpu *v, struct buf *b, void
 	if (ioctl(v->fd, KVM_GET_MSRS, &msrs) != (int)k->nmsrs)
 		return vfm_error_set(err, -EIO, "vCPU %u: KVM_GET_MSRS read fewer MSRs than listed",
 				     v->idx);
-	n++;
+	clock_ns = realtime_ns();
+	n += 2;
 	if (k->have_events) {
 		GET(KVM_GET_VCPU_EVENTS, &ev, "KVM_GET_VCPU_EVENTS");
 		n++;
@@ -147,6 +171,7 @@ static int save_one(struct kvm_guest *k, struct kvm_vcpu *v, struct buf *b, void
 		put_item(b, ITEM_EVENTS, &ev, sizeof(ev));
 	if (k->have_debugregs)
 		put_item(b, ITEM_DEBUGREGS, &dr, sizeof(dr));
+	put_item(b, ITEM_CLOCK, &clock_ns, sizeof(clock_ns));
 	return 0;
 }
 
@@ -161,8 +186,7 @@ static bool all_parked(struct kvm_guest *k)
 	while (!k->run && k->parked < k->nvcpus && vfm__kvm_now_ns() < deadline) {
 		struct timespec ts;
 
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_sec += 1;
+		vfm__kvm_deadline(&ts, 1000000000ull);
 		pthread_cond_timedwait(&k->cond, &k->lock, &ts);
 	}
 	ok = !k->run && k->parked == k->nvcpus;
@@ -306,6 +330,17 @@ static int load_one(struct kvm_guest *k, struct kvm_vcpu *v, const struct items 
 	memcpy(&sregs, it->p[ITEM_SREGS], sizeof(sregs));
 	memset(&msrs, 0, sizeof(msrs));
 	memcpy(&msrs, it->p[ITEM_MSRS], it->len[ITEM_MSRS]);
+	if (it->p[ITEM_CLOCK] && it->len[ITEM_CLOCK] == 8) {
+		uint64_t then, now = realtime_ns(), dt;
+
+		memcpy(&then, it->p[ITEM_CLOCK], 8);
+		dt = now > then && now - then < TSC_ADVANCE_MAX_NS ? now - then : 0;
+		for (unsigned i = 0; i < msrs.hdr.nmsrs; i++)
+			if (msrs.e[i].index == MSR_IA32_TSC)
+				msrs.e[i].data += dt / 1000 * k->tsc_khz / 1000;
+		if (v->idx == 0)
+			atomic_store(&k->tsc_advance_ns, dt);
+	}
 
 	SET(KVM_SET_REGS, &regs, "KVM_SET_REGS");
 	if (it->p[ITEM_XSAVE]) {

@@ -425,6 +425,7 @@ static int make_kvm_guest(struct vm *vm, const struct vm_config *cfg, struct vfm
 		.vcpus = cfg->vcpus, .dirty_rate = cfg->dirty_rate,
 		.working_set = cfg->working_set, .fresh = !cfg->incoming, .dma_devs = dma,
 		.heartbeat = cfg->heartbeat, .heartbeat_us = cfg->heartbeat_us,
+		.vcpu_slice_us = cfg->vcpu_slice_us,
 	};
 	char why[256];
 

@@ -20,6 +20,10 @@
 
 struct vm;
 
+/* The vCPU threads' slice request unless --vcpu-slice-us says otherwise
+ * (docs/kvm-guest.md): the kernel's minimum, 0.1 ms. */
+#define VM_VCPU_SLICE_US 100
+
 struct vm_config {
 	uint64_t mem_size;
 	const char *devices[VM_MAX_DEVICES];   /* --device specs */
@@ -30,6 +34,8 @@ struct vm_config {
 	uint64_t working_set;                  /* kvm: bytes the guest rewrites; 0: default */
 	const char *heartbeat;                 /* kvm: heartbeat port to this UNIX socket */
 	uint32_t heartbeat_us;                 /* kvm, fresh guest: heartbeat period; 0: none */
+	unsigned vcpu_slice_us;                /* kvm: vCPU threads' scheduler slice; 0: the
+						* kernel's (the CLI's default: VM_VCPU_SLICE_US) */
 	const char *incoming;                  /* URI, or NULL for a source */
 	const char *tls_creds;                 /* "x509:DIR" / "psk:DIR", or NULL */
 	bool insecure;                         /* plaintext tcp beyond loopback allowed */

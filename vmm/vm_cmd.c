@@ -13,6 +13,9 @@
 #include "util/logging.h"
 #include "vfiomig/fsm.h"
 #include "vmm/vm-priv.h"
+#ifdef VFM_HAVE_KVM
+#include "vmm/kvm.h"
+#endif
 
 #define LOG "vm"
 #define DOWNTIME_LIMIT_MAX_MS 2000000   /* QEMU's bound: 2000 s */
@@ -496,6 +499,23 @@ static json_object *guest_object(struct vm *vm)
 	json_object_object_add(o, "page_writes", ju64(gs.page_writes));
 	json_object_object_add(o, "dma_ops", ju64(gs.dma_ops));
 	json_object_object_add(o, "dma_errors", ju64(gs.dma_errors));
+#ifdef VFM_HAVE_KVM
+	if (!strcmp(vm->guest->ops->kind, "kvm")) {
+		/* How the vCPU threads ran (docs/kvm-guest.md): a guest-visible
+		 * silence has a cause here when these move. */
+		json_object *k = json_object_new_object();
+		struct vfm_kvm_sched_info si;
+
+		vfm_guest_kvm_sched_info(vm->guest, &si);
+		json_object_object_add(k, "idle_waits", ju64(si.idle_waits));
+		json_object_object_add(k, "idle_early", ju64(si.idle_early));
+		json_object_object_add(k, "pauses", ju64(si.pauses));
+		json_object_object_add(k, "vcpu_slice_us", jdouble((double)si.slice_ns / 1000.0));
+		json_object_object_add(k, "tsc_advance_ms", jdouble((double)si.tsc_advance_ns / 1e6));
+		json_object_object_add(k, "throttle_ms", jdouble((double)si.throttle_ns / 1e6));
+		json_object_object_add(o, "kvm", k);
+	}
+#endif
 	return o;
 }
 

@@ -70,6 +70,19 @@ VFM_EXPORT int vfm_vfio_user_open_fd(int fd, const char *name,
 				     const struct vfm_vfio_user_opts *opts,
 				     struct vfm_device **out, struct vfm_error *err);
 
+/*
+ * vfiomig_mig_shm (docs/vfio-user-client.md, "Extensions"): reads up to len
+ * bytes of migration data like vfm_device_read_data(), with one request at
+ * most. When the server took our migration data window, *data points at the
+ * bytes in it (valid until the next data request on dev) and buf is not
+ * used; otherwise they are read into buf and *data = buf.
+ */
+VFM_EXPORT ssize_t vfm_vfio_user_read_data_view(struct vfm_device *dev, void *buf, size_t len,
+						const void **data, struct vfm_error *err);
+/* Migration data bytes moved through that window so far (0: standard
+ * messages only, or not a vfio-user device). Any thread. */
+VFM_EXPORT uint64_t vfm_vfio_user_mig_shm_bytes(struct vfm_device *dev);
+
 /* Whether dev was made by vfm_vfio_user_open*(). */
 VFM_EXPORT bool vfm_device_is_vfio_user(const struct vfm_device *dev);
 

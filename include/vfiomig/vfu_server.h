@@ -62,6 +62,9 @@ struct vfm_vfu_opts {
 	 * waiting for the client's reply to DMA_READ/DMA_WRITE; 0 = 5000 ms.
 	 */
 	int io_timeout_ms;
+	/* Do not offer the vfiomig_mig_shm extension (migration data in
+	 * MIG_DATA_READ/WRITE payloads, as a plain vfio-user server). */
+	bool no_mig_shm;
 };
 
 /*
@@ -283,9 +286,17 @@ VFM_EXPORT void vfm_vfu_mig_set_error(struct vfm_vfu_ctx *ctx);
  *   9      MIG_DATA_SIZE, the kernel's number: GET -> { u64 stop_copy_length }
  *   0xf001 PRECOPY_INFO: GET -> { u64 initial_bytes, u64 dirty_bytes },
  *          only in PRE_COPY states (like VFIO_MIG_GET_PRECOPY_INFO)
+ *   0xf002 MIG_SHM: SET { u64 size } with one memfd: the migration data
+ *          window of the vfiomig_mig_shm VERSION extension (only when both
+ *          sides stated it; docs/vfio-user-server.md, "Extensions")
  */
 #define VFM_VFU_FEATURE_MIG_DATA_SIZE 9u
 #define VFM_VFU_FEATURE_PRECOPY_INFO  0xf001u
+#define VFM_VFU_FEATURE_MIG_SHM       0xf002u
+
+/* Migration data bytes moved through the vfiomig_mig_shm window so far
+ * (read by the client and written by it). Any thread. */
+VFM_EXPORT uint64_t vfm_vfu_mig_shm_bytes(const struct vfm_vfu_ctx *ctx);
 
 #ifdef __cplusplus
 }

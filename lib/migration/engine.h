@@ -144,6 +144,9 @@ struct vfm_migration {
 	unsigned mf_delay_ms;
 	int mf_ram_delay_chan;
 	unsigned mf_ram_delay_ms;
+	/* For tests: times the destination's wait for the channels' RAM woke
+	 * (multifd_dst.c, guarded by its lock; read once the migration ended). */
+	unsigned mf_ram_wakeups;
 
 	/* Test hook: set before a migration starts, read by the source thread. */
 	vfm__mig_phase_fn phase_hook;

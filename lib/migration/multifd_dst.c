@@ -65,6 +65,13 @@ struct vfm_mf_dst {
 	bool stop;                   /* guarded by lock */
 	bool switched;               /* guarded by lock: main passed SWITCHOVER */
 	bool ram_end;                /* guarded by lock: RAM's end marker came */
+	/* Guarded by lock: the per-channel counts wait_ram_applied() waits for
+	 * (u32 n, n x u32), NULL when nobody waits. A channel wakes the waiter
+	 * when it reaches its count, not at every packet: per-packet wakeups
+	 * made the waiting thread and the channel thread ping-pong on one CPU
+	 * every 2-3 us for the whole drain, and for 0.5 ms of the switchover
+	 * (docs/performance.md section 8). */
+	const unsigned char *ram_want;
 	int fail_code;               /* guarded by lock: the first failure */
 	struct vfm_error fail;
 };
@@ -206,7 +213,8 @@ static int ram_packet(struct dchan *c, const struct vfm_rec_hdr *h, const unsign
 		goto bad;
 	}
 	c->ram_next++;
-	pthread_cond_broadcast(&mf->cond);
+	if (mf->ram_want && c->ram_next == vfm_get_le32(mf->ram_want + 4 + 4 * c->idx))
+		pthread_cond_broadcast(&mf->cond);
 	pthread_mutex_unlock(&mf->lock);
 	return 0;
 bad:
@@ -492,9 +500,25 @@ int vfm__mf_dst_dev_end(struct vfm_mig_device *md, uint32_t total, struct vfm_er
  * that counts (u32 n, then n x u32, little endian) gives it, as long as
  * packets keep coming. 0: all in; -ETIMEDOUT: none applied for idle_ms;
  * 1: a channel failed (mf->fail_code), or with at_stop the channels stop.
+ * Channels wake it when they reach their count (mf->ram_want); progress
+ * short of that is seen when idle_ms runs out.
  */
+static int wait_ram_counts(struct vfm_mf_dst *mf, const unsigned char *counts,
+			   uint64_t idle_ms, bool at_stop);
+
 static int wait_ram_applied(struct vfm_mf_dst *mf, const unsigned char *counts,
 			    uint64_t idle_ms, bool at_stop)
+{
+	int ret;
+
+	mf->ram_want = counts;
+	ret = wait_ram_counts(mf, counts, idle_ms, at_stop);
+	mf->ram_want = NULL;
+	return ret;
+}
+
+static int wait_ram_counts(struct vfm_mf_dst *mf, const unsigned char *counts,
+			   uint64_t idle_ms, bool at_stop)
 {
 	uint64_t last = UINT64_MAX;
 	bool timed_out = false;
@@ -525,6 +549,7 @@ static int wait_ram_applied(struct vfm_mf_dst *mf, const unsigned char *counts,
 			}
 		}
 		timed_out = pthread_cond_timedwait(&mf->cond, &mf->lock, &ts) == ETIMEDOUT;
+		mf->m->mf_ram_wakeups++;
 	}
 }
 

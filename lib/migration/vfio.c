@@ -224,11 +224,21 @@ static bool vfio_is_active_iterate(void *opaque)
 static ssize_t move_block(struct vfm_mig_device *md, struct vfm_stream *s, uint32_t section,
 			  struct vfm_error *err)
 {
-	ssize_t n = vfm_device_read_data(md->dev, md->buf, md->data_buf_size, err);
+	const void *data = md->buf;
+	/*
+	 * A vfio-user device that took our migration data window (the
+	 * vfiomig_mig_shm extension) leaves the block there: the stream writes
+	 * it to the channel from the window, no copy into md->buf (the record
+	 * is sent before the next read; docs/performance.md, device-state hops).
+	 */
+	ssize_t n = vfm_device_is_vfio_user(md->dev)
+			    ? vfm_vfio_user_read_data_view(md->dev, md->buf, md->data_buf_size, &data,
+							   err)
+			    : vfm_device_read_data(md->dev, md->buf, md->data_buf_size, err);
 
 	if (n <= 0)
 		return n;
-	vfm_stream_put_record(s, VFM_REC_DATA, DEV_STATE, section, md->buf, (size_t)n);
+	vfm_stream_put_record(s, VFM_REC_DATA, DEV_STATE, section, data, (size_t)n);
 	atomic_fetch_add(&md->transferred, (uint64_t)n + sizeof(struct vfm_rec_hdr));
 	if (vfm_stream_error(s, err))
 		return err ? err->code : -EIO;

@@ -63,6 +63,7 @@ static void cli_destroy(struct vfu_client *c)
 	vfu_cli_io_cleanup(c);
 	vfu_cli_dma_cleanup(c);
 	vfu_cli_region_cleanup(c);
+	vfu_cli_shm_cleanup(c);
 	if (c->fd >= 0)
 		close(c->fd);
 	pthread_mutex_destroy(&c->map_lock);
@@ -138,8 +139,10 @@ static int negotiate(struct vfu_client *c, struct vfm_error *err)
 	 * up to max_xfer (client.h cli_send_max()); others ignore the key.
 	 */
 	prop.caps.present = VFU_CAP_MAX_MSG_FDS | VFU_CAP_MAX_DATA_XFER_SIZE | VFU_CAP_PGSIZES |
-			    VFU_CAP_MIGRATION | VFU_CAP_WHOLE_MESSAGES;
+			    VFU_CAP_MIGRATION | VFU_CAP_WHOLE_MESSAGES | VFU_CAP_MIG_SHM;
 	prop.caps.whole_messages = true;
+	/* Migration data through a window we pass (client_mig_shm.c). */
+	prop.caps.mig_shm = true;
 	prop.caps.max_msg_fds = VFU_MAX_FDS;
 	prop.caps.max_data_xfer_size = c->local_max_xfer;
 	prop.caps.pgsizes = VFM_VFIO_USER_DIRTY_PAGE;
@@ -161,10 +164,11 @@ static int negotiate(struct vfu_client *c, struct vfm_error *err)
 				    "vfio-user server at %s: unacceptable VERSION reply: %s", c->name,
 				    e.msg);
 	vfm_debug(c->id, "vfio-user %u.%u with %s: max_data_xfer_size %" PRIu32 " (ours %" PRIu32
-		  "), max_msg_fds %" PRIu32 ", max_dma_maps %" PRIu32 "%s", (unsigned)c->neg.major,
+		  "), max_msg_fds %" PRIu32 ", max_dma_maps %" PRIu32 "%s%s", (unsigned)c->neg.major,
 		  (unsigned)c->neg.minor, c->name, c->neg.peer_max_xfer, c->neg.local_max_xfer,
 		  c->neg.peer_max_fds, c->neg.max_dma_maps,
-		  c->neg.whole_messages ? ", whole messages" : "");
+		  c->neg.whole_messages ? ", whole messages" : "",
+		  c->neg.mig_shm ? ", migration data window" : "");
 	return 0;
 }
 

@@ -118,6 +118,16 @@ struct vfu_client {
 	 * PROBE decides (client_mig.c ext_get()), and an absent one is never
 	 * asked for again (a plain vfio-user server, libvfio-user). */
 	enum cli_ext ext_precopy_info, ext_data_size;
+	/* vfiomig_mig_shm (client_mig_shm.c): the migration data window, set
+	 * up at the first data request; NULL: standard messages. */
+	uint8_t *shm;
+	size_t shm_size;
+	bool shm_tried;
+	uint64_t shm_bytes;       /* moved through it; atomic, any thread reads */
+	/* vfm_vfio_user_read_data_view() (the one reading thread): one request,
+	 * and the bytes left in the window at view_got instead of copied. */
+	bool view_want;
+	const uint8_t *view_got;
 
 	/*
 	 * map_lock guards maps/nmaps against vfm_vfio_user_dirty_collect()
@@ -178,6 +188,14 @@ int vfu_cli_poll_locked(struct vfu_client *c, struct vfm_error *err);
 
 /* Frees queued messages. */
 void vfu_cli_io_cleanup(struct vfu_client *c);
+
+/* ---- client_mig_shm.c ---- */
+
+bool vfu_cli_shm_ready(struct vfu_client *c);
+int vfu_cli_shm_read_reply(struct vfu_client *c, const struct vfu_msg *reply, uint32_t chunk,
+			   const uint8_t **data, uint32_t *size, struct vfm_error *err);
+int vfu_cli_shm_write(struct vfu_client *c, const void *buf, uint32_t len, struct vfm_error *err);
+void vfu_cli_shm_cleanup(struct vfu_client *c);
 
 /* ---- client_dma.c ---- */
 

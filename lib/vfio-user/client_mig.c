@@ -190,7 +190,8 @@ static ssize_t mig_read_data(struct vfm_device *dev, void *buf, size_t len,
 {
 	struct vfu_client *c = cli_of(dev);
 	size_t total = 0;
-	bool stop_copy, empty = false;
+	bool stop_copy, shm, empty = false, short_reply = false;
+	uint32_t max;
 	int r;
 
 	/* 0 would read as "end of stream". */
@@ -212,35 +213,58 @@ static ssize_t mig_read_data(struct vfm_device *dev, void *buf, size_t len,
 		r = stop_copy ? 0 : -ENOMSG;
 		goto out;
 	}
+	shm = vfu_cli_shm_ready(c);
+	max = shm && c->shm_size < c->neg.max_xfer ? (uint32_t)c->shm_size : c->neg.max_xfer;
 	while (total < len) {
-		uint32_t chunk = (uint32_t)(len - total < c->neg.max_xfer ? len - total : c->neg.max_xfer);
+		uint32_t chunk = (uint32_t)(len - total < max ? len - total : max);
 		struct vfu_mig_data req = { .argsz = sizeof(req) + chunk, .size = chunk }, rep;
 		struct vfu_msg reply = VFU_MSG_INIT;
+		const uint8_t *data;
 
+		/* With the window the reply is {argsz, size, offset} alone. */
+		if (shm)
+			req.argsz = sizeof(struct vfu_mig_shm_data);
 		r = vfu_cli_simple(c, VFU_CMD_MIG_DATA_READ, &req, sizeof(req), &reply, err);
 		if (r)
 			goto out;
-		/* libvfio-user sends the whole buffer it allocated: size says how much is data. */
-		if (reply.len >= sizeof(rep))
-			memcpy(&rep, reply.payload, sizeof(rep));
-		if (reply.len < sizeof(rep) || rep.size > chunk || reply.len - sizeof(rep) < rep.size) {
-			r = vfm_error_set(err, VFM_EPROTOCOL,
-					  "%s: vfio-user server at %s: MIG_DATA_READ reply of %zu bytes for %" PRIu32,
-					  c->id, c->name, reply.len, chunk);
+		if (shm) {
+			uint32_t got;
+
+			r = vfu_cli_shm_read_reply(c, &reply, chunk, &data, &got, err);
 			vfu_msg_release(&reply);
-			goto out;
+			if (r)
+				goto out;
+			rep.size = got;
+		} else {
+			/* libvfio-user sends the whole buffer it allocated: size says how much is data. */
+			if (reply.len >= sizeof(rep))
+				memcpy(&rep, reply.payload, sizeof(rep));
+			if (reply.len < sizeof(rep) || rep.size > chunk ||
+			    reply.len - sizeof(rep) < rep.size) {
+				r = vfm_error_set(err, VFM_EPROTOCOL,
+						  "%s: vfio-user server at %s: MIG_DATA_READ reply of %zu bytes for %" PRIu32,
+						  c->id, c->name, reply.len, chunk);
+				vfu_msg_release(&reply);
+				goto out;
+			}
+			data = (const uint8_t *)reply.payload + sizeof(rep);
 		}
-		memcpy((char *)buf + total, (char *)reply.payload + sizeof(rep), rep.size);
-		vfu_msg_release(&reply);
+		if (shm && c->view_want)
+			c->view_got = data;   /* left in the window: one request */
+		else
+			memcpy((char *)buf + total, data, rep.size);
+		if (!shm)
+			vfu_msg_release(&reply);
 		total += rep.size;
-		if (rep.size < chunk) {
+		if (rep.size < chunk || c->view_got) {
 			empty = rep.size == 0;
+			short_reply = rep.size < chunk;
 			break;
 		}
 	}
 	if (total) {
 		/* Short in pre-copy: the next read says "nothing now" at once. */
-		c->data_drained = !stop_copy && total < len;
+		c->data_drained = !stop_copy && short_reply;
 		r = 0;
 	} else if (stop_copy) {
 		c->data_drained = empty;   /* end of stream, and it stays so */
@@ -268,6 +292,19 @@ static ssize_t mig_write_data(struct vfm_device *dev, const void *buf, size_t le
 				  c->state_known ? vfm_state_name(c->state) : "unknown");
 		goto out;
 	}
+	if (vfu_cli_shm_ready(c)) {
+		/* The window: one copy into it, a 16-byte request per block. */
+		uint32_t max = c->shm_size < c->neg.peer_max_xfer ? (uint32_t)c->shm_size
+								  : c->neg.peer_max_xfer;
+
+		while (total < len && !r) {
+			uint32_t chunk = (uint32_t)(len - total < max ? len - total : max);
+
+			r = vfu_cli_shm_write(c, (const char *)buf + total, chunk, err);
+			total += chunk;
+		}
+		goto out;
+	}
 	while (total < len) {
 		uint32_t max = cli_send_max(c);
 		uint32_t chunk = (uint32_t)(len - total < max ? len - total : max);
@@ -285,6 +322,27 @@ static ssize_t mig_write_data(struct vfm_device *dev, const void *buf, size_t le
 out:
 	vfu_cli_unlock(c);
 	return r ? r : (ssize_t)total;
+}
+
+ssize_t vfm_vfio_user_read_data_view(struct vfm_device *dev, void *buf, size_t len,
+				     const void **data, struct vfm_error *err)
+{
+	struct vfu_client *c;
+	ssize_t n;
+
+	*data = buf;
+	if (!vfm_device_is_vfio_user(dev))
+		return vfm_device_read_data(dev, buf, len, err);
+	c = cli_of(dev);
+	/* The generic layer's session checks and byte counts, then the view. */
+	c->view_want = true;
+	c->view_got = NULL;
+	n = vfm_device_read_data(dev, buf, len, err);
+	if (n > 0 && c->view_got)
+		*data = c->view_got;
+	c->view_want = false;
+	c->view_got = NULL;
+	return n;
 }
 
 /*

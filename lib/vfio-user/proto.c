@@ -644,6 +644,8 @@ static int caps_fill(const struct vfu_caps *c, struct json_object *caps)
 	if (c->present & VFU_CAP_WHOLE_MESSAGES)
 		r = r ?: json_put(caps, "vfiomig_whole_messages",
 				  json_object_new_boolean(c->whole_messages));
+	if (c->present & VFU_CAP_MIG_SHM)
+		r = r ?: json_put(caps, "vfiomig_mig_shm", json_object_new_boolean(c->mig_shm));
 	if (!r && (c->present & VFU_CAP_TWIN_SOCKET)) {
 		sub = json_object_new_object();
 		r = json_put(caps, "twin_socket", sub);
@@ -758,6 +760,11 @@ static int caps_read(struct json_object *caps, struct vfu_caps *c, struct vfm_er
 		if ((r = cap_bool(o, "vfiomig_whole_messages", &c->whole_messages, err)))
 			return r;
 		c->present |= VFU_CAP_WHOLE_MESSAGES;
+	}
+	if (json_object_object_get_ex(caps, "vfiomig_mig_shm", &o)) {
+		if ((r = cap_bool(o, "vfiomig_mig_shm", &c->mig_shm, err)))
+			return r;
+		c->present |= VFU_CAP_MIG_SHM;
 	}
 	if (json_object_object_get_ex(caps, "twin_socket", &o)) {
 		if ((r = cap_obj(o, "twin_socket", err)))
@@ -937,6 +944,8 @@ int vfu_version_make_reply(const struct vfu_version_info *proposed,
 	c->present |= p->present & VFU_CAP_WRITE_MULTIPLE;
 	c->whole_messages = p->whole_messages && o->whole_messages;
 	c->present |= p->present & VFU_CAP_WHOLE_MESSAGES;
+	c->mig_shm = p->mig_shm && o->mig_shm;
+	c->present |= p->present & VFU_CAP_MIG_SHM;
 	c->twin_socket = p->twin_socket && o->twin_socket;
 	c->present |= p->present & VFU_CAP_TWIN_SOCKET;
 	if ((p->present & VFU_CAP_MIGRATION) && (o->present & VFU_CAP_MIGRATION)) {
@@ -972,6 +981,8 @@ int vfu_version_negotiate(const struct vfu_version_info *proposed,
 	if (r->whole_messages && !p->whole_messages)
 		return vfm_error_set(err, VFM_EPROTOCOL,
 				     "VERSION reply enables vfiomig_whole_messages unasked");
+	if (r->mig_shm && !p->mig_shm)
+		return vfm_error_set(err, VFM_EPROTOCOL, "VERSION reply enables vfiomig_mig_shm unasked");
 	if (r->twin_socket && (r->twin_socket_fd_index < 0 ||
 			       (size_t)r->twin_socket_fd_index >= reply_nfds))
 		return vfm_error_set(err, VFM_EPROTOCOL, "VERSION reply enables twin_socket with fd_index %"
@@ -988,6 +999,7 @@ int vfu_version_negotiate(const struct vfu_version_info *proposed,
 		.pgsizes = r->pgsizes,
 		.write_multiple = r->write_multiple,
 		.whole_messages = r->whole_messages,
+		.mig_shm = r->mig_shm,
 		.twin_socket = r->twin_socket,
 		.twin_socket_fd_index = r->twin_socket ? r->twin_socket_fd_index : -1,
 		.max_msg_size = VFU_MSG_SIZE_FOR_XFER(local->max_data_xfer_size),

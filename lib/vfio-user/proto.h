@@ -394,6 +394,29 @@ struct vfu_mig_data {
 	uint8_t data[];
 } VFU_PACKED;
 
+/*
+ * vfiomig_mig_shm (extension, negotiated in VERSION): once the client has
+ * passed a window (DEVICE_FEATURE SET VFM_VFU_FEATURE_MIG_SHM, struct
+ * vfu_mig_shm_set, one memfd), every MIG_DATA_READ reply and MIG_DATA_WRITE
+ * request of the connection is this struct alone: the data bytes are in the
+ * window at [offset, offset + size), not in the message. A READ request is
+ * the standard struct vfu_mig_data with argsz = sizeof(struct
+ * vfu_mig_shm_data) (the reply it takes). The receiver checks the range
+ * against the window (the peer's figures are untrusted input).
+ */
+struct vfu_mig_shm_data {
+	uint32_t argsz;      /* sizeof(struct vfu_mig_shm_data) */
+	uint32_t size;       /* data bytes, <= max_data_xfer_size */
+	uint64_t offset;     /* where they are in the window */
+} VFU_PACKED;
+
+/* The SET's data: the window's size (the memfd holds at least that). */
+struct vfu_mig_shm_set {
+	uint64_t size;       /* multiple of 4096, [4096, VFU_MIG_SHM_MAX] */
+} VFU_PACKED;
+
+#define VFU_MIG_SHM_MAX (64u << 20)
+
 /* ------------------------------------------------------------------------ */
 /* Layout checks                                                             */
 
@@ -674,6 +697,15 @@ int vfu_bitmap_size(uint64_t length, uint64_t page_size, uint64_t *bytes,
  * (client.h CLI_MAX_SEND_DATA). docs/vfio-user-client.md, "Extensions".
  */
 #define VFU_CAP_WHOLE_MESSAGES     (1u << 7)
+/*
+ * vfiomig extension "vfiomig_mig_shm": true: this side moves migration data
+ * through a shared-memory window the client passes (DEVICE_FEATURE SET of
+ * VFM_VFU_FEATURE_MIG_SHM with a memfd) instead of MIG_DATA_READ/WRITE
+ * payloads. On only when both sides state it; a peer that does not
+ * (libvfio-user ignores the key) gets the standard messages.
+ * docs/vfio-user-server.md, "Extensions".
+ */
+#define VFU_CAP_MIG_SHM            (1u << 8)
 
 /*
  * The "capabilities" object. Every field holds its effective value (the spec
@@ -691,6 +723,7 @@ struct vfu_caps {
 	bool write_multiple;
 	uint64_t migration_pgsize;    /* "migration":{"pgsize"}, 0 = absent */
 	bool whole_messages;          /* "vfiomig_whole_messages" (extension) */
+	bool mig_shm;                 /* "vfiomig_mig_shm" (extension) */
 };
 
 /* A decoded VERSION payload. */
@@ -754,6 +787,7 @@ struct vfu_negotiated {
 	uint64_t pgsizes;           /* the server's, a subset of the client's */
 	bool write_multiple;
 	bool whole_messages;        /* both sides read messages whole (extension) */
+	bool mig_shm;               /* both sides take migration data by window (extension) */
 	bool twin_socket;           /* twin-socket mode is on */
 	int32_t twin_socket_fd_index; /* index into the VERSION reply's fds, or -1 */
 	size_t max_msg_size;        /* VFU_MSG_SIZE_FOR_XFER(local_max_xfer): for vfu_recv */

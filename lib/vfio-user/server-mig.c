@@ -50,6 +50,7 @@ void vfm_vfu_mig_set_error(struct vfm_vfu_ctx *ctx)
 void vfu_srv_mig_reset(struct vfm_vfu_ctx *ctx)
 {
 	ctx->mig_error = false;
+	vfu_srv_mig_prefetch_drop(ctx);
 	vfu_srv_set_state(ctx, VFM_STATE_RUNNING);
 }
 
@@ -85,6 +86,8 @@ static int mig_set_state(struct vfm_vfu_ctx *ctx, uint32_t target, struct vfm_er
 			if (ctx->mig_error)
 				vfu_srv_set_state(ctx, VFM_STATE_ERROR);
 			ctx->mig_error = false;
+			if (!vfm_state_is_saving(vfu_srv_state(ctx)))
+				vfu_srv_mig_prefetch_drop(ctx);
 			return vfm_error_set(err, r, "MIG_DEVICE_STATE: arc %s -> %s failed (%s), device is %s",
 					     vfm_state_name(cur), vfm_state_name(path[i]),
 					     vfm_strerror(r), vfm_state_name(vfu_srv_state(ctx)));
@@ -92,6 +95,9 @@ static int mig_set_state(struct vfm_vfu_ctx *ctx, uint32_t target, struct vfm_er
 		vfm_trace(ctx->id, "state %s -> %s", vfm_state_name(cur), vfm_state_name(path[i]));
 		cur = path[i];
 		vfu_srv_set_state(ctx, cur);
+		/* Out of the saving states the data session is over. */
+		if (!vfm_state_is_saving(cur))
+			vfu_srv_mig_prefetch_drop(ctx);
 	}
 	vfm_debug(ctx->id, "device state %s", vfm_state_name(cur));
 	return 0;
@@ -133,6 +139,9 @@ static bool feature_lookup(const struct vfm_vfu_ctx *ctx, uint32_t id, struct fe
 	case VFM_VFU_FEATURE_PRECOPY_INFO:
 		*f = (struct feature){ VFU_FEATURE_GET, 2 * sizeof(uint64_t) };
 		return mig && mig->precopy_info && (mig->flags & VFM_MIG_PRE_COPY);
+	case VFM_VFU_FEATURE_MIG_SHM:
+		*f = (struct feature){ VFU_FEATURE_SET, sizeof(struct vfu_mig_shm_set) };
+		return mig && ctx->neg.mig_shm;
 	default:
 		return false;
 	}
@@ -215,6 +224,7 @@ static int feature_get(struct vfm_vfu_ctx *ctx, uint32_t id, const struct vfu_de
 		ret = mig->stop_copy_size(ctx, &v[0]);
 		if (ret)
 			return vfm_error_set(err, ret, "MIG_DATA_SIZE: device failed");
+		v[0] += ctx->pf_len;   /* read ahead, not yet given to the client */
 		reply_get(r, req->flags, v, sizeof(v[0]));
 		return 0;
 	case VFM_VFU_FEATURE_PRECOPY_INFO:
@@ -223,6 +233,8 @@ static int feature_get(struct vfm_vfu_ctx *ctx, uint32_t id, const struct vfu_de
 		ret = mig->precopy_info(ctx, &v[0], &v[1]);
 		if (ret)
 			return vfm_error_set(err, ret, "PRECOPY_INFO: device failed");
+		v[0] += ctx->pf_initial;   /* read ahead, not yet given to the client */
+		v[1] += ctx->pf_len - ctx->pf_initial;
 		reply_get(r, req->flags, v, sizeof(v));
 		return 0;
 	}
@@ -254,6 +266,12 @@ static int feature_set(struct vfm_vfu_ctx *ctx, uint32_t id, struct vfu_msg *m,
 		return 0;
 	case VFU_FEATURE_DMA_LOGGING_STOP:
 		vfu_srv_log_stop(ctx);
+		reply_echo(r, m);
+		return 0;
+	case VFM_VFU_FEATURE_MIG_SHM:
+		ret = vfu_srv_mig_shm_set(ctx, m, data, err);
+		if (ret)
+			return ret;
 		reply_echo(r, m);
 		return 0;
 	}
@@ -317,6 +335,7 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 {
 	enum vfm_state s = vfu_srv_state(ctx);
 	struct vfu_mig_data req, rep;
+	uint8_t *out;
 	size_t n = 0;
 	int ret;
 
@@ -327,7 +346,10 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 		return ret;
 	memcpy(&req, m->payload, sizeof(req));
 	ret = vfu_check_count(m, req.size, ctx->max_xfer, err);
-	ret = ret ?: vfu_check_argsz(m, req.argsz, sizeof(req) + (size_t)req.size, UINT32_MAX, err);
+	/* With a window the reply is {argsz, size, offset} alone. */
+	ret = ret ?: vfu_check_argsz(m, req.argsz, ctx->shm ? sizeof(struct vfu_mig_shm_data)
+							   : sizeof(req) + (size_t)req.size,
+				     UINT32_MAX, err);
 	if (ret)
 		return ret;
 	if (!vfm_state_is_saving(s))
@@ -335,9 +357,29 @@ int vfu_srv_mig_data_read(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	/* Never more data than the client can receive (its max_data_xfer_size). */
 	if (req.size > ctx->neg.peer_max_xfer)
 		req.size = ctx->neg.peer_max_xfer;
+	if (ctx->shm) {
+		/* The device's records go straight into the window. */
+		struct vfu_mig_shm_data w = { .argsz = sizeof(w) };
+		uint64_t off;
+
+		if (req.size > ctx->shm_size)
+			req.size = (uint32_t)ctx->shm_size;
+		ret = vfu_srv_mig_shm_read(ctx, req.size, &off, &n, err);
+		if (ret)
+			return ret;
+		w.size = (uint32_t)n;
+		w.offset = off;
+		memcpy(r->buf, &w, sizeof(w));
+		r->len = sizeof(w);
+		__atomic_add_fetch(&ctx->shm_bytes, n, __ATOMIC_RELAXED);
+		vfm_trace(ctx->id, "MIG_DATA_READ %zu of %" PRIu32 " bytes at %" PRIu64 " in %s "
+			  "(window)", n, req.size, w.offset, vfm_state_name(s));
+		return 0;
+	}
+	out = r->buf + sizeof(rep);
 	/* Fill the request: a short reply tells the client there is no more. */
 	while (n < req.size) {
-		ssize_t got = ctx->mig_ops->read_data(ctx, r->buf + sizeof(rep) + n, req.size - n);
+		ssize_t got = ctx->mig_ops->read_data(ctx, out + n, req.size - n);
 
 		if (got == 0 || got == -ENOMSG)
 			break;
@@ -372,25 +414,32 @@ int vfu_srv_mig_data_write(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	enum vfm_state s = vfu_srv_state(ctx);
 	struct vfu_mig_data req;
 	const uint8_t *p;
-	size_t left;
+	size_t left, size;
 	int ret;
 
 	if (!ctx->mig_ops)
 		return vfm_error_set(err, -ENOTTY, "MIG_DATA_WRITE: device has no migration");
-	ret = vfu_check_payload(m, sizeof(req), err);
-	if (ret)
-		return ret;
-	memcpy(&req, m->payload, sizeof(req));
-	if (req.size != m->len - sizeof(req))
-		return vfm_error_set(err, -EINVAL, "MIG_DATA_WRITE: size %" PRIu32 " but %zu data bytes",
-				     req.size, m->len - sizeof(req));
-	ret = vfu_check_count(m, req.size, ctx->max_xfer, err);
-	if (ret)
-		return ret;
+	if (ctx->shm) {
+		ret = vfu_srv_mig_shm_write_range(ctx, m, &p, &left, err);
+		if (ret)
+			return ret;
+	} else {
+		ret = vfu_check_payload(m, sizeof(req), err);
+		if (ret)
+			return ret;
+		memcpy(&req, m->payload, sizeof(req));
+		if (req.size != m->len - sizeof(req))
+			return vfm_error_set(err, -EINVAL, "MIG_DATA_WRITE: size %" PRIu32
+					     " but %zu data bytes", req.size, m->len - sizeof(req));
+		ret = vfu_check_count(m, req.size, ctx->max_xfer, err);
+		if (ret)
+			return ret;
+		p = (const uint8_t *)m->payload + sizeof(req);
+		left = req.size;
+	}
 	if (s != VFM_STATE_RESUMING)
 		return vfm_error_set(err, -EINVAL, "MIG_DATA_WRITE in %s", vfm_state_name(s));
-	p = (const uint8_t *)m->payload + sizeof(req);
-	left = req.size;
+	size = left;
 	while (left) {
 		ssize_t n = ctx->mig_ops->write_data(ctx, p, left);
 
@@ -400,7 +449,9 @@ int vfu_srv_mig_data_write(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 		p += n;
 		left -= (size_t)n;
 	}
-	vfm_trace(ctx->id, "MIG_DATA_WRITE %" PRIu32 " bytes", req.size);
+	if (ctx->shm)
+		__atomic_add_fetch(&ctx->shm_bytes, size, __ATOMIC_RELAXED);
+	vfm_trace(ctx->id, "MIG_DATA_WRITE %zu bytes%s", size, ctx->shm ? " (window)" : "");
 	r->len = 0;
 	return 0;
 }

@@ -139,6 +139,7 @@ int vfm_vfu_create(const char *socket_path, const struct vfm_vfu_opts *opts, voi
 	ctx->max_dma_maps = o.max_dma_maps ? o.max_dma_maps : VFU_DEFAULT_MAX_DMA_MAPS;
 	ctx->max_fds = o.max_msg_fds ? o.max_msg_fds : VFU_SRV_DEFAULT_MAX_FDS;
 	ctx->io_timeout_ms = o.io_timeout_ms > 0 ? o.io_timeout_ms : VFU_SRV_DEFAULT_TIMEOUT_MS;
+	ctx->no_mig_shm = o.no_mig_shm;
 	ctx->listen_fd = ctx->conn_fd = ctx->epfd = ctx->wake_fd = -1;
 	ctx->mig_state = VFM_STATE_RUNNING;
 	for (unsigned i = 0; i < VFM_VFU_NUM_REGIONS; i++)
@@ -389,6 +390,7 @@ void vfm_vfu_detach(struct vfm_vfu_ctx *ctx)
 	queue_clear(ctx);
 	vfu_srv_dma_release(ctx);
 	vfu_srv_irqs_release(ctx);
+	vfu_srv_mig_shm_release(ctx);
 	if (was_negotiated && ctx->dev_ops && ctx->dev_ops->detach && ctx->dev_ops->detach(ctx)) {
 		int r = device_reset(ctx);
 
@@ -423,7 +425,7 @@ static int handle_version(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	vfu_caps_init(&ours.caps);
 	ours.caps.present = VFU_CAP_MAX_MSG_FDS | VFU_CAP_MAX_DATA_XFER_SIZE |
 			    VFU_CAP_MAX_DMA_MAPS | VFU_CAP_PGSIZES | VFU_CAP_WRITE_MULTIPLE |
-			    VFU_CAP_MIGRATION | VFU_CAP_WHOLE_MESSAGES;
+			    VFU_CAP_MIGRATION | VFU_CAP_WHOLE_MESSAGES | VFU_CAP_MIG_SHM;
 	ours.caps.max_msg_fds = ctx->max_fds;
 	ours.caps.max_data_xfer_size = ctx->max_xfer;
 	ours.caps.max_dma_maps = ctx->max_dma_maps;
@@ -431,6 +433,8 @@ static int handle_version(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	ours.caps.write_multiple = true;
 	/* vfu_recv() reads a body whole (proto.c rx_read()): the extension holds. */
 	ours.caps.whole_messages = true;
+	/* Migration data through a window the client passes (server-mig.c). */
+	ours.caps.mig_shm = !ctx->no_mig_shm;
 	ours.caps.migration_pgsize = 4096;
 	ret = vfu_version_make_reply(&proposed, &ours, &reply, err);
 	if (ret)
@@ -458,10 +462,11 @@ static int handle_version(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 	ctx->drop = false;
 	ctx->negotiated = true;
 	vfm_info(ctx->id, "client speaks %u.%u: max_xfer %" PRIu32 " (ours %" PRIu32 "), fds %" PRIu32
-		 ", dma maps %" PRIu32 "%s%s", (unsigned)reply.major, (unsigned)reply.minor,
+		 ", dma maps %" PRIu32 "%s%s%s", (unsigned)reply.major, (unsigned)reply.minor,
 		 ctx->neg.peer_max_xfer, ctx->neg.local_max_xfer, ctx->neg.peer_max_fds,
 		 ctx->neg.max_dma_maps, ctx->neg.write_multiple ? ", write_multiple" : "",
-		 ctx->neg.whole_messages ? ", whole messages" : "");
+		 ctx->neg.whole_messages ? ", whole messages" : "",
+		 ctx->neg.mig_shm ? ", migration data window" : "");
 	if (ctx->dev_ops && ctx->dev_ops->attach)
 		ctx->dev_ops->attach(ctx);
 	return 0;
@@ -559,7 +564,11 @@ static void dispatch(struct vfm_vfu_ctx *ctx, struct vfu_msg *m)
 			     ret ? NULL : r.fds, ret ? 0 : r.nfds, ctx->io_timeout_ms, &e)) {
 		vfm_info(ctx->id, "reply to %s failed: %s", name, e.msg);
 		ctx->drop = true;
+		return;
 	}
+	/* The reply is on its way: read the next block ahead meanwhile. */
+	if (cmd == VFU_CMD_MIG_DATA_READ && !ret)
+		vfu_srv_mig_prefetch(ctx);
 }
 
 static void queue_push(struct vfm_vfu_ctx *ctx, struct vfu_msg *m)

@@ -118,7 +118,42 @@ struct vfm_vfu_ctx {
 	/* Migration: the state the client sees; written by the loop thread. */
 	int mig_state;                    /* enum vfm_state, atomic */
 	bool mig_error;                   /* set by vfm_vfu_mig_set_error() */
+	/* vfiomig_mig_shm: the client's data window (loop thread), NULL: none. */
+	uint8_t *shm;
+	uint64_t shm_size;
+	uint64_t shm_bytes;               /* moved through it; atomic */
+	bool no_mig_shm;                  /* opts: do not offer the extension */
+	/*
+	 * Read-ahead (server-mig-shm.c): after a full windowed MIG_DATA_READ
+	 * reply of pf_size bytes at pf_base, the next block is read from the
+	 * device into another part of the window while the client writes the
+	 * last one out. Taken from the device, not yet given to the client:
+	 * [pf_off, pf_off + pf_len), pf_initial of them pre-copy initial bytes;
+	 * pf_err: the device failed the read-ahead (the next READ says so).
+	 */
+	bool pf_want;
+	uint32_t pf_size;
+	uint64_t pf_base;
+	uint64_t pf_off;
+	uint32_t pf_len;
+	uint64_t pf_initial;
+	int pf_err;
+	uint64_t pf_reads;                /* read-aheads that took bytes; atomic */
 };
+
+/* server-mig-shm.c: the vfiomig_mig_shm window (proto.h struct vfu_mig_shm_data). */
+void vfu_srv_mig_shm_release(struct vfm_vfu_ctx *ctx);
+int vfu_srv_mig_shm_set(struct vfm_vfu_ctx *ctx, struct vfu_msg *m, const uint8_t *data,
+			struct vfm_error *err);
+int vfu_srv_mig_shm_write_range(struct vfm_vfu_ctx *ctx, const struct vfu_msg *m,
+				const uint8_t **p, size_t *len, struct vfm_error *err);
+/* A windowed MIG_DATA_READ of size bytes: the reply's bytes at *base, *n of them. */
+int vfu_srv_mig_shm_read(struct vfm_vfu_ctx *ctx, uint32_t size, uint64_t *base, size_t *n,
+			 struct vfm_error *err);
+/* After the reply went out: the read-ahead it asked for, if any. */
+void vfu_srv_mig_prefetch(struct vfm_vfu_ctx *ctx);
+/* Drops read-ahead bytes (the data session ended, the window changed). */
+void vfu_srv_mig_prefetch_drop(struct vfm_vfu_ctx *ctx);
 
 typedef int (*vfu_srv_handler)(struct vfm_vfu_ctx *ctx, struct vfu_msg *m,
 			       struct vfu_srv_reply *r, struct vfm_error *err);

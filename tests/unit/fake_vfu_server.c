@@ -18,6 +18,7 @@
 
 #include "fake_vfu_server.h"
 #include "vfio-user/proto.h"
+#include "vfiomig/vfu_server.h"
 
 struct fmap {
 	uint64_t addr, size;
@@ -41,6 +42,8 @@ struct fake {
 	enum vfm_state state;
 	uint64_t src_off, precopy_total;
 	bool log_on;
+	uint8_t *shm;                 /* vfiomig_mig_shm window, or NULL */
+	uint64_t shm_size;
 };
 
 /* The test side fails like the harness does (harness.h holds main()). */
@@ -509,6 +512,22 @@ static void feature(struct fake *f, struct vfu_msg *m)
 		return reply_err(f, m, EINVAL);
 	feat = h.flags & VFU_FEATURE_MASK;
 	data = (uint8_t *)m->payload + sizeof(h);
+	if (feat == VFM_VFU_FEATURE_MIG_SHM && f->cfg.mig_shm) {
+		struct vfu_mig_shm_set ss;
+		void *p;
+
+		if (!(h.flags & VFU_FEATURE_SET) || m->len != sizeof(h) + sizeof(ss) || m->nfds != 1)
+			return reply_err(f, m, EINVAL);
+		memcpy(&ss, data, sizeof(ss));
+		p = mmap(NULL, ss.size, PROT_READ | PROT_WRITE, MAP_SHARED, m->fds[0], 0);
+		if (p == MAP_FAILED)
+			return reply_err(f, m, EINVAL);
+		f->shm = p;
+		f->shm_size = ss.size;
+		f->st.shm_sets++;
+		f->st.shm_size = ss.size;
+		return reply(f, m, m->payload, m->len, NULL, 0);
+	}
 	if (!vfu_feature_name(feat)[0] || !strcmp(vfu_feature_name(feat), "UNKNOWN")) {
 		f->st.unknown_features++;
 		if (f->cfg.unknown_feature_errno < 0)
@@ -617,7 +636,9 @@ static void mig_read(struct fake *f, struct vfu_msg *m)
 		return reply_err(f, m, EINVAL);
 	memcpy(&req, m->payload, sizeof(req));
 	/* libvfio-user's checks. */
-	if (req.size > f->cfg.max_xfer || req.argsz < sizeof(req) + req.size)
+	if (req.size > f->cfg.max_xfer || (f->shm ? req.argsz < sizeof(struct vfu_mig_shm_data) ||
+						   req.size > f->shm_size
+						 : req.argsz < sizeof(req) + req.size))
 		return reply_err(f, m, EINVAL);
 	asked = req.size;
 	f->st.mig_reads++;
@@ -628,6 +649,16 @@ static void mig_read(struct fake *f, struct vfu_msg *m)
 	n = avail < req.size ? avail : req.size;
 	if (f->cfg.read_cap && n > f->cfg.read_cap)
 		n = f->cfg.read_cap;   /* a lax server: short without being at the end */
+	if (f->shm) {
+		struct vfu_mig_shm_data w = { sizeof(w), (uint32_t)n + f->cfg.shm_extra,
+					      f->cfg.shm_read_offset };
+
+		for (uint64_t i = 0; i < n && f->cfg.shm_read_offset + i < f->shm_size; i++)
+			f->shm[f->cfg.shm_read_offset + i] = fake_stream_byte(f->src_off + i);
+		f->src_off += n;
+		f->st.shm_reads++;
+		return reply(f, m, &w, sizeof(w), NULL, 0);
+	}
 	/* Like libvfio-user: the reply is as long as asked; size says what is data. */
 	out = calloc(1, sizeof(req) + req.size);
 	if (!out)
@@ -648,6 +679,22 @@ static void mig_write(struct fake *f, struct vfu_msg *m)
 
 	if (vfu_check_payload(m, sizeof(req), NULL) || f->state != VFM_STATE_RESUMING)
 		return reply_err(f, m, EINVAL);
+	if (f->shm) {
+		struct vfu_mig_shm_data w;
+
+		if (m->len != sizeof(w))
+			return reply_err(f, m, EINVAL);
+		memcpy(&w, m->payload, sizeof(w));
+		if (w.argsz != sizeof(w) || w.offset > f->shm_size || w.size > f->shm_size - w.offset)
+			return reply_err(f, m, EINVAL);
+		f->st.mig_writes++;
+		f->st.shm_writes++;
+		if (w.size > f->st.max_mig_write)
+			f->st.max_mig_write = w.size;
+		f->st.resume_checksum = fake_fnv(f->shm + w.offset, w.size, f->st.resume_checksum);
+		f->st.resume_bytes += w.size;
+		return reply(f, m, NULL, 0, NULL, 0);
+	}
 	memcpy(&req, m->payload, sizeof(req));
 	if (req.size > f->cfg.max_xfer || req.argsz < sizeof(req) + req.size ||
 	    m->len != sizeof(req) + req.size)

@@ -49,6 +49,13 @@ struct fake_cfg {
 	uint32_t read_cap;          /* MIG_DATA_READ gives at most this much; 0: no cap */
 	int unknown_feature_errno;  /* an unknown DEVICE_FEATURE gets this (0: ENOTTY;
 				     * libvfio-user: EINVAL); -1: no reply at all */
+	/* vfiomig_mig_shm: take the window (SET 0xf002) and move migration
+	 * data through it (version_json must state the key too). */
+	bool mig_shm;
+	/* ... and name this offset in MIG_DATA_READ replies (a hostile server
+	 * names one outside the window), and add shm_extra to the size. */
+	uint64_t shm_read_offset;
+	uint32_t shm_extra;
 };
 
 /* What the doorbell can be asked to do. */
@@ -91,6 +98,7 @@ struct fake_stats {
 	uint64_t irq_msgs, irq_fds;
 	uint64_t resets;
 	uint64_t unknown_features;   /* DEVICE_FEATURE requests for an unknown feature */
+	uint64_t shm_sets, shm_size, shm_reads, shm_writes;   /* vfiomig_mig_shm */
 };
 
 struct fake_srv {

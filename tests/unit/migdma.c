@@ -79,7 +79,8 @@ static void devsrv_main(const char *path, const struct md_opts *o, uint64_t chur
 					 .state_size = o->state_size ? o->state_size : MD_DEV_STATE,
 					 .churn_rate = churn, .seed = seed,
 					 .mig_flags = o->mig_flags,
-					 .save_latency_us = o->save_latency_us };
+					 .save_latency_us = o->save_latency_us,
+					 .no_mig_shm = o->no_mig_shm };
 	struct vfm_error err = { 0 };
 	struct vfm_dmadev *dev;
 
@@ -458,6 +459,7 @@ static void dest_main(const char *uri, const struct md_opts *o, int rfd, int wfd
 	for (unsigned i = 0; i < o->ndev; i++) {
 		res.dev_state[i] = (int32_t)md_dev_state(s.dev[i]);
 		res.dev_sum[i] = md_reg(s.dev[i], DMADEV_REG_CHECKSUM);
+		res.dev_shm[i] = vfm_vfio_user_mig_shm_bytes(s.dev[i]);
 	}
 	if (write(wfd, &res, sizeof(res)) != sizeof(res))
 		_exit(3);

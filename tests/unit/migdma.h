@@ -45,6 +45,7 @@ struct md_opts {
 	int mf_ram_delay_chan;    /* destination: hold the first RAM packet of this channel + 1 */
 	uint64_t save_latency_us; /* devices: firmware latency per MiB saved */
 	unsigned timeout_ms;      /* both sides' migration timeout (0: 5000) */
+	bool no_mig_shm;          /* device servers without the vfiomig_mig_shm window */
 };
 
 struct md_side;
@@ -77,6 +78,7 @@ struct md_result {
 	uint64_t mf_out_of_order;   /* multifd buffers that came before their turn */
 	uint64_t mf_ram_bytes;      /* RAM bytes that came over the multifd channels */
 	int32_t dev_state[MD_MAXDEV];
+	uint64_t dev_shm[MD_MAXDEV];  /* bytes through the migration data window */
 	char error[VFM_ERROR_MSG_MAX];
 };
 

@@ -9,6 +9,7 @@
 #include "../../devices/dma.h"
 #include "harness.h"
 #include "migdma.h"
+#include "vfiomig/vfio_user.h"
 
 struct scenario {
 	const char *kind;          /* unix, tcp, file */
@@ -88,6 +89,33 @@ static void check_log_reports(const struct scenario *sc, unsigned i, uint64_t re
 		CHECK_EQ(reports, 0);
 }
 
+/*
+ * The vfiomig_mig_shm window (docs/vfio-user-server.md, "Extensions"): our
+ * client and our dma server move every device byte through it on both
+ * sides, unless the servers do not offer it (no_mig_shm: standard
+ * MIG_DATA_READ/WRITE payloads, as with libvfio-user). Either way the
+ * destination's checksums equal the source's (run()). Mutation caught: the
+ * client never setting the window up (0 bytes through it).
+ */
+static void check_mig_shm(const struct scenario *sc, struct md_side *s, const struct md_result *r)
+{
+	uint64_t size = sc->o.state_size ? sc->o.state_size : MD_DEV_STATE;
+
+	for (unsigned i = 0; i < sc->o.ndev; i++) {
+		uint64_t src = vfm_vfio_user_mig_shm_bytes(s->dev[i]);
+
+		fprintf(stderr, "# dev%u: %" PRIu64 " bytes read and %" PRIu64 " written through "
+			"the migration data window\n", i, src, r->dev_shm[i]);
+		if (sc->o.no_mig_shm) {
+			CHECK_EQ(src, 0);
+			CHECK_EQ(r->dev_shm[i], 0);
+		} else {
+			CHECK(src >= size);
+			CHECK(r->dev_shm[i] >= size);
+		}
+	}
+}
+
 static void run(const struct scenario *sc)
 {
 	struct md_devsrv srv[MD_MAXDEV];
@@ -153,6 +181,7 @@ static void run(const struct scenario *sc)
 			FAIL("device %u checksum %#" PRIx64 " != source %#" PRIx64, i, r.dev_sum[i],
 			     sums[i]);
 	}
+	check_mig_shm(sc, &s, &r);
 	CHECK(st.ram_transferred_bytes >= MD_MEM / 4);
 	CHECK(st.device_transferred_bytes >=
 	      (sc->o.state_size ? sc->o.state_size : MD_DEV_STATE) * sc->o.ndev);
@@ -192,6 +221,13 @@ static void run(const struct scenario *sc)
 TEST_TIMEOUT(unix_one_device, 60)
 {
 	struct scenario sc = { "unix", { .ndev = 1 }, -1, false };
+	run(&sc);
+}
+
+TEST_TIMEOUT(unix_device_data_in_messages_without_the_window, 60)
+{
+	/* Servers that do not offer vfiomig_mig_shm: the standard messages. */
+	struct scenario sc = { "unix", { .ndev = 2, .no_mig_shm = true }, -1, false };
 	run(&sc);
 }
 

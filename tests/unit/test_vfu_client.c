@@ -960,6 +960,120 @@ TEST(mig_resume_whole_messages_extension)
 			   "\"vfiomig_whole_messages\":true}}", 4, 65536);
 }
 
+/*
+ * The vfiomig_mig_shm extension (proto.h struct vfu_mig_shm_data): with a
+ * server that states it, the client passes a window at the first data
+ * request and every byte then moves through it: read into the caller's
+ * buffer, or left in the window (vfm_vfio_user_read_data_view, one request),
+ * and written from it. A server that does not state it gets the standard
+ * messages and no SET.
+ */
+#define SHM_JSON "{\"capabilities\":{\"max_data_xfer_size\":1048576,\"vfiomig_mig_shm\":true}}"
+
+TEST(mig_shm_window)
+{
+	struct fake_cfg cfg = { .max_xfer = 1 << 20, .version_json = SHM_JSON, .mig_shm = true,
+				.precopy_bytes = 3000, .stopcopy_bytes = 5000 };
+	struct vfm_error err = { 0 };
+	static uint8_t buf[8192], data[200000];
+	const void *view;
+	struct fake_stats st;
+	struct fake_srv s;
+	struct vfm_device *dev = start(&s, &cfg, NULL);
+	ssize_t n;
+
+	probe(dev);
+	set_state(dev, VFM_STATE_PRE_COPY);
+	CHECK_EQ(rd(dev, buf, 1000), 1000);          /* copied out of the window */
+	check_stream(buf, 1000, 0);
+	n = vfm_vfio_user_read_data_view(dev, buf, sizeof(buf), &view, &err);
+	CHECK_EQ(n, 2000);                           /* short: the pre-copy part is out */
+	CHECK(view != buf);                          /* left in the window */
+	check_stream(view, 2000, 1000);
+	CHECK_EQ(rd(dev, buf, 1000), -ENOMSG);
+	set_state(dev, VFM_STATE_STOP_COPY);
+	n = vfm_vfio_user_read_data_view(dev, buf, 4096, &view, &err);
+	CHECK_EQ(n, 4096);
+	check_stream(view, 4096, 3000);
+	CHECK_EQ(rd(dev, buf, sizeof(buf)), 904);
+	check_stream(buf, 904, 7096);
+	CHECK_EQ(rd(dev, buf, sizeof(buf)), 0);
+	fake_stats(dev, &st);
+	CHECK_EQ(st.shm_sets, 1);
+	CHECK_EQ(st.shm_size, 2 << 20);             /* two blocks: room to read ahead */
+	CHECK_EQ(st.shm_reads, st.mig_reads);
+	CHECK_EQ(vfm_vfio_user_mig_shm_bytes(dev), 8000);
+
+	set_state(dev, VFM_STATE_RUNNING);
+	set_state(dev, VFM_STATE_RESUMING);
+	fake_fill(data, sizeof(data), 34);
+	if (vfm_device_write_data(dev, data, sizeof(data), &err))
+		FAIL("write_data: %s", err.msg);
+	fake_stats(dev, &st);
+	CHECK_EQ(st.shm_writes, 1);                  /* one 16-byte request */
+	CHECK_EQ(st.resume_bytes, sizeof(data));
+	CHECK_EQ(st.resume_checksum, fake_fnv(data, sizeof(data), FAKE_FNV_INIT));
+	CHECK_EQ(st.shm_sets, 1);
+	CHECK_EQ(vfm_vfio_user_mig_shm_bytes(dev), 8000 + sizeof(data));
+	set_state(dev, VFM_STATE_STOP);
+	set_state(dev, VFM_STATE_RUNNING);
+	finish(&s, dev);
+
+	/* Not stated: standard messages, no window, a view is a copy. */
+	cfg.version_json = "{\"capabilities\":{\"max_data_xfer_size\":1048576,"
+			   "\"vfiomig_whole_messages\":true}}";
+	dev = start(&s, &cfg, NULL);
+	probe(dev);
+	set_state(dev, VFM_STATE_PRE_COPY);
+	n = vfm_vfio_user_read_data_view(dev, buf, sizeof(buf), &view, &err);
+	CHECK_EQ(n, 3000);
+	CHECK(view == buf);
+	check_stream(buf, 3000, 0);
+	fake_stats(dev, &st);
+	CHECK_EQ(st.shm_sets, 0);
+	CHECK_EQ(st.unknown_features, 0);            /* not even asked */
+	CHECK_EQ(vfm_vfio_user_mig_shm_bytes(dev), 0);
+	set_state(dev, VFM_STATE_RUNNING);
+	finish(&s, dev);
+}
+
+/*
+ * The window's ranges come from the server: untrusted. A MIG_DATA_READ reply
+ * naming bytes past the window's end, or more than were asked, is refused
+ * with a protocol error and nothing is read from outside the window.
+ */
+static void shm_hostile(uint64_t offset, uint32_t extra, const char *what)
+{
+	struct fake_cfg cfg = { .max_xfer = 1 << 20, .version_json = SHM_JSON, .mig_shm = true,
+				.precopy_bytes = 3000, .shm_read_offset = offset,
+				.shm_extra = extra };
+	struct vfm_error err = { 0 };
+	static uint8_t buf[8192];
+	const void *view = NULL;
+	struct fake_srv s;
+	struct vfm_device *dev = start(&s, &cfg, NULL);
+	ssize_t n;
+
+	probe(dev);
+	set_state(dev, VFM_STATE_PRE_COPY);
+	n = vfm_vfio_user_read_data_view(dev, buf, 1000, &view, &err);
+	fprintf(stderr, "# %s: %zd %s\n", what, n, err.msg);
+	CHECK_EQ(n, VFM_EPROTOCOL);
+	CHECK(strstr(err.msg, "outside the 2097152-byte window") != NULL);
+	CHECK(view == buf);
+	vfm_error_clear(&err);
+	CHECK_EQ(vfm_device_read_data(dev, buf, 1000, &err), VFM_EPROTOCOL);
+	CHECK(strstr(err.msg, "MIG_DATA_READ (window)") != NULL);
+	finish(&s, dev);
+}
+
+TEST(mig_shm_hostile_ranges_refused)
+{
+	shm_hostile((2 << 20) - 10, 0, "past the end");
+	shm_hostile(UINT64_MAX - 100, 0, "wrapping");
+	shm_hostile(0, 1, "more than asked");
+}
+
 TEST(mig_failed_transition_recovers)
 {
 	struct fake_cfg cfg = { .fail_state = VFM_STATE_STOP_COPY };

@@ -1283,6 +1283,50 @@ TEST(negotiate_whole_messages)
 		 VFM_EPROTOCOL);
 }
 
+/* The vfiomig_mig_shm extension (proto.h): the same rules as
+ * vfiomig_whole_messages, and independent of it. */
+TEST(negotiate_mig_shm)
+{
+	struct vfu_version_info p = client_proposal(), ours = { .major = 0, .minor = 1 }, r;
+	struct vfm_error err = { 0 };
+	struct vfu_negotiated n;
+	char *json;
+	size_t len;
+
+	vfu_caps_init(&ours.caps);
+	ours.caps.present = VFU_CAP_MIG_SHM | VFU_CAP_WHOLE_MESSAGES;
+	ours.caps.mig_shm = ours.caps.whole_messages = true;
+	/* Not proposed (libvfio-user's client, QEMU's): not in the reply, off. */
+	CHECK_EQ(vfu_version_make_reply(&p, &ours, &r, &err), 0);
+	CHECK(!(r.caps.present & VFU_CAP_MIG_SHM) && !r.caps.mig_shm);
+	CHECK_EQ(vfu_version_negotiate(&p, &r, 0, true, &n, &err), 0);
+	CHECK(!n.mig_shm);
+	/* Proposed alone: on, whole messages stay off; JSON both ways. */
+	p.caps.present |= VFU_CAP_MIG_SHM;
+	p.caps.mig_shm = true;
+	CHECK_EQ(vfu_version_make_reply(&p, &ours, &r, &err), 0);
+	CHECK(r.caps.mig_shm && !r.caps.whole_messages);
+	CHECK_EQ(vfu_caps_to_json(&r.caps, &json, &len, &err), 0);
+	CHECK(strstr(json, "\"vfiomig_mig_shm\":true") != NULL);
+	CHECK_EQ(parse(json, &r.caps, &err), 0);
+	free(json);
+	CHECK(r.caps.mig_shm);
+	CHECK_EQ(vfu_version_negotiate(&p, &r, 0, true, &n, &err), 0);
+	CHECK(n.mig_shm && !n.whole_messages);
+	/* A server without it: off. */
+	ours.caps.mig_shm = false;
+	CHECK_EQ(vfu_version_make_reply(&p, &ours, &r, &err), 0);
+	CHECK_EQ(vfu_version_negotiate(&p, &r, 0, true, &n, &err), 0);
+	CHECK(!n.mig_shm);
+	/* Enabled in a reply to a proposal without it: refused. */
+	CHECK_EQ(parse("{\"capabilities\":{\"vfiomig_mig_shm\":true}}", &r.caps, &err), 0);
+	p.caps.mig_shm = false;
+	CHECK_EQ(vfu_version_negotiate(&p, &r, 0, true, &n, NULL), VFM_EPROTOCOL);
+	/* Not a boolean: refused at parse. */
+	CHECK_EQ(parse("{\"capabilities\":{\"vfiomig_mig_shm\":\"yes\"}}", &r.caps, NULL),
+		 VFM_EPROTOCOL);
+}
+
 TEST(make_reply)
 {
 	struct vfu_version_info p = { .major = 0, .minor = 0 }, ours = { .major = 0, .minor = 1 };
