@@ -41,6 +41,25 @@ static json_object *jhex(unsigned v, int width)
 	return json_object_new_string(buf);
 }
 
+/* An mmap()able region of a backend that maps regions: whether it mapped
+ * (mapping reads and writes nothing on the device). */
+static void print_mapped(struct vfm_device *dev, uint32_t index, const struct vfm_region_info *ri)
+{
+	struct vfm_error err = { 0 };
+	unsigned n = 0;
+	int r;
+
+	if (!(ri->flags & VFM_REGION_MMAP) || !vfm_device_ops(dev)->region_areas) {
+		printf("\n");
+		return;
+	}
+	r = vfm_device_region_areas(dev, index, NULL, 0, &n, &err);
+	if (r)
+		printf("  (mmap failed: %s)\n", err.msg);
+	else
+		printf("  (mapped: %u area%s)\n", n, n == 1 ? "" : "s");
+}
+
 static void add_regions(struct vfm_device *dev, const struct devtool_ident *id, json_object *arr,
 			bool text)
 {
@@ -56,10 +75,11 @@ static void add_regions(struct vfm_device *dev, const struct devtool_ident *id, 
 		if (vfm_device_region_info(dev, i, &ri, NULL) || !ri.size)
 			continue;
 		if (text) {
-			printf("  %-8s %10" PRIu64 " bytes  %s%s%s\n", name, ri.size,
+			printf("  %-8s %10" PRIu64 " bytes  %s%s%s", name, ri.size,
 			       ri.flags & VFM_REGION_READ ? "r" : "-",
 			       ri.flags & VFM_REGION_WRITE ? "w" : "-",
 			       ri.flags & VFM_REGION_MMAP ? "m" : "-");
+			print_mapped(dev, i, &ri);
 			continue;
 		}
 		o = json_object_new_object();
@@ -302,13 +322,18 @@ static int info_run(const char *spec, bool json)
 		bool works = iommu_dirty_works(dev, why, sizeof(why));
 
 		json_object_object_add(io, "kind", json_object_new_string(vfm_vfio_iommu_name(dev)));
+		bool exact = works && vfm_vfio_iommu_dirty_exact(dev);
+
 		json_object_object_add(io, "dirty_tracking", json_object_new_boolean(works));
 		if (!works)
 			json_object_object_add(io, "dirty_tracking_why", json_object_new_string(why));
+		else
+			json_object_object_add(io, "dirty_exact", json_object_new_boolean(exact));
 		json_object_object_add(root, "iommu", io);
 		if (!json)
-			printf("IOMMU: %s, dirty tracking %s%s%s%s\n", vfm_vfio_iommu_name(dev),
-			       works ? "yes" : "no", works ? "" : " (", why, works ? "" : ")");
+			printf("IOMMU: %s, dirty tracking %s%s%s%s%s\n", vfm_vfio_iommu_name(dev),
+			       works ? "yes" : "no", works ? "" : " (", why, works ? "" : ")",
+			       works && !exact ? " (every mapped page: an IOMMU-backed group)" : "");
 	}
 	if (json)
 		printf("%s\n", json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN));

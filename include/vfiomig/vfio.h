@@ -24,10 +24,13 @@ extern "C" {
  * The system call seam. Each returns what libc would, except that failures
  * are a negative errno instead of -1 + errno (mmap: MAP_FAILED and *err_out).
  * opaque is passed back untouched.
+ * V2 adds fcntl (F_GETFL/F_SETFL: the data fd is made O_NONBLOCK); a V1
+ * table is still accepted and its data fds stay as the kernel made them.
  */
 #define VFM_VFIO_SYS_V1 1u
+#define VFM_VFIO_SYS_V2 2u
 struct vfm_vfio_sys {
-	uint32_t version;      /* VFM_VFIO_SYS_V1 */
+	uint32_t version;      /* VFM_VFIO_SYS_V2 (or V1: no fcntl member) */
 	void *opaque;
 	int (*open)(void *opaque, const char *path, int flags);
 	int (*close)(void *opaque, int fd);
@@ -40,6 +43,7 @@ struct vfm_vfio_sys {
 		      off_t off, int *err_out);
 	int (*munmap)(void *opaque, void *addr, size_t len);
 	int (*poll)(void *opaque, struct pollfd *fds, nfds_t nfds, int timeout_ms);
+	int (*fcntl)(void *opaque, int fd, int cmd, int arg);   /* V2 */
 };
 
 /* The libc implementation (what NULL means). */
@@ -69,7 +73,8 @@ struct vfm_vfio_opts {
 	bool no_dirty_hwpt;            /* iommufd: attach the IOAS even when the
 					  IOMMU could track dirty pages */
 	const char *sysfs_root;        /* default "/sys" (tests point it elsewhere) */
-	uint32_t timeout_ms;           /* bound of a poll() on the data fd; default 5000 */
+	uint32_t timeout_ms;           /* how long one data read/write waits for the
+					  data fd; default 5000 */
 	const struct vfm_vfio_sys *sys;/* default: vfm_vfio_set_default_sys() or libc */
 };
 
@@ -89,6 +94,18 @@ VFM_EXPORT bool vfm_device_is_vfio(const struct vfm_device *dev);
 /* "iommufd", "iommufd+dirty-hwpt" or "type1v2"; NULL for other backends. */
 VFM_EXPORT const char *vfm_vfio_iommu_name(const struct vfm_device *dev);
 
+/*
+ * Cancel for the data fd's waits. The migration data fd is made O_NONBLOCK
+ * and a read or write that finds it not ready waits in poll() slices of
+ * VFM_VFIO_CANCEL_SLICE_MS, calling cancelled(opaque) between them: once it
+ * returns true the read or write fails with VFM_ECANCELED (otherwise with
+ * -ETIMEDOUT after the timeout). NULL clears it. Set it while no read or
+ * write is in progress; cancelled may be called from the reading thread.
+ */
+#define VFM_VFIO_CANCEL_SLICE_MS 100
+VFM_EXPORT void vfm_vfio_set_cancel_check(struct vfm_device *dev, bool (*cancelled)(void *opaque),
+					  void *opaque);
+
 VFM_EXPORT int vfm_vfio_irq_info(struct vfm_device *dev, uint32_t index,
 				 struct vfm_irq_info *info, struct vfm_error *err);
 
@@ -96,6 +113,13 @@ VFM_EXPORT int vfm_vfio_irq_info(struct vfm_device *dev, uint32_t index,
 
 /* Whether the IOMMU side can track dirty pages for this device. */
 VFM_EXPORT bool vfm_vfio_iommu_dirty_supported(const struct vfm_device *dev);
+/*
+ * Whether those reports are page-exact. type1 only knows the pages mdevs pin:
+ * with a device of an IOMMU-backed group (a PCI device under vfio-pci) in the
+ * container, every report has every mapped page dirty. false then (and
+ * without tracking); true for an iommufd HWPT and a container of mdevs.
+ */
+VFM_EXPORT bool vfm_vfio_iommu_dirty_exact(const struct vfm_device *dev);
 VFM_EXPORT int vfm_vfio_iommu_dirty_start(struct vfm_device *dev, struct vfm_error *err);
 VFM_EXPORT int vfm_vfio_iommu_dirty_stop(struct vfm_device *dev, struct vfm_error *err);
 /*

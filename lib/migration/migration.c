@@ -7,6 +7,7 @@
 
 #include "migration/engine.h"
 #include "util/logging.h"
+#include "vfiomig/vfio.h"
 
 static const char *const status_names[] = {
 	[VFM_MIG_NONE] = "none", [VFM_MIG_SETUP] = "setup", [VFM_MIG_ACTIVE] = "active",
@@ -183,6 +184,7 @@ void vfm_migration_free(struct vfm_migration *m)
 	vfm_migration_cancel(m);
 	vfm_migration_wait(m, -1);
 	for (unsigned i = 0; i < m->ndevs; i++) {
+		vfm_vfio_set_cancel_check(m->devs[i]->dev, NULL, NULL);
 		free(m->devs[i]->buf);
 		free(m->devs[i]);
 	}
@@ -245,6 +247,14 @@ int vfm_migration_register(struct vfm_migration *m, const char *name, uint32_t v
 	return add_savable(m, name, next, version, ops, opaque, err) ? 0 : err ? err->code : -EINVAL;
 }
 
+/* A kernel device's data fd waits end on this (lib/vfio/mig.c). */
+static bool mig_cancelled(void *opaque)
+{
+	struct vfm_migration *m = opaque;
+
+	return atomic_load(&m->cancel) || atomic_load(&m->in_cancel);
+}
+
 int vfm_migration_add_device(struct vfm_migration *m, struct vfm_device *dev,
 			     const struct vfm_device_props *props, struct vfm_error *err)
 {
@@ -283,6 +293,7 @@ int vfm_migration_add_device(struct vfm_migration *m, struct vfm_device *dev,
 		return err ? err->code : -EINVAL;
 	}
 	m->devs[m->ndevs++] = md;
+	vfm_vfio_set_cancel_check(dev, mig_cancelled, m);
 	return 0;
 }
 

@@ -546,6 +546,27 @@ bool vfm_vfio_iommu_dirty_supported(const struct vfm_device *dev)
 }
 
 /*
+ * type1 knows only the pages mdevs pin: once a device of an IOMMU-backed
+ * group is in the container, every report marks every mapped page dirty
+ * (vfio_iommu_type1.c update_user_bitmap(), num_non_pinned_groups).
+ */
+bool vfm_vfio_iommu_dirty_exact(const struct vfm_device *dev)
+{
+	struct kv_dev *k;
+	bool exact;
+
+	if (!vfm_vfio_iommu_dirty_supported(dev))
+		return false;
+	k = vfm_device_priv(dev);
+	if (k->iommu == KV_IOMMUFD)
+		return true;
+	pthread_mutex_lock(&k->as->lock);
+	exact = k->as->iommu_backed == 0;
+	pthread_mutex_unlock(&k->as->lock);
+	return exact;
+}
+
+/*
  * iommufd: this device's own HWPT. type1: the shared container's tracking,
  * counted: started by the first device that asks, stopped with the last.
  */

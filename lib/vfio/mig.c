@@ -1,12 +1,15 @@
 /*
  * Migration v2 and DMA logging over VFIO_DEVICE_FEATURE on a kernel device:
- * state get/set, the data fd (ENOMSG / 0 / EAGAIN + poll), PRECOPY_INFO in
- * the read loop, MIG_DATA_SIZE, and DMA_LOGGING_START/STOP/REPORT.
+ * state get/set, the data fd (O_NONBLOCK; ENOMSG / 0 / EAGAIN + poll in
+ * slices that see a cancel), PRECOPY_INFO in the read loop, MIG_DATA_SIZE,
+ * and DMA_LOGGING_START/STOP/REPORT.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "util/logging.h"
 #include "vfio/priv.h"
@@ -43,6 +46,53 @@ void kv_close_data_fd(struct kv_dev *k)
 		vfm_trace(k->id, "data fd closed");
 	}
 	k->data_fd = -1;
+	k->data_nonblock = false;
+}
+
+/*
+ * O_NONBLOCK on a new data fd: a driver with nothing to give then answers
+ * EAGAIN instead of sleeping in read() or write(), where no cancel reaches
+ * the thread (mlx5's mlx5vf_save_read() waits for data only without
+ * O_NONBLOCK, drivers/vfio/pci/mlx5/main.c; hisi_acc and mtty never wait).
+ * A V1 system-call table or a failing fcntl leaves the fd blocking: reads
+ * and writes still work, only a stuck driver cannot be cancelled then.
+ */
+static void set_data_fd_nonblocking(struct kv_dev *k)
+{
+	int fl, r;
+
+	k->data_nonblock = false;
+	if (k->sys->version < VFM_VFIO_SYS_V2 || !k->sys->fcntl)
+		return;
+	fl = k->sys->fcntl(k->sys->opaque, k->data_fd, F_GETFL, 0);
+	r = fl < 0 ? fl : (fl & O_NONBLOCK) ? 0 :
+		k->sys->fcntl(k->sys->opaque, k->data_fd, F_SETFL, fl | O_NONBLOCK);
+	if (r < 0) {
+		vfm_warn(k->id, "data fd stays blocking (fcntl: %s): a stuck driver cannot be "
+			 "cancelled", strerror(-r));
+		return;
+	}
+	k->data_nonblock = true;
+}
+
+void vfm_vfio_set_cancel_check(struct vfm_device *dev, bool (*cancelled)(void *opaque),
+			       void *opaque)
+{
+	struct kv_dev *k;
+
+	if (!vfm_device_is_vfio(dev))
+		return;
+	k = kv_of(dev);
+	atomic_store(&k->cancelled, NULL);
+	atomic_store(&k->cancel_opaque, opaque);
+	atomic_store(&k->cancelled, cancelled);
+}
+
+static bool is_cancelled(struct kv_dev *k)
+{
+	bool (*fn)(void *) = atomic_load(&k->cancelled);
+
+	return fn && fn(atomic_load(&k->cancel_opaque));
 }
 
 void kv_probe_features(struct kv_dev *k)
@@ -146,22 +196,83 @@ static int mig_set_state(struct vfm_device *dev, enum vfm_state new_state, bool 
 		 * layer reports it (it sees session_opened with a session held). */
 		kv_close_data_fd(k);
 		k->data_fd = s.data_fd;
+		set_data_fd_nonblocking(k);
 		*session_opened = true;
-		vfm_trace(k->id, "data fd %d", s.data_fd);
+		vfm_trace(k->id, "data fd %d%s", s.data_fd, k->data_nonblock ? " (non-blocking)" : "");
 	}
 	return 0;
 }
 
-/* Waits up to the timeout for events on the data fd: 1 ready, 0 timeout. */
-static int wait_data_fd(struct kv_dev *k, short events)
+static uint64_t now_ms(void)
 {
-	struct pollfd p = { .fd = k->data_fd, .events = events };
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* One read or write's wait for the data fd, over all its EAGAINs. */
+struct kv_wait {
+	uint64_t deadline;         /* ms, set at the first EAGAIN */
+	bool was_ready;            /* the last poll said ready */
+	int backoff_ms;            /* > 0: ready yet EAGAIN again, sleep instead */
+};
+
+/*
+ * The data fd answered EAGAIN: waits for events until the read or write's
+ * deadline (k->timeout_ms after its first EAGAIN), in poll() slices of at
+ * most VFM_VFIO_CANCEL_SLICE_MS with a cancel check before each. 0: retry;
+ * else the error (VFM_ECANCELED, -ETIMEDOUT, poll's).
+ *
+ * A driver without a poll method always reads as ready (vfs_poll() gives
+ * DEFAULT_POLLMASK; mtty's migration files have none, samples/vfio-mdev/
+ * mtty.c): when a "ready" fd answers EAGAIN again, the next waits sleep
+ * instead, 1 ms doubling up to a slice, so such a driver is not spun on.
+ */
+static int wait_data_fd(struct kv_dev *k, short events, struct kv_wait *w, const char *what,
+			struct vfm_error *err)
+{
+	uint64_t now = now_ms();
 	int r;
 
-	do
-		r = k->sys->poll(k->sys->opaque, &p, 1, k->timeout_ms);
-	while (r == -EINTR);
-	return r;
+	if (!w->deadline)
+		w->deadline = now + (uint64_t)k->timeout_ms;
+	if (w->was_ready || w->backoff_ms)   /* EAGAIN again after "ready" or a sleep */
+		w->backoff_ms = w->backoff_ms ? w->backoff_ms * 2 : 1;
+	if (w->backoff_ms > VFM_VFIO_CANCEL_SLICE_MS)
+		w->backoff_ms = VFM_VFIO_CANCEL_SLICE_MS;
+	w->was_ready = false;
+	for (;;) {
+		struct pollfd p = { .fd = k->data_fd, .events = events };
+		uint64_t left;
+		int slice;
+
+		if (is_cancelled(k))
+			return vfm_error_set(err, VFM_ECANCELED, "%s: migration cancelled while "
+					     "waiting for the data fd", k->id);
+		now = now_ms();
+		if (now >= w->deadline)
+			return vfm_error_set(err, -ETIMEDOUT, "%s: %s within %d ms", k->id, what,
+					     k->timeout_ms);
+		left = w->deadline - now;
+		slice = left < VFM_VFIO_CANCEL_SLICE_MS ? (int)left : VFM_VFIO_CANCEL_SLICE_MS;
+		if (w->backoff_ms) {
+			/* A sleep: poll() of no fds (EINTR is as good as the time out). */
+			k->sys->poll(k->sys->opaque, NULL, 0,
+				     w->backoff_ms < slice ? w->backoff_ms : slice);
+			return 0;
+		}
+		r = k->sys->poll(k->sys->opaque, &p, 1, slice);
+		if (r == -EINTR || r == 0)
+			continue;
+		if (r < 0)
+			return vfm_error_set(err, r, "%s: poll on the data fd: %s", k->id,
+					     strerror(-r));
+		if (p.revents & POLLNVAL)
+			return vfm_error_set(err, -EBADF, "%s: poll on the data fd: not open", k->id);
+		w->was_ready = true;
+		return 0;   /* ready, or POLLERR/POLLHUP: the retry reports it */
+	}
 }
 
 static bool in_precopy(const struct kv_dev *k)
@@ -189,13 +300,14 @@ static int precopy_info(struct kv_dev *k, uint64_t *init, uint64_t *dirty, struc
  * read() on the data fd. In PRE_COPY* "nothing now" is ENOMSG (or 0 from
  * some drivers, mtty); mlx5 and virtio produce new data only when
  * PRECOPY_INFO is asked at the end of the current data, so it is asked there
- * and the read retried once when it announces bytes. EAGAIN (non-blocking
- * fds) waits in poll(), bounded by the timeout.
+ * and the read retried once when it announces bytes. EAGAIN waits in
+ * wait_data_fd() (cancel, timeout).
  */
 static ssize_t mig_read_data(struct vfm_device *dev, void *buf, size_t len,
 			     struct vfm_error *err)
 {
 	struct kv_dev *k = kv_of(dev);
+	struct kv_wait w = { 0 };
 	bool asked = false;
 
 	if (k->data_fd < 0 || !vfm_state_is_saving(k->state))
@@ -212,13 +324,9 @@ static ssize_t mig_read_data(struct vfm_device *dev, void *buf, size_t len,
 		if (n == -EINTR)
 			continue;
 		if (n == -EAGAIN) {
-			r = wait_data_fd(k, POLLIN);
-			if (r < 0)
-				return vfm_error_set(err, r, "%s: poll on the data fd: %s", k->id,
-						     strerror(-r));
-			if (r == 0)
-				return vfm_error_set(err, -ETIMEDOUT, "%s: no migration data "
-						     "within %d ms", k->id, k->timeout_ms);
+			r = wait_data_fd(k, POLLIN, &w, "no migration data", err);
+			if (r)
+				return r;
 			continue;
 		}
 		if (!in_precopy(k)) {
@@ -243,6 +351,7 @@ static ssize_t mig_write_data(struct vfm_device *dev, const void *buf, size_t le
 			      struct vfm_error *err)
 {
 	struct kv_dev *k = kv_of(dev);
+	struct kv_wait w = { 0 };
 
 	if (k->data_fd < 0 || k->state != VFM_STATE_RESUMING)
 		return vfm_error_set(err, -EINVAL, "%s: no resuming data session", k->id);
@@ -255,10 +364,9 @@ static ssize_t mig_write_data(struct vfm_device *dev, const void *buf, size_t le
 		if (n == -EINTR)
 			continue;
 		if (n == -EAGAIN) {
-			r = wait_data_fd(k, POLLOUT);
-			if (r <= 0)
-				return vfm_error_set(err, r ? r : -ETIMEDOUT, "%s: data fd not "
-						     "writable within %d ms", k->id, k->timeout_ms);
+			r = wait_data_fd(k, POLLOUT, &w, "data fd not writable", err);
+			if (r)
+				return r;
 			continue;
 		}
 		return vfm_error_set(err, n ? (int)n : -EIO, "%s: writing the data fd: %s",

@@ -17,9 +17,8 @@ static void kv_close(struct vfm_device *dev);
 
 /*
  * Four tables: migration and DMA logging are each optional (as in the kernel).
- * No region_areas: this backend reaches regions with pread/pwrite on the
- * device fd and mmap()s none of them (not even VFIO_REGION_INFO_FLAG_MMAP
- * ones), so vfm_device_region_areas() answers -ENOTSUP for it.
+ * Region I/O is pread/pwrite on the device fd; region_areas (mmap.c) maps a
+ * region's mmap()able areas when a caller asks for them.
  */
 #define KV_OPS(name_, mig_, log_)                                             \
 	static const struct vfm_device_ops name_ = {                          \
@@ -32,6 +31,7 @@ static void kv_close(struct vfm_device *dev);
 		.dma_unmap = kv_dma_unmap,                                    \
 		.reset = kv_reset,                                            \
 		.close = kv_close,                                            \
+		.region_areas = kv_region_areas,                              \
 		.mig = mig_,                                                  \
 		.log = log_,                                                  \
 	}
@@ -227,6 +227,12 @@ static void kv_destroy(struct kv_dev *k)
 	kv_close_data_fd(k);
 	if (k->as)
 		kv_dma_cleanup(k);
+	kv_unmap_regions(k);
+	if (k->iommu_backed) {
+		pthread_mutex_lock(&k->as->lock);
+		k->as->iommu_backed--;
+		pthread_mutex_unlock(&k->as->lock);
+	}
 	/* The device first: closing it detaches it from the IOAS or container. */
 	close_fd(k, &k->devfd);
 	if (k->hwpt_id && k->as) {
@@ -363,6 +369,14 @@ static int open_type1(struct kv_dev *k, const char *devname, int group, struct v
 	k->devfd = r;
 	k->iommu = KV_TYPE1;
 	kv_type1_probe(k);
+	/* Only mdevs pin what they DMA to; any other device's group is backed by
+	 * the IOMMU, and type1 then reports every mapped page dirty. */
+	if (!kv_is_mdev_name(devname)) {
+		pthread_mutex_lock(&k->as->lock);
+		k->as->iommu_backed++;
+		pthread_mutex_unlock(&k->as->lock);
+		k->iommu_backed = true;
+	}
 	return 0;
 
 err_put:
@@ -410,9 +424,11 @@ static int check_opts(const struct vfm_vfio_opts *o, struct vfm_error *err)
 				     o->version, VFM_VFIO_OPTS_V1);
 	if (o->iommu > VFM_VFIO_IOMMU_LEGACY || o->timeout_ms > INT32_MAX / 2)
 		return vfm_error_set(err, -EINVAL, "vfio options: bad iommu mode or timeout");
-	if (o->sys && (o->sys->version != VFM_VFIO_SYS_V1 || !o->sys->open || !o->sys->close ||
-		       !o->sys->ioctl || !o->sys->read || !o->sys->write || !o->sys->pread ||
-		       !o->sys->pwrite || !o->sys->mmap || !o->sys->munmap || !o->sys->poll))
+	if (o->sys && ((o->sys->version != VFM_VFIO_SYS_V1 && o->sys->version != VFM_VFIO_SYS_V2) ||
+		       !o->sys->open || !o->sys->close || !o->sys->ioctl || !o->sys->read ||
+		       !o->sys->write || !o->sys->pread || !o->sys->pwrite || !o->sys->mmap ||
+		       !o->sys->munmap || !o->sys->poll ||
+		       (o->sys->version == VFM_VFIO_SYS_V2 && !o->sys->fcntl)))
 		return vfm_error_set(err, -EINVAL, "vfio options: incomplete system call table");
 	return 0;
 }

@@ -1,12 +1,14 @@
 /*
  * Internals of the kernel VFIO backend, shared by its files: open.c (open,
  * close, info, regions, reset, ops tables), sysfs.c (name resolution), dma.c
- * (DMA map/unmap, IOMMU dirty tracking), mig.c (migration, DMA logging).
+ * (DMA map/unmap, IOMMU dirty tracking), mig.c (migration, DMA logging),
+ * mmap.c (regions mapped into the process).
  */
 #ifndef VFM_VFIO_PRIV_H
 #define VFM_VFIO_PRIV_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "compat/vfio_compat.h"
 #include "compat/iommufd_compat.h"
@@ -22,6 +24,10 @@ enum kv_iommu { KV_IOMMUFD, KV_TYPE1 };
 struct kv_region {
 	struct vfm_region_info info;
 	uint64_t offset;           /* in the device fd */
+	/* mmap.c, under its lock: the areas mapped on first request. */
+	bool mapped;
+	struct vfm_region_area *areas;
+	unsigned nareas;
 };
 
 struct kv_map {
@@ -46,6 +52,7 @@ struct kv_as {
 	size_t nmaps, maps_cap;
 	unsigned dirty_users;      /* KV_TYPE1: devices with container tracking on */
 	bool type1_dirty;          /* KV_TYPE1: the container offers dirty tracking */
+	unsigned iommu_backed;     /* KV_TYPE1: devices of IOMMU-backed groups in it */
 	uint64_t dirty_pgsize;     /* KV_TYPE1: smallest page size of its dirty bitmaps */
 	struct vfm_iova_range *iova_ok;  /* IOVAs the IOMMU can map (none: any) */
 	uint32_t niova_ok;
@@ -73,6 +80,7 @@ struct kv_dev {
 	int iommufd;               /* KV_IOMMUFD: as->fd (not ours) */
 	uint32_t devid, ioas_id, hwpt_id;   /* hwpt_id 0: the IOAS is attached */
 	bool hwpt_dirty;           /* the attached HWPT can track dirty pages */
+	bool iommu_backed;         /* KV_TYPE1: counted in as->iommu_backed (not an mdev) */
 	int container, group;      /* KV_TYPE1: as->fd, grp->fd (not ours) */
 	struct vfm_device_info info;
 	struct kv_region *regions; /* info.num_regions entries (capped) */
@@ -87,8 +95,13 @@ struct kv_dev {
 	 * changes in set_state/get_state/reset, never during a read or write.
 	 */
 	int data_fd;               /* -1 when no session */
+	bool data_nonblock;        /* O_NONBLOCK set on data_fd */
 	enum vfm_state state;      /* last state the kernel confirmed */
 	bool state_known;
+
+	/* vfm_vfio_set_cancel_check(): opaque stored before fn, fn cleared first. */
+	_Atomic(bool (*)(void *)) cancelled;
+	void *_Atomic cancel_opaque;
 
 	/* Under as->lock: what this device mapped, and its tracking flags. */
 	struct vfm_iova_range *mine;
@@ -121,6 +134,8 @@ const struct vfm_vfio_sys *kv_default_sys(void);
  * kernel name for VFIO_GROUP_GET_DEVICE_FD (devname_out, "" if unknown) and
  * its IOMMU group (-1 if unknown).
  */
+/* Whether a kernel device name is an mdev's (a UUID; else a PCI address...). */
+bool kv_is_mdev_name(const char *name);
 int kv_resolve(const char *sysfs_root, const char *name, char *cdev_out, size_t cdev_len,
 	       char *devname_out, size_t devname_len, int *group_out, struct vfm_error *err);
 
@@ -149,6 +164,14 @@ void kv_type1_probe(struct kv_dev *k);
 void kv_iommufd_probe_ranges(struct kv_dev *k);
 /* Lets go of everything this device mapped (close). */
 void kv_dma_cleanup(struct kv_dev *k);
+
+/* ---- mmap.c ---- */
+
+/* The device's region_areas op: maps the region's mmap()able areas once. */
+int kv_region_areas(struct vfm_device *dev, uint32_t index, struct vfm_region_area *areas,
+		    unsigned max, unsigned *count, struct vfm_error *err);
+/* Unmaps every region mapped (close). */
+void kv_unmap_regions(struct kv_dev *k);
 
 /* ---- mig.c ---- */
 

@@ -81,8 +81,15 @@ static int sys_poll(void *o, struct pollfd *fds, nfds_t n, int timeout_ms)
 	return r < 0 ? -errno : r;
 }
 
+static int sys_fcntl(void *o, int fd, int cmd, int arg)
+{
+	int r = fcntl(fd, cmd, arg);
+
+	return r < 0 ? -errno : r;
+}
+
 static const struct vfm_vfio_sys libc_sys = {
-	.version = VFM_VFIO_SYS_V1,
+	.version = VFM_VFIO_SYS_V2,
 	.open = sys_open,
 	.close = sys_close,
 	.ioctl = sys_ioctl,
@@ -93,6 +100,7 @@ static const struct vfm_vfio_sys libc_sys = {
 	.mmap = sys_mmap,
 	.munmap = sys_munmap,
 	.poll = sys_poll,
+	.fcntl = sys_fcntl,
 };
 
 static _Atomic(const struct vfm_vfio_sys *) default_sys;

@@ -87,7 +87,7 @@ static int find_vfio_entry(const char *dir, char *out, size_t len)
 }
 
 /* 8-4-4-4-12 hex digits: an mdev's name. */
-static bool is_uuid(const char *s)
+bool kv_is_mdev_name(const char *s)
 {
 	static const int run[] = { 8, 4, 4, 4, 12 };
 
@@ -182,7 +182,7 @@ int kv_resolve(const char *sysfs, const char *name, char *cdev, size_t cdev_len,
 			devname[0] = '\0';
 		return 0;
 	}
-	if (is_uuid(name)) {
+	if (kv_is_mdev_name(name)) {
 		snprintf(path, sizeof(path), "%s/bus/mdev/devices/%s", sysfs, name);
 		return from_device_dir(path, name, cdev, cdev_len, devname, devname_len,
 				       group, err);

@@ -101,6 +101,41 @@ migrate_file seed=1,log_report_unsupported=1 "" &&
 expect 0 seed=1,log_report_unsupported=1 info "$dev"
 grep -q '^DMA logging: no (report: .*Operation not supported)' "$tmp/out" || die "info: logging that cannot report"
 
+# A driver stuck in a pre-copy read (its data fd never readable): cancel ends
+# the migration within a few poll slices, not at the 5 s data-fd timeout, and
+# the device is back in RUNNING; the fd was made O_NONBLOCK (-vvv traces it).
+rm -f "$tmp/vm.sock"
+VFM_FAKE_KVFIO=seed=1,stall_ms=4294967295 timeout -k 5 30 "$bin" vm --mem 16M --guest none \
+	--device "$dev" --control "$tmp/vm.sock" -vvv >"$tmp/vm.log" 2>&1 &
+vpid=$!
+i=0
+while [ ! -S "$tmp/vm.sock" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+ctlq() { timeout -k 5 10 "$bin" ctl "$tmp/vm.sock" "$@"; }
+ctlq migrate "file:$tmp/vm.state" >"$tmp/mig" 2>&1 || die "stuck: migrate did not start"
+i=0
+while ! ctlq status 2>/dev/null | grep -q '^device dev0 (vfio): PRE_COPY' && [ $i -lt 50 ]; do
+	sleep 0.1; i=$((i + 1))
+done
+sleep 0.3   # the read is waiting now
+t0=$(date +%s%N)
+ctlq cancel >/dev/null 2>&1 || die "stuck: cancel"
+i=0
+while ! ctlq status 2>/dev/null | grep -q '^migration: cancelled' && [ $i -lt 100 ]; do
+	sleep 0.05; i=$((i + 1))
+done
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+ctlq status >"$tmp/st" 2>&1
+if grep -q '^migration: cancelled' "$tmp/st" &&
+	grep -q 'cancelled while waiting for the data fd' "$tmp/st" &&
+	grep -q '^device dev0 (vfio): RUNNING' "$tmp/st" && [ $ms -lt 3000 ]; then
+	echo "ok: a read stuck in the driver ends on cancel (${ms} ms), device RUNNING"
+else
+	die "stuck read not cancelled promptly (${ms} ms)"; cat "$tmp/st"
+fi
+ctlq quit >/dev/null 2>&1
+wait $vpid
+grep -q 'data fd [0-9]* (non-blocking)' "$tmp/vm.log" || die "the data fd was not made non-blocking"
+
 # Across backends: a state from this fake device into a dma server is refused.
 "$bin" device dma --socket "$tmp/d.sock" --state-size 4M >"$tmp/d.log" 2>&1 &
 pid=$!

@@ -6,8 +6,8 @@
 # type1, or mtty's own logging on iommufd, reports clean memory) and the
 # bytes put in the source devices' FIFOs come out of the destination's.
 # Then a migration held in pre-copy (a synthetic guest, one vCPU dirtying
-# 1 MiB/s, 512 KiB/s allowed) is cancelled: the device is back in RUNNING
-# and keeps working.
+# 1 MiB/s, 512 KiB/s allowed; mtty's data fd O_NONBLOCK) is cancelled: the
+# device is back in RUNNING and keeps working.
 # usage: live.sh VFIOMIG
 bin=$1
 . "$(dirname "$0")/lib.sh"
@@ -73,6 +73,14 @@ ctl "$tmp/src2" migrate "unix:$tmp/mig2" >/dev/null && ok "migrate started" || b
 wait_status "$tmp/src2" 'migration: active' || { bad "never active"; tail -20 "$tmp/log"; }
 ctl "$tmp/src2" status >"$tmp/st" 2>&1
 grep -q 'device a (vfio): PRE_COPY' "$tmp/st" && ok "device in PRE_COPY" || { bad "not in PRE_COPY"; cat "$tmp/st"; }
+# The data fd mtty handed out was made O_NONBLOCK (fdinfo flags, octal 04000).
+vm=$(pgrep -P "$src_pid" | head -1) nb=none
+for f in /proc/"$vm"/fd/*; do
+	[ "$(readlink "$f")" = anon_inode:mtty_mig ] || continue
+	fl=$(awk '/^flags:/ {print $2}' "/proc/$vm/fdinfo/${f##*/}")
+	nb="blocking (flags $fl)"; [ $(( 0$fl & 04000 )) != 0 ] && nb=yes
+done
+[ "$nb" = yes ] && ok "mtty's data fd is O_NONBLOCK" || bad "mtty's data fd: $nb"
 ctl "$tmp/src2" cancel >/dev/null && ok "cancel accepted" || bad "cancel"
 wait_status "$tmp/src2" "migration: cancelled" && ok "cancelled" || bad "not cancelled"
 note "cancelled"

@@ -6,7 +6,7 @@
 bin=$1; shift
 here=$(cd "$(dirname "$0")" && pwd)
 path=type1; [ -e /dev/iommu ] && path=iommufd
-tests=${*:-info check save_load live refused_load}
+tests=${*:-info check save_load live refused_load pci}
 pass=0 failed=0
 for t in $tests; do
 	start=$(date +%s)

@@ -12,6 +12,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -73,6 +74,10 @@ int fake_kvfio_cfg_parse(const char *s, struct fake_kvfio_cfg *c)
 		KEY("zero_end", zero_at_precopy_end);
 		KEY("info_produces", info_produces_dirty);
 		KEY("nonblocking", nonblocking);
+		KEY("stall_ms", stall_ms);
+		KEY("ignore_nonblock", ignore_nonblock);
+		KEY("no_poll", no_poll);
+		KEY("sparse_bar0", sparse_bar0);
 		KEY("chunk", read_chunk);
 		KEY("no_data_size", no_mig_data_size);
 		else
@@ -127,6 +132,7 @@ void fkv_end_session(struct fake_kvfio *fk)
 	/* The fd stays the user's; it is simply dead from now on (ENODEV). */
 	fk->session = 0;
 	fk->saving = fk->loading = fk->ready = false;
+	fk->stall_from_ms = 0;
 	free(fk->dirty);
 	free(fk->produced);
 	free(fk->lbuf);
@@ -408,12 +414,55 @@ static int f_close(void *o, int fd)
 	return 0;
 }
 
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Milliseconds the session's data fd stays without data or room (0: ready). */
+static uint64_t stall_left(struct fake_kvfio *fk)
+{
+	uint64_t now = mono_ms();
+
+	if (!fk->cfg.stall_ms)
+		return 0;
+	if (fk->cfg.stall_ms == UINT32_MAX)
+		return UINT64_MAX;
+	if (!fk->stall_from_ms)
+		fk->stall_from_ms = now;
+	return now - fk->stall_from_ms >= fk->cfg.stall_ms ? 0
+	       : fk->cfg.stall_ms - (now - fk->stall_from_ms);
+}
+
+/* A data read or write finds the fd stalled: EAGAIN (O_NONBLOCK honoured), or
+ * the caller sleeps in the "driver" until the stall ends. 0: go on. */
+static int stall_io(struct fake_kvfio *fk, const struct obj *ob)
+{
+	uint64_t left = stall_left(fk);
+
+	if (!left)
+		return 0;
+	if (ob->nonblock && !fk->cfg.ignore_nonblock) {
+		fk->st.eagains++;
+		return -EAGAIN;
+	}
+	if (left == UINT64_MAX)
+		return -EDEADLK;   /* a test bug: a blocking read of a stuck driver hangs */
+	poll(NULL, 0, (int)left);
+	fk->stall_from_ms = 1;   /* long ago: over */
+	return 0;
+}
+
 static ssize_t f_read(void *o, int fd, void *buf, size_t len)
 {
 	struct fake_kvfio *fk = o;
 	struct obj *ob = fkv_obj_of(fk, fd);
 	size_t chunk = fk->cfg.read_chunk ? fk->cfg.read_chunk : 64 * 1024, got = 0;
 	uint64_t v;
+	int r;
 
 	if (!ob || ob->kind != O_DATA)
 		return -EBADF;
@@ -422,9 +471,17 @@ static ssize_t f_read(void *o, int fd, void *buf, size_t len)
 	if (!fk->saving)
 		return -EINVAL;
 	fk->st.reads++;
+	r = stall_io(fk, ob);
+	if (r)
+		return r;
 	if (fk->cfg.nonblocking && !fk->ready) {
-		fk->st.eagains++;
-		return -EAGAIN;
+		/* A blocking fd (or a driver that ignores the flag) waits for it. */
+		if (!ob->nonblock || fk->cfg.ignore_nonblock) {
+			fk->ready = true;
+		} else {
+			fk->st.eagains++;
+			return -EAGAIN;
+		}
 	}
 	if (len > chunk)
 		len = chunk;
@@ -455,6 +512,7 @@ static ssize_t f_write(void *o, int fd, const void *buf, size_t len)
 	struct fake_kvfio *fk = o;
 	struct obj *ob = fkv_obj_of(fk, fd);
 	size_t chunk = fk->cfg.read_chunk ? fk->cfg.read_chunk : 64 * 1024;
+	int r;
 
 	if (!ob || ob->kind != O_DATA)
 		return -EBADF;
@@ -462,6 +520,10 @@ static ssize_t f_write(void *o, int fd, const void *buf, size_t len)
 		return -ENODEV;
 	if (!fk->loading)
 		return -EINVAL;
+	fk->st.writes++;
+	r = stall_io(fk, ob);
+	if (r)
+		return r;
 	if (len > chunk)
 		len = chunk;
 	if (fk->llen + len > fk->lcap) {
@@ -524,7 +586,25 @@ static ssize_t f_pwrite(void *o, int fd, const void *buf, size_t len, off_t off)
 static void *f_mmap(void *o, void *addr, size_t len, int prot, int flags, int fd, off_t off,
 		    int *err_out)
 {
-	void *p = mmap(addr, len, prot, flags, fd, off);
+	struct fake_kvfio *fk = o;
+	struct obj *ob = fkv_obj_of(fk, fd);
+	void *p;
+
+	if (ob) {
+		/* vfio-pci: only a BAR offered for mmap, inside it, shared. */
+		uint64_t at = (uint64_t)off & ((1ull << REGION_SHIFT) - 1);
+
+		if (ob->kind != O_DEV || !ob->granted || (uint64_t)off >> REGION_SHIFT != 0 ||
+		    at + len > PG || !(flags & MAP_SHARED)) {
+			if (err_out)
+				*err_out = -EINVAL;
+			return MAP_FAILED;
+		}
+		fd = fk->bar0_fd;
+		off = (off_t)at;
+		fk->st.bar_mmaps++;
+	}
+	p = mmap(addr, len, prot, flags, fd, off);
 
 	if (p == MAP_FAILED && err_out)
 		*err_out = -errno;
@@ -536,6 +616,24 @@ static int f_munmap(void *o, void *addr, size_t len)
 	return munmap(addr, len) ? -errno : 0;
 }
 
+static int f_fcntl(void *o, int fd, int cmd, int arg)
+{
+	struct fake_kvfio *fk = o;
+	struct obj *ob = fkv_obj_of(fk, fd);
+
+	if (!ob)
+		return -EBADF;
+	if (ob->kind != O_DATA)
+		return -EINVAL;   /* the backend only asks about data fds */
+	if (cmd == F_GETFL)
+		return (fk->saving ? O_RDONLY : O_WRONLY) | (ob->nonblock ? O_NONBLOCK : 0);
+	if (cmd != F_SETFL)
+		return -EINVAL;
+	ob->nonblock = arg & O_NONBLOCK;
+	fk->st.data_nonblock = ob->nonblock;
+	return 0;
+}
+
 static int f_poll(void *o, struct pollfd *fds, nfds_t n, int timeout_ms)
 {
 	struct fake_kvfio *fk = o;
@@ -545,6 +643,33 @@ static int f_poll(void *o, struct pollfd *fds, nfds_t n, int timeout_ms)
 	fk->st.polls++;
 	for (nfds_t i = 0; i < n; i++) {
 		struct obj *ob = fkv_obj_of(fk, fds[i].fd);
+		uint64_t left;
+
+		if (!ob || ob->kind != O_DATA || ob->session != fk->session)
+			continue;
+		/* mtty: vfs_poll() without a poll method is DEFAULT_POLLMASK. */
+		if (fk->cfg.no_poll && n == 1) {
+			fds[0].revents = fds[0].events & (POLLIN | POLLOUT);
+			return 1;
+		}
+		left = stall_left(fk);
+		if (left && n == 1) {
+			/* Stalled: nothing until the stall ends or the timeout. */
+			int t;
+
+			fds[0].revents = 0;
+			if (timeout_ms >= 0 && (uint64_t)timeout_ms <= left)
+				t = timeout_ms;
+			else if (left <= INT32_MAX)
+				t = (int)left;
+			else
+				return -EDEADLK;   /* a test bug: it would wait forever */
+			poll(NULL, 0, t);
+			if (stall_left(fk))
+				return 0;
+			fds[0].revents = fds[0].events & (POLLIN | POLLOUT);
+			return 1;
+		}
 
 		/* Data "arrives" while the caller waits: the eventfd becomes readable. */
 		if (ob && ob->kind == O_DATA && fk->cfg.nonblocking && ob->session == fk->session &&
@@ -591,7 +716,15 @@ struct fake_kvfio *fake_kvfio_new(const struct fake_kvfio_cfg *cfg)
 	fk->cfg = *cfg;
 	fk->npages = cfg->state_size / PG;
 	fk->mem = malloc(cfg->state_size ? cfg->state_size : 1);
-	if (!fk->mem || cfg->state_size % PG) {
+	fk->bar0_fd = memfd_create("fake-kvfio-bar0", MFD_CLOEXEC);
+	fk->bar0 = MAP_FAILED;
+	if (fk->bar0_fd >= 0 && ftruncate(fk->bar0_fd, PG) == 0)
+		fk->bar0 = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_SHARED, fk->bar0_fd, 0);
+	if (!fk->mem || cfg->state_size % PG || fk->bar0 == MAP_FAILED) {
+		if (fk->bar0 != MAP_FAILED)
+			munmap(fk->bar0, PG);
+		if (fk->bar0_fd >= 0)
+			close(fk->bar0_fd);
 		free(fk->mem);
 		free(fk);
 		return NULL;
@@ -601,9 +734,10 @@ struct fake_kvfio *fake_kvfio_new(const struct fake_kvfio_cfg *cfg)
 	fk->state = VFM_STATE_RUNNING;
 	fk->next_id = 1;
 	fk->sys = (struct vfm_vfio_sys){
-		.version = VFM_VFIO_SYS_V1, .opaque = fk, .open = f_open, .close = f_close,
+		.version = VFM_VFIO_SYS_V2, .opaque = fk, .open = f_open, .close = f_close,
 		.ioctl = fkv_ioctl, .read = f_read, .write = f_write, .pread = f_pread,
 		.pwrite = f_pwrite, .mmap = f_mmap, .munmap = f_munmap, .poll = f_poll,
+		.fcntl = f_fcntl,
 	};
 	return fk;
 }
@@ -617,6 +751,8 @@ void fake_kvfio_free(struct fake_kvfio *fk)
 	fkv_end_session(fk);
 	fkv_log_free(fk);
 	fkv_maps_clear(fk);
+	munmap(fk->bar0, PG);
+	close(fk->bar0_fd);
 	free(fk->mem);
 	free(fk);
 }

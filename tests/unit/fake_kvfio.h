@@ -29,13 +29,22 @@ struct fake_kvfio_cfg {
 	bool no_mig_data_size;     /* MIG_DATA_SIZE unknown (kernel < 6.2) */
 	bool zero_at_precopy_end;  /* mtty: read() returns 0, not ENOMSG */
 	bool info_produces_dirty;  /* mlx5: dirty data appears only after PRECOPY_INFO */
-	bool nonblocking;          /* data fd reads EAGAIN until poll() */
+	bool nonblocking;          /* mlx5: an O_NONBLOCK data fd reads EAGAIN until
+				      poll() (a blocking one waits for the data) */
+	uint32_t stall_ms;         /* the data fd has nothing (read) or no room (write)
+				      for this long from a session's first read or
+				      write; UINT32_MAX: never. O_NONBLOCK: EAGAIN and
+				      poll() waits; blocking: read()/write() sleep */
+	bool ignore_nonblock;      /* a driver that blocks even with O_NONBLOCK */
+	bool no_poll;              /* mtty: no poll method, the fd always polls ready */
 	bool no_reset;             /* device lacks VFIO_DEVICE_FLAGS_RESET */
 	bool reset_hidden;         /* mtty: no FLAGS_RESET, yet VFIO_DEVICE_RESET works */
 	bool log_report_unsupported; /* DMA_LOGGING_REPORT is EOPNOTSUPP (Debian's 6.12) */
 	bool msi_hole;             /* x86: IOVAs 0xfee00000-0xfeefffff reserved (type1
 				      IOVA_RANGE cap, IOMMU_IOAS_IOVA_RANGES) */
 	uint32_t read_chunk;       /* most bytes one read() returns; 0: 64 KiB */
+	bool sparse_bar0;          /* BAR0's info carries a sparse-mmap capability
+				      (one area: its first page) */
 };
 
 /* Defaults: all three migration flags, 64 KiB of state, logging, hw_dirty. */
@@ -75,9 +84,11 @@ struct fake_kvfio_stats {
 	unsigned hang_requests;    /* STOP_COPY -> PRE_COPY* asked (hangs kernels) */
 	unsigned precopy_info;
 	unsigned polls;
-	unsigned reads, eagains;
+	unsigned reads, writes, eagains;
+	bool data_nonblock;        /* the last data fd handed out has O_NONBLOCK */
 	unsigned resets;
 	unsigned maps;             /* live DMA mappings */
+	unsigned bar_mmaps;        /* BAR0 mmap()s made of the device fd */
 	bool logging, iommu_dirty; /* trackers on */
 	uint32_t log_ranges;       /* ranges DMA logging was started with */
 	uint64_t log_page_size;

@@ -180,6 +180,26 @@ static int device_ioctl(struct fake_kvfio *fk, struct obj *ob, unsigned long req
 			ri->size = PG;
 			ri->flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE |
 				    VFIO_REGION_INFO_FLAG_MMAP;
+			if (fk->cfg.sparse_bar0) {
+				/* As vfio_pci_ioctl_get_region_info(): the chain after the
+				 * struct if argsz has room, else only the size it needs. */
+				struct vfio_region_info_cap_sparse_mmap *sm;
+				uint32_t need = sizeof(*ri) + sizeof(*sm) + sizeof(sm->areas[0]);
+
+				ri->flags |= VFIO_REGION_INFO_FLAG_CAPS;
+				if (ri->argsz < need) {
+					ri->argsz = need;
+					return 0;
+				}
+				sm = (void *)((char *)ri + sizeof(*ri));
+				memset(sm, 0, sizeof(*sm) + sizeof(sm->areas[0]));
+				sm->header.id = VFIO_REGION_INFO_CAP_SPARSE_MMAP;
+				sm->header.version = 1;
+				sm->nr_areas = 1;
+				sm->areas[0].offset = 0;
+				sm->areas[0].size = PG;
+				ri->cap_offset = sizeof(*ri);
+			}
 		} else if (ri->index == VFIO_PCI_CONFIG_REGION_INDEX) {
 			ri->size = 256;
 			ri->flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;

@@ -27,6 +27,7 @@ struct obj {
 	enum obj_kind kind;
 	unsigned session;      /* O_DATA: the session it belongs to */
 	bool granted;          /* O_DEV: bound (cdev) or from a group */
+	bool nonblock;         /* O_DATA: O_NONBLOCK set by fcntl */
 };
 
 struct rec {
@@ -57,7 +58,8 @@ struct fake_kvfio {
 	uint8_t *mem;
 	uint64_t npages;
 	uint8_t cfgsp[256], cfgmask[256];
-	uint8_t bar0[PG];
+	uint8_t *bar0;             /* PG bytes of bar0_fd (a memfd): mmap()able */
+	int bar0_fd;
 	uint32_t devid;
 
 	/* IOMMU. */
@@ -70,6 +72,7 @@ struct fake_kvfio {
 	/* Session: one at a time. */
 	unsigned session;      /* 0: none */
 	bool saving, loading, ready, hdr_sent, end_sent;
+	uint64_t stall_from_ms;      /* first read/write of the session; 0: none yet */
 	uint64_t next_page;
 	uint8_t *dirty, *produced;   /* per page, saving */
 	uint8_t recbuf[sizeof(struct rec) + PG];

@@ -89,6 +89,9 @@ static void map_and_dirty(bool legacy, bool by_fd)
 	rig_open(&r, legacy, by_fd);
 	fake_kvfio_stats(r.fk, &st);
 	CHECK_EQ(st.maps, 1);
+	/* A PCI device (not an mdev) in a type1 container: the real type1 reports
+	 * every mapped page (this fake's type1 keeps page-exact bits); a HWPT is exact. */
+	CHECK_EQ(vfm_vfio_iommu_dirty_exact(r.dev), !legacy);
 	/* The device's DMA reaches our memory through the mapping. */
 	CHECK_EQ(fake_kvfio_dma_write(r.fk, 0x100000 + 5 * PG + 8, "hello", 5), 0);
 	CHECK(!memcmp(r.mem + 5 * PG + 8, "hello", 5));

@@ -255,6 +255,54 @@ TEST(regions_irqs_and_config_io)
 	no_leaks(fk);
 }
 
+/* BAR0 mapped through region_areas (whole, or the sparse capability's areas):
+ * the same bytes as pread/pwrite see; config space has no area. */
+static void bar_areas(bool sparse)
+{
+	struct fake_kvfio_cfg cfg;
+	struct fake_kvfio_stats st;
+	struct vfm_region_area a[4];
+	struct vfm_device *dev;
+	struct fake_kvfio *fk;
+	unsigned n = 99;
+	uint8_t buf[8];
+	void *first;
+
+	fake_kvfio_cfg_default(&cfg);
+	cfg.sparse_bar0 = sparse;
+	fk = fake(&cfg);
+	CHECK_EQ(fake_kvfio_open(fk, "/dev/vfio/devices/vfio0", VFM_VFIO_IOMMU_AUTO, NULL, &dev,
+				 NULL), 0);
+	CHECK_EQ(vfm_device_region_areas(dev, 0, a, 4, &n, NULL), 0);
+	CHECK_EQ(n, 1);
+	CHECK_EQ(a[0].offset, 0);
+	CHECK_EQ(a[0].size, 4096);
+	CHECK(a[0].ptr);
+	first = a[0].ptr;
+	CHECK_EQ(vfm_device_region_write(dev, 0, 16, "mmapped!", 8, NULL), 0);
+	CHECK(!memcmp((char *)a[0].ptr + 16, "mmapped!", 8));
+	memcpy((char *)a[0].ptr + 32, "through", 8);
+	CHECK_EQ(vfm_device_region_read(dev, 0, 32, buf, 8, NULL), 0);
+	CHECK(!memcmp(buf, "through", 8));
+	/* Mapped once: a second ask gives the same area. */
+	CHECK_EQ(vfm_device_region_areas(dev, 0, a, 4, &n, NULL), 0);
+	CHECK_EQ(n, 1);
+	CHECK(a[0].ptr == first);
+	fake_kvfio_stats(fk, &st);
+	CHECK_EQ(st.bar_mmaps, 1);
+	CHECK_EQ(vfm_device_region_areas(dev, VFM_PCI_CONFIG_REGION, a, 4, &n, NULL), 0);
+	CHECK_EQ(n, 0);
+	CHECK(vfm_device_region_areas(dev, 1, a, 4, &n, NULL) < 0);   /* absent */
+	vfm_device_free(dev);
+	no_leaks(fk);
+}
+
+TEST(bar_mmapped_through_region_areas)
+{
+	bar_areas(false);
+	bar_areas(true);
+}
+
 TEST(pci_config_save_and_restore)
 {
 	struct fake_kvfio_cfg cfg;
