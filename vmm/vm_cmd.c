@@ -341,12 +341,17 @@ json_object *vm_query_migrate(struct vm *vm)
 			       json_object_new_boolean(st.downtime_from_same_clock));
 	/* The switchover step by step (docs/control-protocol.md); sums to downtime_ms. */
 	if (st.have_switchover) {
-		json_object *tl = json_object_new_object();
+		json_object *tl = json_object_new_object(), *ex = json_object_new_object();
 
-		for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++)
+		for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++) {
 			json_object_object_add(tl, vfm_switchover_step_name(i),
 					       jdouble(st.switchover_ms[i]));
+			json_object_object_add(ex, vfm_switchover_step_name(i),
+					       jdouble(st.expected_switchover_ms[i]));
+		}
 		json_object_object_add(o, "switchover_ms", tl);
+		/* What the engine expected of each step when it decided. */
+		json_object_object_add(o, "expected_switchover_ms", ex);
 	}
 	json_object_object_add(o, "total_time_ms", ju64(st.total_time_ms));
 	json_object_object_add(o, "setup_time_ms", ju64(st.setup_time_ms));

@@ -146,6 +146,13 @@ check(m["downtime_same_clock"] is True, "not the same clock")
 check(total <= m["downtime_ms"] + 0.01, "steps sum to %.3f > downtime %.3f" % (total, m["downtime_ms"]))
 check(total >= 0.95 * m["downtime_ms"], "steps sum to %.3f, far below downtime" % total)
 check(tl.get("guest_stop", 0) > 0 and tl.get("dest_load", 0) > 0, "empty guest stop or load step")
+ex = m.get("expected_switchover_ms") or {}
+check(list(ex) == steps, "expected steps %s" % list(ex))
+check(all(ex.get(k, -1) >= 0 for k in steps), "a negative expected step")
+exp_total = sum(ex.get(k, 0) for k in steps)
+check(abs(exp_total - m["expected_downtime_ms"]) <= 0.01 + 0.001 * len(steps),
+      "expected steps sum to %.3f, expected_downtime_ms %.3f" % (exp_total, m["expected_downtime_ms"]))
+check(ex.get("dest_load", 0) > 0, "no expected destination load")
 if fails:
     print("FAILED:", "; ".join(fails))
     sys.exit(1)
