@@ -207,6 +207,23 @@ static void fake_free(struct fake *f)
 	rmdir(f->dir);
 }
 
+/* The destination loaded all (LOADED), resumes on GO (RESUMED) and succeeds. */
+static void expect_loaded_and_resumed(struct fake *f)
+{
+	struct vfm_rec_hdr h;
+	const void *pl;
+
+	CHECK_EQ(vfm_stream_get_record(f->rp, &h, &pl, 4096, NULL), 0);
+	CHECK_EQ(h.type, VFM_REC_RP_LOADED);
+	vfm_stream_put_record(f->out, VFM_REC_GO, 0, 0, NULL, 0);
+	vfm_stream_flush(f->out);
+	CHECK_EQ(vfm_stream_get_record(f->rp, &h, &pl, 4096, NULL), 0);
+	CHECK_EQ(h.type, VFM_REC_RP_RESUMED);
+	pthread_join(f->dest, NULL);
+	if (f->dret)
+		FAIL("destination: %s", f->derr.msg);
+}
+
 /* The destination must fail with a message containing what. */
 static void expect_fail(struct fake *f, const char *what)
 {
@@ -235,8 +252,6 @@ static bool page_is(struct fake *f, uint64_t page, unsigned char v)
 
 TEST_TIMEOUT(channel_pages_apply_in_channel_order_and_commit, 30)
 {
-	struct vfm_rec_hdr h;
-	const void *pl;
 	struct fake f;
 
 	fake_start(&f);
@@ -250,15 +265,7 @@ TEST_TIMEOUT(channel_pages_apply_in_channel_order_and_commit, 30)
 	ram_pkt(&f, 0, 2, 2 * C1 + 40, 1, 0x44);
 	ram_end(&f, NCH, 3, 2);
 	eos(&f);
-	CHECK_EQ(vfm_stream_get_record(f.rp, &h, &pl, 4096, NULL), 0);
-	CHECK_EQ(h.type, VFM_REC_RP_LOADED);
-	vfm_stream_put_record(f.out, VFM_REC_GO, 0, 0, NULL, 0);
-	vfm_stream_flush(f.out);
-	CHECK_EQ(vfm_stream_get_record(f.rp, &h, &pl, 4096, NULL), 0);
-	CHECK_EQ(h.type, VFM_REC_RP_RESUMED);
-	pthread_join(f.dest, NULL);
-	if (f.dret)
-		FAIL("destination: %s", f.derr.msg);
+	expect_loaded_and_resumed(&f);
 	CHECK(page_is(&f, 5, 0x22));
 	CHECK(page_is(&f, C1 + 10, 0));
 	CHECK(page_is(&f, C1 + 11, 0));
@@ -285,8 +292,6 @@ TEST_TIMEOUT(channel_pages_apply_in_channel_order_and_commit, 30)
  */
 TEST_TIMEOUT(ram_end_wait_wakes_per_channel_not_per_packet, 30)
 {
-	struct vfm_rec_hdr h;
-	const void *pl;
 	struct fake f;
 
 	fake_start(&f);
@@ -298,15 +303,7 @@ TEST_TIMEOUT(ram_end_wait_wakes_per_channel_not_per_packet, 30)
 		ram_pkt(&f, 1, s, C1 + s, 1, 0);
 	}
 	eos(&f);
-	CHECK_EQ(vfm_stream_get_record(f.rp, &h, &pl, 4096, NULL), 0);
-	CHECK_EQ(h.type, VFM_REC_RP_LOADED);
-	vfm_stream_put_record(f.out, VFM_REC_GO, 0, 0, NULL, 0);
-	vfm_stream_flush(f.out);
-	CHECK_EQ(vfm_stream_get_record(f.rp, &h, &pl, 4096, NULL), 0);
-	CHECK_EQ(h.type, VFM_REC_RP_RESUMED);
-	pthread_join(f.dest, NULL);
-	if (f.dret)
-		FAIL("destination: %s", f.derr.msg);
+	expect_loaded_and_resumed(&f);
 	CHECK(page_is(&f, 39, 40));
 	fprintf(stderr, "# the RAM wait woke %u times for 2 x 40 packets\n", f.m->mf_ram_wakeups);
 	CHECK(f.m->mf_ram_wakeups <= NCH + 1);

@@ -4,47 +4,10 @@
 #include <stdlib.h>
 
 #include "compat/vfio_compat.h"
-#include "fake_kvfio.h"
 #include "harness.h"
+#include "fake_kvfio_rig.h"
 
 #define STREAM_MAX (1u << 20)
-
-struct rig {
-	struct fake_kvfio *fk;
-	struct vfm_device *dev;
-};
-
-static void rig_open(struct rig *r, const struct fake_kvfio_cfg *cfg)
-{
-	struct vfm_error err = { 0 };
-
-	r->fk = fake_kvfio_new(cfg);
-	CHECK(r->fk);
-	if (fake_kvfio_open(r->fk, "/dev/vfio/devices/vfio0", VFM_VFIO_IOMMU_AUTO, NULL, &r->dev,
-			    &err))
-		FAIL("open: %s", err.msg);
-	if (vfm_device_probe_migration(r->dev, &err))
-		FAIL("probe: %s", err.msg);
-}
-
-static void rig_close(struct rig *r)
-{
-	struct fake_kvfio_stats st;
-
-	vfm_device_free(r->dev);
-	fake_kvfio_stats(r->fk, &st);
-	CHECK_EQ(st.open_objects, 0);    /* every fd closed, data fds too */
-	CHECK_EQ(st.hang_requests, 0);   /* STOP_COPY -> PRE_COPY* never sent */
-	fake_kvfio_free(r->fk);
-}
-
-static void set(struct vfm_device *dev, enum vfm_state s)
-{
-	struct vfm_error err = { 0 };
-
-	if (vfm_device_set_state(dev, s, VFM_STATE_ERROR, &err))
-		FAIL("-> %s: %s", vfm_state_name(s), err.msg);
-}
 
 /* Reads the session until the end (STOP_COPY) or "nothing now" (pre-copy). */
 static size_t drain(struct vfm_device *dev, uint8_t *buf, size_t at, size_t cap)
