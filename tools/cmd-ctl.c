@@ -147,6 +147,8 @@ static void print_status(json_object *st, FILE *out)
 		fprintf(out, "device %s (%s): %s, flags ", get_str(d, "id"), get_str(d, "backend"),
 			get_str(d, "state"));
 		json_object_object_get_ex(d, "flags", &flags);
+		if (!flags || !json_object_array_length(flags))
+			fprintf(out, "none (no migration)");
 		for (size_t k = 0; flags && k < json_object_array_length(flags); k++)
 			fprintf(out, "%s%s", k ? "|" : "",
 				json_object_get_string(json_object_array_get_idx(flags, k)));

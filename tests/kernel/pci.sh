@@ -90,6 +90,8 @@ fi
 ctl "$tmp/vm" status >"$tmp/st" 2>&1
 sed 's/^/    /' "$tmp/st"
 grep -q '^vm: running' "$tmp/st" && ok "VM running with both" || bad "VM status"
+[ "$(grep -c 'flags none (no migration)' "$tmp/st")" = 2 ] && ok "status: neither can migrate" ||
+	bad "status does not say 'flags none (no migration)' for both"
 grep -q 'cannot migrate' "$tmp/log" && ok "the VM says it cannot migrate" || bad "no migration blocker said"
 ctl "$tmp/vm" quit >/dev/null
 wait $vm_pid
