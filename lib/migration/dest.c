@@ -341,6 +341,10 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 			sv->ops->load_cleanup(sv->opaque, ret == 0);
 		sv->loaded_setup = false;
 	}
+	/* Refused: this VM stays up for the next attempt, so every device goes
+	 * back where RESUMING can be entered again (vfio.c). */
+	for (unsigned i = 0; ret && i < m->ndevs; i++)
+		vfm__vfio_load_recover(m->devs[i]);
 	pthread_mutex_lock(&m->lock);
 	m->stats.total_time_ms = (vfm__now_ns() - t0) / 1000000ull;
 	m->stats.transferred_bytes = d.in ? vfm_stream_bytes(d.in) : 0;

@@ -187,6 +187,7 @@ void vfm__ram_sync(struct vfm_ram *ram);
 uint64_t vfm__ram_transferred(struct vfm_ram *ram);
 
 /* VFIO device savable (vfio.c). */
+void vfm__vfio_load_recover(struct vfm_mig_device *md);  /* after a refused load */
 extern const struct vfm_savable_ops vfm__vfio_savable_ops;
 /*
  * log_sync: merge every device's dirty pages into guest memory (DMA logging

@@ -581,14 +581,69 @@ static int vfio_load_finish(void *opaque, struct vfm_error *err)
 
 static void vfio_load_cleanup(void *opaque, bool succeeded)
 {
-	struct vfm_mig_device *md = opaque;
-	struct vfm_error err = { 0 };
+	/* A refused load's devices are put back by the engine
+	 * (vfm__vfio_load_recover(), from dest.c), loaded or not. */
+	(void)opaque;
+	(void)succeeded;
+}
 
-	/* A device holding half a state is reset: it must never run it. */
-	if (!succeeded && vfm_device_state(md->dev) != VFM_STATE_RUNNING) {
-		if (vfm_device_reset(md->dev, &err))
-			vfm_err(md_id(md), "reset after a failed load: %s", err.msg);
+/*
+ * After a refused incoming migration, put the device where RESUMING can be
+ * entered again. QEMU's destination exits on a failed load
+ * (migration/migration.c process_incoming_migration_co()); a vfiomig VM stays
+ * up for the next attempt, and its guest has not started, so the device goes
+ * back to RUNNING as the VM opened it. The uAPI arcs (include/uapi/linux/
+ * vfio.h, enum vfio_device_mig_state): RESUMING -> STOP is a valid arc (it
+ * also ends the data session), STOP -> RUNNING too; "ERROR ... the device
+ * must be reset" (VFIO_DEVICE_RESET) to leave ERROR. A reset alone is not
+ * enough: the kernel's returns to RUNNING, libvfio-user's keeps the migration
+ * state (lib/libvfio-user.c device_reset() at efd091b, docs/interop.md), so a
+ * device reset in RESUMING stayed there and the next attempt failed. Last, a
+ * device that took the partial stream as a state at RESUMING -> STOP is reset
+ * from RUNNING so no half state survives (every backend accepts a reset in
+ * RUNNING; libvfio-user refuses it in STOP). The device layer's set_state
+ * resets a device whose arc fails and reads the state back (lib/device.c).
+ */
+void vfm__vfio_load_recover(struct vfm_mig_device *md)
+{
+	enum vfm_state from = vfm_device_state(md->dev), now;
+	struct vfm_error err = { 0 };
+	char how[160] = "";
+	size_t n = 0;
+	int ret = 0;
+
+	if (from == VFM_STATE_RUNNING)
+		return;
+	if (from == VFM_STATE_ERROR) {
+		ret = vfm_device_reset(md->dev, &err);
+		n += (size_t)snprintf(how + n, sizeof(how) - n, "reset");
+	} else {
+		if (from == VFM_STATE_RESUMING) {
+			ret = vfm_device_set_state(md->dev, VFM_STATE_STOP, VFM_STATE_ERROR, &err);
+			n += (size_t)snprintf(how + n, sizeof(how) - n, "%s", ret ?
+					      "RESUMING -> STOP refused, reset" : "RESUMING -> STOP");
+			vfm_error_clear(&err);
+		}
+		if (vfm_device_state(md->dev) == VFM_STATE_ERROR)
+			ret = vfm_device_reset(md->dev, &err);
+		else
+			ret = vfm_device_set_state(md->dev, VFM_STATE_RUNNING, VFM_STATE_ERROR, &err);
+		if (!ret && n < sizeof(how))
+			n += (size_t)snprintf(how + n, sizeof(how) - n, "%s-> RUNNING",
+					      n ? " " : "");
+		/* Whatever it loaded must not stay: reset from RUNNING. */
+		if (!ret && (ret = vfm_device_reset(md->dev, &err)) == 0 && n < sizeof(how))
+			snprintf(how + n, sizeof(how) - n, ", reset");
 	}
+	if (!ret && !vfm_device_query_state(md->dev, &now, &err) && now == VFM_STATE_RUNNING) {
+		vfm_warn(md_id(md), "incoming migration refused: device was in %s; %s: "
+			 "RUNNING, ready for the next attempt", vfm_state_name(from), how);
+		return;
+	}
+	vfm_err(md_id(md), "incoming migration refused: device was in %s; %s: now %s%s%s "
+		"(the next incoming attempt may fail to enter RESUMING)", vfm_state_name(from),
+		how[0] ? how : "no step", vfm_state_name(vfm_device_state(md->dev)),
+		err.msg[0] ? ": " : "", err.msg);
 }
 
 const struct vfm_savable_ops vfm__vfio_savable_ops = {

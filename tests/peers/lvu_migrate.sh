@@ -4,14 +4,19 @@
 # otherwise (docs/interop.md). MODE unix|tcp: one migration, the destination's
 # device state equals the source's frozen state. MODE cancel: a migration held
 # in pre-copy (a tiny bandwidth and downtime limit) is cancelled; the device is back in
-# RUNNING and still changing, and a second attempt completes.
+# RUNNING and still changing, and a second attempt completes. MODE refused:
+# the source VM is SIGKILLed in pre-copy, so the destination's load is refused
+# with its device in RESUMING (libvfio-user's reset keeps that state); a new
+# source then migrates into the SAME destination VM process, which must have
+# put its device back where RESUMING can be entered again.
 # CHANNELS: multifd-channels for the run (0: none).
-# usage: lvu_migrate.sh VFIOMIG LVU_DEVICE LVU_CLIENT unix|tcp|cancel CHANNELS
+# usage: lvu_migrate.sh VFIOMIG LVU_DEVICE LVU_CLIENT unix|tcp|cancel|refused CHANNELS
 set -u
 bin=$1 lvu=$2 mode=$4 channels=$5
 . "$(dirname "$0")/lvu_lib.sh"
 
 bg src-dev.log timeout -k 5 100 "$lvu" --socket "$tmp/d-src" --state-size 1048576 --tick-ms 5
+srcdev_pid=$last
 bg dst-dev.log timeout -k 5 100 "$lvu" --socket "$tmp/d-dst" --state-size 1048576 --tick-ms 5
 wait_sock "$tmp/d-src" && wait_sock "$tmp/d-dst" || { bad "devices did not start"; cat "$tmp"/*.log; exit 1; }
 case $mode in
@@ -59,6 +64,40 @@ if [ "$mode" = cancel ]; then
 	grep -q "stop-copy" "$tmp/src-dev.log" && bad "the device saw STOP_COPY before the cancel"
 	wait_status "$tmp/dst" "migration: failed" || bad "destination did not see the attempt fail"
 	ctl "$tmp/src" set downtime-limit=300 max-bandwidth=0 || bad "set back"
+fi
+
+if [ "$mode" = refused ]; then
+	# Held in pre-copy as for cancel, then the source dies mid-stream.
+	ctl "$tmp/src" set downtime-limit=1 max-bandwidth=64K/s || bad "set downtime-limit=1"
+	ctl "$tmp/src" migrate "$uri" && ok "migrate started" || bad "migrate did not start"
+	wait_grep "$tmp/dst-dev.log" "stop -> resume" && ok "destination device in RESUMING" \
+		|| bad "destination device never entered RESUMING"
+	wait_grep "$tmp/src-dev.log" "state running -> pre-copy" || bad "device never entered pre-copy"
+	sleep 1
+	# $src_pid is timeout(1): SIGKILL the VM under it, so its sockets close at once.
+	kill -9 $(pgrep -P $src_pid) $src_pid; wait $src_pid 2>/dev/null
+	ok "source VM killed in pre-copy"
+	wait_status "$tmp/dst" "migration: failed" && ok "destination: the load was refused" \
+		|| bad "destination did not see the attempt fail: $(ctl "$tmp/dst" status)"
+	ctl "$tmp/dst" status | grep -q "^vm: inmigrate" \
+		&& ok "destination waits for another attempt" || bad "destination: $(ctl "$tmp/dst" status)"
+	grep -q "state resume -> stop" "$tmp/dst-dev.log" && grep -q "state stop -> running" "$tmp/dst-dev.log" \
+		&& ok "destination device left RESUMING (RESUME -> STOP -> RUNNING)" \
+		|| bad "destination device still in RESUMING: $(grep state "$tmp/dst-dev.log" | tr '\n' ' ')"
+	line=$(grep "incoming migration refused: device was in RESUMING; .*RUNNING, ready for the next attempt" \
+		"$tmp/dst.log") && ok "the destination says what it did with its device: $line" \
+		|| bad "no log line on the device's recovery: $(cat "$tmp/dst.log")"
+	# A new source (a fresh device and VM) for the second attempt.
+	kill $srcdev_pid 2>/dev/null; wait $srcdev_pid 2>/dev/null
+	mv "$tmp/src-dev.log" "$tmp/src1-dev.log"; mv "$tmp/src.log" "$tmp/src1.log"
+	rm -f "$tmp/src" "$tmp/d-src"
+	bg src-dev.log timeout -k 5 100 "$lvu" --socket "$tmp/d-src" --state-size 1048576 --tick-ms 5
+	wait_sock "$tmp/d-src" || bad "second source device did not start"
+	bg src.log timeout -k 5 100 "$bin" vm --mem 64M --guest none --device "vfio-user:$tmp/d-src" \
+		--control "$tmp/src"
+	src_pid=$last
+	wait_sock "$tmp/src" || bad "second source VM did not start"
+	ctl "$tmp/src" set multifd-channels="$channels" || bad "set multifd-channels=$channels"
 fi
 
 i=0
