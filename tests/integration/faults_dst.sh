@@ -3,7 +3,8 @@
 # destination VM or its device server killed mid-migration, its device
 # failing a load write or the last load arc, a stream it rejects (memory
 # size, device count), and a migration peer that closes the connection.
-# The source must run on verified with its device RUNNING and `failed`.
+# The source must run on verified with its device RUNNING and `failed`; a
+# source VM killed mid-stream leaves the destination ready for a new source.
 # usage: faults_dst.sh PATH_TO_VFIOMIG
 bin=$1
 . "$(dirname "$0")/faults-lib.sh"
@@ -38,6 +39,35 @@ start write-fail "" "--fault write:2" "" "" && {
 # config / load end: the destination's device refuses RESUMING -> STOP.
 start arc-resume "" "--fault arc:RESUMING>STOP" "" "" && {
 	one_shot_fault "device rejected the loaded state\|$LOST" "device rejected the loaded state"
+}; stop_cell
+
+# pre-copy: the source VM is SIGKILLed. The destination's device is left in
+# RESUMING with part of a stream: the destination stays up, puts it back in
+# RUNNING (lib/migration/vfio.c vfm__vfio_load_recover()) and says so, and a
+# new source (its own device server and VM) migrates into the same destination.
+start srcvm-killed "" "" "" "" && {
+	slow_migrate "unix:$c.mig"
+	killtree "$src"; wait "$src" 2>/dev/null
+	expect_dest_clean "$LOST"
+	wait_log "incoming migration refused: device was in RESUMING; .*RUNNING, ready for the next attempt" \
+		&& ok "destination says it put its device back in RUNNING" \
+		|| bad "no recovery line: $(grep 'incoming\|dev0' "$tmp/$cell.log" | tail -3)"
+	ctl "$c.dst" status | grep -q "^device dev0 (vfio-user): RUNNING" && ok "destination device RUNNING" \
+		|| bad "destination device: $(ctl "$c.dst" status | grep '^device')"
+	killtree "$sdev"; wait "$sdev" 2>/dev/null
+	rm -f "$c.sd" "$c.src"
+	bg timeout -k 5 $life "$bin" device dma --socket "$c.sd" --state-size 4M --churn 1M/s
+	sdev=$last
+	wait_sock "$c.sd" || bad "new source device did not start"
+	bg timeout -k 5 $life "$bin" vm --mem 16M --device "vfio-user:$c.sd" --dirty-rate 4M/s \
+		--control "$c.src"
+	src=$last
+	wait_sock "$c.src" || bad "new source VM did not start"
+	i=0
+	while ctl "$c.src" status --json | grep -q '"dma_ops":0[,}]'; do
+		i=$((i + 1)); [ $i -gt $((100 * tscale)) ] && { bad "no guest DMA"; break; }; sleep 0.1
+	done
+	expect_retry_ok
 }; stop_cell
 
 # setup: the destination has twice the memory: it rejects the stream.
