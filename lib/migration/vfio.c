@@ -621,19 +621,22 @@ void vfm__vfio_load_recover(struct vfm_mig_device *md)
 		if (from == VFM_STATE_RESUMING) {
 			ret = vfm_device_set_state(md->dev, VFM_STATE_STOP, VFM_STATE_ERROR, &err);
 			n += (size_t)snprintf(how + n, sizeof(how) - n, "%s", ret ?
-					      "RESUMING -> STOP refused, reset" : "RESUMING -> STOP");
+					      "RESUMING -> STOP refused, so reset;" : "RESUMING -> STOP");
 			vfm_error_clear(&err);
 		}
-		if (vfm_device_state(md->dev) == VFM_STATE_ERROR)
+		if (vfm_device_state(md->dev) == VFM_STATE_ERROR) {
 			ret = vfm_device_reset(md->dev, &err);
-		else
+			if (n < sizeof(how))
+				n += (size_t)snprintf(how + n, sizeof(how) - n, "%sreset;",
+						      n ? " in ERROR, " : "");
+		} else
 			ret = vfm_device_set_state(md->dev, VFM_STATE_RUNNING, VFM_STATE_ERROR, &err);
 		if (!ret && n < sizeof(how))
 			n += (size_t)snprintf(how + n, sizeof(how) - n, "%s-> RUNNING",
 					      n ? " " : "");
 		/* Whatever it loaded must not stay: reset from RUNNING. */
 		if (!ret && (ret = vfm_device_reset(md->dev, &err)) == 0 && n < sizeof(how))
-			snprintf(how + n, sizeof(how) - n, ", reset");
+			snprintf(how + n, sizeof(how) - n, "; reset");
 	}
 	if (!ret && !vfm_device_query_state(md->dev, &now, &err) && now == VFM_STATE_RUNNING) {
 		vfm_warn(md_id(md), "incoming migration refused: device was in %s; %s: "
