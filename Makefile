@@ -9,7 +9,7 @@ MESON_OPTS ?=
 TEST_OPTS  ?= --print-errorlogs
 
 .PHONY: all deps demo check check-slow check-asan check-tsan clean install fuzz fuzz-seeds bench bench-quick \
-	valgrind valgrind-integration check-kernel
+	valgrind valgrind-integration check-kernel build-clang
 
 all: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
@@ -78,6 +78,13 @@ bench: all
 bench-quick: all
 	-./scripts/deps.sh --bench   # without QEMU the peer row says so
 	./bench/run.py $(BUILD) --quick --out $(BUILD)/performance-quick.md
+
+# The same tree with a second compiler, every warning an error (gcc is the
+# default; clang once failed on GNU extensions gcc accepts).
+build-clang/build.ninja:
+	CC=clang $(MESON) setup build-clang --werror
+build-clang: build-clang/build.ninja
+	ninja -C build-clang
 
 # libFuzzer (clang) build of tests/fuzz; FUZZ_TIME seconds per target.
 FUZZ_TIME ?= 60

@@ -49,9 +49,11 @@ static uint64_t realtime_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-struct msrs_buf {
+/* struct kvm_msrs with room for 16 entries in its flexible entries[] (ISO C
+ * allows no field after a struct with a flexible member: a union of bytes). */
+union msrs_buf {
 	struct kvm_msrs hdr;
-	struct kvm_msr_entry e[16];
+	unsigned char raw[sizeof(struct kvm_msrs) + 16 * sizeof(struct kvm_msr_entry)];
 };
 
 struct buf {
@@ -114,7 +116,7 @@ static int save_one(struct kvm_guest *k, struct kvm_vcpu *v, struct buf *b, void
 	struct kvm_vcpu_events ev;
 	struct kvm_debugregs dr;
 	struct kvm_fpu fpu;
-	struct msrs_buf msrs;
+	union msrs_buf msrs;
 	uint64_t clock_ns;
 	unsigned n = 2;
 
@@ -141,7 +143,7 @@ static int save_one(struct kvm_guest *k, struct kvm_vcpu *v, struct buf *b, void
 	memset(&msrs, 0, sizeof(msrs));
 	msrs.hdr.nmsrs = k->nmsrs;
 	for (unsigned i = 0; i < k->nmsrs; i++)
-		msrs.e[i].index = k->msr_index[i];
+		msrs.hdr.entries[i].index = k->msr_index[i];
 	if (ioctl(v->fd, KVM_GET_MSRS, &msrs) != (int)k->nmsrs)
 		return vfm_error_set(err, -EIO, "vCPU %u: KVM_GET_MSRS read fewer MSRs than listed",
 				     v->idx);
@@ -166,7 +168,7 @@ static int save_one(struct kvm_guest *k, struct kvm_vcpu *v, struct buf *b, void
 		put_item(b, ITEM_FPU, &fpu, sizeof(fpu));
 	if (k->have_xcrs)
 		put_item(b, ITEM_XCRS, &xcrs, sizeof(xcrs));
-	put_item(b, ITEM_MSRS, &msrs, sizeof(msrs.hdr) + k->nmsrs * sizeof(msrs.e[0]));
+	put_item(b, ITEM_MSRS, &msrs, sizeof(msrs.hdr) + k->nmsrs * sizeof(msrs.hdr.entries[0]));
 	if (k->have_events)
 		put_item(b, ITEM_EVENTS, &ev, sizeof(ev));
 	if (k->have_debugregs)
@@ -316,7 +318,7 @@ static int load_one(struct kvm_guest *k, struct kvm_vcpu *v, const struct items 
 {
 	struct kvm_regs regs;
 	struct kvm_sregs sregs;
-	struct msrs_buf msrs;
+	union msrs_buf msrs;
 	int ret = 0;
 
 #define SET(req, arg, what)                                                            \
@@ -336,8 +338,8 @@ static int load_one(struct kvm_guest *k, struct kvm_vcpu *v, const struct items 
 		memcpy(&then, it->p[ITEM_CLOCK], 8);
 		dt = now > then && now - then < TSC_ADVANCE_MAX_NS ? now - then : 0;
 		for (unsigned i = 0; i < msrs.hdr.nmsrs; i++)
-			if (msrs.e[i].index == MSR_IA32_TSC)
-				msrs.e[i].data += dt / 1000 * k->tsc_khz / 1000;
+			if (msrs.hdr.entries[i].index == MSR_IA32_TSC)
+				msrs.hdr.entries[i].data += dt / 1000 * k->tsc_khz / 1000;
 		if (v->idx == 0)
 			atomic_store(&k->tsc_advance_ns, dt);
 	}

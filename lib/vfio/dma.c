@@ -325,9 +325,12 @@ static void unmap_dirty_before(struct kv_dev *k, struct vfm_device *dev, uint64_
 static int unmap_type1(struct kv_dev *k, uint64_t iova, uint64_t size, uint64_t page_size,
 		       uint64_t *bitmap, struct vfm_error *err)
 {
-	struct {
+	/* The unmap header with its flexible data[] holding a vfio_bitmap (a
+	 * struct with a flexible member cannot be followed by another field in
+	 * ISO C: bytes, the bitmap copied in after the header). */
+	union {
 		struct vfio_iommu_type1_dma_unmap u;
-		struct vfio_bitmap b;
+		unsigned char raw[sizeof(struct vfio_iommu_type1_dma_unmap) + sizeof(struct vfio_bitmap)];
 	} req = { .u = { .argsz = sizeof(req.u), .iova = iova, .size = size } };
 	uint64_t bytes = 0, *tmp = NULL;
 	int r;
@@ -336,9 +339,11 @@ static int unmap_type1(struct kv_dev *k, uint64_t iova, uint64_t size, uint64_t 
 		bytes = bitmap_bytes(size, page_size);
 		tmp = calloc(1, bytes);
 		if (tmp) {
-			req.u.argsz = sizeof(req);
+			struct vfio_bitmap b = { page_size, bytes, (__u64 *)tmp };
+
+			req.u.argsz = sizeof(req.raw);
 			req.u.flags = VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP;
-			req.b = (struct vfio_bitmap){ page_size, bytes, (__u64 *)tmp };
+			memcpy(req.raw + sizeof(req.u), &b, sizeof(b));
 		}
 	}
 	r = kv_ioctl(k, k->container, VFIO_IOMMU_UNMAP_DMA, &req);
@@ -628,10 +633,14 @@ static int type1_bitmap(struct kv_dev *k, uint64_t iova, uint64_t length, uint64
 {
 	uint64_t pg = k->as->dirty_pgsize > page_size ? k->as->dirty_pgsize : page_size;
 	uint64_t bytes, *tmp;
-	struct {
+	/* The header with its flexible data[] holding the GET range (bytes,
+	 * as in unmap_type1). */
+	union {
 		struct vfio_iommu_type1_dirty_bitmap d;
-		struct vfio_iommu_type1_dirty_bitmap_get g;
+		unsigned char raw[sizeof(struct vfio_iommu_type1_dirty_bitmap) +
+				  sizeof(struct vfio_iommu_type1_dirty_bitmap_get)];
 	} req;
+	struct vfio_iommu_type1_dirty_bitmap_get g;
 	int r;
 
 	if ((iova | length) & (pg - 1))
@@ -643,9 +652,10 @@ static int type1_bitmap(struct kv_dev *k, uint64_t iova, uint64_t length, uint64
 	if (!tmp)
 		return vfm_error_set(err, -ENOMEM, "%s: no memory for a dirty bitmap", k->id);
 	req.d = (struct vfio_iommu_type1_dirty_bitmap){
-		.argsz = sizeof(req), .flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP };
-	req.g = (struct vfio_iommu_type1_dirty_bitmap_get){
+		.argsz = sizeof(req.raw), .flags = VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP };
+	g = (struct vfio_iommu_type1_dirty_bitmap_get){
 		.iova = iova, .size = length, .bitmap = { pg, bytes, (__u64 *)tmp } };
+	memcpy(req.raw + sizeof(req.d), &g, sizeof(g));
 	r = kv_ioctl(k, k->container, VFIO_IOMMU_DIRTY_PAGES, &req);
 	if (r) {
 		vfm_error_set(err, r, "%s: VFIO_IOMMU_DIRTY_PAGES GET_BITMAP: %s", k->id,

@@ -400,12 +400,12 @@ static int container_ioctl(struct fake_kvfio *fk, unsigned long req, void *arg)
 			.header = { VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1, 0 },
 			.pgsize_bitmap = PG, .max_dirty_bitmap_size = 1ull << 20,
 		};
-		struct {
-			struct vfio_iommu_type1_info_cap_iova_range h;
-			struct vfio_iova_range r[2];
-		} iov = { .h = { .header = { VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, 0 },
-				 .nr_iovas = 2 },
-			  .r = { { 0, 0xfedfffffull }, { 0xfef00000ull, ~0ull } } };
+		/* The IOVA range cap: its header, then two ranges in its flexible
+		 * iova_ranges[] (bytes: ISO C allows no field after it). */
+		struct vfio_iommu_type1_info_cap_iova_range h = {
+			.header = { VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, 0 }, .nr_iovas = 2 };
+		const struct vfio_iova_range r[2] = { { 0, 0xfedfffffull }, { 0xfef00000ull, ~0ull } };
+		unsigned char iov[sizeof(h) + sizeof(r)];
 		uint32_t need = sizeof(*in), at = sizeof(*in);
 
 		if (!fk->iommu_set || in->argsz < sizeof(*in))
@@ -424,8 +424,10 @@ static int container_ioctl(struct fake_kvfio *fk, unsigned long req, void *arg)
 		in->flags |= VFIO_IOMMU_INFO_CAPS;
 		in->cap_offset = at;
 		if (fk->cfg.msi_hole) {
-			iov.h.header.next = fk->cfg.type1_dirty ? at + sizeof(iov) : 0;
-			memcpy((char *)in + at, &iov, sizeof(iov));
+			h.header.next = fk->cfg.type1_dirty ? at + sizeof(iov) : 0;
+			memcpy(iov, &h, sizeof(h));
+			memcpy(iov + sizeof(h), r, sizeof(r));
+			memcpy((char *)in + at, iov, sizeof(iov));
 			at += sizeof(iov);
 		}
 		if (fk->cfg.type1_dirty)
