@@ -278,7 +278,9 @@ int vfm_migration_incoming(struct vfm_migration *m, const char *uri,
 	ret = vfm_uri_parse(uri, &u, err);
 	if (ret)
 		return ret;
-	/* Memory first: better to fail now than to SIGBUS half way through. */
+	/* Memory first: better to fail now than to SIGBUS half way through.
+	 * What reads zero before it is populated needs no work for zero runs. */
+	vfm__ram_dst_learn_holes(m->ram);
 	ret = vfm_guest_mem_prealloc(m->mem, err);
 	if (ret)
 		return ret;

@@ -185,6 +185,9 @@ void vfm__ram_destroy(struct vfm_ram *ram);
 /* Moves the memory's dirty bits into the RAM saver's send set. */
 void vfm__ram_sync(struct vfm_ram *ram);
 uint64_t vfm__ram_transferred(struct vfm_ram *ram);
+/* Destination: note the memfd holes before the memory is populated. */
+void vfm__ram_dst_learn_holes(struct vfm_ram *ram);
+void vfm__ram_dst_zero_stats(struct vfm_ram *ram, uint64_t *read_bytes, uint64_t *known_pages);
 
 /* VFIO device savable (vfio.c). */
 void vfm__vfio_load_recover(struct vfm_mig_device *md);  /* after a refused load */

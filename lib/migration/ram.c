@@ -49,6 +49,12 @@ struct vfm_ram {
 	_Atomic uint64_t mf_transferred;  /* part of transferred that used the channels */
 	int chan_ret;                      /* migration thread: a channel write failed */
 	struct vfm_error chan_err;
+	/* Destination, per region: pages known to read zero, so a zero run over
+	 * them needs no work (vfm__ram_dst_learn_holes). A channel thread only
+	 * touches its own chunks' bits: a chunk is 4 whole words (check_chunk). */
+	uint64_t *known_zero[VFM_MEM_MAX_REGIONS];
+	_Atomic uint64_t zero_read;     /* bytes of zero runs read to test them */
+	_Atomic uint64_t zero_known;    /* pages of zero runs known zero: no work */
 };
 
 int vfm__register_ram(struct vfm_migration *m, const struct vfm_savable_ops *ops, void *opaque,
@@ -522,6 +528,99 @@ static int load_layout(struct vfm_ram *ram, const unsigned char *p, size_t len, 
 	return 0;
 }
 
+/*
+ * Destination: learn which guest pages read zero before the incoming side
+ * populates its memory (vfm_guest_mem_prealloc turns holes into zeroed
+ * pages). A hole of the memfd (SEEK_HOLE/SEEK_DATA) reads zero; populated,
+ * it is a fresh zeroed page. Until the load ends only the RAM load writes
+ * guest memory: the vCPUs run after it, and a device in RESUMING is stopped
+ * (include/uapi/linux/vfio.h, enum vfio_device_mig_state: no DMA outside
+ * RUNNING and PRE_COPY). A data run clears the bits it writes, a zero run
+ * sets them. So a zero run over a first pass's never-written pages costs
+ * nothing, where it was read whole (256 MiB of zeros on both CPUs, 30-50 ms:
+ * docs/performance.md, section 8). QEMU's multifd does the same with its
+ * receivedmap (migration/multifd-zero-page.c, multifd_recv_zero_page_process:
+ * a page not received yet is zero, only a received one is memset). Memory
+ * without a memfd, or a file system without SEEK_HOLE: nothing is known and
+ * zero runs are tested as before. Called again for each incoming attempt,
+ * so memory a failed attempt wrote is data.
+ */
+void vfm__ram_dst_learn_holes(struct vfm_ram *ram)
+{
+	uint64_t ps;
+
+	if (!ram)
+		return;
+	ps = ram->page_size;
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(ram->mem); i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+		off_t base = (off_t)r->fd_offset, end = base + (off_t)r->size, off = base;
+
+		memset(ram->known_zero[i], 0, VFM_BITMAP_WORDS(r->npages) * sizeof(uint64_t));
+		if (r->fd < 0)
+			continue;
+		while (off < end) {
+			off_t h = lseek(r->fd, off, SEEK_HOLE), d;
+			uint64_t p0, p1;
+
+			if (h < 0 || h >= end)
+				break;
+			d = lseek(r->fd, h, SEEK_DATA);
+			if (d < 0 && errno != ENXIO)
+				break;
+			if (d < 0 || d > end)
+				d = end;          /* hole to the end of the file */
+			/* Whole pages inside [h, d). */
+			p0 = ((uint64_t)(h - base) + ps - 1) / ps;
+			p1 = (uint64_t)(d - base) / ps;
+			for (uint64_t p = p0; p < p1; p++)
+				ram->known_zero[i][p / 64] |= 1ull << (p % 64);
+			off = d;
+		}
+	}
+}
+
+/* Bytes of zero runs read to test them, and pages of zero runs known zero
+ * (tests: a first pass over a fresh destination reads nothing). */
+void vfm__ram_dst_zero_stats(struct vfm_ram *ram, uint64_t *read_bytes, uint64_t *known_pages)
+{
+	*read_bytes = ram ? atomic_load(&ram->zero_read) : 0;
+	*known_pages = ram ? atomic_load(&ram->zero_known) : 0;
+}
+
+enum kz_op { KZ_TEST, KZ_SET, KZ_CLEAR };
+
+/*
+ * KZ_TEST: whether every page of [gpa, gpa + bytes) is known zero. KZ_SET
+ * marks them after a zero run, KZ_CLEAR unmarks them after a data run.
+ */
+static bool known_zero(struct vfm_ram *ram, uint64_t gpa, uint64_t bytes, enum kz_op op)
+{
+	for (unsigned i = 0; i < vfm_guest_mem_num_regions(ram->mem); i++) {
+		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
+		uint64_t *bm = ram->known_zero[i], p, n;
+
+		if (gpa < r->gpa || gpa - r->gpa >= r->size)
+			continue;
+		p = (gpa - r->gpa) / ram->page_size;
+		n = bytes / ram->page_size;
+		if (p + n > r->npages)
+			return false;
+		for (uint64_t q = p; q < p + n; q++) {
+			uint64_t bit = 1ull << (q % 64);
+
+			if (op == KZ_TEST && !(bm[q / 64] & bit))
+				return false;
+			if (op == KZ_SET)
+				bm[q / 64] |= bit;
+			else if (op == KZ_CLEAR)
+				bm[q / 64] &= ~bit;
+		}
+		return op == KZ_TEST;
+	}
+	return false;
+}
+
 /* Whether every page of [p, p + bytes) is resident (mapped memory, no hole). */
 static bool resident(void *p, uint64_t bytes)
 {
@@ -539,8 +638,9 @@ static bool resident(void *p, uint64_t bytes)
 }
 
 /*
- * Zero runs on the destination. Memory the destination preallocated (the
- * usual case: vfm_migration_incoming populates it first) is resident and
+ * Zero runs on the destination. Pages known zero (holes before the
+ * destination populated its memory, vfm__ram_dst_learn_holes) need nothing.
+ * Other memory the destination preallocated is resident and
  * mostly still zero: check and leave it, as QEMU does, or memset it; never
  * free it, which costs a free now and a fault on the guest's first touch
  * (punching 256 MiB of populated memory kept the destination ~600 ms behind
@@ -550,11 +650,18 @@ static bool resident(void *p, uint64_t bytes)
  */
 static void zero_pages(struct vfm_ram *ram, uint64_t gpa, void *dst, uint64_t bytes)
 {
-	if (resident(dst, bytes)) {
-		if (!vfm__guest_is_zero(dst, (size_t)bytes))
-			memset(dst, 0, bytes);
+	if (known_zero(ram, gpa, bytes, KZ_TEST)) {
+		atomic_fetch_add(&ram->zero_known, bytes / ram->page_size);
 		return;
 	}
+	if (resident(dst, bytes)) {
+		atomic_fetch_add(&ram->zero_read, bytes);
+		if (!vfm__guest_is_zero(dst, (size_t)bytes))
+			memset(dst, 0, bytes);
+		known_zero(ram, gpa, bytes, KZ_SET);
+		return;
+	}
+	known_zero(ram, gpa, bytes, KZ_SET);
 	for (unsigned i = 0; i < vfm_guest_mem_num_regions(ram->mem); i++) {
 		const struct vfm_mem_region *r = vfm_guest_mem_region(ram->mem, i);
 
@@ -636,10 +743,12 @@ int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, int ch
 	if (!dst)
 		return vfm_error_set(err, VFM_ESTREAM, "ram: pages 0x%" PRIx64 "+0x%" PRIx64
 				     " outside guest memory", gpa, bytes);
-	if (flags & RAM_ZERO)
+	if (flags & RAM_ZERO) {
 		zero_pages(ram, gpa, dst, bytes);
-	else
+	} else {
+		known_zero(ram, gpa, bytes, KZ_CLEAR);
 		memcpy(dst, p + RAM_HDR, bytes);
+	}
 	atomic_fetch_add(&ram->transferred, wire);
 	if (from_channel)
 		atomic_fetch_add(&ram->mf_transferred, wire);
@@ -681,7 +790,8 @@ int vfm__ram_create(struct vfm_migration *m, struct vfm_error *err)
 	for (unsigned i = 0; i < vfm_guest_mem_num_regions(m->mem); i++) {
 		const struct vfm_mem_region *r = vfm_guest_mem_region(m->mem, i);
 		ram->send[i] = calloc(VFM_BITMAP_WORDS(r->npages), sizeof(uint64_t));
-		if (!ram->send[i]) {
+		ram->known_zero[i] = calloc(VFM_BITMAP_WORDS(r->npages), sizeof(uint64_t));
+		if (!ram->send[i] || !ram->known_zero[i]) {
 			vfm__ram_destroy(ram);
 			return vfm_error_set(err, -ENOMEM, "out of memory for RAM send bitmaps");
 		}
@@ -699,8 +809,10 @@ void vfm__ram_destroy(struct vfm_ram *ram)
 {
 	if (!ram)
 		return;
-	for (unsigned i = 0; i < VFM_MEM_MAX_REGIONS; i++)
+	for (unsigned i = 0; i < VFM_MEM_MAX_REGIONS; i++) {
 		free(ram->send[i]);
+		free(ram->known_zero[i]);
+	}
 	free(ram->bounce);
 	free(ram);
 }
