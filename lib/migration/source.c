@@ -797,7 +797,7 @@ static bool on_channels(const struct source *src, const struct vfm_savable *sv)
  * The downtime as it would go if the switchover started now, step by step
  * (the steps of vfm_switchover_step_name, as publish_steps measures them),
  * from what this migration learned: each savable's pending bytes at the last
- * exact check over its own pace; each device's round trip (one state change
+ * exact check over its own pace; each device's round trip (a state query
  * timed at setup: arc_ns) for its arcs and its config read; the last dirty
  * sync; the return path's least round trip. Returns the sum, or a
  * negative value when a savable with data has no pace yet.
