@@ -975,7 +975,11 @@ void testdev_clear_arcs(struct testdev *td)
 
 void testdev_fail_op(struct testdev *td, enum testdev_op op, int code, int times)
 {
+	/* Under the lock the ops take: a test may change it while a migration
+	 * thread calls the device. */
+	pthread_mutex_lock(&td->lock);
 	td->op_faults[op] = (struct op_fault){ code, times };
+	pthread_mutex_unlock(&td->lock);
 }
 
 void testdev_fail_arc(struct testdev *td, enum vfm_state from, enum vfm_state to,
