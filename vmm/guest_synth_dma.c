@@ -136,6 +136,7 @@ static void copy_once(struct synth *s, struct synth_vcpu *v, unsigned d)
 	struct dmadev_desc *d0, *d1;
 	struct vfm_error err = { 0 };
 	uint32_t st0, st1;
+	int r;
 
 	v->rng = v->rng * 6364136223846793005ull + 1442695040888963407ull;
 	/* Only this vCPU writes its pages, so src holds generation gen throughout. */
@@ -170,7 +171,28 @@ static void copy_once(struct synth *s, struct synth_vcpu *v, unsigned d)
 #endif
 
 	/* The device runs the descriptors before it answers the doorbell. */
-	if (reg_write(s->dma[d], DMADEV_REG_RING_TAIL, tail + 2, &err)) {
+	r = reg_write(s->dma[d], DMADEV_REG_RING_TAIL, tail + 2, &err);
+	if (r == -ETIMEDOUT) {
+		/*
+		 * A doorbell whose answer came too late was still sent, and the
+		 * server may run it after all (a device stalled past the
+		 * vfio-user timeout: the fault matrix's stall cells). Read the
+		 * head back, as a driver flushes a posted write: the server
+		 * answers in order, so by then the doorbell ran or never will.
+		 */
+		uint64_t head = 0;
+		struct vfm_error e2 = { 0 };
+
+		vfm_warn("guest", "%s: doorbell timed out (%s); reading the ring head back",
+			 vfm_device_id(s->dma[d]), err.msg);
+		if (!reg_read(s->dma[d], DMADEV_REG_RING_HEAD, &head, &e2) && head == tail + 2)
+			r = 0;
+		else if (!e2.code)
+			vfm_error_set(&e2, -EIO, "ring head %" PRIu64 ", not %" PRIu64, head, tail + 2);
+		if (r)
+			vfm_error_set(&err, r, "read back: %s", e2.msg);
+	}
+	if (r) {
 		device_failed(s, d, "doorbell failed (%s)", err.msg);
 		return;
 	}

@@ -26,9 +26,31 @@ start arc-stopcopy "--fault arc:PRE_COPY_P2P>STOP_COPY" "" "" "" && {
 	one_shot_fault "STOP_COPY"
 }; stop_cell
 
-# pre-copy: a read stalls past the 5 s vfio-user timeout.
-start stall-precopy "--fault stall:6000:3" "" "" "" && {
+# pre-copy: a read stalls past the 5 s vfio-user timeout. Without the
+# vfiomig_mig_shm window the device reads while the engine waits for its
+# MIG_DATA_READ reply: the engine's request is the one that times out.
+start stall-precopy "--fault stall:6000:3 --no-mig-shm" "" "" "" && {
 	one_shot_fault "sent nothing"
+}; stop_cell
+
+# pre-copy: the stall hits the server's read-ahead (the window's default),
+# after its reply went out, while the engine waits on its rate limit
+# (512 KiB/s: about 2 s per 1 MiB block) rather than on the device: the
+# guest's doorbell is the request that times out (15 a second), the server
+# runs it late, and the guest reads the ring head back instead of calling
+# its device dead. The migration goes on, and no byte is lost.
+start stall-readahead "--fault stall:6000:3" "" "" "" && {
+	ctl "$c.src" set max-bandwidth=512K/s >/dev/null
+	ctl "$c.src" migrate "unix:$c.mig" >/dev/null
+	wait_log "reading the ring head back" 200 && ok "the guest's doorbell timed out" \
+		|| bad "no doorbell timed out"
+	fault_hit
+	ctl "$c.src" set max-bandwidth=0 >/dev/null
+	wait_status "$c.src" "migration: completed" 300 && ok "completed" \
+		|| bad "source: $(ctl "$c.src" status | head -2)"
+	grep -q "stops driving" "$tmp/$cell.log" && bad "the guest gave up on its device" \
+		|| ok "the guest kept its device"
+	ctl "$c.dst" verify >/dev/null && ok "destination verified" || bad "destination verify"
 }; stop_cell
 
 # Sizes reported 16x too small: estimates are off, the data must not be.
