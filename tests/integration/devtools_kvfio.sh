@@ -47,6 +47,23 @@ for cfg in seed=1 info_produces=1 flags=5 flags=3 flags=1 zero_end=1 nonblocking
 	expect 0 "$cfg" check --unsafe-load-corrupt-streams "$dev"
 	grep -q ' 0 failed' "$tmp/out" || die "[$cfg] check summary"
 done
+# mtty's logging stub answers a report after stop: a warning (vfio.h wants
+# an error; no migration asks it), exit 0; --strict fails it.
+expect 0 log_report_when_off=1 check "$dev"
+grep -q '^warn  DMA logging: report after stop refused: it succeeded' "$tmp/out" \
+	&& grep -q ' 0 failed, [0-9]* skipped, 1 warned$' "$tmp/out" || die "mtty stub: warn line"
+expect 1 log_report_when_off=1 check --strict "$dev"
+grep -q '^FAIL  DMA logging: report after stop refused: it succeeded' "$tmp/out" || die "--strict"
+expect 0 log_report_when_off=1 check --json "$dev"
+python3 - "$tmp/out" <<'EOF' || die "check --json warned"
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["ok"] and j["failed"] == 0 and j["warned"] == 1, j
+assert [c["name"] for c in j["checks"] if c["result"] == "warn"] == \
+	["DMA logging: report after stop refused"], j
+EOF
+expect 0 seed=1 check "$dev"
+grep -q ' 0 warned$' "$tmp/out" || die "a conforming fake warned"
 expect 1 flags=0 check "$dev"
 expect 1 flags=0 save "$dev" "$tmp/x.state"
 

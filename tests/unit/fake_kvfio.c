@@ -69,6 +69,7 @@ int fake_kvfio_cfg_parse(const char *s, struct fake_kvfio_cfg *c)
 		KEY("hw_dirty", hw_dirty);
 		KEY("msi_hole", msi_hole);
 		KEY("log_report_unsupported", log_report_unsupported);
+		KEY("log_report_when_off", log_report_when_off);
 		KEY("no_cdev", no_cdev);
 		KEY("no_iommufd", no_iommufd);
 		KEY("zero_end", zero_at_precopy_end);

@@ -40,6 +40,8 @@ struct fake_kvfio_cfg {
 	bool no_reset;             /* device lacks VFIO_DEVICE_FLAGS_RESET */
 	bool reset_hidden;         /* mtty: no FLAGS_RESET, yet VFIO_DEVICE_RESET works */
 	bool log_report_unsupported; /* DMA_LOGGING_REPORT is EOPNOTSUPP (Debian's 6.12) */
+	bool log_report_when_off;  /* mtty's stub: a REPORT with logging off succeeds,
+				      all clean (vfio.h: "an error will be returned") */
 	bool msi_hole;             /* x86: IOVAs 0xfee00000-0xfeefffff reserved (type1
 				      IOVA_RANGE cap, IOMMU_IOAS_IOVA_RANGES) */
 	uint32_t read_chunk;       /* most bytes one read() returns; 0: 64 KiB */
