@@ -21,6 +21,8 @@ import sys
 import time
 
 QUICK = '--quick' in sys.argv
+# Runs per row of the downtime section (medians).
+DT_RUNS = 3 if QUICK else 5
 ONLY = sys.argv[sys.argv.index('--only') + 1] if '--only' in sys.argv else None
 BUILD = sys.argv[1]
 OUT = sys.argv[sys.argv.index('--out') + 1] if '--out' in sys.argv else 'docs/performance.md'
@@ -484,7 +486,10 @@ def downtime_section(w, targets):
       'pending bytes over its pace, the device arcs and reads, the last sync, the round trip; '
       '`docs/architecture.md`); measured = `switchover_ms`. Load average at the start: %s.\n'
       % ' '.join('%.2f' % x for x in os.getloadavg()))
-    w('| dirty rate | device state | iterations | expected ms | measured ms | ≤ limit | |meas−exp| ≤ 25% |')
+    w('Each row: %d runs; the medians of measured and of expected (the machine is shared and '
+      'noisy: one run\'s guest stop alone has taken 0.1 to 36 ms), and the range of the measured '
+      'downtimes. Steps: the run whose measured downtime is the median.\n' % DT_RUNS)
+    w('| dirty rate | device state | iterations | expected ms | measured ms (range) | ≤ limit | |meas−exp| ≤ 25% |')
     w('|---:|---:|---:|---:|---:|---|---|')
     rates = ['0', '8M/s', '64M/s'] if QUICK else ['0', '8M/s', '32M/s', '128M/s', '512M/s']
     states = ['16M'] if QUICK else ['16M', '128M']
@@ -493,20 +498,26 @@ def downtime_section(w, targets):
     ok_limit = ok_err = True
     for st in states:
         for rate in rates:
-            r = migrate(kind='tcp', mem='256M', devices=1, device_state=st, dirty_rate=rate,
-                        downtime_limit=300)
-            if not r:
-                w('| %s | %s | failed | | | | |' % (rate, st))
+            runs = [r for r in (migrate(kind='tcp', mem='256M', devices=1, device_state=st,
+                                        dirty_rate=rate, downtime_limit=300)
+                                for _ in range(DT_RUNS)) if r]
+            if len(runs) < DT_RUNS:
+                w('| %s | %s | %d of %d runs failed | | | | |' % (rate, st, DT_RUNS - len(runs),
+                                                                DT_RUNS))
                 ok_err = False
-                continue
-            m, e = r['downtime_ms'], r['expected_downtime_ms']
-            in_limit = m <= 300
+                if not runs:
+                    continue
+            runs.sort(key=lambda x: x['downtime_ms'])
+            r = runs[len(runs) // 2]
+            m = med([x['downtime_ms'] for x in runs])
+            e = med([x['expected_downtime_ms'] for x in runs])
+            in_limit = all(x['downtime_ms'] <= 300 for x in runs)
             err_ok = m > 0 and abs(m - e) <= 0.25 * m
             ok_limit &= in_limit
             ok_err &= err_ok
-            w('| %s | %s | %d | %.2f | %.2f | %s | %s |' % (rate, st, r['precopy_iterations'], e, m,
-                                                          'yes' if in_limit else 'no',
-                                                          'yes' if err_ok else 'no'))
+            w('| %s | %s | %d | %.2f | %.2f (%.2f-%.2f) | %s | %s |' % (
+                rate, st, r['precopy_iterations'], e, m, runs[0]['downtime_ms'],
+                runs[-1]['downtime_ms'], 'yes' if in_limit else 'no', 'yes' if err_ok else 'no'))
             series.setdefault(st, []).append((r['dirty_rate'] / MiB, m))
             steps.append((rate, st, r.get('expected_switchover_ms'), r.get('switchover_ms')))
     targets.append(('measured downtime ≤ limit in every converging row', ok_limit))
