@@ -798,7 +798,7 @@ static bool on_channels(const struct source *src, const struct vfm_savable *sv)
  * (the steps of vfm_switchover_step_name, as publish_steps measures them),
  * from what this migration learned: each savable's pending bytes at the last
  * exact check over its own pace; each device's round trip (a state query
- * timed at setup: arc_ns) for its arcs and its config read; the last dirty
+ * (its least query: arc_ns) for its arcs and its config read; the last dirty
  * sync; the return path's least round trip. Returns the sum, or a
  * negative value when a savable with data has no pace yet.
  * - guest_stop: 0 (not measurable before the guest stops; ~0.1 ms).
