@@ -117,6 +117,39 @@ static void check_mig_shm(const struct scenario *sc, struct md_side *s, const st
 	}
 }
 
+/*
+ * md_wait(), except that a migration the engine reports as not converging
+ * gets its downtime limit raised live to what it says it needs (the user's
+ * answer, docs/architecture.md). The guest's writer is unpaced: it dirties
+ * its whole 6 MiB area between two syncs, so about 8 MB stays pending, and
+ * 300 ms holds that only at 27 MB/s or more. Under ASan on a loaded CI run
+ * the link measured 26 MB/s ("needs 301-304 ms"): correct behaviour, on the
+ * wrong side of the line for these tests, which check the data, not the
+ * convergence (test_convergence.c does that).
+ */
+static void wait_raising(struct md_side *s, struct vfm_migration_params *p,
+			 struct vfm_migration_stats *st)
+{
+	bool raised = false;
+
+	for (int waited = 0; vfm_migration_wait(s->m, 100) != 0; waited += 100) {
+		vfm_migration_get_stats(s->m, st);
+		if (st->status == VFM_MIG_ACTIVE && !st->converging && !raised &&
+		    st->needed_downtime_ms > 0) {
+			fprintf(stderr, "# not converging here: needs %.0f ms at %.1f MB/s "
+				"(%" PRIu64 " pending); limit raised\n", st->needed_downtime_ms,
+				st->bandwidth_bps / 1e6, st->pending_bytes);
+			p->downtime_limit_ms = (uint64_t)(st->needed_downtime_ms * 1.5) + 50;
+			vfm_migration_set_live_params(s->m, p);
+			raised = true;
+		}
+		if (waited >= 30000)
+			FAIL("no end after 30 s (status %s, %" PRIu64 " pending)",
+			     vfm_mig_status_name(st->status), st->pending_bytes);
+	}
+	vfm_migration_get_stats(s->m, st);
+}
+
 static void run(const struct scenario *sc)
 {
 	struct md_devsrv srv[MD_MAXDEV];
@@ -153,7 +186,7 @@ static void run(const struct scenario *sc)
 	md_params_for(&p, &sc->o);
 	if (vfm_migration_start(s.m, uri, &p, &err))
 		FAIL("start: %s", err.msg);
-	md_wait(&s, &st);
+	wait_raising(&s, &p, &st);
 	if (st.status != VFM_MIG_COMPLETED)
 		FAIL("source status %s: %s", vfm_mig_status_name(st.status), st.error);
 	CHECK(!s.g.started);                       /* the source stays stopped */
