@@ -493,9 +493,11 @@ void md_dest_start(struct md_dest *d, const char *uri, const struct md_opts *o)
 	close(ready[1]);
 	close(result[1]);
 	d->result_fd = result[0];
-	/* Wait (bounded) until it listens, and learn the real URI. */
+	/* Wait (bounded) until it listens, and learn the real URI. A hang
+	 * bound: under TSan four 256 MiB device servers took over 20 s to
+	 * fill their state first. */
 	pfd = (struct pollfd){ .fd = ready[0], .events = POLLIN };
-	CHECK_EQ(poll(&pfd, 1, 20000), 1);
+	CHECK_EQ(poll(&pfd, 1, 120000), 1);
 	CHECK_EQ(read(ready[0], d->uri, sizeof(d->uri)), (ssize_t)sizeof(d->uri));
 	d->uri[sizeof(d->uri) - 1] = '\0';
 	close(ready[0]);

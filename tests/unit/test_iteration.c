@@ -246,10 +246,11 @@ TEST(stopped_device_goes_straight_to_stop_copy)
  * hundreds of MB/s, capped at 32 MB/s (so the 12 MiB of RAM and state take
  * real, link-bound windows, ~400 ms, and no probe is needed; the dribble's
  * windows stay far under the cap, so the limiter never holds them). The
- * device cannot say its stop-copy size for 1.5 s (100 GiB pending, as QEMU
- * assumes): that holds the migration in pre-copy, dribbling (one query an
- * iteration: ~11 ms each, ~100 ms under ASan); then the few bytes pending fit
- * and it ends. The
+ * device cannot say its stop-copy size until the bulk is out and 1 s and 5
+ * iterations more have passed (100 GiB pending, as QEMU assumes): that holds
+ * the migration in pre-copy, dribbling (an iteration is ~11 ms, ~100 ms under
+ * ASan; under TSan the bulk alone took over 1.5 s, so a hold of 1.5 s from
+ * the start saw 3 iterations); then the few bytes pending fit and it ends. The
  * estimate must still be the capped windows' (the dribble's windows
  * measured 12-15 KB/s before the fix).
  */
@@ -289,7 +290,24 @@ TEST_TIMEOUT(device_paced_windows_do_not_lower_the_link_estimate, 60)
 	t0 = now_ms();
 	if (vfm_migration_start(r.m, r.uri, &p, &err))
 		FAIL("start: %s", err.msg);
-	nap_ms(1500);
+	/* Held until the bulk is out, then for 1 s and 5 iterations of the
+	 * dribble's windows (bounded: 30 s). */
+	uint64_t t_bulk = 0, it_bulk = 0;
+
+	for (int i = 0; i < 3000; i++) {
+		vfm_migration_get_stats(r.m, &st);
+		if (st.status >= VFM_MIG_COMPLETED)
+			break;
+		if (!t_bulk && st.device_transferred_bytes >= STATE) {
+			t_bulk = now_ms();
+			it_bulk = st.precopy_iterations;
+		}
+		if (t_bulk && now_ms() - t_bulk >= 1000 && st.precopy_iterations >= it_bulk + 5)
+			break;
+		nap_ms(10);
+	}
+	fprintf(stderr, "# bulk out after %" PRIu64 " ms, iteration %" PRIu64 "\n",
+		t_bulk ? t_bulk - t0 : 0, it_bulk);
 	testdev_fail_op(r.td[0], TESTDEV_OP_STOP_COPY_SIZE, 0, 0);
 	if (vfm_migration_wait(r.m, 15000)) {
 		vfm_migration_get_stats(r.m, &st);
@@ -309,7 +327,7 @@ TEST_TIMEOUT(device_paced_windows_do_not_lower_the_link_estimate, 60)
 		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
 	fprintf(stderr, "# %" PRIu64 " iterations in %" PRIu64 " ms, %.0f B/s, downtime %.1f ms\n",
 		st.precopy_iterations, now_ms() - t0, st.bandwidth_bps, st.downtime_ms);
-	/* The dribble's windows happened (the bulk is ~400 ms of 1.5 s)... */
+	/* The dribble's windows happened... */
 	CHECK(st.precopy_iterations >= 5);
 	/* ...and the estimate is still the capped windows' ~32 MB/s. */
 	CHECK(st.bandwidth_bps >= 8e6);
