@@ -84,6 +84,13 @@ static void sc_publish(struct vfm_mig_device *md, uint64_t bytes, enum vfm__sc_s
 	atomic_store(&md->sc_source, (int)src);
 }
 
+/* A query's round trip: what a switchover arc costs is the least seen. */
+static void note_round_trip(struct vfm_mig_device *md, uint64_t dt)
+{
+	if (!md->arc_ns || dt < md->arc_ns)
+		md->arc_ns = dt;
+}
+
 /*
  * The stop-copy size policy (docs/interop.md): the device's own figure when
  * it has one (kernel MIG_DATA_SIZE, our vfio-user extension); else the
@@ -94,13 +101,6 @@ static void sc_publish(struct vfm_mig_device *md, uint64_t bytes, enum vfm__sc_s
  * never under-estimated. Each case but the first is logged once per
  * migration, so a migration that cannot converge never loops silently.
  */
-/* A query's round trip: what a switchover arc costs is the least seen. */
-static void note_round_trip(struct vfm_mig_device *md, uint64_t dt)
-{
-	if (!md->arc_ns || dt < md->arc_ns)
-		md->arc_ns = dt;
-}
-
 static void refresh_stop_copy_size(struct vfm_mig_device *md)
 {
 	struct vfm_error e = { 0 };
