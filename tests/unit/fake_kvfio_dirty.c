@@ -72,15 +72,10 @@ int fkv_log_report(struct fake_kvfio *fk, struct vfio_device_feature_dma_logging
 	uint64_t end = q->iova + q->length;
 	uint64_t *out = (uint64_t *)(uintptr_t)q->bitmap;
 
-	if (!fk->logging && fk->cfg.log_report_when_off) {
-		/* samples/vfio-mdev/mtty.c mtty_log_read_and_clear(): return 0. */
-		if (q->length && q->page_size && pow2_pg(q->page_size))
-			memset((void *)(uintptr_t)q->bitmap, 0,
-			       ((q->length / q->page_size + 63) / 64) * 8);
-		return 0;
-	}
+	/* log_report_when_off: samples/vfio-mdev/mtty.c mtty_log_read_and_clear()
+	 * returns 0 and leaves the bitmap as the caller passed it. */
 	if (!fk->logging)
-		return -EINVAL;
+		return fk->cfg.log_report_when_off ? 0 : -EINVAL;
 	if (!pow2_pg(q->page_size) || !q->length)
 		return -EINVAL;
 	if (end < q->iova)
