@@ -8,6 +8,8 @@ usage: run.py BUILD_DIR [--quick] [--out docs/performance.md]
 --only tls likewise sections 9 and 10 (TLS cost, two hosts); --only scaling
 section 11 (how cost grows with size; with --quick fewer, smaller points);
 --only devstate section 1 (device-state throughput against the raw link).
+The downtime section also writes every run's figures (expected and measured,
+step by step) to BUILD_DIR/bench-downtime-runs.json.
 
 Every figure is measured in this one run, beside the raw link it is compared
 to, because these machines are shared and noisy: the report states ratios.
@@ -495,6 +497,7 @@ def downtime_section(w, targets):
     states = ['16M'] if QUICK else ['16M', '128M']
     series = {}
     steps = []
+    raw = []
     ok_limit = ok_err = True
     for st in states:
         for rate in rates:
@@ -519,7 +522,10 @@ def downtime_section(w, targets):
                 rate, st, r['precopy_iterations'], e, m, runs[0]['downtime_ms'],
                 runs[-1]['downtime_ms'], 'yes' if in_limit else 'no', 'yes' if err_ok else 'no'))
             series.setdefault(st, []).append((r['dirty_rate'] / MiB, m))
+            raw.append({'rate': rate, 'state': st, 'runs': runs})
             steps.append((rate, st, r.get('expected_switchover_ms'), r.get('switchover_ms')))
+    with open(os.path.join(BUILD, 'bench-downtime-runs.json'), 'w') as f:
+        json.dump(raw, f)
     targets.append(('measured downtime ≤ limit in every converging row', ok_limit))
     targets.append(('|measured − expected| ≤ 25% of measured in every row', ok_err))
     w('\nStep by step, expected / measured (ms):\n')

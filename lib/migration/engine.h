@@ -57,6 +57,12 @@ struct vfm_mig_device {
 	uint64_t pass_left;          /* bytes of this iteration's pass still to read */
 	bool pass_one_turn;          /* no figure for the pass: one turn is the pass */
 	uint64_t arc_ns;             /* one state change (or query) timed at setup */
+	/* The destination's device round trips its PONGs said (the last
+	 * VFM__DST_RT of them; none from an older destination). */
+#define VFM__DST_RT 8
+	uint32_t dst_rt_ns[VFM__DST_RT];
+	unsigned ndst_rt;
+	bool has_config;             /* a PCI config region: 2 writes at the destination's load */
 	uint64_t short_read_min_ns;  /* the quickest pre-copy read that did not fill a
 				      * block (stop-copy ends with two such) */
 	bool stop_copy_exact;        /* an exact check read stop_copy_size: the estimate uses it */
@@ -191,6 +197,7 @@ void vfm__ram_dst_zero_stats(struct vfm_ram *ram, uint64_t *read_bytes, uint64_t
 
 /* VFIO device savable (vfio.c). */
 void vfm__vfio_load_recover(struct vfm_mig_device *md);  /* after a refused load */
+uint64_t vfm__vfio_round_trip_ns(struct vfm_mig_device *md);  /* one state query, timed */
 extern const struct vfm_savable_ops vfm__vfio_savable_ops;
 /*
  * log_sync: merge every device's dirty pages into guest memory (DMA logging

@@ -30,6 +30,10 @@
 #define BW_REAL_MIN (1ull << 20)
 /* Times the source lets the destination drain its backlog before a switchover. */
 #define DRAIN_MAX 3
+/* Round trips timed at setup, before any data: the least is the link's own
+ * (one, the first the destination answered, was 2-4x it on loopback), which
+ * the expected downtime counts in dest_load and dest_resume. */
+#define RTT_PROBES 5
 /* The link probe when no window measured it: PAD records, timed to the flush. */
 #define PROBE_MAX 4
 #define PROBE_BYTES (8ull << 20)
@@ -263,6 +267,20 @@ static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 	if (ret)
 		return ret;
 	src->rtt_ns = vfm__now_ns() - t0;
+	/* u64 token, u64 clock, then the destination's device round trips
+	 * (u32 section, u32 ns each; none from an older destination). */
+	for (size_t off = 16; off + 8 <= h.length; off += 8) {
+		uint32_t sec = vfm_get_le32((const unsigned char *)pl + off);
+
+		for (unsigned i = 0; i < src->m->nsv; i++) {
+			struct vfm_mig_device *md = src->m->sv[i].opaque;
+
+			if (src->m->sv[i].section != sec || src->m->sv[i].ops != &vfm__vfio_savable_ops)
+				continue;
+			md->dst_rt_ns[md->ndst_rt++ % VFM__DST_RT] =
+				vfm_get_le32((const unsigned char *)pl + off + 4);
+		}
+	}
 	/* A drain's round trip also waits for the destination's backlog. */
 	if (!src->rtt_min_ns || src->rtt_ns < src->rtt_min_ns)
 		src->rtt_min_ns = src->rtt_ns;
@@ -618,8 +636,9 @@ static int do_setup(struct source *src, struct vfm_error *err)
 		memcpy(buf + 8, sv->name, nl);
 		vfm_stream_put_record(src->out, VFM_REC_SECTION, 0, sv->section, buf, 8 + nl);
 	}
-	if (src->rp && (ret = measure_rtt(src, false, err)))
-		return ret;
+	for (unsigned i = 0; src->rp && i < RTT_PROBES; i++)
+		if ((ret = measure_rtt(src, false, err)))
+			return ret;
 	if ((ret = vfm__mf_src_open(m, &src->uri, &src->p, src->out, &src->mf, err)))
 		return ret;
 	if ((ret = vfm__dirty_tracking_start(m, err)))
@@ -794,6 +813,30 @@ static bool on_channels(const struct source *src, const struct vfm_savable *sv)
 }
 
 /*
+ * The destination's device round trip, ms: the median of what its PONGs said
+ * (one query timed at each: five at setup, one per drain; a single figure
+ * taken while the destination loaded a backlog was 1.2-1.5 ms where its load
+ * end's requests took 0.05). None said (an older destination): this side's.
+ */
+static double dst_round_trip_ms(const struct vfm_mig_device *md)
+{
+	uint32_t v[VFM__DST_RT];
+	unsigned n = md->ndst_rt < VFM__DST_RT ? md->ndst_rt : VFM__DST_RT;
+
+	if (!n)
+		return (double)md->arc_ns / 1e6;
+	memcpy(v, md->dst_rt_ns, n * sizeof(v[0]));
+	for (unsigned i = 1; i < n; i++)   /* insertion sort: n <= 8 */
+		for (unsigned j = i; j > 0 && v[j - 1] > v[j]; j--) {
+			uint32_t t = v[j];
+
+			v[j] = v[j - 1];
+			v[j - 1] = t;
+		}
+	return (double)v[n / 2] / 1e6;
+}
+
+/*
  * The downtime as it would go if the switchover started now, step by step
  * (the steps of vfm_switchover_step_name, as publish_steps measures them),
  * from what this migration learned: each savable's pending bytes at the last
@@ -813,10 +856,21 @@ static bool on_channels(const struct source *src, const struct vfm_savable *sv)
  *   multifd channels RAM and each device on the channels move in parallel
  *   (the longest lane); avail-switchover-bandwidth, when set, states the
  *   pace of the whole (as QEMU: all pending over it).
- * - dest_load: the destination's RESUMING -> STOP -> RUNNING_P2P (two arcs
- *   per device) and LOADED back (a round trip).
+ * - dest_load: the stream's end is flushed at once, so the destination's
+ *   device requests for it come after it: per device, the last data block's
+ *   write (if it had data), load_config's two config writes (if it has a
+ *   config region), RESUMING -> STOP and, if P2P, -> RUNNING_P2P: the
+ *   first a round trip to the destination's device as the destination
+ *   timed it (dst_round_trip_ms, from its PONGs: a device process woken from
+ *   idle), the rest as this side's (arc_ns: a device awake); then LOADED
+ *   back (a round trip).
+ *   Two arcs a device at this side's figure were 0.06-0.1 ms where 0.2-0.4
+ *   was measured (a trace: 240 us from the end of stream to the device's
+ *   RESUMING -> STOP, through one data write and two config writes, each
+ *   request to a device process woken from idle).
  * - go: sending GO, nothing to wait for.
- * - dest_resume: RUNNING per device and GO's way over (half a round trip).
+ * - dest_resume: RUNNING per device (the destination's round trip) and GO's
+ *   way over (half a round trip).
  */
 static double expect_switchover(const struct source *src, double steps[VFM_SWITCHOVER_STEPS])
 {
@@ -826,13 +880,21 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 	bool known = true;
 
 	memset(steps, 0, sizeof(double) * VFM_SWITCHOVER_STEPS);
-	for (unsigned i = 0; i < m->ndevs; i++) {
-		const struct vfm_mig_device *md = m->devs[i];
-		double a = (double)md->arc_ns / 1e6;
+	for (unsigned i = 0; i < m->nsv; i++) {
+		const struct vfm_mig_device *md = m->sv[i].opaque;
+		double a, da;
+		bool p2p;
 
-		steps[1] += a * ((md->flags & VFM_MIG_P2P) ? 3 : 2);
-		steps[4] += 2 * a;
-		steps[6] += a;
+		if (m->sv[i].ops != &vfm__vfio_savable_ops)
+			continue;
+		a = (double)md->arc_ns / 1e6;
+		da = dst_round_trip_ms(md);
+		p2p = md->flags & VFM_MIG_P2P;
+		steps[1] += a * (p2p ? 3 : 2);
+		/* The first request wakes the destination's device (its figure);
+		 * the rest find it awake, as this side's queries do (arc_ns). */
+		steps[4] += da + a * (p2p + 2 * md->has_config + (m->sv[i].exact_prev > 0));
+		steps[6] += da;
 	}
 	steps[2] = (double)src->sync_ns / 1e6;
 	for (unsigned i = 0; i < m->nsv; i++) {

@@ -172,11 +172,18 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->read_since_exact = 0;
 	md->short_read_min_ns = 0;
 	md->arc_ns = 0;
+	md->ndst_rt = 0;
 	md->precopy_info_calls = 0;
 	md->stop_copy_size = 0;
 	md->stop_copy_known = false;
 	md->sc_warned = false;
 	md->cfg_len = 0;
+	{
+		struct vfm_region_info ri;
+
+		md->has_config = !vfm_device_region_info(md->dev, PCI_CONFIG_REGION, &ri, NULL) &&
+				 ri.size >= 0x28;
+	}
 	atomic_store(&md->transferred, 0);
 	refresh_stop_copy_size(md);
 	md->data_buf_size = DEV_BLOCK_MAX;
@@ -495,6 +502,18 @@ static int vfio_save_state(void *opaque, struct vfm_stream *s, struct vfm_error 
 		return 0;  /* the last multifd packet carried it, or no config space */
 	vfm_stream_put_record(s, VFM_REC_CONFIG, 0, section_of(md), md->cfg, md->cfg_len);
 	return vfm_stream_error(s, err);
+}
+
+/* One state query, timed: what a request to the device costs now. 0 if the
+ * device did not answer. */
+uint64_t vfm__vfio_round_trip_ns(struct vfm_mig_device *md)
+{
+	enum vfm_state st;
+	uint64_t t0 = vfm__now_ns();
+
+	if (vfm_device_query_state(md->dev, &st, NULL))
+		return 0;
+	return vfm__now_ns() - t0;
 }
 
 static void vfio_save_cleanup(void *opaque, bool succeeded)

@@ -306,7 +306,10 @@ TEST_TIMEOUT(channel_closed_after_commit_no_split_brain, 60)
 /* ------------------------------------------------------------------------ */
 /* A destination that delays or withholds switchover-acks                    */
 
-enum ack_mode { ACK_DELAY, ACK_NEVER };
+/* ACK_SLOW_DEV: acks at once, and its PONGs say each device section's round
+ * trip here is SLOW_DEV_NS (the destination's part of the expected downtime). */
+enum ack_mode { ACK_DELAY, ACK_NEVER, ACK_SLOW_DEV };
+#define SLOW_DEV_NS 25000000u
 
 struct fake_result {
 	int32_t ok;
@@ -331,7 +334,8 @@ static void fake_dest_main(const char *uri_text, enum ack_mode mode, int wfd)
 	struct vfm_uri u;
 	uint32_t held[8];
 	uint64_t held_at[8];
-	unsigned nheld = 0;
+	unsigned nheld = 0, ndev = 0;
+	uint32_t dev_section[8];
 	int fd;
 
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -362,11 +366,23 @@ static void fake_dest_main(const char *uri_text, enum ack_mode mode, int wfd)
 		if (vfm_stream_get_record(in, &h, &pl, VFM_STREAM_MAX_RECORD, &err))
 			break;   /* the source went away */
 		if (h.type == VFM_REC_PING) {
-			unsigned char pong[16];
+			unsigned char pong[16 + 8 * 8];
+			size_t plen = 16;
 
 			memcpy(pong, pl, 8);
 			vfm_put_le64(pong + 8, 0);
-			send_rp(rp, VFM_REC_RP_PONG, 0, pong, sizeof(pong));
+			for (unsigned i = 0; mode == ACK_SLOW_DEV && i < ndev; i++, plen += 8) {
+				vfm_put_le32(pong + plen, dev_section[i]);
+				vfm_put_le32(pong + plen + 4, SLOW_DEV_NS);
+			}
+			send_rp(rp, VFM_REC_RP_PONG, 0, pong, plen);
+		} else if (h.type == VFM_REC_SECTION) {
+			if (h.length > 8 + 5 && !memcmp((const char *)pl + 8, "vfio:", 5) && ndev < 8)
+				dev_section[ndev++] = h.section;
+		} else if (h.type == VFM_REC_INIT_DATA_SENT && mode == ACK_SLOW_DEV) {
+			res.init_seen++;
+			send_rp(rp, VFM_REC_RP_ACK, h.section, NULL, 0);
+			res.acks_sent++;
 		} else if (h.type == VFM_REC_INIT_DATA_SENT) {
 			CHECK(nheld < 8);
 			res.init_seen++;
@@ -520,6 +536,59 @@ static void never_acked(enum action act)
 
 TEST_TIMEOUT(no_ack_no_switchover_then_cancel, 60) { never_acked(ACT_CANCEL); }
 TEST_TIMEOUT(channel_closed_waiting_for_switchover_ack, 60) { never_acked(ACT_CUT); }
+
+/*
+ * The destination's own device round trips (its PONGs) count in the expected
+ * downtime: the first request of its load end (which wakes its device) and
+ * its resume (-> RUNNING) each cost what it said. At 25 ms that is >= 25 ms
+ * of dest_load and 25 of dest_resume: over a 40 ms limit, so the source must
+ * not switch over (with this side's own device figure, ~0.03 ms, it would at
+ * once); raised live to 2 s, it completes, and the expectation it decided on
+ * holds those figures.
+ */
+TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
+{
+	struct vfm_migration_params fp = fake_params();
+	struct md_opts o = { .ndev = 1 };
+	struct md_devsrv srv[1];
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct fake_result res;
+	struct md_side s;
+	char uri[256];
+	int rfd;
+	pid_t pid;
+
+	spawn_sources(srv, &o);
+	md_make_uri("unix", uri, sizeof(uri));
+	pid = fake_dest(uri, ACK_SLOW_DEV, &rfd);
+	md_side_init(&s, srv, &o, true, 7);
+	start_guest(&s);
+	fp.downtime_limit_ms = 40;
+	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
+	for (int i = 0; i < 1000; i++) {
+		vfm_migration_get_stats(s.m, &st);
+		if (st.precopy_iterations > 10 ||
+		    (st.status != VFM_MIG_ACTIVE && st.status != VFM_MIG_SETUP))
+			break;
+		usleep(10000);
+	}
+	vfm_migration_get_stats(s.m, &st);
+	CHECK_EQ(st.status, VFM_MIG_ACTIVE);   /* not switched over at 40 ms */
+	CHECK(st.expected_downtime_ms >= 2 * SLOW_DEV_NS / 1e6);
+	fp.downtime_limit_ms = 2000;
+	vfm_migration_set_live_params(s.m, &fp);
+	md_wait(&s, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
+	CHECK(st.expected_switchover_ms[4] >= SLOW_DEV_NS / 1e6);   /* dest_load */
+	CHECK(st.expected_switchover_ms[6] >= SLOW_DEV_NS / 1e6);       /* dest_resume */
+	CHECK(st.expected_switchover_ms[1] < 5);   /* this side's arcs: its own device */
+	fake_result(pid, rfd, &res);
+	CHECK_EQ(res.ok, 1);
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
+}
 
 /* ------------------------------------------------------------------------ */
 /* max-bandwidth                                                             */
