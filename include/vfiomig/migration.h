@@ -188,6 +188,11 @@ struct vfm_savable_ops {
 	int (*save_state)(void *opaque, struct vfm_stream *s, struct vfm_error *err);
 	/* succeeded: the destination took over; else roll back (device RUNNING). */
 	void (*save_cleanup)(void *opaque, bool succeeded);
+	/* Cumulative ns of save_iterate's work that save_complete does not do
+	 * (RAM: copying pages to a bounce buffer while the guest runs). The
+	 * engine leaves it out of the savable's pace when it expects the
+	 * switchover's last bytes. */
+	uint64_t (*precopy_only_ns)(void *opaque);
 
 	/* Destination. */
 	int (*load_setup)(void *opaque, uint32_t version, struct vfm_error *err);

@@ -45,6 +45,7 @@ struct vfm_ram {
 	 * may write them while they are checksummed and sent. */
 	unsigned char *bounce;
 	bool guest_stopped;   /* in save_complete: pages cannot change, no bounce */
+	uint64_t bounce_ns;   /* time spent copying to the bounce (precopy_only_ns) */
 	_Atomic uint64_t transferred;
 	_Atomic uint64_t mf_transferred;  /* part of transferred that used the channels */
 	int chan_ret;                      /* migration thread: a channel write failed */
@@ -264,8 +265,12 @@ static uint64_t send_one_run(struct vfm_ram *ram, struct vfm_stream *s, struct v
 			return put_run(ram, s, mf, first / RAM_BATCH_PAGES, hdr, NULL, 0);
 		/* A page the guest writes after this copy is dirty again, and resent.
 		 * Once the guest is stopped nothing writes: send from guest memory. */
-		if (!ram->guest_stopped)
+		if (!ram->guest_stopped) {
+			uint64_t t0 = vfm__now_ns();
+
 			vfm__guest_read(ram->bounce, host, count * ram->page_size);
+			ram->bounce_ns += vfm__now_ns() - t0;
+		}
 		return put_run(ram, s, mf, first / RAM_BATCH_PAGES, hdr,
 			       ram->guest_stopped ? host : (const char *)ram->bounce,
 			       count * ram->page_size);
@@ -755,6 +760,11 @@ int vfm__ram_load_batch(struct vfm_ram *ram, const void *buf, size_t len, int ch
 	return 0;
 }
 
+static uint64_t ram_precopy_only_ns(void *opaque)
+{
+	return ((struct vfm_ram *)opaque)->bounce_ns;
+}
+
 static const struct vfm_savable_ops ram_ops = {
 	.save_setup = ram_save_setup,
 	.is_active_iterate = ram_is_active,
@@ -763,6 +773,7 @@ static const struct vfm_savable_ops ram_ops = {
 	.pending_exact = ram_pending_exact,
 	.save_complete = ram_save_complete,
 	.save_cleanup = ram_save_cleanup,
+	.precopy_only_ns = ram_precopy_only_ns,
 	.load_setup = ram_load_setup,
 	.load_state = ram_load_state,
 };
