@@ -444,6 +444,20 @@ static pid_t fake_dest(const char *uri, enum ack_mode mode, int *rfd)
 	return pid;
 }
 
+/* The source side (its dma device servers and VM) and the fake destination
+ * it migrates to, on a UNIX socket: the fake's pid; uri and *rfd its own. */
+static pid_t fake_side(struct md_devsrv *srv, const struct md_opts *o, enum ack_mode mode,
+		       struct md_side *s, char *uri, size_t len, int *rfd)
+{
+	pid_t pid;
+
+	spawn_sources(srv, o);
+	md_make_uri("unix", uri, len);
+	pid = fake_dest(uri, mode, rfd);
+	md_side_init(s, srv, o, true, 7);
+	return pid;
+}
+
 static void fake_result(pid_t pid, int rfd, struct fake_result *res)
 {
 	struct pollfd p = { .fd = rfd, .events = POLLIN };
@@ -467,10 +481,7 @@ TEST_TIMEOUT(switchover_waits_for_every_delayed_ack, 60)
 	int rfd;
 	pid_t pid;
 
-	spawn_sources(srv, &o);
-	md_make_uri("unix", uri, sizeof(uri));
-	pid = fake_dest(uri, ACK_DELAY, &rfd);
-	md_side_init(&s, srv, &o, true, 7);
+	pid = fake_side(srv, &o, ACK_DELAY, &s, uri, sizeof(uri), &rfd);
 	start_guest(&s);
 	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
 	md_wait(&s, &st);
@@ -501,10 +512,7 @@ static void never_acked(enum action act)
 	int rfd;
 	pid_t pid;
 
-	spawn_sources(srv, &o);
-	md_make_uri("unix", uri, sizeof(uri));
-	pid = fake_dest(uri, ACK_NEVER, &rfd);
-	md_side_init(&s, srv, &o, true, 7);
+	pid = fake_side(srv, &o, ACK_NEVER, &s, uri, sizeof(uri), &rfd);
 	vfm__migration_set_phase_hook(s.m, act == ACT_CUT ? on_phase : NULL, &h);
 	start_guest(&s);
 	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
@@ -558,10 +566,7 @@ TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
 	int rfd;
 	pid_t pid;
 
-	spawn_sources(srv, &o);
-	md_make_uri("unix", uri, sizeof(uri));
-	pid = fake_dest(uri, ACK_SLOW_DEV, &rfd);
-	md_side_init(&s, srv, &o, true, 7);
+	pid = fake_side(srv, &o, ACK_SLOW_DEV, &s, uri, sizeof(uri), &rfd);
 	start_guest(&s);
 	fp.downtime_limit_ms = 20;
 	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
