@@ -158,6 +158,7 @@ struct side {
 	pthread_cond_t cond;   /* CLOCK_MONOTONIC; a stop wakes the writer's nap */
 	volatile int running;
 	uint64_t rate;
+	uint64_t kick, kick_seen;   /* vm_kick_ns; under lock */
 };
 
 static void *writer_main(void *arg)
@@ -167,6 +168,12 @@ static void *writer_main(void *arg)
 	double t0 = now_s();
 
 	while (s->running) {
+		pthread_mutex_lock(&s->lock);
+		if (s->kick_seen != s->kick) {   /* vm_kick_ns */
+			s->kick_seen = s->kick;
+			pthread_cond_broadcast(&s->cond);
+		}
+		pthread_mutex_unlock(&s->lock);
 		/* Pace to the rate in 1 ms steps. */
 		double due = (double)written / (double)s->rate;
 		double late = now_s() - t0;
@@ -181,7 +188,7 @@ static void *writer_main(void *arg)
 			ts.tv_sec += ts.tv_nsec / 1000000000L;
 			ts.tv_nsec %= 1000000000L;
 			pthread_mutex_lock(&s->lock);
-			if (s->running)
+			if (s->running && s->kick_seen == s->kick)
 				pthread_cond_timedwait(&s->cond, &s->lock, &ts);
 			pthread_mutex_unlock(&s->lock);
 			continue;
@@ -209,12 +216,33 @@ static int vm_stop(void *opaque)
 	return 0;
 }
 
+/* As vm_stop up to where the writer would end: it acknowledges and goes on. */
+static uint64_t vm_kick_ns(void *opaque)
+{
+	struct side *s = opaque;
+	double t0 = now_s();
+	uint64_t took = 0;
+
+	pthread_mutex_lock(&s->lock);
+	if (s->rate && s->running) {
+		s->kick++;
+		pthread_cond_broadcast(&s->cond);
+		while (s->running && s->kick_seen != s->kick)
+			pthread_cond_wait(&s->cond, &s->lock);
+		took = (uint64_t)((now_s() - t0) * 1e9);
+	}
+	pthread_mutex_unlock(&s->lock);
+	return took;
+}
+
 static int vm_start(void *opaque)
 {
 	return 0;
 }
 
-static const struct vfm_vm_ops vm_ops = { .stop = vm_stop, .start = vm_start };
+static const struct vfm_vm_ops vm_ops = {
+	.stop = vm_stop, .start = vm_start, .kick_ns = vm_kick_ns
+};
 
 static void side_init(struct side *s, const struct opts *o, const char *role, bool fill)
 {

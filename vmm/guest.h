@@ -61,6 +61,13 @@ struct vfm_guest_ops {
 	 * the time (0: full speed). Any thread.
 	 */
 	void (*set_throttle)(struct vfm_guest *g, unsigned pct);
+	/*
+	 * Optional: kicks every running vCPU out of what it runs, as stop
+	 * does, and waits until each has acknowledged, but leaves them
+	 * running. Returns the ns that took (0: not running). The migration
+	 * engine's kick_ns: how long a stop will take.
+	 */
+	uint64_t (*kick_ns)(struct vfm_guest *g);
 };
 
 struct vfm_guest {

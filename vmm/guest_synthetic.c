@@ -119,6 +119,10 @@ static void *vcpu_main(void *arg)
 			pthread_mutex_unlock(&s->lock);
 			return NULL;
 		}
+		if (v->kick_seen != s->kick) {   /* synth_kick_ns */
+			v->kick_seen = s->kick;
+			pthread_cond_broadcast(&s->cond);
+		}
 		pthread_mutex_unlock(&s->lock);
 
 		if (!t0) {
@@ -160,7 +164,7 @@ static void *vcpu_main(void *arg)
 					       (long)(until % 1000000000ull) };
 
 			pthread_mutex_lock(&s->lock);
-			if (s->run && !s->quit)
+			if (s->run && !s->quit && v->kick_seen == s->kick)
 				pthread_cond_timedwait(&s->cond, &s->lock, &ts);
 			pthread_mutex_unlock(&s->lock);
 		}
@@ -202,6 +206,34 @@ static int synth_stop(struct vfm_guest *g)
 	pthread_mutex_unlock(&s->lock);
 	g->running = false;
 	return 0;
+}
+
+/* Under s->lock: some running vCPU has not seen the last kick. */
+static bool kick_pending(const struct synth *s)
+{
+	for (unsigned i = 0; i < s->nvcpus; i++)
+		if (s->vcpu[i].thread_live && s->vcpu[i].kick_seen != s->kick)
+			return true;
+	return false;
+}
+
+/* As synth_stop, up to where the vCPUs would park: each comes back to its
+ * run check (after its batch, or woken from its nap) and carries on. */
+static uint64_t synth_kick_ns(struct vfm_guest *g)
+{
+	struct synth *s = (struct synth *)g;
+	uint64_t t0 = now_ns(), took = 0;
+
+	pthread_mutex_lock(&s->lock);
+	if (s->run && !s->quit) {
+		s->kick++;
+		pthread_cond_broadcast(&s->cond);
+		while (s->run && !s->quit && kick_pending(s))
+			pthread_cond_wait(&s->cond, &s->lock);
+		took = now_ns() - t0;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return took;
 }
 
 static int synth_verify(struct vfm_guest *g, struct vfm_guest_verify *out)
@@ -330,6 +362,7 @@ static const struct vfm_guest_ops synth_ops = {
 	.kind = "synthetic",
 	.start = synth_start,
 	.stop = synth_stop,
+	.kick_ns = synth_kick_ns,
 	.set_throttle = synth_set_throttle,
 	.verify = synth_verify,
 	.quick_verify = synth_quick_verify,

@@ -114,6 +114,15 @@ static bool should_run(const struct kvm_guest *k, const struct kvm_vcpu *v)
 	return k->run && !k->quit && !v->failed;
 }
 
+/* Under k->lock: v acknowledges the last kick (kvm_kick_ns), if it has not. */
+static void kick_ack(struct kvm_guest *k, struct kvm_vcpu *v)
+{
+	if (v->kick_seen != k->kick) {
+		v->kick_seen = k->kick;
+		pthread_cond_broadcast(&k->cond);
+	}
+}
+
 /* ts = CLOCK_MONOTONIC now + ns: a deadline for k->cond, which waits on that clock. */
 void vfm__kvm_deadline(struct timespec *ts, uint64_t ns)
 {
@@ -145,12 +154,14 @@ static void idle(struct kvm_vcpu *v, uint32_t us)
 	vfm__kvm_deadline(&ts, (uint64_t)us * 1000);
 	atomic_fetch_add(&k->idle_waits, 1);
 	pthread_mutex_lock(&k->lock);
-	while (should_run(k, v))
+	while (should_run(k, v)) {
+		kick_ack(k, v);   /* and sleeps on, as a halted vCPU would */
 		if (pthread_cond_timedwait(&k->cond, &k->lock, &ts) == ETIMEDOUT) {
 			if (vfm__kvm_now_ns() < until)
 				atomic_fetch_add(&k->idle_early, 1);
 			break;
 		}
+	}
 	pthread_mutex_unlock(&k->lock);
 }
 
@@ -321,6 +332,7 @@ static void throttle_sleep(struct kvm_vcpu *v)
 		struct timespec ts;
 		uint64_t left = until - vfm__kvm_now_ns();
 
+		kick_ack(k, v);
 		vfm__kvm_deadline(&ts, left < 1000000000ull ? left : 999999999ull);
 		pthread_cond_timedwait(&k->cond, &k->lock, &ts);
 	}
@@ -441,6 +453,7 @@ static void *vcpu_thread(void *arg)
 
 	pthread_mutex_lock(&k->lock);
 	for (;;) {
+		kick_ack(k, v);
 		if (!should_run(k, v)) {
 			struct kvm_regs regs;
 
@@ -514,6 +527,46 @@ static void kick_all(struct kvm_guest *k)
 	for (unsigned i = 0; i < k->nvcpus; i++)
 		if (k->vcpu[i].thread_live && !k->vcpu[i].parked)
 			pthread_kill(k->vcpu[i].thread, KICK_SIGNAL);
+}
+
+/* Under k->lock: a vCPU that runs has not acknowledged the last kick. */
+static bool kick_pending(const struct kvm_guest *k)
+{
+	for (unsigned i = 0; i < k->nvcpus; i++) {
+		const struct kvm_vcpu *v = &k->vcpu[i];
+
+		if (v->thread_live && !v->parked && !v->failed && v->kick_seen != k->kick)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * As kvm_stop, up to where the vCPUs would park: each is kicked out of
+ * KVM_RUN (or woken from an idle or throttle sleep), acknowledges under the
+ * lock and goes on running. Gives up after STOP_TIMEOUT_NS, as a stop would.
+ */
+static uint64_t kvm_kick_ns(struct vfm_guest *g)
+{
+	struct kvm_guest *k = (struct kvm_guest *)g;
+	uint64_t t0 = vfm__kvm_now_ns(), took = 0;
+
+	pthread_mutex_lock(&k->lock);
+	if (k->run && !k->quit) {
+		k->kick++;
+		pthread_cond_broadcast(&k->cond);
+		while (k->run && !k->quit && kick_pending(k) &&
+		       vfm__kvm_now_ns() - t0 < STOP_TIMEOUT_NS) {
+			struct timespec ts;
+
+			kick_all(k);   /* again every 10 ms: as kvm_stop */
+			vfm__kvm_deadline(&ts, 10000000ull);
+			pthread_cond_timedwait(&k->cond, &k->lock, &ts);
+		}
+		took = vfm__kvm_now_ns() - t0;
+	}
+	pthread_mutex_unlock(&k->lock);
+	return took;
 }
 
 static int kvm_stop(struct vfm_guest *g)
@@ -635,6 +688,7 @@ static const struct vfm_guest_ops kvm_ops = {
 	.kind = "kvm",
 	.start = kvm_start,
 	.stop = kvm_stop,
+	.kick_ns = kvm_kick_ns,
 	.verify = vfm__kvm_verify,
 	.quick_verify = vfm__kvm_quick_verify,
 	.stats = kvm_stats,

@@ -42,6 +42,7 @@ struct kvm_vcpu {
 	bool parked;
 	bool failed;
 	uint64_t rip;           /* at the last park */
+	uint64_t kick_seen;     /* the last kick acknowledged (k->kick) */
 };
 
 struct kvm_slot {
@@ -101,6 +102,7 @@ struct kvm_guest {
 	bool state_ready;       /* vCPU state is valid: booted or loaded */
 	unsigned parked;
 	uint64_t pauses;        /* stops that parked running vCPUs */
+	uint64_t kick;          /* kicks so far (kvm_kick_ns) */
 	/* auto-converge (kvm.c): percent of vCPU time withheld; the thread that
 	 * kicks the vCPUs every time slice while it is not 0. */
 	_Atomic unsigned throttle;

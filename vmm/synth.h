@@ -55,6 +55,7 @@ struct synth_vcpu {
 	bool thread_live;
 	uint64_t rng;
 	uint64_t since_dma;     /* page writes since this vCPU last drove its devices */
+	uint64_t kick_seen;     /* the last kick acknowledged (s->kick); under s->lock */
 };
 
 struct synth {
@@ -88,6 +89,7 @@ struct synth {
 	bool run;               /* vCPUs may write */
 	bool quit;
 	unsigned parked;        /* vCPUs waiting for run */
+	uint64_t kick;          /* kicks so far (synth_kick_ns) */
 	struct synth_vcpu vcpu[SYNTH_MAX_VCPUS];
 };
 

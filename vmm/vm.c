@@ -241,12 +241,26 @@ static void ops_throttle(void *opaque, unsigned vcpu_pct, unsigned device_pct)
 	}
 }
 
+/* What ops_stop will take, timed without stopping (the guest's kick). */
+static uint64_t ops_kick_ns(void *opaque)
+{
+	struct vm *vm = opaque;
+	uint64_t ns = 0;
+
+	pthread_mutex_lock(&vm->lock);
+	if (vm->guest->running && vm->guest->ops->kick_ns)
+		ns = vm->guest->ops->kick_ns(vm->guest);
+	pthread_mutex_unlock(&vm->lock);
+	return ns;
+}
+
 static const struct vfm_vm_ops vm_ops = {
 	.stop = ops_stop,
 	.start = ops_start,
 	.loaded = ops_loaded,
 	.log_sync = ops_log_sync,
 	.throttle = ops_throttle,
+	.kick_ns = ops_kick_ns,
 };
 
 /* Any thread the engine runs on; the VM's side effects come before clients see st. */

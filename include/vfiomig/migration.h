@@ -162,6 +162,16 @@ struct vfm_vm_ops {
 	 * called when a throttled migration ends). Migration thread.
 	 */
 	void (*throttle)(void *opaque, unsigned vcpu_pct, unsigned device_pct);
+	/*
+	 * Source, optional: a round to every running vCPU that leaves it
+	 * running (as QEMU's run_on_cpu of nothing): each vCPU is kicked out
+	 * of what it runs and acknowledges, as a stop would make it park.
+	 * Returns the ns that took (0: no vCPU runs). The engine cannot time
+	 * a stop before it stops the guest; it times this at setup and at each
+	 * exact check instead, and expects the switchover's guest_stop to take
+	 * as long (the median of the last few). Migration thread.
+	 */
+	uint64_t (*kick_ns)(void *opaque);
 };
 
 /*

@@ -74,6 +74,8 @@ struct source {
 	uint64_t t_start, t_stop, rtt_ns;
 	uint64_t rtt_min_ns;         /* the least round trip seen: the link's own */
 	uint64_t flush_min_ns;       /* the quickest PING put and flushed (GO's cost) */
+	uint32_t kick_ns[VFM__DST_RT];  /* the last rounds to the vCPUs (time_kick) */
+	unsigned nkick;
 	uint64_t step_end[VFM_SWITCHOVER_STEPS];  /* switchover timeline (publish_steps) */
 	/* Bandwidth window. */
 	uint64_t win_start, win_bytes0;
@@ -122,6 +124,7 @@ struct source {
 };
 
 static double switchover_bw(const struct source *src);
+static void time_kick(struct source *src);
 static uint64_t runqueue_wait_ns(void);
 static double expect_switchover(const struct source *src, double steps[VFM_SWITCHOVER_STEPS]);
 
@@ -569,6 +572,7 @@ static int exact_check(struct source *src, bool pass_end, uint64_t *out, struct 
 	}
 	if (src->have_exact)
 		auto_converge(src, dirtied, sent);
+	time_kick(src);
 	src->exp_ms = expect_switchover(src, src->exp_steps);
 	src->exp_known = src->exp_ms >= 0;
 	if (!src->exp_known)
@@ -642,6 +646,8 @@ static int do_setup(struct source *src, struct vfm_error *err)
 	for (unsigned i = 0; src->rp && i < RTT_PROBES; i++)
 		if ((ret = measure_rtt(src, false, err)))
 			return ret;
+	for (unsigned i = 0; i < RTT_PROBES; i++)
+		time_kick(src);
 	if ((ret = vfm__mf_src_open(m, &src->uri, &src->p, src->out, &src->mf, err)))
 		return ret;
 	if ((ret = vfm__dirty_tracking_start(m, err)))
@@ -815,20 +821,15 @@ static bool on_channels(const struct source *src, const struct vfm_savable *sv)
 	return ((const struct vfm_mig_device *)sv->opaque)->mf_use;
 }
 
-/*
- * The destination's device round trip, ms: the median of what its PONGs said
- * (one query timed at each: five at setup, one per drain; a single figure
- * taken while the destination loaded a backlog was 1.2-1.5 ms where its load
- * end's requests took 0.05). None said (an older destination): this side's.
- */
-static double dst_round_trip_ms(const struct vfm_mig_device *md)
+/* The median of the last min(count, VFM__DST_RT) figures of a ring, ms. */
+static double median_ms(const uint32_t *ring, unsigned count)
 {
 	uint32_t v[VFM__DST_RT];
-	unsigned n = md->ndst_rt < VFM__DST_RT ? md->ndst_rt : VFM__DST_RT;
+	unsigned n = count < VFM__DST_RT ? count : VFM__DST_RT;
 
 	if (!n)
-		return (double)md->arc_ns / 1e6;
-	memcpy(v, md->dst_rt_ns, n * sizeof(v[0]));
+		return 0;
+	memcpy(v, ring, n * sizeof(v[0]));
 	for (unsigned i = 1; i < n; i++)   /* insertion sort: n <= 8 */
 		for (unsigned j = i; j > 0 && v[j - 1] > v[j]; j--) {
 			uint32_t t = v[j];
@@ -840,6 +841,34 @@ static double dst_round_trip_ms(const struct vfm_mig_device *md)
 }
 
 /*
+ * The destination's device round trip, ms: the median of what its PONGs said
+ * (one query timed at each: five at setup, one per drain; a single figure
+ * taken while the destination loaded a backlog was 1.2-1.5 ms where its load
+ * end's requests took 0.05). None said (an older destination): this side's.
+ */
+static double dst_round_trip_ms(const struct vfm_mig_device *md)
+{
+	return md->ndst_rt ? median_ms(md->dst_rt_ns, md->ndst_rt) : (double)md->arc_ns / 1e6;
+}
+
+/*
+ * A round to the guest's vCPUs that leaves them running (the VM's kick_ns),
+ * timed: what a stop will take, which the engine cannot time before it stops
+ * the guest (expected as 0, it was 0.05-0.2 ms in make bench's rows with a
+ * writer, 10-20 % of a sub-ms downtime). The last VFM__DST_RT are kept.
+ */
+static void time_kick(struct source *src)
+{
+	const struct vfm_migration *m = src->m;
+	uint64_t ns;
+
+	if (!m->vm || !m->vm->kick_ns)
+		return;
+	ns = m->vm->kick_ns(m->vm_opaque);
+	src->kick_ns[src->nkick++ % VFM__DST_RT] = ns > UINT32_MAX ? UINT32_MAX : (uint32_t)ns;
+}
+
+/*
  * The downtime as it would go if the switchover started now, step by step
  * (the steps of vfm_switchover_step_name, as publish_steps measures them),
  * from what this migration learned: each savable's pending bytes at the last
@@ -847,7 +876,8 @@ static double dst_round_trip_ms(const struct vfm_mig_device *md)
  * (its least query: arc_ns) for its arcs and its config read; the last dirty
  * sync; the return path's least round trip. Returns the sum, or a
  * negative value when a savable with data has no pace yet.
- * - guest_stop: 0 (not measurable before the guest stops; ~0.1 ms).
+ * - guest_stop: as long as a round to the vCPUs took (time_kick, the median
+ *   of the last few; 0 for a VM without kick_ns).
  * - device_stop: per device PRE_COPY(_P2P) arcs: to P2P (if it has P2P), a
  *   config read, to STOP_COPY (stop_devices).
  * - final_sync: as long as the last pre-copy sync.
@@ -928,6 +958,7 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 		steps[3] = (double)all * 1000.0 / (double)src->p.avail_switchover_bandwidth;
 		known = true;
 	}
+	steps[0] = median_ms(src->kick_ns, src->nkick);
 	steps[4] += rtt;
 	steps[5] = (double)src->flush_min_ns / 1e6;
 	steps[6] += rtt / 2;

@@ -153,6 +153,8 @@ exp_total = sum(ex.get(k, 0) for k in steps)
 check(abs(exp_total - m["expected_downtime_ms"]) <= 0.01 + 0.001 * len(steps),
       "expected steps sum to %.3f, expected_downtime_ms %.3f" % (exp_total, m["expected_downtime_ms"]))
 check(ex.get("dest_load", 0) > 0, "no expected destination load")
+# The running vCPUs' kicks were timed (vm's kick_ns): the stop is expected.
+check(ex.get("guest_stop", 0) > 0, "guest stop expected as 0: no kick timed")
 if fails:
     print("FAILED:", "; ".join(fails))
     sys.exit(1)

@@ -297,7 +297,22 @@ static int guest_start(void *opaque)
 	return 0;
 }
 
-const struct vfm_vm_ops md_vm_ops = { .stop = guest_stop, .start = guest_start };
+static uint64_t guest_kick_ns(void *opaque)
+{
+	struct md_guest *g = opaque;
+	struct timespec ts = { (time_t)(g->kick_delay_ns / 1000000000ull),
+			       (long)(g->kick_delay_ns % 1000000000ull) };
+
+	if (!g->started || !g->workload)
+		return 0;
+	if (g->kick_delay_ns)
+		nanosleep(&ts, NULL);
+	return g->kick_delay_ns;
+}
+
+const struct vfm_vm_ops md_vm_ops = {
+	.stop = guest_stop, .start = guest_start, .kick_ns = guest_kick_ns
+};
 
 bool md_dma_works(struct md_side *s, unsigned i)
 {

@@ -63,6 +63,9 @@ struct md_guest {
 	bool workload;            /* false: start/stop only count (destination) */
 	bool quiet;               /* md_opts.quiet */
 	uint64_t tail[MD_MAXDEV];
+	/* kick_ns (vm ops) takes this long while the guest runs: a guest whose
+	 * vCPUs are slow to come out (0: at once). */
+	uint64_t kick_delay_ns;
 };
 
 struct md_side {

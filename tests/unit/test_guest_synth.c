@@ -314,3 +314,32 @@ TEST(a_torn_page_needs_the_full_check)
 	}
 	rig_free(&r);
 }
+
+/* A kick (the engine's kick_ns: what a stop will take) comes back from every
+ * vCPU and leaves them writing; a stopped guest has nothing to kick. */
+TEST(kick_leaves_the_vcpus_running)
+{
+	struct vfm_guest_stats st = { 0 };
+	struct vfm_error err = { 0 };
+	struct rig r;
+
+	rig_init(&r, 1, false, true);
+	CHECK_EQ(r.g->ops->start(r.g, &err), 0);
+	for (int round = 0; round < 10; round++) {
+		uint64_t before;
+
+		CHECK(r.g->ops->kick_ns(r.g) > 0);
+		CHECK(r.g->running);
+		r.g->ops->stats(r.g, &st);
+		before = st.page_writes;
+		for (int i = 0; i < 2000 && st.page_writes < before + 50; i++) {
+			usleep(1000);
+			r.g->ops->stats(r.g, &st);
+		}
+		CHECK(st.page_writes >= before + 50);
+	}
+	CHECK_EQ(r.g->ops->stop(r.g), 0);
+	CHECK_EQ(r.g->ops->kick_ns(r.g), 0);
+	expect_verified(&r);
+	rig_free(&r);
+}

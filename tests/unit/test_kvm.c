@@ -433,7 +433,15 @@ static int vm_start(void *opaque)
 	return g->ops->start(g, NULL);
 }
 
-static const struct vfm_vm_ops vm_ops = { .stop = vm_stop, .start = vm_start };
+static uint64_t vm_kick_ns(void *opaque)
+{
+	struct vfm_guest *g = opaque;
+
+	return g->ops->kick_ns(g);
+}
+
+static const struct vfm_vm_ops vm_ops = { .stop = vm_stop, .start = vm_start,
+					  .kick_ns = vm_kick_ns };
 
 TEST_TIMEOUT(migrates_through_the_engine, 90)
 {
@@ -468,6 +476,8 @@ TEST_TIMEOUT(migrates_through_the_engine, 90)
 	if (st.status != VFM_MIG_COMPLETED)
 		FAIL("source: %s: %s", vfm_mig_status_name(st.status), st.error);
 	CHECK(!a->running);
+	/* The stop was expected as long as the running vCPUs' kicks took. */
+	CHECK(st.expected_switchover_ms[0] > 0);
 	counters(a, at_stop);
 	vfm_migration_free(ma);
 	a->ops->destroy(a);
@@ -610,6 +620,74 @@ TEST(idle_vcpus_sleep_and_are_scheduled_as_asked)
 	CHECK_EQ(g->ops->stop(g), 0);
 	vfm_guest_kvm_sched_info(g, &si);
 	CHECK_EQ(si.pauses, 2);
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}
+
+/* A kick (the engine's kick_ns: what a stop will take) takes every vCPU out
+ * of KVM_RUN and leaves it running: the guest goes on rewriting and no stop
+ * is counted; a stopped guest has nothing to kick. */
+TEST(kick_leaves_the_vcpus_running)
+{
+	struct vfm_guest_mem *mem;
+	struct vfm_kvm_sched_info si;
+	struct vfm_guest *g;
+	struct vfm_error err = { 0 };
+	uint64_t before[2];
+
+	need_kvm();
+	mem = new_mem();
+	g = new_guest(mem, RATE, true);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	wait_progress(g, NULL, 5);
+	for (int round = 0; round < 10; round++) {
+		CHECK(g->ops->kick_ns(g) > 0);
+		CHECK(g->running);
+		counters(g, before);
+		wait_progress(g, before, 3);
+	}
+	vfm_guest_kvm_sched_info(g, &si);
+	CHECK_EQ(si.pauses, 0);
+	CHECK_EQ(g->ops->stop(g), 0);
+	CHECK_EQ(g->ops->kick_ns(g), 0);
+	check_verified(g);
+	g->ops->destroy(g);
+	vfm_guest_mem_free(mem);
+}
+
+/* A kick reaches vCPUs asleep in idle waits (each acknowledges and sleeps
+ * on): it comes back, no wait times out before its deadline, no stop is
+ * counted, and the guest still runs. */
+TEST(a_kick_reaches_idle_vcpus)
+{
+	struct vfm_kvm_opts o = { .vcpus = 2, .working_set = WS, .fresh = true };
+	struct vfm_guest_mem *mem;
+	struct vfm_kvm_sched_info si;
+	struct vfm_guest *g = NULL;
+	struct vfm_error err = { 0 };
+	uint64_t deadline;
+
+	need_kvm();
+	mem = new_mem();
+	if (vfm_guest_kvm_new(mem, &o, &g, &err))
+		FAIL("vfm_guest_kvm_new: %s", err.msg);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	deadline = now_ms() + 10000;
+	do {
+		nap_ms(5);
+		vfm_guest_kvm_sched_info(g, &si);
+		if (now_ms() > deadline)
+			FAIL("the idle guest never idled");
+	} while (!si.idle_waits);
+	for (int round = 0; round < 20; round++) {
+		CHECK(g->ops->kick_ns(g) > 0);
+		nap_ms(2);
+	}
+	vfm_guest_kvm_sched_info(g, &si);
+	CHECK_EQ(si.idle_early, 0);
+	CHECK_EQ(si.pauses, 0);
+	CHECK(g->running);
+	CHECK_EQ(g->ops->stop(g), 0);
 	g->ops->destroy(g);
 	vfm_guest_mem_free(mem);
 }

@@ -594,6 +594,61 @@ TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
 	md_devsrv_kill(&srv[0]);
 }
 
+/*
+ * The guest's stop is expected as long as a kick of its vCPUs took (the VM's
+ * kick_ns, timed at setup and at each check). A guest whose kick takes 25 ms
+ * must not be switched over at a 20 ms limit (expected as 0, as before
+ * kick_ns, it would be at once); raised live to 2 s, it completes, and the
+ * guest_stop it expected holds that figure. A real destination.
+ */
+#define SLOW_KICK_NS 25000000ull
+
+TEST_TIMEOUT(guest_kick_counts_in_the_expected_downtime, 60)
+{
+	struct md_opts o = { .ndev = 1 };
+	struct md_devsrv srv[1];
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct md_result r;
+	struct md_dest d;
+	struct md_side s;
+	int status;
+
+	begin(srv, &o, "unix", &d, &s);
+	s.g.kick_delay_ns = SLOW_KICK_NS;
+	start_guest(&s);
+	md_params(&p);
+	p.downtime_limit_ms = 20;
+	if (vfm_migration_start(s.m, d.uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	for (int i = 0; i < 1000; i++) {
+		vfm_migration_get_stats(s.m, &st);
+		if (st.precopy_iterations > 10 ||
+		    (st.status != VFM_MIG_ACTIVE && st.status != VFM_MIG_SETUP))
+			break;
+		usleep(10000);
+	}
+	vfm_migration_get_stats(s.m, &st);
+	CHECK_EQ(st.status, VFM_MIG_ACTIVE);   /* not switched over at 20 ms */
+	CHECK(st.expected_downtime_ms >= SLOW_KICK_NS / 1e6);
+	p.downtime_limit_ms = 2000;
+	vfm_migration_set_live_params(s.m, &p);
+	md_wait(&s, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
+	CHECK(st.expected_switchover_ms[0] >= SLOW_KICK_NS / 1e6);   /* guest_stop */
+	CHECK(st.expected_switchover_ms[0] < 2 * SLOW_KICK_NS / 1e6);
+	status = md_dest_wait(&d, &r);
+	if (status || r.status)
+		FAIL("destination exit %d: %s", status, r.error);
+	CHECK_EQ(r.guest_starts, 1);
+	if (r.mem_hash != md_mem_hash(s.mem))
+		FAIL("guest memory differs after migration");
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
+}
+
 /* ------------------------------------------------------------------------ */
 /* max-bandwidth                                                             */
 
