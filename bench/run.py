@@ -24,7 +24,7 @@ import time
 
 QUICK = '--quick' in sys.argv
 # Runs per row of the downtime section (medians); VFM_BENCH_DT_RUNS overrides.
-DT_RUNS = int(os.environ.get('VFM_BENCH_DT_RUNS') or (3 if QUICK else 7))
+DT_RUNS = int(os.environ.get('VFM_BENCH_DT_RUNS') or (3 if QUICK else 21))
 ONLY = sys.argv[sys.argv.index('--only') + 1] if '--only' in sys.argv else None
 BUILD = sys.argv[1]
 OUT = sys.argv[sys.argv.index('--out') + 1] if '--out' in sys.argv else 'docs/performance.md'
