@@ -136,7 +136,10 @@ VFM_EXPORT const char *vfm_switchover_step_name(unsigned step);
 
 /*
  * What the engine needs from the VM: stop and start its guest (vCPUs). Called
- * from the migration thread.
+ * from the migration thread. Initialise it with designated initialisers (the
+ * rest zero): optional members are added at the end, and before 1.0 the
+ * library makes no binary-compatibility promise (rebuild against the header
+ * of the library you run; the same for struct vfm_savable_ops).
  */
 struct vfm_vm_ops {
 	int (*stop)(void *opaque);
