@@ -41,7 +41,7 @@
  * 4.9 GB/s; 1 MiB records at 4.4-5.6 GB/s, 0.75-0.8 of a raw write/read loop
  * (docs/stream-format.md, "Throughput").
  */
-#define WBUF_SIZE (256u << 10)
+#define WBUF_SIZE VFM_STREAM_WBUF_SIZE
 #define RBUF_SIZE (256u << 10)
 #define DIRECT_MIN (64u << 10)
 

@@ -19,6 +19,9 @@
 /* Largest record payload accepted (device data blocks are 1 MiB; RAM batches
  * up to 4 MiB). Anything claiming more is an error before allocation. */
 #define VFM_STREAM_MAX_RECORD (8u << 20)
+/* What a stream holds before it writes: small records (RAM's scattered
+ * pages, config) reach the peer when this fills or at a flush. */
+#define VFM_STREAM_WBUF_SIZE (256u << 10)
 
 /* Record types, main channel, source -> destination. */
 enum vfm_rec_type {

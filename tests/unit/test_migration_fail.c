@@ -649,6 +649,56 @@ TEST_TIMEOUT(guest_kick_counts_in_the_expected_downtime, 60)
 	md_devsrv_kill(&srv[0]);
 }
 
+/*
+ * RAM's last pages are small records a stream holds until the end's flush:
+ * the destination loads up to a stream buffer of them (256 KiB; one per
+ * multifd channel, in parallel) after the source's last write, at about RAM's
+ * pace, and dest_load counts that. Here RAM's pace is capped at 8 MiB/s
+ * (max-bandwidth) and the writer keeps MiBs dirty: dest_load must hold
+ * min(last_bytes, 256 KiB at 8 MiB/s = 31 ms); without the term it is a
+ * round trip (< 1 ms). On main (0 channels) and on 2 channels.
+ */
+static void ram_tail(unsigned channels)
+{
+	struct md_opts o = { .ndev = 0 };
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	const double bw = 8 << 20, tail_ms = 256.0 * 1024 * 1000 / bw;
+	double want;
+	struct md_result r;
+	struct md_dest d;
+	struct md_side s;
+	int status;
+
+	begin(NULL, &o, "unix", &d, &s);
+	start_guest(&s);
+	md_params(&p);
+	p.max_bandwidth = (uint64_t)bw;
+	p.downtime_limit_ms = 5000;
+	p.multifd_channels = channels;
+	if (vfm_migration_start(s.m, d.uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	md_wait(&s, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
+	want = st.expected_switchover_ms[3] < tail_ms ? st.expected_switchover_ms[3] : tail_ms;
+	fprintf(stderr, "# expected last_bytes %.2f ms, dest_load %.2f ms (the tail: %.2f)\n",
+		st.expected_switchover_ms[3], st.expected_switchover_ms[4], want);
+	CHECK(st.expected_switchover_ms[3] > 5);   /* RAM had MiBs pending */
+	CHECK(st.expected_switchover_ms[4] >= 0.8 * want);
+	status = md_dest_wait(&d, &r);
+	if (status || r.status)
+		FAIL("destination exit %d: %s", status, r.error);
+	if (r.mem_hash != md_mem_hash(s.mem))
+		FAIL("guest memory differs after migration");
+	CHECK_EQ(st.multifd_channels, channels);
+	md_side_free(&s);
+}
+
+TEST_TIMEOUT(ram_tail_counts_in_the_destination_load_main, 60) { ram_tail(0); }
+TEST_TIMEOUT(ram_tail_counts_in_the_destination_load_multifd, 60) { ram_tail(2); }
+
 /* ------------------------------------------------------------------------ */
 /* max-bandwidth                                                             */
 
