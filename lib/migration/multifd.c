@@ -59,12 +59,43 @@ struct vfm_mf_src {
 	atomic_uint rr;
 	_Atomic uint64_t bytes;      /* written on the channels, headers included */
 	atomic_bool stop;
-	pthread_mutex_t lock;        /* guards stopped, go */
+	pthread_mutex_t lock;        /* guards stop_now, stopped, go */
 	pthread_cond_t cond;
+	bool stop_now;               /* the switchover: savers stop their devices */
 	unsigned stopped;            /* savers done with STOP_COPY (ok or not) */
 	unsigned ended;              /* savers whose thread function returned */
 	bool go;
 };
+
+static void *saver_main(void *arg);
+
+/*
+ * One save thread per device on the channels, started with the channels and
+ * parked until the switchover: created there, a thread cost the downtime its
+ * creation and first run (0.2-0.25 ms of a 0.4-0.5 ms device stop, traced
+ * on this 2-CPU host), where waking a parked one costs a wakeup.
+ */
+static int start_savers(struct vfm_mf_src *mf, struct vfm_error *err)
+{
+	struct vfm_migration *m = mf->m;
+	int ret;
+
+	for (unsigned i = 0; i < m->ndevs; i++) {
+		struct mf_saver *w;
+
+		if (!m->devs[i]->mf_use)
+			continue;
+		w = &mf->sv[mf->nsv++];
+		w->mf = mf;
+		w->md = m->devs[i];
+		if ((ret = pthread_create(&w->thread, NULL, saver_main, w))) {
+			mf->nsv--;
+			return vfm_error_set(err, -ret, "starting a multifd save thread");
+		}
+		w->started = true;
+	}
+	return 0;
+}
 
 static bool dev_wants_multifd(const struct vfm_mig_device *md, enum vfm_onoff mig,
 			      bool have_channels, struct vfm_error *err, int *ret)
@@ -155,6 +186,8 @@ int vfm__mf_src_open(struct vfm_migration *m, const struct vfm_uri *uri,
 	pthread_mutex_lock(&m->lock);
 	m->stats.multifd_channels = n;
 	pthread_mutex_unlock(&m->lock);
+	if ((ret = start_savers(mf, err)))
+		return ret;
 	vfm_info(LOG, "%u channels: stop-copy RAM and %u device(s) send over them", n, users);
 	return 0;
 }
@@ -241,9 +274,24 @@ static void *saver_main(void *arg)
 {
 	struct mf_saver *w = arg;
 	struct vfm_mf_src *mf = w->mf;
-	enum vfm_state st = vfm_device_state(w->md->dev);
-	bool go;
+	enum vfm_state st;
+	bool go, now;
 
+	pthread_mutex_lock(&mf->lock);
+	while (!mf->stop_now && !atomic_load(&mf->stop))
+		pthread_cond_wait(&mf->cond, &mf->lock);
+	now = mf->stop_now && !atomic_load(&mf->stop);
+	pthread_mutex_unlock(&mf->lock);
+	if (!now) {   /* the migration ended before its switchover */
+		w->ret = vfm_error_set(&w->err, VFM_ECANCELED, "stopped before the switchover");
+		pthread_mutex_lock(&mf->lock);
+		mf->stopped++;
+		mf->ended++;
+		pthread_cond_broadcast(&mf->cond);
+		pthread_mutex_unlock(&mf->lock);
+		return NULL;
+	}
+	st = vfm_device_state(w->md->dev);
 	/* Config space before the arc: STOP_COPY may refuse region access. */
 	w->ret = vfm__vfio_snapshot_config(w->md, &w->err);
 	if (!w->ret) {
@@ -273,24 +321,9 @@ static void *saver_main(void *arg)
 
 int vfm__mf_src_stop_devices(struct vfm_mf_src *mf, struct vfm_error *err)
 {
-	struct vfm_migration *m = mf->m;
-	int ret;
-
-	for (unsigned i = 0; i < m->ndevs; i++) {
-		struct mf_saver *w;
-
-		if (!m->devs[i]->mf_use)
-			continue;
-		w = &mf->sv[mf->nsv++];
-		w->mf = mf;
-		w->md = m->devs[i];
-		if ((ret = pthread_create(&w->thread, NULL, saver_main, w))) {
-			mf->nsv--;
-			return vfm_error_set(err, -ret, "starting a multifd save thread");
-		}
-		w->started = true;
-	}
 	pthread_mutex_lock(&mf->lock);
+	mf->stop_now = true;
+	pthread_cond_broadcast(&mf->cond);
 	while (mf->stopped < mf->nsv)
 		pthread_cond_wait(&mf->cond, &mf->lock);
 	pthread_mutex_unlock(&mf->lock);
@@ -420,6 +453,18 @@ struct vfm_mf_src *vfm__mf_src_of(struct vfm_migration *m)
 	mf = m->mf_src;
 	pthread_mutex_unlock(&m->lock);
 	return mf;
+}
+
+unsigned vfm__mf_src_savers(struct vfm_mf_src *mf)
+{
+	unsigned n;
+
+	if (!mf)
+		return 0;
+	pthread_mutex_lock(&mf->lock);
+	n = mf->nsv - mf->ended;   /* every saver counted in nsv was started */
+	pthread_mutex_unlock(&mf->lock);
+	return n;
 }
 
 unsigned vfm__mf_src_nchannels(const struct vfm_mf_src *mf)

@@ -43,6 +43,8 @@ uint64_t vfm__mf_src_bytes(struct vfm_mf_src *mf);
 /* The channels of the current migration (the migration thread), NULL if none. */
 struct vfm_mf_src *vfm__mf_src_of(struct vfm_migration *m);
 unsigned vfm__mf_src_nchannels(const struct vfm_mf_src *mf);
+/* Tests: save threads started and not yet ended (parked until the switchover). */
+unsigned vfm__mf_src_savers(struct vfm_mf_src *mf);
 /* One MF_RAM packet on channel chan: batch (16 bytes) then plen page bytes
  * (guest memory, which must not change: the guest is stopped). */
 int vfm__mf_src_put_ram(struct vfm_mf_src *mf, unsigned chan, const void *batch,

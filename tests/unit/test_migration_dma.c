@@ -9,6 +9,7 @@
 #include "../../devices/dma.h"
 #include "harness.h"
 #include "migdma.h"
+#include "migration/multifd.h"
 #include "vfiomig/vfio_user.h"
 
 struct scenario {
@@ -24,12 +25,23 @@ struct precopy_bytes {
 	struct md_side *s;
 	uint64_t dev[MD_MAXDEV];
 	bool seen;
+	/* After the first pre-copy iteration: multifd save threads alive, and
+	 * devices that use the channels (the threads wait there for the
+	 * switchover, not created in it). */
+	bool mf_seen;
+	unsigned savers, mf_users;
 };
 
 static void on_phase(void *opaque, struct vfm_migration *m, enum vfm__mig_phase ph)
 {
 	struct precopy_bytes *pb = opaque;
 
+	if (ph == VFM__PH_PRECOPY && !pb->mf_seen) {
+		pb->mf_seen = true;
+		pb->savers = vfm__mf_src_savers(vfm__mf_src_of(m));
+		for (unsigned i = 0; i < m->ndevs; i++)
+			pb->mf_users += vfm__mf_src_of(m) && m->devs[i]->mf_use;
+	}
 	if (ph != VFM__PH_STOP_COPY)
 		return;
 	for (unsigned i = 0; i < pb->s->ndev; i++)
@@ -225,6 +237,8 @@ static void run(const struct scenario *sc)
 		CHECK(st.expected_downtime_ms > 0);
 	if (sc->channels >= 0)
 		CHECK_EQ(st.multifd_channels, sc->channels);
+	if (pb.mf_seen)
+		CHECK_EQ(pb.savers, pb.mf_users);
 	/* The stop-copy RAM pass uses the channels whenever there are any, on
 	 * both sides: at least the pages the writer dirtied last. */
 	if (st.multifd_channels) {
