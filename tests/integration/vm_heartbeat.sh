@@ -5,7 +5,8 @@
 # which must see beats from the source, then from the destination, and a
 # blackout > 0 and under a bound that includes the switch gap. The source's
 # query-migrate switchover_ms timeline has every step and sums to its
-# downtime. Bad input: an observer that is not there, a synthetic guest,
+# downtime, and its expected steps include the guest stop (the vCPUs' kicks,
+# timed without stopping them). Bad input: an observer that is not there, a synthetic guest,
 # bad observer arguments, a bad --vcpu-slice-us. How the vCPU threads ran
 # (status guest.kvm): no idle wait cut short on either side, the source
 # paused once (the switchover) and the destination not at all until a
