@@ -105,6 +105,20 @@ static void check_verified(struct vfm_guest *g)
 	CHECK(v.pages_checked >= WS / PG);
 }
 
+/* The running guest has slept in at least one idle wait (bounded wait). */
+static void wait_idle(struct vfm_guest *g)
+{
+	struct vfm_kvm_sched_info si;
+	uint64_t deadline = now_ms() + 10000;
+
+	do {
+		nap_ms(5);
+		vfm_guest_kvm_sched_info(g, &si);
+		if (now_ms() > deadline)
+			FAIL("the idle guest never idled");
+	} while (!si.idle_waits);
+}
+
 static bool test_bit(const uint64_t *bm, uint64_t i)
 {
 	return bm[i / 64] >> (i % 64) & 1;
@@ -586,7 +600,7 @@ TEST(idle_vcpus_sleep_and_are_scheduled_as_asked)
 	struct vfm_kvm_sched_info si;
 	struct vfm_guest *g = NULL;
 	struct vfm_error err = { 0 };
-	uint64_t t0, ms, deadline;
+	uint64_t t0, ms;
 
 	need_kvm();
 	mem = new_mem();
@@ -595,13 +609,7 @@ TEST(idle_vcpus_sleep_and_are_scheduled_as_asked)
 	vfm_guest_kvm_sched_info(g, &si);
 	CHECK_EQ(si.pauses, 0);
 	CHECK_EQ(g->ops->start(g, &err), 0);
-	deadline = now_ms() + 10000;
-	do {
-		nap_ms(5);
-		vfm_guest_kvm_sched_info(g, &si);
-		if (now_ms() > deadline)
-			FAIL("the idle guest never idled");
-	} while (!si.idle_waits);
+	wait_idle(g);
 	t0 = now_ms();
 	nap_ms(300);
 	vfm_guest_kvm_sched_info(g, &si);
@@ -665,20 +673,13 @@ TEST(a_kick_reaches_idle_vcpus)
 	struct vfm_kvm_sched_info si;
 	struct vfm_guest *g = NULL;
 	struct vfm_error err = { 0 };
-	uint64_t deadline;
 
 	need_kvm();
 	mem = new_mem();
 	if (vfm_guest_kvm_new(mem, &o, &g, &err))
 		FAIL("vfm_guest_kvm_new: %s", err.msg);
 	CHECK_EQ(g->ops->start(g, &err), 0);
-	deadline = now_ms() + 10000;
-	do {
-		nap_ms(5);
-		vfm_guest_kvm_sched_info(g, &si);
-		if (now_ms() > deadline)
-			FAIL("the idle guest never idled");
-	} while (!si.idle_waits);
+	wait_idle(g);
 	for (int round = 0; round < 20; round++) {
 		CHECK(g->ops->kick_ns(g) > 0);
 		nap_ms(2);

@@ -105,6 +105,44 @@ static void begin(struct md_devsrv *srv, const struct md_opts *o, const char *ki
 	md_side_init(s, srv, o, true, 7);
 }
 
+/* The destination completed: it ran its guest once, on the source's memory. */
+static void end_dest_ok(struct md_dest *d, struct md_side *s)
+{
+	struct md_result r;
+	int status = md_dest_wait(d, &r);
+
+	if (status || r.status)
+		FAIL("destination exit %d: %s", status, r.error);
+	CHECK_EQ(r.guest_starts, 1);
+	if (r.mem_hash != md_mem_hash(s->mem))
+		FAIL("guest memory differs after migration");
+}
+
+/*
+ * A migration started at a downtime limit below what it expects (p's limit)
+ * still runs after 10 pre-copy iterations (or 10 s) and expects at least
+ * min_ms; raised live to 2 s, it completes. *st: its final stats.
+ */
+static void held_then_raised(struct md_side *s, struct vfm_migration_params *p, double min_ms,
+			     struct vfm_migration_stats *st)
+{
+	for (int i = 0; i < 1000; i++) {
+		vfm_migration_get_stats(s->m, st);
+		if (st->precopy_iterations > 10 ||
+		    (st->status != VFM_MIG_ACTIVE && st->status != VFM_MIG_SETUP))
+			break;
+		usleep(10000);
+	}
+	vfm_migration_get_stats(s->m, st);
+	CHECK_EQ(st->status, VFM_MIG_ACTIVE);   /* not switched over at the low limit */
+	CHECK(st->expected_downtime_ms >= min_ms);
+	p->downtime_limit_ms = 2000;
+	vfm_migration_set_live_params(s->m, p);
+	md_wait(s, st);
+	if (st->status != VFM_MIG_COMPLETED)
+		FAIL("status %s: %s", vfm_mig_status_name(st->status), st->error);
+}
+
 /* The destination failed without running its guest; everything is freed. */
 static void end_dest_failed(struct md_dest *d, struct md_side *s, struct md_devsrv *srv,
 			    unsigned ndev)
@@ -570,21 +608,7 @@ TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
 	start_guest(&s);
 	fp.downtime_limit_ms = 20;
 	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
-	for (int i = 0; i < 1000; i++) {
-		vfm_migration_get_stats(s.m, &st);
-		if (st.precopy_iterations > 10 ||
-		    (st.status != VFM_MIG_ACTIVE && st.status != VFM_MIG_SETUP))
-			break;
-		usleep(10000);
-	}
-	vfm_migration_get_stats(s.m, &st);
-	CHECK_EQ(st.status, VFM_MIG_ACTIVE);   /* not switched over at 20 ms */
-	CHECK(st.expected_downtime_ms >= SLOW_DEV_NS / 1e6);
-	fp.downtime_limit_ms = 2000;
-	vfm_migration_set_live_params(s.m, &fp);
-	md_wait(&s, &st);
-	if (st.status != VFM_MIG_COMPLETED)
-		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
+	held_then_raised(&s, &fp, SLOW_DEV_NS / 1e6, &st);
 	CHECK(st.expected_switchover_ms[4] >= SLOW_DEV_NS / 1e6);   /* dest_load */
 	CHECK(st.expected_switchover_ms[6] < 5);   /* dest_resume: the device is awake */
 	CHECK(st.expected_switchover_ms[1] < 5);   /* this side's arcs: its own device */
@@ -610,10 +634,8 @@ TEST_TIMEOUT(guest_kick_counts_in_the_expected_downtime, 60)
 	struct vfm_migration_params p;
 	struct vfm_migration_stats st;
 	struct vfm_error err = { 0 };
-	struct md_result r;
 	struct md_dest d;
 	struct md_side s;
-	int status;
 
 	begin(srv, &o, "unix", &d, &s);
 	s.g.kick_delay_ns = SLOW_KICK_NS;
@@ -622,29 +644,10 @@ TEST_TIMEOUT(guest_kick_counts_in_the_expected_downtime, 60)
 	p.downtime_limit_ms = 20;
 	if (vfm_migration_start(s.m, d.uri, &p, &err))
 		FAIL("start: %s", err.msg);
-	for (int i = 0; i < 1000; i++) {
-		vfm_migration_get_stats(s.m, &st);
-		if (st.precopy_iterations > 10 ||
-		    (st.status != VFM_MIG_ACTIVE && st.status != VFM_MIG_SETUP))
-			break;
-		usleep(10000);
-	}
-	vfm_migration_get_stats(s.m, &st);
-	CHECK_EQ(st.status, VFM_MIG_ACTIVE);   /* not switched over at 20 ms */
-	CHECK(st.expected_downtime_ms >= SLOW_KICK_NS / 1e6);
-	p.downtime_limit_ms = 2000;
-	vfm_migration_set_live_params(s.m, &p);
-	md_wait(&s, &st);
-	if (st.status != VFM_MIG_COMPLETED)
-		FAIL("status %s: %s", vfm_mig_status_name(st.status), st.error);
+	held_then_raised(&s, &p, SLOW_KICK_NS / 1e6, &st);
 	CHECK(st.expected_switchover_ms[0] >= SLOW_KICK_NS / 1e6);   /* guest_stop */
 	CHECK(st.expected_switchover_ms[0] < 2 * SLOW_KICK_NS / 1e6);
-	status = md_dest_wait(&d, &r);
-	if (status || r.status)
-		FAIL("destination exit %d: %s", status, r.error);
-	CHECK_EQ(r.guest_starts, 1);
-	if (r.mem_hash != md_mem_hash(s.mem))
-		FAIL("guest memory differs after migration");
+	end_dest_ok(&d, &s);
 	md_side_free(&s);
 	md_devsrv_kill(&srv[0]);
 }
@@ -666,10 +669,8 @@ static void ram_tail(unsigned channels)
 	struct vfm_error err = { 0 };
 	const double bw = 8 << 20, tail_ms = 256.0 * 1024 * 1000 / bw;
 	double want;
-	struct md_result r;
 	struct md_dest d;
 	struct md_side s;
-	int status;
 
 	begin(NULL, &o, "unix", &d, &s);
 	start_guest(&s);
@@ -687,11 +688,7 @@ static void ram_tail(unsigned channels)
 		st.expected_switchover_ms[3], st.expected_switchover_ms[4], want);
 	CHECK(st.expected_switchover_ms[3] > 5);   /* RAM had MiBs pending */
 	CHECK(st.expected_switchover_ms[4] >= 0.8 * want);
-	status = md_dest_wait(&d, &r);
-	if (status || r.status)
-		FAIL("destination exit %d: %s", status, r.error);
-	if (r.mem_hash != md_mem_hash(s.mem))
-		FAIL("guest memory differs after migration");
+	end_dest_ok(&d, &s);
 	CHECK_EQ(st.multifd_channels, channels);
 	md_side_free(&s);
 }
