@@ -169,7 +169,28 @@ static void run_case(const struct conv_case *c)
 		CHECK(ram_at_1s >= MD_MEM / 4);
 	if (c->expect == CONVERGES)
 		CHECK(!t_nc);
-	if (c->expect == STALLS) {
+	if (c->expect == STALLS && !t_nc && !c->precopy) {
+		/*
+		 * Switched over without a report. A device without pre-copy
+		 * was never read, so its pace is unknown and the engine
+		 * assumes the link's, as QEMU does (docs/performance.md
+		 * section 4). On this unix socket the link probe measures
+		 * 0.8-2 GB/s mostly, and now and then over 3.6 GB/s: past
+		 * the line, where 1 GiB does fit 300 ms at the link's pace
+		 * (one run in three of the full matrix, and once in CI).
+		 * Then the engine's own arithmetic must have said so: the
+		 * downtime it expected at the decision, which stands in the
+		 * stats, was within the limit (which puts the link it assumed
+		 * past the line).
+		 */
+		double line = (double)(c->ndev * c->state) * 1000.0 / (double)st.downtime_limit_ms;
+
+		fprintf(stderr, "# switched over at once: expected %.1f ms at the link's %.0f MB/s"
+			" (the line: %.0f MB/s)\n", st.expected_downtime_ms,
+			st.bandwidth_bps / 1e6, line / 1e6);
+		CHECK(st.expected_downtime_ms > 0);
+		CHECK(st.expected_downtime_ms <= (double)st.downtime_limit_ms);
+	} else if (c->expect == STALLS) {
 		CHECK(t_nc > 0);
 		CHECK(t_nc <= 5000);
 	}
