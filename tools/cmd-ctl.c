@@ -122,6 +122,9 @@ static void print_migration(json_object *mig, FILE *out)
 		fprintf(out, "  not converging: it would need a downtime of about %.0f ms "
 			"(limit %" PRId64 "); most pending: %s\n", get_double(mig, "needed_downtime_ms"),
 			get_i64(mig, "downtime_limit_ms"), get_str(mig, "bottleneck"));
+	if (get_str(mig, "unpaced")[0])
+		fprintf(out, "  the expected downtime assumes the link's pace for %s: it has no "
+			"pre-copy, so its own is unknown\n", get_str(mig, "unpaced"));
 	if (get_str(mig, "error")[0])
 		fprintf(out, "  error: %s\n", get_str(mig, "error"));
 }

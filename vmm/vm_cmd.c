@@ -369,6 +369,7 @@ json_object *vm_query_migrate(struct vm *vm)
 									status != VFM_MIG_ACTIVE));
 	json_object_object_add(o, "needed_downtime_ms", jdouble(st.needed_downtime_ms));
 	json_object_object_add(o, "bottleneck", json_object_new_string(st.blocker));
+	json_object_object_add(o, "unpaced", json_object_new_string(st.unpaced));
 	json_object_object_add(o, "cpu_throttle_percentage", ju64(st.cpu_throttle_percentage));
 	json_object_object_add(o, "device_throttle_percentage", ju64(st.device_throttle_percentage));
 	{

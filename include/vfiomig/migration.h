@@ -130,6 +130,11 @@ struct vfm_migration_stats {
 	/* The same steps as the engine expected them when it decided to switch
 	 * over (their sum is expected_downtime_ms; all 0 before the decision). */
 	double expected_switchover_ms[7];
+	/* A device ("vfio:ID") whose part of expected_downtime_ms assumes the
+	 * link's pace, "" when none: it never read before stop-copy (no
+	 * pre-copy), so its own pace is unknown and the downtime may be longer
+	 * than expected (docs/architecture.md, "Limits"). */
+	char unpaced[VFM_SAVABLE_NAME_MAX];
 };
 #define VFM_SWITCHOVER_STEPS 7
 VFM_EXPORT const char *vfm_switchover_step_name(unsigned step);

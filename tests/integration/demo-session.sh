@@ -29,6 +29,12 @@ sleep 0.5  # let the device churn and the guest write
 ctl "$tmp/src.ctl" migrate "unix:$tmp/mig.sock" --wait >"$tmp/migrate.out" 2>&1 ||
 	{ die "migrate --wait failed"; cat "$tmp/migrate.out" "$tmp"/*.log; }
 grep -q "^migration: completed" "$tmp/migrate.out" || die "no 'completed' line"
+if [ "$precopy" = off ]; then
+	grep -q "assumes the link's pace for vfio:dev0" "$tmp/migrate.out" ||
+		die "migrate --wait did not say the expected downtime assumed the link's pace"
+else
+	! grep -q "assumes the link's pace" "$tmp/migrate.out" || die "pace assumed with pre-copy"
+fi
 # The destination reports completed once its guest runs.
 i=0
 while ! ctl "$tmp/dst.ctl" status | grep -q "^migration: completed"; do
@@ -53,6 +59,10 @@ moved = s["transferred_bytes"]
 assert moved >= one_copy, (moved, one_copy)
 if precopy == "off":
     assert moved < one_copy + 4096, "pages re-sent without pre-copy: %d > %d" % (moved, one_copy)
+# Without pre-copy the device never read before stop-copy: the expected
+# downtime assumed the link's pace for it, and the source says so.
+assert src["migration"]["unpaced"] == ("vfio:dev0" if precopy == "off" else ""), src["migration"]
+assert "unpaced" not in dst["migration"] or dst["migration"]["unpaced"] == "", dst["migration"]
 print("ok: pre-copy %s, device moved %d bytes (one copy %d), checksum %s" %
       (precopy, moved, one_copy, s["state_checksum"]))
 EOF
