@@ -364,6 +364,7 @@ json_object *vm_query_migrate(struct vm *vm)
 	json_object_object_add(o, "throughput_mbps", jdouble(st.throughput_mbps));
 	json_object_object_add(o, "multifd_channels", ju64(st.multifd_channels));
 	json_object_object_add(o, "multifd_ram_bytes", ju64(st.multifd_ram_bytes));
+	json_object_object_add(o, "multifd_device_bytes", ju64(st.multifd_device_bytes));
 	/* The convergence report (docs/architecture.md). */
 	json_object_object_add(o, "converging", json_object_new_boolean(st.converging ||
 									status != VFM_MIG_ACTIVE));

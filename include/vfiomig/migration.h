@@ -135,6 +135,9 @@ struct vfm_migration_stats {
 	 * pre-copy), so its own pace is unknown and the downtime may be longer
 	 * than expected (docs/architecture.md, "Limits"). */
 	char unpaced[VFM_SAVABLE_NAME_MAX];
+	/* Source: the part of device_transferred_bytes that went over the
+	 * multifd channels (stop-copy data of the devices that used them). */
+	uint64_t multifd_device_bytes;
 };
 #define VFM_SWITCHOVER_STEPS 7
 VFM_EXPORT const char *vfm_switchover_step_name(unsigned step);

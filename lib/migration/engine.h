@@ -85,6 +85,8 @@ struct vfm_mig_device {
 	/* Multifd (multifd.c). Source: stop-copy state goes over the extra
 	 * channels; destination: packets for it are accepted. */
 	bool mf_use;
+	bool mf_forced;                        /* multifd-transfer=on: never main (mf_at_switchover) */
+	_Atomic uint64_t mf_sent;              /* source: bytes of it sent over the channels */
 	struct vfm_mf_devq *mfq;               /* destination queue */
 	_Atomic uint64_t mf_out_of_order;      /* destination: packets ahead of their turn */
 	_Atomic uint64_t mf_queue_waits;       /* destination: a reader waited for room */

@@ -44,6 +44,7 @@ struct mf_saver {
 	struct vfm_mig_device *md;
 	pthread_t thread;
 	bool started;
+	bool release;                /* under mf->lock: end unused, main sends the device's data */
 	uint32_t packets;            /* written once the thread ended */
 	int ret;
 	struct vfm_error err;
@@ -63,6 +64,7 @@ struct vfm_mf_src {
 	pthread_cond_t cond;
 	bool stop_now;               /* the switchover: savers stop their devices */
 	unsigned stopped;            /* savers done with STOP_COPY (ok or not) */
+	unsigned released;           /* savers released unused (vfm__mf_src_release) */
 	unsigned ended;              /* savers whose thread function returned */
 	bool go;
 };
@@ -97,12 +99,13 @@ static int start_savers(struct vfm_mf_src *mf, struct vfm_error *err)
 	return 0;
 }
 
-static bool dev_wants_multifd(const struct vfm_mig_device *md, enum vfm_onoff mig,
+static bool dev_wants_multifd(struct vfm_mig_device *md, enum vfm_onoff mig,
 			      bool have_channels, struct vfm_error *err, int *ret)
 {
 	enum vfm_onoff v = md->props.multifd_transfer != VFM_AUTO ? md->props.multifd_transfer : mig;
 
 	*ret = 0;
+	md->mf_forced = v == VFM_ON;
 	if (v == VFM_ON && !have_channels)
 		*ret = vfm_error_set(err, -EINVAL, "%s: multifd-transfer=on needs multifd channels "
 				     "(a tcp: or unix: URI and multifd-channels > 0)",
@@ -225,6 +228,7 @@ static int send_packet(struct mf_saver *w, uint32_t idx, uint32_t flags, const v
 	pthread_mutex_unlock(&c->lock);
 	if (!ret) {
 		atomic_fetch_add(&w->md->transferred, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
+		atomic_fetch_add(&w->md->mf_sent, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
 		atomic_fetch_add(&w->mf->bytes, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
 	}
 	return ret;
@@ -275,17 +279,23 @@ static void *saver_main(void *arg)
 	struct mf_saver *w = arg;
 	struct vfm_mf_src *mf = w->mf;
 	enum vfm_state st;
-	bool go, now;
+	bool go, now, release;
 
 	pthread_mutex_lock(&mf->lock);
-	while (!mf->stop_now && !atomic_load(&mf->stop))
+	while (!mf->stop_now && !atomic_load(&mf->stop) && !w->release)
 		pthread_cond_wait(&mf->cond, &mf->lock);
 	now = mf->stop_now && !atomic_load(&mf->stop);
+	release = w->release;
 	pthread_mutex_unlock(&mf->lock);
-	if (!now) {   /* the migration ended before its switchover */
-		w->ret = vfm_error_set(&w->err, VFM_ECANCELED, "stopped before the switchover");
+	if (!now || release) {
+		/* The migration ended before its switchover, or main sends
+		 * this device's data (vfm__mf_src_release, before the guest
+		 * stops: this thread ends outside the downtime, and the
+		 * device stop does not wait for it). */
+		if (!release)
+			w->ret = vfm_error_set(&w->err, VFM_ECANCELED, "stopped before the switchover");
 		pthread_mutex_lock(&mf->lock);
-		mf->stopped++;
+		mf->stopped += !release;
 		mf->ended++;
 		pthread_cond_broadcast(&mf->cond);
 		pthread_mutex_unlock(&mf->lock);
@@ -324,7 +334,7 @@ int vfm__mf_src_stop_devices(struct vfm_mf_src *mf, struct vfm_error *err)
 	pthread_mutex_lock(&mf->lock);
 	mf->stop_now = true;
 	pthread_cond_broadcast(&mf->cond);
-	while (mf->stopped < mf->nsv)
+	while (mf->stopped < mf->nsv - mf->released)
 		pthread_cond_wait(&mf->cond, &mf->lock);
 	pthread_mutex_unlock(&mf->lock);
 	for (unsigned i = 0; i < mf->nsv; i++)
@@ -332,6 +342,19 @@ int vfm__mf_src_stop_devices(struct vfm_mf_src *mf, struct vfm_error *err)
 			return vfm_error_set(err, mf->sv[i].ret, "%s: %s",
 					     vfm_device_id(mf->sv[i].md->dev), mf->sv[i].err.msg);
 	return 0;
+}
+
+void vfm__mf_src_release(struct vfm_mf_src *mf, struct vfm_mig_device *md)
+{
+	pthread_mutex_lock(&mf->lock);
+	for (unsigned i = 0; i < mf->nsv; i++)
+		if (mf->sv[i].md == md && !mf->sv[i].release) {
+			mf->sv[i].release = true;
+			mf->released++;
+		}
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
+	md->mf_use = false;
 }
 
 void vfm__mf_src_go(struct vfm_mf_src *mf)
@@ -396,6 +419,8 @@ int vfm__mf_src_finish(struct vfm_mf_src *mf, struct vfm_stream *main, struct vf
 		if ((ret = vfm_stream_error(mf->ch[i].s, err)))
 			return vfm_error_set(err, ret, "multifd channel %u", i);
 	for (unsigned i = 0; i < mf->nsv; i++) {
+		if (mf->sv[i].release)
+			continue;   /* its data went on main: no end marker */
 		vfm_put_le32(pl, mf->sv[i].packets);
 		vfm_stream_put_record(main, VFM_REC_DATA, VFM__DEV_MF_END,
 				      vfm__vfio_section(mf->sv[i].md), pl, sizeof(pl));

@@ -35,6 +35,11 @@ int vfm__mf_src_open(struct vfm_migration *m, const struct vfm_uri *uri,
 /* Starts the save threads: each moves its device to STOP_COPY; returns once
  * all did (or one failed). Data flows after vfm__mf_src_go. */
 int vfm__mf_src_stop_devices(struct vfm_mf_src *mf, struct vfm_error *err);
+/* Before vfm__mf_src_stop_devices: md's stop-copy goes on main after all
+ * (md->mf_use cleared); its parked save thread ends unused and no end
+ * marker goes for it (the destination needs none for a device without
+ * packets on the channels). */
+void vfm__mf_src_release(struct vfm_mf_src *mf, struct vfm_mig_device *md);
 void vfm__mf_src_go(struct vfm_mf_src *mf);
 /* Joins the save threads, then puts each device's end marker on main. */
 int vfm__mf_src_finish(struct vfm_mf_src *mf, struct vfm_stream *main, struct vfm_error *err);
@@ -75,6 +80,9 @@ int vfm__mf_dst_ram_end(struct vfm_mf_dst *mf, const void *pl, size_t len, struc
 int vfm__mf_dst_check(struct vfm_mf_dst *mf, struct vfm_error *err);
 /* The first failure of a channel or load thread, if any (0 otherwise). */
 int vfm__mf_dst_error(struct vfm_mf_dst *mf, struct vfm_error *err);
+/* Tells the reader and load threads to end (a source closing its channels
+ * is then no error); vfm__mf_dst_close joins them. */
+void vfm__mf_dst_stop(struct vfm_mf_dst *mf);
 void vfm__mf_dst_close(struct vfm_mf_dst *mf);
 /* Channels of the incoming migration (0: none, or mf NULL). */
 unsigned vfm__mf_dst_nchannels(const struct vfm_mf_dst *mf);

@@ -733,6 +733,16 @@ unsigned vfm__mf_dst_nchannels(const struct vfm_mf_dst *mf)
 	return mf ? mf->n : 0;
 }
 
+void vfm__mf_dst_stop(struct vfm_mf_dst *mf)
+{
+	if (!mf)
+		return;
+	pthread_mutex_lock(&mf->lock);
+	mf->stop = true;
+	pthread_cond_broadcast(&mf->cond);
+	pthread_mutex_unlock(&mf->lock);
+}
+
 void vfm__mf_dst_close(struct vfm_mf_dst *mf)
 {
 	if (!mf)

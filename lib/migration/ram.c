@@ -432,6 +432,25 @@ static int complete_on_channels(struct vfm_ram *ram, struct vfm_mf_src *mf, stru
 	vfm_stream_flush(s);
 	if ((ret = vfm_stream_error(s, err)))
 		goto out;
+	/*
+	 * At most a chunk a channel: this thread puts them on their channels,
+	 * as pre-copy does (put_run), and flushes them. A worker would have one
+	 * chunk to copy at most, less than its creation and join cost (what
+	 * pre-copy leaves is usually a few pages).
+	 */
+	if (ram->send_pages <= (uint64_t)n * RAM_BATCH_PAGES) {
+		ram->cur_region = 0;
+		ram->cur_page = 0;
+		ram->guest_stopped = true;
+		do {
+			ret = ram_save_iterate(ram, s, UINT64_MAX, err);
+		} while (ret == 0);
+		ram->guest_stopped = false;
+		if (ret < 0)
+			goto out;
+		ret = 0;
+		goto end;
+	}
 	for (unsigned k = 0; k < n; k++) {
 		w[k] = (struct ram_worker){ .ram = ram, .mf = mf, .k = k, .n = n };
 		if ((ret = pthread_create(&w[k].thread, NULL, ram_worker_main, &w[k]))) {
@@ -455,6 +474,7 @@ static int complete_on_channels(struct vfm_ram *ram, struct vfm_mf_src *mf, stru
 			ret = vfm_error_set(err, w[k].ret, "ram over multifd: %s", w[k].err.msg);
 	if (ret)
 		goto out;
+end:
 	/* The sync point: the destination lets nothing run before every
 	 * channel applied exactly this many RAM packets. */
 	vfm_put_le32(end, n);

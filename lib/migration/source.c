@@ -140,16 +140,19 @@ static uint64_t out_bytes(struct source *src)
 static void update_stats(struct source *src, uint64_t pending)
 {
 	struct vfm_migration *m = src->m;
-	uint64_t dev = 0, now = vfm__now_ns();
+	uint64_t dev = 0, dev_mf = 0, now = vfm__now_ns();
 	struct vfm_migration_stats *st = &m->stats;
 
-	for (unsigned i = 0; i < m->ndevs; i++)
+	for (unsigned i = 0; i < m->ndevs; i++) {
 		dev += atomic_load(&m->devs[i]->transferred);
+		dev_mf += atomic_load(&m->devs[i]->mf_sent);
+	}
 	pthread_mutex_lock(&m->lock);
 	st->transferred_bytes = out_bytes(src) + (src->mf ? 0 : src->mf_bytes);
 	st->ram_transferred_bytes = vfm__ram_transferred(m->ram);
 	st->multifd_ram_bytes = vfm__ram_mf_transferred(m->ram);
 	st->device_transferred_bytes = dev;
+	st->multifd_device_bytes = dev_mf;
 	st->pending_bytes = pending;
 	st->bandwidth_bps = src->bw;
 	/* From the switchover decision on, the estimate made then stands. */
@@ -817,13 +820,47 @@ static double savable_ms(const struct source *src, const struct vfm_savable *sv)
 	return fixed + (double)sv->exact_prev * 1000.0 / pace;
 }
 
+/*
+ * Whether a device's stop-copy goes over the channels. multifd-transfer=on:
+ * always; auto: only when it has more pending than one read moves
+ * (data_buf_size, 1 MiB at most). Less goes as one packet, with nothing of
+ * the device's to overlap, and the channel path's fixed costs (waking its
+ * save thread, a channel flush, the destination's reader and load threads)
+ * are more than main's: 1 device with 4 KiB left after pre-copy switched
+ * over in 0.83 ms on main and 1.74 ms on 2 channels (docs/performance.md
+ * section 6).
+ */
+static bool mf_at_switchover(const struct vfm_savable *sv)
+{
+	const struct vfm_mig_device *md = sv->opaque;
+
+	return md->mf_use && (md->mf_forced || sv->exact_prev > md->data_buf_size);
+}
+
 static bool on_channels(const struct source *src, const struct vfm_savable *sv)
 {
 	if (!src->mf)
 		return false;
 	if (sv->ops != &vfm__vfio_savable_ops)
 		return true;   /* RAM: its stop-copy pass runs on every channel */
-	return ((const struct vfm_mig_device *)sv->opaque)->mf_use;
+	return mf_at_switchover(sv);
+}
+
+/* Devices whose stop-copy goes on main after all (mf_at_switchover). */
+static void release_small(struct source *src)
+{
+	struct vfm_migration *m = src->m;
+
+	for (unsigned i = 0; src->mf && i < m->nsv; i++) {
+		struct vfm_savable *sv = &m->sv[i];
+		struct vfm_mig_device *md = sv->opaque;
+
+		if (sv->ops != &vfm__vfio_savable_ops || !md->mf_use || mf_at_switchover(sv))
+			continue;
+		vfm__mf_src_release(src->mf, md);
+		vfm_debug(LOG, "%s: %" PRIu64 " bytes pending fit one read: on main", sv->name,
+			  sv->exact_prev);
+	}
 }
 
 /*
@@ -1349,6 +1386,7 @@ static int do_switchover(struct source *src, struct vfm_error *err)
 	uint64_t t_resumed_rx;
 	int ret;
 
+	release_small(src);   /* outside the downtime */
 	vfm__mig_set_status(m, VFM_MIG_DEVICE);
 	src->t_stop = vfm__now_ns();
 	if (m->vm && m->vm->stop && (ret = m->vm->stop(m->vm_opaque)))

@@ -185,6 +185,7 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 				 ri.size >= 0x28;
 	}
 	atomic_store(&md->transferred, 0);
+	atomic_store(&md->mf_sent, 0);
 	refresh_stop_copy_size(md);
 	md->data_buf_size = DEV_BLOCK_MAX;
 	if (md->stop_copy_size && md->stop_copy_size < DEV_BLOCK_MAX)

@@ -9,7 +9,11 @@
 # with its device in RESUMING (libvfio-user's reset keeps that state); a new
 # source then migrates into the SAME destination VM process, which must have
 # put its device back where RESUMING can be entered again.
-# CHANNELS: multifd-channels for the run (0: none).
+# CHANNELS: multifd-channels for the run (0: none). With channels, the
+# device's stop-copy goes over them: over unix by multifd-transfer=on (what
+# pre-copy leaves of it fits one read, which auto would send on main), over
+# tcp by auto's own choice (the stated stop-copy size, 2 MiB, is more than a
+# read).
 # usage: lvu_migrate.sh VFIOMIG LVU_DEVICE LVU_CLIENT unix|tcp|cancel|refused CHANNELS
 set -u
 bin=$1 lvu=$2 mode=$4 channels=$5
@@ -27,6 +31,7 @@ esac
 # (stop-copy-size=), otherwise estimated from the last pre-copy round.
 props=""; sc_src=estimate
 [ "$mode" = tcp ] && { props=",stop-copy-size=2M"; sc_src=property; }
+[ "$mode" = unix ] && [ "$channels" != 0 ] && props=",migration-multifd-transfer=on"
 bg src.log timeout -k 5 100 "$bin" vm --mem 64M --guest none --device "vfio-user:$tmp/d-src$props" \
 	--control "$tmp/src"
 src_pid=$last
@@ -113,6 +118,13 @@ ctl "$tmp/dst" status | grep -q "^vm: running" && ok "destination running" \
 json=$(ctl "$tmp/src" status --json)
 echo "$json" | grep -q "\"multifd_channels\":$channels," && ok "$channels multifd channels used" \
 	|| bad "multifd_channels is not $channels: $json"
+mf_dev=$(echo "$json" | sed -n 's/.*"multifd_device_bytes":\([0-9]*\).*/\1/p')
+if [ "$channels" = 0 ]; then
+	[ "$mf_dev" = 0 ] && ok "no device bytes on channels" || bad "multifd_device_bytes '$mf_dev' without channels"
+else
+	[ -n "$mf_dev" ] && [ "$mf_dev" -gt 0 ] && ok "device stop-copy over the channels: $mf_dev bytes" \
+		|| bad "multifd_device_bytes '$mf_dev' with $channels channels: $json"
+fi
 grep -q "state running -> pre-copy" "$tmp/src-dev.log" && grep -q "state pre-copy -> stop-copy" "$tmp/src-dev.log" \
 	&& ok "pre-copy in use: RUNNING -> PRE_COPY -> STOP_COPY" \
 	|| bad "no pre-copy: $(grep state "$tmp/src-dev.log" | tr '\n' ' ')"

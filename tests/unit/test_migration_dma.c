@@ -17,6 +17,7 @@ struct scenario {
 	struct md_opts o;
 	int channels;              /* multifd channels the stats must show (-1: any) */
 	bool out_of_order;         /* the destination must have seen packets early */
+	enum { MF_DEV_ANY, MF_DEV_NONE, MF_DEV_SOME } mf_dev;  /* device bytes on the channels */
 };
 
 /* Each device's bytes sent when the guest had stopped (VFM__PH_STOP_COPY):
@@ -251,6 +252,30 @@ static void run(const struct scenario *sc)
 		CHECK_EQ(st.multifd_ram_bytes, 0);
 		CHECK_EQ(r.mf_ram_bytes, 0);
 	}
+	/* Device stop-copy data over the channels, or all of it on main. */
+	if (sc->mf_dev == MF_DEV_SOME)
+		CHECK(st.multifd_device_bytes > 0);
+	if (st.multifd_channels && sc->o.ndev &&
+	    !(sc->o.props && strstr(sc->o.props, "multifd-transfer="))) {
+		/* auto, the arithmetic of its choice: with channels, a device
+		 * whose pending at the decision (the last exact check) fits one
+		 * read (1 MiB) goes on main, a larger one on the channels. */
+		uint64_t most = 0, pend;
+		double rate;
+
+		for (unsigned i = 0; i < sc->o.ndev; i++) {
+			vfm_migration_device_pending(s.m, s.dev[i], &pend, &rate);
+			most = pend > most ? pend : most;
+		}
+		fprintf(stderr, "# auto: most pending at the decision %" PRIu64 " bytes\n", most);
+		if (sc->mf_dev == MF_DEV_NONE)
+			CHECK(most <= (1u << 20));
+		if (sc->mf_dev == MF_DEV_SOME)
+			CHECK(most > (1u << 20));
+	}
+	if (sc->mf_dev == MF_DEV_NONE || !st.multifd_channels)
+		CHECK_EQ(st.multifd_device_bytes, 0);
+	CHECK(st.multifd_device_bytes <= st.device_transferred_bytes);
 	if (sc->out_of_order)
 		CHECK(r.mf_out_of_order > 0);
 	/* A queue made small must have filled: readers waited for room. */
@@ -260,10 +285,12 @@ static void run(const struct scenario *sc)
 		check_no_precopy(sc, &s, &pb);
 	fprintf(stderr, "# %s %u dev, %u channels: %" PRIu64 " descriptors, %" PRIu64 " writes, %"
 		PRIu64 " iterations, downtime %.1f ms (expected %.1f), %" PRIu64 " out of order, %"
-		PRIu64 " RAM bytes on the channels, %" PRIu64 " waits for queue room\n",
+		PRIu64 " RAM bytes on the channels, %" PRIu64 " device bytes on them, %" PRIu64
+		" waits for queue room\n",
 		sc->kind, sc->o.ndev, st.multifd_channels, completed,
 		(uint64_t)atomic_load(&s.g.writes), st.precopy_iterations, st.downtime_ms,
-		st.expected_downtime_ms, r.mf_out_of_order, st.multifd_ram_bytes, r.mf_queue_waits);
+		st.expected_downtime_ms, r.mf_out_of_order, st.multifd_ram_bytes,
+		st.multifd_device_bytes, r.mf_queue_waits);
 	md_side_free(&s);
 	for (unsigned i = 0; i < sc->o.ndev; i++)
 		md_devsrv_kill(&srv[i]);
@@ -271,45 +298,45 @@ static void run(const struct scenario *sc)
 
 TEST_TIMEOUT(unix_one_device, 60)
 {
-	struct scenario sc = { "unix", { .ndev = 1 }, -1, false };
+	struct scenario sc = { "unix", { .ndev = 1 }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(unix_device_data_in_messages_without_the_window, 60)
 {
 	/* Servers that do not offer vfiomig_mig_shm: the standard messages. */
-	struct scenario sc = { "unix", { .ndev = 2, .no_mig_shm = true }, -1, false };
+	struct scenario sc = { "unix", { .ndev = 2, .no_mig_shm = true }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(tcp_two_devices, 60)
 {
-	struct scenario sc = { "tcp", { .ndev = 2 }, -1, false };
+	struct scenario sc = { "tcp", { .ndev = 2 }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(unix_two_devices_without_precopy, 60)
 {
-	struct scenario sc = { "unix", { .ndev = 2, .props = "allow-pre-copy=off" }, -1, false };
+	struct scenario sc = { "unix", { .ndev = 2, .props = "allow-pre-copy=off" }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(tcp_stop_copy_only_devices, 60)
 {
 	/* Devices that offer no PRE_COPY at all. */
-	struct scenario sc = { "tcp", { .ndev = 1, .mig_flags = VFM_MIG_STOP_COPY | VFM_MIG_P2P }, -1, false };
+	struct scenario sc = { "tcp", { .ndev = 1, .mig_flags = VFM_MIG_STOP_COPY | VFM_MIG_P2P }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(unix_opt_out_of_precopy_dirty_tracking, 60)
 {
-	struct scenario sc = { "unix", { .ndev = 2, .props = "pre-copy-dirty-page-tracking=off" }, -1, false };
+	struct scenario sc = { "unix", { .ndev = 2, .props = "pre-copy-dirty-page-tracking=off" }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(unix_no_device_dirty_tracking_falls_back_to_all_dirty, 60)
 {
-	struct scenario sc = { "unix", { .ndev = 1, .props = "device-dirty-page-tracking=off" }, -1, false };
+	struct scenario sc = { "unix", { .ndev = 1, .props = "device-dirty-page-tracking=off" }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
@@ -317,14 +344,14 @@ TEST_TIMEOUT(unix_dma_by_messages_tracked_by_the_client, 60)
 {
 	/* No fd in DMA_MAP: the device DMAs with DMA_READ/WRITE messages and only
 	 * the client's own log knows what it wrote. */
-	struct scenario sc = { "unix", { .ndev = 1, .by_messages = true }, -1, false };
+	struct scenario sc = { "unix", { .ndev = 1, .by_messages = true }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(unix_libvfio_user_flags, 60)
 {
 	/* STOP_COPY | PRE_COPY, no P2P, with DMA logging: what libvfio-user offers. */
-	struct scenario sc = { "unix", { .ndev = 1, .mig_flags = VFM_MIG_STOP_COPY | VFM_MIG_PRE_COPY }, -1, false };
+	struct scenario sc = { "unix", { .ndev = 1, .mig_flags = VFM_MIG_STOP_COPY | VFM_MIG_PRE_COPY }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
@@ -336,23 +363,30 @@ TEST_TIMEOUT(unix_stop_copy_only_data_and_a_quiet_guest_converges, 60)
 	 * threshold is ~0 and the source would stay active for ever.
 	 */
 	struct scenario sc = { "unix", { .ndev = 1, .props = "allow-pre-copy=off", .quiet = true,
-					 .state_size = 4u << 20 }, -1, false };
+					 .state_size = 4u << 20 }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(tcp_no_precopy_device_converges, 60)
 {
 	struct scenario sc = { "tcp", { .ndev = 1, .mig_flags = VFM_MIG_STOP_COPY | VFM_MIG_P2P,
-					 .quiet = true }, -1, false };
+					 .quiet = true }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 /* ---- Multifd: stop-copy device state over extra channels ---- */
 
+/*
+ * multifd-transfer=on: after pre-copy a device has a few KiB left, which
+ * auto sends on main (multifd_auto_sends_what_fits_one_read_on_main); these
+ * exercise the channel path with every device on it.
+ */
 static void run_mf(const char *kind, unsigned ndev, unsigned channels)
 {
 	struct scenario sc = { kind, { .ndev = ndev, .state_size = 4u << 20,
-				       .mf_channels = channels + 1 }, (int)channels, false };
+				       .mf_channels = channels + 1,
+				       .props = "migration-multifd-transfer=on" },
+			       (int)channels, false, ndev ? MF_DEV_SOME : MF_DEV_NONE };
 	run(&sc);
 }
 
@@ -373,7 +407,7 @@ TEST_TIMEOUT(multifd_ram_only_4_channels, 60) { run_mf("tcp", 0, 4); }
 
 TEST_TIMEOUT(multifd_zero_channels_keeps_everything_on_main, 60)
 {
-	struct scenario sc = { "unix", { .ndev = 1, .mf_channels = 1 }, 0, false };
+	struct scenario sc = { "unix", { .ndev = 1, .mf_channels = 1 }, 0, false, MF_DEV_ANY };
 	run(&sc);
 }
 
@@ -381,8 +415,76 @@ TEST_TIMEOUT(multifd_off_keeps_device_state_on_main, 60)
 {
 	/* The devices opt out; RAM still uses the (default 2) channels. */
 	struct scenario sc = { "unix", { .ndev = 2, .props = "migration-multifd-transfer=off" },
-			       2, false };
+			       2, false, MF_DEV_NONE };
 	run(&sc);
+}
+
+/*
+ * multifd-transfer auto (the default) decides per device at the switchover:
+ * what pre-copy left of these fits one read, so it goes on main, which is
+ * quicker for so little than the channels' save thread, flush and
+ * destination threads (docs/multifd.md). The parked save threads end unused
+ * and no end marker goes: the destination completes and verifies. The
+ * arithmetic: no guest DMA ring (it rewrites up to the first MiB of device
+ * memory as fast as it runs: 0.67 MiB was pending at one decision) and churn
+ * 16 KiB/s, so 1 MiB dirty would take a minute between two checks. The
+ * other side of the line, more than a read pending under auto, goes on the
+ * channels: multifd_full_queue_waits_for_room and the 256 MiB case, checked
+ * in run(). Mutation caught: the choice ignored (device bytes on them).
+ */
+TEST_TIMEOUT(multifd_auto_sends_what_fits_one_read_on_main, 60)
+{
+	struct md_opts o = { .ndev = 2, .state_size = 4u << 20, .mf_channels = 3, .quiet = true };
+	struct md_devsrv srv[2];
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct md_result r;
+	struct md_dest d;
+	struct md_side s;
+	char uri[256];
+	uint64_t sums[2];
+	int status;
+
+	for (unsigned i = 0; i < o.ndev; i++) {
+		char name[16];
+
+		snprintf(name, sizeof(name), "src%u", i);
+		md_devsrv_spawn(&srv[i], name, &o, 16u << 10, 7 + i);
+	}
+	md_make_uri("unix", uri, sizeof(uri));
+	md_dest_start(&d, uri, &o);
+	md_side_init(&s, srv, &o, false, 7);   /* no guest threads: no DMA ring */
+	md_params_for(&p, &o);
+	if (vfm_migration_start(s.m, d.uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	md_wait(&s, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("source status %s: %s", vfm_mig_status_name(st.status), st.error);
+	CHECK_EQ(st.multifd_channels, 2);
+	CHECK(st.multifd_ram_bytes > 0);          /* RAM used the channels */
+	CHECK(st.device_transferred_bytes >= 2 * o.state_size);
+	CHECK_EQ(st.multifd_device_bytes, 0);     /* the devices' stop-copy did not */
+	for (unsigned i = 0; i < o.ndev; i++) {
+		uint64_t pend;
+		double rate;
+
+		vfm_migration_device_pending(s.m, s.dev[i], &pend, &rate);
+		fprintf(stderr, "# dev%u: %" PRIu64 " bytes pending at the decision\n", i, pend);
+		CHECK(pend <= (1u << 20));
+		sums[i] = md_reg(s.dev[i], DMADEV_REG_CHECKSUM);
+	}
+	status = md_dest_wait(&d, &r);
+	if (status || r.status)
+		FAIL("destination exit %d: %s", status, r.error);
+	CHECK(r.mem_hash == md_mem_hash(s.mem));
+	for (unsigned i = 0; i < o.ndev; i++) {
+		CHECK_EQ(r.dev_state[i], VFM_STATE_RUNNING);
+		CHECK_EQ(r.dev_sum[i], sums[i]);
+	}
+	md_side_free(&s);
+	for (unsigned i = 0; i < o.ndev; i++)
+		md_devsrv_kill(&srv[i]);
 }
 
 /*
@@ -397,7 +499,7 @@ static void slow_stop_copy(unsigned channels)
 					 .mig_flags = VFM_MIG_STOP_COPY | VFM_MIG_P2P,
 					 .save_latency_us = 500000, .timeout_ms = 1200,
 					 .mf_channels = channels + 1, .quiet = true },
-			       (int)channels, false };
+			       (int)channels, false, channels ? MF_DEV_SOME : MF_DEV_NONE };
 	run(&sc);
 }
 
@@ -411,7 +513,9 @@ TEST_TIMEOUT(multifd_out_of_order_delivery, 60)
 	/* A quiet guest: the RAM pass is a few packets that do not hold a
 	 * channel while the device's packets go out. */
 	struct scenario sc = { "unix", { .ndev = 1, .state_size = 4u << 20, .mf_channels = 3,
-					 .mf_delay_chan = 1, .quiet = true }, 2, true };
+					 .mf_delay_chan = 1, .quiet = true,
+					 .props = "migration-multifd-transfer=on" }, 2, true,
+			       MF_DEV_SOME };
 	run(&sc);
 }
 
@@ -427,7 +531,7 @@ TEST_TIMEOUT(multifd_full_queue_waits_for_room, 60)
 	struct scenario sc = { "unix", { .ndev = 1, .state_size = 8u << 20, .mf_channels = 3,
 					 .mf_delay_chan = 1, .quiet = true,
 					 .props = "allow-pre-copy=off", .max_queued = 2u << 20 },
-			       2, true };
+			       2, true, MF_DEV_SOME };
 	run(&sc);
 }
 
@@ -442,7 +546,7 @@ TEST_TIMEOUT(multifd_2_devices_256m_stop_copy, 120)
 	struct scenario sc = { "unix", { .ndev = 2, .state_size = 256u << 20, .mf_channels = 3,
 					 .quiet = true, .props = "allow-pre-copy=off",
 					 .downtime_limit_ms = 60000 },
-			       2, false };
+			       2, false, MF_DEV_SOME };
 	run(&sc);
 }
 
@@ -452,19 +556,19 @@ TEST_TIMEOUT(multifd_ram_sync_waits_for_a_slow_channel, 60)
 	 * marker: the destination must wait for it before it loads on, else the
 	 * page never lands and the memory hash differs. */
 	struct scenario sc = { "unix", { .ndev = 0, .mf_channels = 3, .mf_ram_delay_chan = 1 }, 2,
-			       false };
+			       false, MF_DEV_NONE };
 	run(&sc);
 }
 
 TEST_TIMEOUT(multifd_file_falls_back_to_the_main_channel, 60)
 {
-	struct scenario sc = { "file", { .ndev = 1, .mf_channels = 3 }, 0, false };
+	struct scenario sc = { "file", { .ndev = 1, .mf_channels = 3 }, 0, false, MF_DEV_ANY };
 	run(&sc);
 }
 
 TEST_TIMEOUT(file_save_and_load, 60)
 {
-	struct scenario sc = { "file", { .ndev = 2 }, -1, false };
+	struct scenario sc = { "file", { .ndev = 2 }, -1, false, MF_DEV_ANY };
 	run(&sc);
 }
 
