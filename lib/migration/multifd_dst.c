@@ -747,10 +747,7 @@ void vfm__mf_dst_close(struct vfm_mf_dst *mf)
 {
 	if (!mf)
 		return;
-	pthread_mutex_lock(&mf->lock);
-	mf->stop = true;
-	pthread_cond_broadcast(&mf->cond);
-	pthread_mutex_unlock(&mf->lock);
+	vfm__mf_dst_stop(mf);
 	for (unsigned i = 0; i < mf->n; i++) {
 		if (mf->ch[i].fd >= 0)
 			shutdown(mf->ch[i].fd, SHUT_RDWR);

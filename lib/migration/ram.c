@@ -413,6 +413,22 @@ static void *ram_worker_main(void *arg)
 	return NULL;
 }
 
+/* The whole send set from this thread, the guest stopped (no bounce copy):
+ * on main, or on the channels chunk by chunk (put_run). 0 or an error. */
+static int send_all_stopped(struct vfm_ram *ram, struct vfm_stream *s, struct vfm_error *err)
+{
+	int ret;
+
+	ram->cur_region = 0;
+	ram->cur_page = 0;
+	ram->guest_stopped = true;
+	do {
+		ret = ram_save_iterate(ram, s, UINT64_MAX, err);
+	} while (ret == 0);
+	ram->guest_stopped = false;
+	return ret < 0 ? ret : 0;
+}
+
 static int complete_on_channels(struct vfm_ram *ram, struct vfm_mf_src *mf, struct vfm_stream *s,
 				struct vfm_error *err)
 {
@@ -439,16 +455,8 @@ static int complete_on_channels(struct vfm_ram *ram, struct vfm_mf_src *mf, stru
 	 * pre-copy leaves is usually a few pages).
 	 */
 	if (ram->send_pages <= (uint64_t)n * RAM_BATCH_PAGES) {
-		ram->cur_region = 0;
-		ram->cur_page = 0;
-		ram->guest_stopped = true;
-		do {
-			ret = ram_save_iterate(ram, s, UINT64_MAX, err);
-		} while (ret == 0);
-		ram->guest_stopped = false;
-		if (ret < 0)
+		if ((ret = send_all_stopped(ram, s, err)))
 			goto out;
-		ret = 0;
 		goto end;
 	}
 	for (unsigned k = 0; k < n; k++) {
@@ -492,19 +500,11 @@ static int ram_save_complete(void *opaque, struct vfm_stream *s, struct vfm_erro
 {
 	struct vfm_ram *ram = opaque;
 	struct vfm_mf_src *mf = vfm__mf_src_of(ram->m);
-	int ret;
 
 	vfm__ram_sync(ram);
 	if (vfm__mf_src_nchannels(mf))
 		return complete_on_channels(ram, mf, s, err);
-	ram->cur_region = 0;
-	ram->cur_page = 0;
-	ram->guest_stopped = true;
-	do {
-		ret = ram_save_iterate(ram, s, UINT64_MAX, err);
-	} while (ret == 0);
-	ram->guest_stopped = false;
-	return ret < 0 ? ret : 0;
+	return send_all_stopped(ram, s, err);
 }
 
 static void ram_save_cleanup(void *opaque, bool succeeded)
