@@ -4,7 +4,10 @@
 # PRE_COPY_P2P on the way, as QEMU does with several devices), default
 # parameters: it converges (mtty DMAs nothing, so the IOMMU's tracking on
 # type1, or mtty's own logging on iommufd, reports clean memory) and the
-# bytes put in the source devices' FIFOs come out of the destination's.
+# bytes put in the source devices' FIFOs come out of the destination's. The
+# default 2 multifd channels: device b has multifd-transfer=on, so its
+# stop-copy goes over them (a save thread reading mtty's data fd), while a,
+# on auto with less than a read pending, goes on main (no end marker for it).
 # Then a migration held in pre-copy (a synthetic guest, one vCPU dirtying
 # 1 MiB/s, 512 KiB/s allowed; mtty's data fd O_NONBLOCK) is cancelled: the
 # device is back in RUNNING and keeps working.
@@ -15,7 +18,8 @@ put 1 "live-one" || bad "FIFO write 1"
 put 3 "live-three" || bad "FIFO write 3"
 note "starting the VMs"
 bg timeout -k 5 300 "$bin" vm --mem 32M --guest none --device "vfio:$(mdev 1),id=a" \
-	--device "vfio:/sys/bus/mdev/devices/$(mdev 3),id=b" --control "$tmp/src" -vvv
+	--device "vfio:/sys/bus/mdev/devices/$(mdev 3),id=b,migration-multifd-transfer=on" \
+	--control "$tmp/src" -vvv
 src_pid=$last
 timeout -k 5 300 "$bin" vm --mem 32M --guest none --device "vfio:$(mdev 2),id=a" \
 	--device "vfio:$(mdev 4),id=b" --incoming "unix:$tmp/mig" --control "$tmp/dst" >"$tmp/dlog" 2>&1 &
@@ -39,6 +43,11 @@ out=$(ctl "$tmp/src" migrate "unix:$tmp/mig" --wait 2>&1)
 echo "$out" | grep -q "migration: completed" && ok "migration completed: $(echo "$out" | grep completed)" \
 	|| { bad "not completed: $out"; tail -30 "$tmp/log"; }
 note "migrated"
+mf=$(ctl "$tmp/src" status --json | sed -n 's/.*"multifd_device_bytes":\([0-9]*\).*/\1/p')
+[ -n "$mf" ] && [ "$mf" -gt 0 ] && ok "device b's stop-copy over the channels: $mf bytes" \
+	|| bad "multifd_device_bytes '$mf'"
+grep -q 'vfio:a: [0-9]* bytes pending fit one read: on main' "$tmp/log" && ok "device a's on main" \
+	|| { bad "device a not sent on main"; grep -i 'multifd\|channel' "$tmp/log" | head; }
 ctl "$tmp/dst" status >"$tmp/dst.st" 2>&1
 grep -q '^vm: running' "$tmp/dst.st" && ok "destination running" || { bad "destination"; cat "$tmp/dst.st"; }
 [ "$(grep -c 'RUNNING' "$tmp/dst.st")" -ge 2 ] && ok "both destination devices RUNNING" || bad "destination devices"
