@@ -227,9 +227,11 @@ static int send_packet(struct mf_saver *w, uint32_t idx, uint32_t flags, const v
 	ret = vfm_stream_error(c->s, &w->err);
 	pthread_mutex_unlock(&c->lock);
 	if (!ret) {
-		atomic_fetch_add(&w->md->transferred, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
-		atomic_fetch_add(&w->md->mf_sent, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
-		atomic_fetch_add(&w->mf->bytes, len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr));
+		uint64_t wire = len + VFM_MF_PKT_HDR + sizeof(struct vfm_rec_hdr);
+
+		atomic_fetch_add(&w->md->transferred, wire);
+		atomic_fetch_add(&w->md->mf_sent, wire);
+		atomic_fetch_add(&w->mf->bytes, wire);
 	}
 	return ret;
 }

@@ -457,7 +457,7 @@ static int complete_on_channels(struct vfm_ram *ram, struct vfm_mf_src *mf, stru
 	if (ram->send_pages <= (uint64_t)n * RAM_BATCH_PAGES) {
 		if ((ret = send_all_stopped(ram, s, err)))
 			goto out;
-		goto end;
+		goto sync_point;
 	}
 	for (unsigned k = 0; k < n; k++) {
 		w[k] = (struct ram_worker){ .ram = ram, .mf = mf, .k = k, .n = n };
@@ -482,7 +482,7 @@ static int complete_on_channels(struct vfm_ram *ram, struct vfm_mf_src *mf, stru
 			ret = vfm_error_set(err, w[k].ret, "ram over multifd: %s", w[k].err.msg);
 	if (ret)
 		goto out;
-end:
+sync_point:
 	/* The sync point: the destination lets nothing run before every
 	 * channel applied exactly this many RAM packets. */
 	vfm_put_le32(end, n);

@@ -1054,21 +1054,20 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 static void unpaced(struct source *src)
 {
 	const struct vfm_migration *m = src->m;
-	const char *name = "";
 
-	for (unsigned i = 0; i < m->nsv && !src->p.avail_switchover_bandwidth; i++) {
+	src->unpaced[0] = '\0';
+	if (src->p.avail_switchover_bandwidth)
+		return;
+	for (unsigned i = 0; i < m->nsv; i++) {
 		const struct vfm_savable *sv = &m->sv[i];
 
 		if (sv->ops == &vfm__vfio_savable_ops && sv->exact_prev &&
 		    savable_pace(src, sv) <= 0 &&
 		    !atomic_load(&((struct vfm_mig_device *)sv->opaque)->transferred)) {
-			name = sv->name;
-			break;
+			snprintf(src->unpaced, sizeof(src->unpaced), "%s", sv->name);
+			return;
 		}
 	}
-	pthread_mutex_lock(&src->m->lock);
-	snprintf(src->unpaced, sizeof(src->unpaced), "%s", name);
-	pthread_mutex_unlock(&src->m->lock);
 }
 
 /* Whether every savable that iterates has its pass of this iteration out. */
