@@ -673,8 +673,7 @@ int vfm_dmadev_create(const char *socket_path, const struct vfm_dmadev_opts *opt
 		r = vfm_error_set(err, -ENOMEM, "no memory for the page hashes");
 		goto err_free;
 	}
-	for (uint64_t p = 0; p < dev->npages; p++)
-		dmadev_page_rehash(dev, p);
+	dmadev_hash_all(dev);
 	/* BAR2 starts zeroed, as a fresh memfd is. */
 	dev->win_fd = memfd_create("dma-bar2", MFD_CLOEXEC);
 	if (dev->win_fd < 0 || ftruncate(dev->win_fd, DMADEV_WIN_SIZE)) {

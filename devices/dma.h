@@ -83,7 +83,9 @@ _Static_assert(sizeof(struct dmadev_desc) == 64, "descriptor is 64 bytes");
 
 /* ---- Migration stream: records, each a header then len payload bytes ---- */
 #define DMADEV_REC_MAGIC   0x52414d44u  /* "DMAR" */
-#define DMADEV_STREAM_VERSION 3u   /* 2: the WINDOW record; 3: PAGE checksums over the page hash */
+/* 2: the WINDOW record; 3: PAGE checksums over the page hash; 4: END's
+ * checksum over a digest of the page hashes (dmadev_state_hash) */
+#define DMADEV_STREAM_VERSION 4u
 enum dmadev_rec_type {
 	DMADEV_REC_HEADER = 1,        /* first: struct dmadev_rec_header */
 	DMADEV_REC_PAGE = 2,          /* arg = page index, 4096 bytes */

@@ -573,6 +573,21 @@ TEST_TIMEOUT(corrupted_streams_rejected, 120)
 		memcpy(bad + wat, b.p + wat + REC + DMADEV_WIN_SIZE, b.len - wat - REC - DMADEV_WIN_SIZE);
 		expect_rejected(&cd, scratch0, bad, n, "missing window");
 	}
+	/* Two pages' contents swapped, each record's checksum made good again
+	 * (seeded with its header, over its page's hash): every record passes,
+	 * and only END's state checksum notices, through the page index mixed
+	 * into its digest of the page hashes (a plain sum would not). */
+	memcpy(bad, b.p, b.len);
+	for (unsigned k = 3; k <= 4; k++) {
+		uint8_t *r = bad + HDR_REC + k * PAGE_REC;
+		uint64_t content, csum;
+
+		memcpy(r + REC, b.p + HDR_REC + (7 - k) * PAGE_REC + REC, 4096);
+		content = XXH3_64bits(r + REC, 4096);
+		csum = XXH3_64bits_withSeed(&content, 8, XXH3_64bits(r, 24));
+		memcpy(r + 24, &csum, 8);
+	}
+	expect_rejected(&cd, scratch0, bad, b.len, "pages swapped");
 	/* The trailer's checksum. */
 	memcpy(bad, b.p, b.len);
 	bad[b.len - 1] ^= 0x80;
