@@ -145,8 +145,18 @@ static void start_device(const struct opts *o, const char *sock)
 		_exit(127);
 	}
 	dev_pids[ndev_pids++] = pid;
-	for (int i = 0; i < 500 && stat(sock, &st); i++)
+	/* The server fills and hashes its state before it binds: 10 s, and 10 s
+	 * more a GiB (a loaded 2-core host took over 10 s for 4 GiB). */
+	double deadline = now_s() + 10.0 + 10.0 * (double)(o->dev_state >> 30);
+	int status;
+
+	while (stat(sock, &st)) {
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			die("the device server exited before it listened", NULL);
+		if (now_s() > deadline)
+			die("the device server did not listen in time", NULL);
 		usleep(10000);
+	}
 }
 
 struct side {
