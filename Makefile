@@ -61,7 +61,7 @@ valgrind: all
 	$(MESON) test -C $(BUILD) $(TEST_OPTS) --timeout-multiplier 10 \
 		$(filter-out $(VALGRIND_SKIP),$(shell $(MESON) test -C $(BUILD) --list --suite unit \
 			--suite fuzz 2>/dev/null | sed -n 's|.* / ||p')) \
-		--wrapper 'valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect --track-fds=no'
+		--wrapper 'env VFM_VALGRIND=1 valgrind -q --fair-sched=yes --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect --track-fds=no'
 
 # Integration scripts with their vm and device processes under valgrind
 # (scripts/valgrind-integration.sh; VALGRIND_SCRIPTS: which, default the fault

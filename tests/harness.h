@@ -93,6 +93,26 @@ static int vfm_skip_fd = -1;
 		_exit(77);                                                    \
 	} while (0)
 
+/*
+ * Under `make valgrind` (which sets VFM_VALGRIND): code runs 20-50x slower and
+ * valgrind runs one thread at a time, so a test bounded in real time (a
+ * handshake within 400 ms) cannot hold there; such a test skips, saying so,
+ * and a stress loop runs fewer rounds (what valgrind checks is the memory
+ * use of each path, not how often it runs).
+ */
+static inline int vfm_test_under_valgrind(void)
+{
+	const char *v = getenv("VFM_VALGRIND");
+
+	return v && *v && strcmp(v, "0");
+}
+
+#define SKIP_UNDER_VALGRIND(why)                                              \
+	do {                                                                  \
+		if (vfm_test_under_valgrind())                                \
+			SKIP("under valgrind: %s", why);                      \
+	} while (0)
+
 #define CHECK(cond)                                                           \
 	do {                                                                  \
 		if (!(cond))                                                  \

@@ -153,7 +153,7 @@ TEST_TIMEOUT(copy_pairs_see_no_churn_between_their_halves, 60)
 	drv_init(&g, &c);
 	src = (uint64_t *)(void *)(g.guest + DATA);
 	dst = (uint64_t *)(void *)(g.guest + DATA + pg);
-	for (uint64_t n = 0; n < 10000; n++) {
+	for (uint64_t n = 0; n < (vfm_test_under_valgrind() ? 50u : 10000u); n++) {
 		uint64_t i0, i1, dev = (n % dev_pages) * pg;
 
 		for (unsigned w = 0; w < pg / 8; w++)

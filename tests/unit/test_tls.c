@@ -485,6 +485,7 @@ TEST(stalled_handshake_bounded)
 	struct vfm_migration_params sp;
 	struct client c = { .bad_kind = RAW_STALL };
 
+	SKIP_UNDER_VALGRIND("a good handshake after the stalled one must finish within 400 ms");
 	params(&sp, "x509", d);
 	sp.timeout_ms = 400;
 	params(&c.p, "x509", d);
@@ -551,6 +552,7 @@ TEST(stalled_peers_hold_back_nobody)
 	uint64_t t0;
 	int fd;
 
+	SKIP_UNDER_VALGRIND("the handshake is timed against 1.5 s");
 	params(&sp, "x509", d);
 	sp.timeout_ms = 2000;
 	params(&c.p, "x509", d);
