@@ -64,8 +64,9 @@ struct vfm_dmadev {
 	char id[64];
 	struct vfm_vfu_ctx *ctx;
 	uint64_t mem_size, npages;
-	/* XXH3-64 of each page of mem, kept current by every writer, so the
-	 * state checksum costs npages x 8 bytes of hashing, not mem_size. */
+	/* XXH3-64 of each page of mem, kept current by every writer (a page's
+	 * change costs one page of hashing), so the state checksum never hashes
+	 * mem itself. */
 	uint64_t *page_hash;
 	/* The sum (mod 2^64) over pages of dmadev_page_mix(p, page_hash[p]),
 	 * kept with page_hash: the state checksum's memory part at O(1), not a
