@@ -580,6 +580,9 @@ static int exact_check(struct source *src, bool pass_end, uint64_t *out, struct 
 	if (src->have_exact)
 		auto_converge(src, dirtied, sent);
 	time_kick(src);
+	/* What follows is what vfm_migration_get_stats reads (under m->lock,
+	 * from another thread): this thread writes it under the lock too. */
+	pthread_mutex_lock(&m->lock);
 	src->exp_ms = expect_switchover(src, src->exp_steps);
 	src->exp_known = src->exp_ms >= 0;
 	unpaced(src);
@@ -614,6 +617,7 @@ static int exact_check(struct source *src, bool pass_end, uint64_t *out, struct 
 			 src->p.downtime_limit_ms, src->best_exp_ms);
 	src->converging = src->stalled < STALL_ITERS;
 	snprintf(src->blocker, sizeof(src->blocker), "%s", top >= 0 ? m->sv[top].name : "");
+	pthread_mutex_unlock(&m->lock);
 	*out = sum;
 	return 0;
 }
@@ -1050,6 +1054,7 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
  * device's stop-copy before it stops, so the engine says so instead: in the
  * stats (unpaced), and in a warning when it switches over on that figure.
  * Not when avail-switchover-bandwidth states the pace of the whole.
+ * Called with m->lock held (exact_check): the stats read it.
  */
 static void unpaced(struct source *src)
 {
@@ -1240,8 +1245,10 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 							  m->sv[i].name, m->sv[i].exact_prev,
 							  savable_pace(src, &m->sv[i]) / 1e6,
 							  savable_ms(src, &m->sv[i]));
+					pthread_mutex_lock(&m->lock);
 					src->expected_ms = src->exp_ms;
 					src->have_expected = true;
+					pthread_mutex_unlock(&m->lock);
 					if (src->unpaced[0])
 						vfm_warn(LOG, "switching over on an expected downtime of "
 							 "%.1f ms that assumes the link's %.0f MB/s for "
