@@ -18,6 +18,7 @@
 
 #include "dma-priv.h"
 #include "util/logging.h"
+#include "util/thread.h"
 #include "vfiomig/vfu_server.h"
 
 /* Churn granularity: small enough to dirty scattered pages, as firmware
@@ -690,7 +691,7 @@ int vfm_dmadev_create(const char *socket_path, const struct vfm_dmadev_opts *opt
 	if (r)
 		goto err_free;
 	if (dev->churn_rate) {
-		r = -pthread_create(&dev->churn_thread, NULL, churn_main, dev);
+		r = -vfm_thread_create(&dev->churn_thread, NULL, churn_main, dev);
 		if (r) {
 			vfm_error_set(err, r, "churn thread: %s", strerror(-r));
 			goto err_free;

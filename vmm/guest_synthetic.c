@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include "util/logging.h"
+#include "util/thread.h"
 #include "vmm/synth.h"
 
 #define PATTERN_SEED 0x9e3779b97f4a7c15ull
@@ -436,7 +437,7 @@ int vfm_guest_synthetic_new(struct vfm_guest_mem *mem, const struct vfm_syntheti
 		v->s = s;
 		v->index = i;
 		v->rng = mix(i + 1);
-		ret = pthread_create(&v->thread, NULL, vcpu_main, v);
+		ret = vfm_thread_create(&v->thread, NULL, vcpu_main, v);
 		if (ret) {
 			synth_destroy(&s->g);
 			return vfm_error_set(err, -ret, "starting vCPU %u", i);

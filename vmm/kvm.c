@@ -19,6 +19,7 @@
 
 #include "kvm_int.h"
 #include "util/logging.h"
+#include "util/thread.h"
 
 /*
  * Stop kicks vCPUs out of KVM_RUN with this signal; its handler sets the
@@ -388,7 +389,7 @@ static void kvm_set_throttle(struct vfm_guest *g, unsigned pct)
 	}
 	pthread_mutex_lock(&k->lock);
 	if (!k->throttle_live && !k->quit &&
-	    pthread_create(&k->throttle_thread, NULL, throttle_main, k) == 0)
+	    vfm_thread_create(&k->throttle_thread, NULL, throttle_main, k) == 0)
 		k->throttle_live = true;
 	pthread_mutex_unlock(&k->lock);
 }
@@ -747,7 +748,6 @@ static int boot_vcpu(struct kvm_guest *k, struct kvm_vcpu *v, struct vfm_error *
 static int create_vcpu(struct kvm_guest *k, unsigned idx, int run_size, struct vfm_error *err)
 {
 	struct kvm_vcpu *v = &k->vcpu[idx];
-	sigset_t all, old;
 	int ret;
 
 	v->fd = ioctl(k->vm_fd, KVM_CREATE_VCPU, (unsigned long)idx);
@@ -770,11 +770,9 @@ static int create_vcpu(struct kvm_guest *k, unsigned idx, int run_size, struct v
 	}
 	if (k->opts.fresh && (ret = boot_vcpu(k, v, err)))
 		return vfm_error_set(err, ret, "vCPU %u", idx);
-	/* vCPU threads take no process signals but the kick. */
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, &old);
-	ret = pthread_create(&v->thread, NULL, vcpu_thread, v);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	/* vCPU threads take no process signals but the kick (vcpu_thread
+	 * unblocks it). */
+	ret = vfm_thread_create(&v->thread, NULL, vcpu_thread, v);
 	if (ret)
 		return vfm_error_set(err, -ret, "starting vCPU %u's thread", idx);
 	v->thread_live = true;

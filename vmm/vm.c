@@ -14,6 +14,7 @@
 
 #include "../devices/dma.h"
 #include "util/logging.h"
+#include "util/thread.h"
 #include "vfiomig/fsm.h"
 #include "vfiomig/vfio.h"
 #include "vfiomig/vfio_user.h"
@@ -590,7 +591,7 @@ int vm_run(struct vm *vm, struct vfm_error *err)
 		pthread_mutex_unlock(&vm->lock);
 		return ret;
 	}
-	ret = pthread_create(&vm->incoming_thread, NULL, incoming_main, vm);
+	ret = vfm_thread_create(&vm->incoming_thread, NULL, incoming_main, vm);
 	if (ret)
 		return vfm_error_set(err, -ret, "starting the incoming thread");
 	vm->incoming_thread_live = true;

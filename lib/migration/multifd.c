@@ -16,6 +16,7 @@
 
 #include "migration/multifd.h"
 #include "util/logging.h"
+#include "util/thread.h"
 
 #define LOG "multifd"
 #define MF_BUF (1u << 20)            /* device data per packet (QEMU: 1 MiB) */
@@ -90,7 +91,7 @@ static int start_savers(struct vfm_mf_src *mf, struct vfm_error *err)
 		w = &mf->sv[mf->nsv++];
 		w->mf = mf;
 		w->md = m->devs[i];
-		if ((ret = pthread_create(&w->thread, NULL, saver_main, w))) {
+		if ((ret = vfm_thread_create(&w->thread, NULL, saver_main, w))) {
 			mf->nsv--;
 			return vfm_error_set(err, -ret, "starting a multifd save thread");
 		}

@@ -15,6 +15,7 @@
 
 #include "migration/multifd.h"
 #include "util/logging.h"
+#include "util/thread.h"
 
 #define LOG "multifd"
 #define MF_MAX_IDX (1u << 24)
@@ -498,12 +499,12 @@ int vfm__mf_dst_open(struct vfm_migration *m, struct vfm_listener *l, int main_f
 		q->md->mf_use = true;    /* may load over multifd; the source decides */
 		atomic_store(&q->md->mf_out_of_order, 0);
 		atomic_store(&q->md->mf_queue_waits, 0);
-		if ((ret = pthread_create(&q->thread, NULL, loader_main, q)))
+		if ((ret = vfm_thread_create(&q->thread, NULL, loader_main, q)))
 			return vfm_error_set(err, -ret, "starting a multifd load thread");
 		q->started = true;
 	}
 	for (unsigned i = 0; i < n; i++) {
-		if ((ret = pthread_create(&mf->ch[i].thread, NULL, reader_main, &mf->ch[i])))
+		if ((ret = vfm_thread_create(&mf->ch[i].thread, NULL, reader_main, &mf->ch[i])))
 			return vfm_error_set(err, -ret, "starting a multifd reader thread");
 		mf->ch[i].started = true;
 	}

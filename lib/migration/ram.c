@@ -19,6 +19,7 @@
 #include "migration/multifd.h"
 #include "util/bitmap.h"
 #include "util/logging.h"
+#include "util/thread.h"
 
 #define RAM_ZERO   (1u << 0)
 #define RAM_LAYOUT (1u << 1)
@@ -461,7 +462,7 @@ static int complete_on_channels(struct vfm_ram *ram, struct vfm_mf_src *mf, stru
 	}
 	for (unsigned k = 0; k < n; k++) {
 		w[k] = (struct ram_worker){ .ram = ram, .mf = mf, .k = k, .n = n };
-		if ((ret = pthread_create(&w[k].thread, NULL, ram_worker_main, &w[k]))) {
+		if ((ret = vfm_thread_create(&w[k].thread, NULL, ram_worker_main, &w[k]))) {
 			vfm__mf_src_fail(mf);
 			ret = vfm_error_set(err, -ret, "starting a multifd RAM thread");
 			break;

@@ -20,6 +20,7 @@
 #include "migration/engine.h"
 #include "migration/multifd.h"
 #include "util/logging.h"
+#include "util/thread.h"
 
 #define LOG "migration"
 /* Bytes one savable may send before the loop looks at acks, cancel, rate. */
@@ -1675,7 +1676,7 @@ int vfm_migration_start(struct vfm_migration *m, const char *uri,
 	m->thread_running = true;
 	pthread_mutex_unlock(&m->lock);
 	vfm__mig_set_status(m, VFM_MIG_SETUP);
-	ret = pthread_create(&m->thread, NULL, vfm__source_thread, src);
+	ret = vfm_thread_create(&m->thread, NULL, vfm__source_thread, src);
 	if (ret) {
 		pthread_mutex_lock(&m->lock);
 		m->thread_running = false;

@@ -13,6 +13,7 @@
 
 #include "migration/tls_int.h"
 #include "util/logging.h"
+#include "util/thread.h"
 
 #define LOG "channel"
 /* Handshakes at once; more are refused at the door (a flood, not a source:
@@ -134,7 +135,7 @@ void vfm__tls_acceptor_add(struct vfm_tls_acceptor *a, int fd, const char *peer)
 	snprintf(j->peer, sizeof(j->peer), "%s", peer);
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	if (pthread_create(&th, &attr, hs_main, j)) {
+	if (vfm_thread_create(&th, &attr, hs_main, j)) {
 		pthread_mutex_lock(&a->lock);
 		a->inflight--;
 		a->refs--;

@@ -22,6 +22,7 @@
 
 #include "migration/tls_int.h"
 #include "util/logging.h"
+#include "util/thread.h"
 
 #define LOG "tls"
 /* Plaintext read from the engine per turn, and decrypted bytes buffered for
@@ -246,7 +247,7 @@ int vfm__tls_relay_start(struct vfm_tls *t, gnutls_session_t s, int net, const c
 		  gnutls_transport_is_ktls_enabled(s) ? "on" : "off");
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	ret = pthread_create(&th, &attr, relay_main, r);
+	ret = vfm_thread_create(&th, &attr, relay_main, r);
 	pthread_attr_destroy(&attr);
 	if (ret) {
 		vfm_tls_unref(t);

@@ -24,6 +24,7 @@ wait_status() {  # wait_status SOCKET PATTERN: until `ctl status` matches (10 s)
 for d in d0 d1 e0 e1; do
 	churn=0; case $d in *0) churn=2M/s ;; esac
 	bg timeout -k 5 60 "$bin" device dma --socket "$tmp/$d" --state-size 4M --churn $churn
+	[ $d = d0 ] && d0_pid=$last
 done
 for d in d0 d1 e0 e1; do wait_sock "$tmp/$d" || bad "device $d did not start"; done
 bg timeout -k 5 60 "$bin" vm --mem 32M --device "vfio-user:$tmp/d0" --device "vfio-user:$tmp/d1" \
@@ -62,6 +63,27 @@ ctl "$tmp/src" migrate "unix:$tmp/mig" && ok "migrate started" || bad "migrate d
 out=$(ctl "$tmp/src" migrate "unix:$tmp/mig" 2>&1); rc=$?
 [ $rc = 1 ] && echo "$out" | grep -q "already in progress" && ok "second migrate refused" \
 	|| bad "second migrate: rc $rc: $out"
+# Every thread but the main one blocks SIGINT and SIGTERM (vfm_thread_create):
+# the main loops, which wait without SA_RESTART, are what a signal must cut
+# short; one taken by a worker left them waiting (and a handler ran on two
+# threads at once: a TSan report). Checked while the migration runs (its
+# thread, the vCPUs, a device's churn thread). SigBlk's last 4 hex digits hold
+# signals 1-16: SIGINT is 0x2, SIGTERM 0x4000.
+sig_threads() {  # sig_threads PID NAME: PID is timeout's, the tool is its child
+	p=$(pgrep -P "$1" | head -1)
+	n=0; open=""
+	for st in /proc/$p/task/*/status; do
+		tid=${st#/proc/$p/task/}; tid=${tid%/status}
+		blk=$(sed -n 's/^SigBlk:[[:space:]]*//p' "$st" 2>/dev/null)
+		[ -n "$p" ] && [ "$tid" != "$p" ] && [ -n "$blk" ] || continue
+		n=$((n + 1)); low=${blk#"${blk%????}"}
+		[ $((0x$low & 0x4002)) = $((0x4002)) ] || open="$open $tid:$blk"
+	done
+	[ $n -gt 0 ] && [ -z "$open" ] && ok "$2: its $n other threads block SIGINT and SIGTERM" \
+		|| bad "$2 (pid ${p:-none}): $n other threads, taking signals:$open"
+}
+sig_threads $src_pid "source VM"
+sig_threads $d0_pid "device d0"
 ctl "$tmp/src" cancel && ok "cancel accepted" || bad "cancel"
 wait_status "$tmp/src" "migration: cancelled" && ok "migration cancelled" || bad "not cancelled"
 ctl "$tmp/src" status | grep -q "^vm: running" && ok "source still running" || bad "source not running"
