@@ -167,19 +167,20 @@ static int ram_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error *
 	atomic_store(&ram->mf_transferred, 0);
 	vfm_stream_put_record(s, VFM_REC_DATA, 0, 1, buf, len);
 	/*
-	 * What the VM's own tracking (KVM's dirty log) collected before this
-	 * migration is covered by the first pass: taken now, into the bitmaps
-	 * that are about to become the send set, so that the first sync after
-	 * the pass holds only what the guest wrote during it. QEMU's
-	 * ram_save_setup does the same (memory_global_dirty_log_start, then a
-	 * migration_bitmap_sync, with the bitmap all set). Left in KVM, the log
-	 * since the guest booted (its whole working set) came back at the
-	 * first exact check and, with a limit it fitted, went in stop-copy: a
-	 * 4 MiB working set rewritten at 4 MiB/s sent 3.6 MB twice, 1.2 ms of
-	 * a 1.6 ms downtime (docs/performance.md section 8).
+	 * What the trackers collected before this migration is covered by the
+	 * first pass: taken now (one dirty sync: the VM's log, the vfio-user
+	 * clients' logs of DMA_WRITE messages, the device logs just started),
+	 * into the bitmaps that are about to become the send set, so that the
+	 * first sync after the pass holds only what was written during it.
+	 * QEMU's ram_save_setup does the same (memory_global_dirty_log_start,
+	 * then a migration_bitmap_sync, with the bitmap all set). Left in KVM,
+	 * the log since the guest booted (its whole working set) came back at
+	 * the first exact check and, with a limit it fitted, went in
+	 * stop-copy: a 4 MiB working set rewritten at 4 MiB/s sent 3.6 MB
+	 * twice, 1.2 ms of a 1.6 ms downtime (docs/performance.md section 8).
 	 */
-	if (ram->m && ram->m->vm && ram->m->vm->log_sync)
-		ram->m->vm->log_sync(ram->m->vm_opaque);
+	if (ram->m)
+		vfm__log_sync(ram->m, true);
 	/* Every page is to send, from the first iteration on (QEMU sets the
 	 * whole bitmap in ram_save_setup): the send set does not wait for a
 	 * dirty sync, which may not come soon while a device is busy. */

@@ -322,6 +322,14 @@ bool md_dma_works(struct md_side *s, unsigned i)
 	return drive_one(s, i, &d);
 }
 
+bool md_dma_fill(struct md_side *s, unsigned i, uint64_t gpa, uint64_t len)
+{
+	struct dmadev_desc d = { .op = DMADEV_OP_COPY_FROM_DEV, .guest = gpa, .dev = 0,
+				 .len = len };
+
+	return drive_one(s, i, &d);
+}
+
 /* ---- A side: memory, devices, migration object ---- */
 
 void md_side_init(struct md_side *s, const struct md_devsrv *srv, const struct md_opts *o,

@@ -112,6 +112,9 @@ uint64_t md_reg(struct vfm_device *dev, uint64_t off);
 enum vfm_state md_dev_state(struct vfm_device *dev);
 /* One COPY_FROM_DEV descriptor run now on device i (guest stopped); true if OK. */
 bool md_dma_works(struct md_side *s, unsigned i);
+/* One COPY_FROM_DEV descriptor of len bytes of device i's memory to gpa (guest
+ * stopped or not started); true if OK. */
+bool md_dma_fill(struct md_side *s, unsigned i, uint64_t gpa, uint64_t len);
 
 /*
  * Forks a destination process: its own device servers, guest memory and

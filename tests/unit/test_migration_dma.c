@@ -348,6 +348,46 @@ TEST_TIMEOUT(unix_dma_by_messages_tracked_by_the_client, 60)
 	run(&sc);
 }
 
+/*
+ * The client's log of DMA_WRITE messages keeps what the device wrote since
+ * it was mapped. What it wrote before the migration goes with the first
+ * pass (the send set starts full), so RAM's setup takes that log first (one
+ * dirty sync, as QEMU's ram_save_setup): the first sync after the pass then
+ * holds only what was written during it.
+ * Arithmetic: no guest threads, so after the device wrote 64 pages (256 KiB)
+ * nothing writes guest memory. RAM sent = those pages and the ring's page
+ * once (zero pages are headers); with the stale log, the 64 pages twice.
+ */
+TEST_TIMEOUT(device_writes_before_the_migration_go_once, 60)
+{
+	struct md_opts o = { .ndev = 1, .by_messages = true, .quiet = true };
+	const uint64_t len = 64 * MD_PG;
+	struct vfm_migration_params p;
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct md_devsrv srv;
+	struct md_side s;
+	char uri[256];
+
+	md_devsrv_spawn(&srv, "pw0", &o, 0, 1);
+	/* The device's ring set up, the guest's threads never started. */
+	md_side_init(&s, &srv, &o, true, 0);
+	CHECK(md_dma_fill(&s, 0, MD_BUF_GPA, len));
+	md_make_uri("file", uri, sizeof(uri));
+	md_params(&p);
+	if (vfm_migration_start(s.m, uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	md_wait(&s, &st);
+	if (st.status != VFM_MIG_COMPLETED)
+		FAIL("%s: %s", vfm_mig_status_name(st.status), st.error);
+	fprintf(stderr, "# RAM sent %" PRIu64 " bytes, %" PRIu64 " written by the device\n",
+		st.ram_transferred_bytes, len);
+	CHECK(st.ram_transferred_bytes >= len);
+	CHECK(st.ram_transferred_bytes < len + len / 2 + 4 * MD_PG);
+	md_side_free(&s);
+	md_devsrv_kill(&srv);
+}
+
 TEST_TIMEOUT(unix_libvfio_user_flags, 60)
 {
 	/* STOP_COPY | PRE_COPY, no P2P, with DMA logging: what libvfio-user offers. */
