@@ -457,6 +457,54 @@ static uint64_t vm_kick_ns(void *opaque)
 static const struct vfm_vm_ops vm_ops = { .stop = vm_stop, .start = vm_start,
 					  .kick_ns = vm_kick_ns };
 
+/* A temp dir with a file: URI in it for a source's stream. */
+struct file_uri {
+	char dir[32], path[96], uri[128];
+};
+
+static void file_uri_init(struct file_uri *f)
+{
+	snprintf(f->dir, sizeof(f->dir), "/tmp/vfm-kvm-XXXXXX");
+	CHECK(mkdtemp(f->dir));
+	snprintf(f->path, sizeof(f->path), "%s/vm.state", f->dir);
+	snprintf(f->uri, sizeof(f->uri), "file:%s", f->path);
+}
+
+static void file_uri_done(const struct file_uri *f)
+{
+	unlink(f->path);
+	rmdir(f->dir);
+}
+
+/*
+ * Starts guest g (on mem, with the engine's vm ops) and, once each vCPU has
+ * rewritten `progress` pages, migrates it to uri; returns the migration
+ * (completed; stats in *st).
+ */
+static struct vfm_migration *migrate_to_file(struct vfm_guest_mem *mem, struct vfm_guest *g,
+					     const struct vfm_vm_ops *ops, uint64_t progress,
+					     const char *uri, struct vfm_migration_stats *st)
+{
+	struct vfm_migration_params p;
+	struct vfm_error err = { 0 };
+	struct vfm_migration *m;
+
+	vfm_migration_params_default(&p);
+	p.timeout_ms = 10000;
+	CHECK_EQ(vfm_migration_new(mem, ops, g, &m, &err), 0);
+	if (vfm_guest_kvm_register(g, m, NULL, &err))
+		FAIL("register: %s", err.msg);
+	CHECK_EQ(g->ops->start(g, &err), 0);
+	wait_progress(g, NULL, progress);
+	if (vfm_migration_start(m, uri, &p, &err))
+		FAIL("start: %s", err.msg);
+	CHECK_EQ(vfm_migration_wait(m, 60000), 0);
+	vfm_migration_get_stats(m, st);
+	if (st->status != VFM_MIG_COMPLETED)
+		FAIL("source: %s: %s", vfm_mig_status_name(st->status), st->error);
+	return m;
+}
+
 TEST_TIMEOUT(migrates_through_the_engine, 90)
 {
 	struct vfm_guest_mem *mem_a, *mem_b;
@@ -467,28 +515,16 @@ TEST_TIMEOUT(migrates_through_the_engine, 90)
 	struct vfm_guest_verify v;
 	struct vfm_error err = { 0 };
 	uint64_t at_stop[2];
-	char dir[] = "/tmp/vfm-kvm-XXXXXX", uri[128], path[96];
+	struct file_uri f;
 
 	need_kvm();
-	CHECK(mkdtemp(dir));
-	snprintf(path, sizeof(path), "%s/vm.state", dir);
-	snprintf(uri, sizeof(uri), "file:%s", path);
+	file_uri_init(&f);
 	vfm_migration_params_default(&p);
 	p.timeout_ms = 10000;
 
 	mem_a = new_mem();
 	a = new_guest(mem_a, RATE, true);
-	CHECK_EQ(vfm_migration_new(mem_a, &vm_ops, a, &ma, &err), 0);
-	if (vfm_guest_kvm_register(a, ma, NULL, &err))
-		FAIL("register: %s", err.msg);
-	CHECK_EQ(a->ops->start(a, &err), 0);
-	wait_progress(a, NULL, 5);
-	if (vfm_migration_start(ma, uri, &p, &err))
-		FAIL("start: %s", err.msg);
-	CHECK_EQ(vfm_migration_wait(ma, 60000), 0);
-	vfm_migration_get_stats(ma, &st);
-	if (st.status != VFM_MIG_COMPLETED)
-		FAIL("source: %s: %s", vfm_mig_status_name(st.status), st.error);
+	ma = migrate_to_file(mem_a, a, &vm_ops, 5, f.uri, &st);
 	CHECK(!a->running);
 	/* The stop was expected as long as the running vCPUs' kicks took. */
 	CHECK(st.expected_switchover_ms[0] > 0);
@@ -501,7 +537,7 @@ TEST_TIMEOUT(migrates_through_the_engine, 90)
 	b = new_guest(mem_b, 0, false);
 	CHECK_EQ(vfm_migration_new(mem_b, &vm_ops, b, &mb, &err), 0);
 	CHECK_EQ(vfm_guest_kvm_register(b, mb, NULL, &err), 0);
-	if (vfm_migration_incoming(mb, uri, &p, NULL, NULL, &err))
+	if (vfm_migration_incoming(mb, f.uri, &p, NULL, NULL, &err))
 		FAIL("incoming: %s", err.msg);
 	CHECK(b->running);
 	wait_progress(b, at_stop, 3);
@@ -520,8 +556,7 @@ TEST_TIMEOUT(migrates_through_the_engine, 90)
 	vfm_migration_free(mb);
 	b->ops->destroy(b);
 	vfm_guest_mem_free(mem_b);
-	unlink(path);
-	rmdir(dir);
+	file_uri_done(&f);
 }
 
 static void vm_log_sync(void *opaque)
@@ -551,33 +586,17 @@ TEST_TIMEOUT(first_pass_takes_the_log_from_before_the_migration, 60)
 	struct vfm_guest_mem *mem;
 	struct vfm_guest *g;
 	struct vfm_migration *m;
-	struct vfm_migration_params p;
 	struct vfm_migration_stats st;
-	struct vfm_error err = { 0 };
-	char dir[] = "/tmp/vfm-kvm-XXXXXX", uri[128], path[96];
+	struct file_uri f;
 	uint64_t during;
 
 	need_kvm();
-	CHECK(mkdtemp(dir));
-	snprintf(path, sizeof(path), "%s/vm.state", dir);
-	snprintf(uri, sizeof(uri), "file:%s", path);
-	vfm_migration_params_default(&p);
-	p.timeout_ms = 10000;
+	file_uri_init(&f);
 	mem = new_mem();
 	g = new_guest(mem, RATE, true);
-	CHECK_EQ(vfm_migration_new(mem, &vm_ops_log, g, &m, &err), 0);
-	if (vfm_guest_kvm_register(g, m, NULL, &err))
-		FAIL("register: %s", err.msg);
-	CHECK_EQ(g->ops->start(g, &err), 0);
 	/* Each vCPU sweeps its half of WS: every working-set page is in
 	 * KVM's log before the migration. */
-	wait_progress(g, NULL, WS / PG / vfm_guest_kvm_vcpus(g) + 1);
-	if (vfm_migration_start(m, uri, &p, &err))
-		FAIL("start: %s", err.msg);
-	CHECK_EQ(vfm_migration_wait(m, 60000), 0);
-	vfm_migration_get_stats(m, &st);
-	if (st.status != VFM_MIG_COMPLETED)
-		FAIL("%s: %s", vfm_mig_status_name(st.status), st.error);
+	m = migrate_to_file(mem, g, &vm_ops_log, WS / PG / 2 + 1, f.uri, &st);
 	during = RATE * (st.total_time_ms + 1) / 1000;
 	fprintf(stderr, "# RAM sent %" PRIu64 " bytes in %" PRIu64 " ms (working set %llu, "
 		"at most %" PRIu64 " written meanwhile)\n", st.ram_transferred_bytes,
@@ -587,8 +606,7 @@ TEST_TIMEOUT(first_pass_takes_the_log_from_before_the_migration, 60)
 	vfm_migration_free(m);
 	g->ops->destroy(g);
 	vfm_guest_mem_free(mem);
-	unlink(path);
-	rmdir(dir);
+	file_uri_done(&f);
 }
 
 /* auto-converge's vCPU throttle: at 80 % each vCPU sleeps about 80 % of the
