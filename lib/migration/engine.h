@@ -63,8 +63,10 @@ struct vfm_mig_device {
 	uint32_t dst_rt_ns[VFM__DST_RT];
 	unsigned ndst_rt;
 	bool has_config;             /* a PCI config region: 2 writes at the destination's load */
-	uint64_t short_read_min_ns;  /* the quickest pre-copy read that did not fill a
-				      * block (stop-copy ends with two such) */
+	uint64_t short_read_min_ns;  /* the least time beyond its bytes of a pre-copy
+				      * read that did not fill a block (stop-copy ends
+				      * with two such; vfio_save_iterate) */
+	double full_read_ns_per_byte; /* the quickest full-block pre-copy read's */
 	bool stop_copy_exact;        /* an exact check read stop_copy_size: the estimate uses it */
 	uint64_t read_since_exact;   /* pre-copy bytes read since that check */
 	uint64_t last_iter_bytes;    /* read in the last iteration (no precopy info) */

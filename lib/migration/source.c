@@ -164,7 +164,8 @@ static void update_stats(struct source *src, uint64_t pending)
 	else
 		st->expected_downtime_ms = src->bw > 0 ? (double)pending * 1000.0 / src->bw : 0;
 	st->converging = src->converging;
-	st->needed_downtime_ms = src->have_exact ? src->best_exp_ms : 0;
+	st->needed_downtime_ms = !src->have_exact ? 0 : src->best_exp_ms > 0 ? src->best_exp_ms
+									     : src->exp_ms;
 	snprintf(st->blocker, sizeof(st->blocker), "%s", src->blocker);
 	snprintf(st->unpaced, sizeof(st->unpaced), "%s", src->unpaced);
 	st->total_time_ms = (now - src->t_start) / 1000000ull;
@@ -291,6 +292,15 @@ static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 
 			if (src->m->sv[i].section != sec || src->m->sv[i].ops != &vfm__vfio_savable_ops)
 				continue;
+			/* The destination's first figure for this device: the
+			 * expectations before it stood in this side's figure, so
+			 * the least of them is no downtime the migration could
+			 * have had (a 25 ms destination device "needed" 1.6 ms). */
+			if (!md->ndst_rt) {
+				pthread_mutex_lock(&src->m->lock);
+				src->best_exp_ms = 0;
+				pthread_mutex_unlock(&src->m->lock);
+			}
 			md->dst_rt_ns[md->ndst_rt++ % VFM__DST_RT] =
 				vfm_get_le32((const unsigned char *)pl + off + 4);
 		}
@@ -811,8 +821,9 @@ static double savable_ms(const struct source *src, const struct vfm_savable *sv)
 	if (sv->ops == &vfm__vfio_savable_ops) {
 		const struct vfm_mig_device *md = sv->opaque;
 
-		fixed = 2.0 * (double)(md->short_read_min_ns ? md->short_read_min_ns
-							 : md->arc_ns) / 1e6;
+		/* Two closing reads, each a round trip at least (arc_ns). */
+		fixed = 2.0 * (double)(md->short_read_min_ns > md->arc_ns ? md->short_read_min_ns
+									  : md->arc_ns) / 1e6;
 	} else {
 		fixed = (double)sv->exact_min_ns / 1e6;
 		/*
@@ -969,8 +980,10 @@ static void time_kick(struct source *src)
  * - last_bytes: main carries its savables one after another (sum): each
  *   its pending bytes over its pace, RAM after a sync of its send set (as
  *   long as its quickest exact query), a device ending with two reads that
- *   do not fill a block (its quickest such read in pre-copy; a round trip
- *   before one was seen); with multifd channels each device on the
+ *   do not fill a block (each what such a read cost in pre-copy beyond its
+ *   bytes, the least seen, at least a round trip: the first pass's 128 KiB
+ *   tail whole made 16 MiB rows' last_bytes 0.1-0.2 ms high); with
+ *   multifd channels each device on the
  *   channels moves in parallel with main (the longest lane), and RAM stays
  *   in main's lane: the migration thread sends it (on the channels, plus a
  *   flush of each) before main's devices. Counted as a lane of its own,
@@ -981,15 +994,17 @@ static void time_kick(struct source *src)
  * - dest_load: the stream's end is flushed at once, so the destination's
  *   device requests for it come after it: per device, the last data block's
  *   write (if it had data), load_config's two config writes (if it has a
- *   config region), RESUMING -> STOP and, if P2P, -> RUNNING_P2P: the
- *   first a round trip to the destination's device as the destination
- *   timed it (dst_round_trip_ms, from its PONGs: a device process woken from
- *   idle), the rest as this side's (arc_ns: a device awake); then LOADED
- *   back (a round trip).
- *   Two arcs a device at this side's figure were 0.06-0.1 ms where 0.2-0.4
- *   was measured (a trace: 240 us from the end of stream to the device's
- *   RESUMING -> STOP, through one data write and two config writes, each
- *   request to a device process woken from idle). Before those, the
+ *   config region), RESUMING -> STOP and, if P2P, -> RUNNING_P2P: each a
+ *   round trip to the destination's device as the destination timed it
+ *   (dst_round_trip_ms, from its PONGs: a device process woken from idle);
+ *   the end of stream's way there and LOADED's way back, one more such
+ *   round trip (the least PING without a device). The device sleeps
+ *   between the requests: traces of 16 MiB rows had 40-55 us from the
+ *   request's send to the device's receive where the PONG said 0.08-0.1
+ *   ms, ~10 us where it said 0.02, and dest_load ~6 x the PONG's figure
+ *   either way; with the first request at that figure and the rest at this
+ *   side's (arc_ns, 5 us), those rows' dest_load was 0.1-0.2 ms low. Before
+ *   those, the
  *   destination loads what reached it in the last write of main: RAM's
  *   last pages are small records the stream holds until its buffer fills
  *   or the end's flush (tail_ms); a trace had the destination's load of the
@@ -1005,6 +1020,7 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 {
 	const struct vfm_migration *m = src->m;
 	double rtt = (double)src->rtt_min_ns / 1e6, lane_main = 0, lane_max = 0, total = 0;
+	double hop = -1.0;
 	uint64_t all = 0;
 	bool known = true;
 
@@ -1020,9 +1036,9 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 		da = dst_round_trip_ms(md);
 		p2p = md->flags & VFM_MIG_P2P;
 		steps[1] += a * (p2p ? 3 : 2);
-		/* The first request wakes the destination's device (its figure);
-		 * the rest find it awake, as this side's queries do (arc_ns). */
-		steps[4] += da + a * (p2p + 2 * md->has_config + (m->sv[i].exact_prev > 0));
+		/* Each request wakes the destination's device: its figure. */
+		steps[4] += da * (1 + p2p + 2 * md->has_config + (m->sv[i].exact_prev > 0));
+		hop = da > hop ? da : hop;
 		steps[6] += a;
 	}
 	steps[2] = (double)src->sync_ns / 1e6;
@@ -1059,7 +1075,10 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 		known = true;
 	}
 	steps[0] = median_ms(src->kick_ns, src->nkick);
-	steps[4] += rtt;
+	/* The end of stream's way there and LOADED's way back: a round trip
+	 * between processes woken from idle, as the destination's requests to
+	 * its device are now (without a device: the least PING). */
+	steps[4] += hop >= 0 ? hop : rtt;
 	steps[5] = (double)src->flush_min_ns / 1e6;
 	steps[6] += rtt / 2;
 	for (unsigned i = 0; i < VFM_SWITCHOVER_STEPS; i++)

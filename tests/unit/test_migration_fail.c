@@ -139,6 +139,13 @@ static void held_then_raised(struct md_side *s, struct vfm_migration_params *p, 
 	vfm_migration_get_stats(s->m, st);
 	CHECK_EQ(st->status, VFM_MIG_ACTIVE);   /* not switched over at the low limit */
 	CHECK(st->expected_downtime_ms >= min_ms);
+	/* Reported as not converging: what it says it would need holds the
+	 * slow part too (not a figure from before the part was known). */
+	if (!st->converging) {
+		fprintf(stderr, "# not converging: needs %.1f ms, expects %.1f\n",
+			st->needed_downtime_ms, st->expected_downtime_ms);
+		CHECK(st->needed_downtime_ms >= min_ms);
+	}
 	p->downtime_limit_ms = 2000;
 	vfm_migration_set_live_params(s->m, p);
 	md_wait(s, st);
@@ -588,11 +595,14 @@ TEST_TIMEOUT(channel_closed_waiting_for_switchover_ack, 60) { never_acked(ACT_CU
 
 /*
  * The destination's own device round trips (its PONGs) count in the expected
- * downtime: the first request of its load end (which wakes its device) costs
- * what it said. At 25 ms that is >= 25 ms of dest_load: over a 20 ms limit,
- * so the source must not switch over (with this side's own device figure,
- * ~0.03 ms, it would at once); raised live to 2 s, it completes, and the
- * expectation it decided on holds that figure.
+ * downtime: each request of its load end (two config writes, RESUMING ->
+ * STOP, -> RUNNING_P2P; the device sleeps between them) costs what it said,
+ * and so does the end of stream's round trip (traces: 40-55 us a request
+ * where the PONG said 0.08-0.1 ms, 20 us where it said 0.02). At 25 ms that
+ * is >= 5 x 25 ms of dest_load: over a 20 ms limit, so the source must not
+ * switch over (with this side's own device figure, ~0.03 ms, it would at
+ * once); raised live to 2 s, it completes, and the expectation it decided
+ * on holds that figure.
  */
 TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
 {
@@ -612,7 +622,7 @@ TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
 	fp.downtime_limit_ms = 20;
 	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
 	held_then_raised(&s, &fp, SLOW_DEV_NS / 1e6, &st);
-	CHECK(st.expected_switchover_ms[4] >= SLOW_DEV_NS / 1e6);   /* dest_load */
+	CHECK(st.expected_switchover_ms[4] >= 5 * SLOW_DEV_NS / 1e6);   /* dest_load */
 	CHECK(st.expected_switchover_ms[6] < 5);   /* dest_resume: the device is awake */
 	CHECK(st.expected_switchover_ms[1] < 5);   /* this side's arcs: its own device */
 	fake_result(pid, rfd, &res);
