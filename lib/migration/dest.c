@@ -76,12 +76,18 @@ static int on_section(struct dest *d, const struct vfm_rec_hdr *h, const unsigne
 			     "(start the destination with the same devices)", name);
 }
 
-static void send_rp(struct dest *d, uint16_t type, uint32_t section, const void *pl, size_t len)
+static void send_rp_flags(struct dest *d, uint16_t type, uint16_t flags, uint32_t section,
+			  const void *pl, size_t len)
 {
 	if (!d->rp)
 		return;
-	vfm_stream_put_record(d->rp, type, 0, section, pl, len);
+	vfm_stream_put_record(d->rp, type, flags, section, pl, len);
 	vfm_stream_flush(d->rp);
+}
+
+static void send_rp(struct dest *d, uint16_t type, uint32_t section, const void *pl, size_t len)
+{
+	send_rp_flags(d, type, 0, section, pl, len);
 }
 
 static int load_records(struct dest *d, struct vfm_error *err)
@@ -117,8 +123,9 @@ static int load_records(struct dest *d, struct vfm_error *err)
 			send_rp(d, VFM_REC_RP_ACK, h.section, NULL, 0);
 			break;
 		case VFM_REC_PING: {
-			unsigned char pong[16 + 8 * VFM_MAX_SAVABLES];
+			unsigned char pong[16 + 12 * VFM_MAX_SAVABLES];
 			size_t plen = 16;
+			bool two = h.flags & VFM_PING_TWO_QUERIES;
 			/* u64 token; a drain PING adds the RAM packets sent on
 			 * each multifd channel: answered once they are applied
 			 * too, so the channels' backlog (zero runs of a first
@@ -131,26 +138,36 @@ static int load_records(struct dest *d, struct vfm_error *err)
 			memcpy(pong, pl, 8);
 			/*
 			 * Then, per device section: u32 section, u32 ns of one
-			 * state query to this side's device, timed now. The
-			 * source counts this side's load end (its data write,
-			 * config writes and arcs) in that figure: its own
-			 * device's queries were 0.02 ms where this side's
-			 * requests after the end of stream took 0.05-0.06 (the
-			 * device process woken from idle).
+			 * state query to this side's device, timed now, and
+			 * when the PING asks (VFM_PING_TWO_QUERIES) u32 ns of a
+			 * second one right after it. The source counts this
+			 * side's load end (its data write, config writes and
+			 * arcs) in these: the first as a request to a device
+			 * woken from idle (its own device's queries were 0.02 ms
+			 * where this side's requests after the end of stream
+			 * took 0.05-0.06), the second as each next request
+			 * (the device sleeps between them, or not, as now).
 			 */
 			for (unsigned i = 0; i < d->m->nsv; i++) {
 				struct vfm_savable *sv = &d->m->sv[i];
-				uint64_t ns;
+				uint64_t ns, ns2 = 0;
 
 				if (sv->ops != &vfm__vfio_savable_ops || !sv->loaded_setup ||
 				    !(ns = vfm__vfio_round_trip_ns(sv->opaque)))
 					continue;
+				if (two && !(ns2 = vfm__vfio_round_trip_ns(sv->opaque)))
+					continue;
 				vfm_put_le32(pong + plen, sv->section);
 				vfm_put_le32(pong + plen + 4, ns > UINT32_MAX ? UINT32_MAX : (uint32_t)ns);
 				plen += 8;
+				if (two) {
+					vfm_put_le32(pong + plen, ns2 > UINT32_MAX ? UINT32_MAX
+										  : (uint32_t)ns2);
+					plen += 4;
+				}
 			}
 			vfm_put_le64(pong + 8, vfm__now_ns());
-			send_rp(d, VFM_REC_RP_PONG, 0, pong, plen);
+			send_rp_flags(d, VFM_REC_RP_PONG, two ? VFM_PING_TWO_QUERIES : 0, 0, pong, plen);
 			break;
 		}
 		case VFM_REC_SWITCHOVER:

@@ -62,6 +62,10 @@ struct vfm_mig_device {
 #define VFM__DST_RT 8
 	uint32_t dst_rt_ns[VFM__DST_RT];
 	unsigned ndst_rt;
+	/* The second query of each (a destination that times two): what each
+	 * next request of its load end costs. */
+	uint32_t dst_rt2_ns[VFM__DST_RT];
+	unsigned ndst_rt2;
 	bool has_config;             /* a PCI config region: 2 writes at the destination's load */
 	uint64_t short_read_min_ns;  /* the least time beyond its bytes of a pre-copy
 				      * read that did not fill a block (stop-copy ends

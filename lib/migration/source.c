@@ -272,7 +272,7 @@ static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 		}
 		len = 12 + 4 * (size_t)nch;
 	}
-	vfm_stream_put_record(src->out, VFM_REC_PING, 0, 0, tok, len);
+	vfm_stream_put_record(src->out, VFM_REC_PING, VFM_PING_TWO_QUERIES, 0, tok, len);
 	vfm_stream_flush(src->out);
 	if (vfm_stream_error(src->out, err))
 		return err ? err->code : -EIO;
@@ -283,8 +283,11 @@ static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 		return ret;
 	src->rtt_ns = vfm__now_ns() - t0;
 	/* u64 token, u64 clock, then the destination's device round trips
-	 * (u32 section, u32 ns each; none from an older destination). */
-	for (size_t off = 16; off + 8 <= h.length; off += 8) {
+	 * (u32 section, u32 ns each, and u32 ns of a second query when the
+	 * PONG has the flag; none from an older destination). */
+	size_t ent = h.flags & VFM_PING_TWO_QUERIES ? 12 : 8;
+
+	for (size_t off = 16; off + ent <= h.length; off += ent) {
 		uint32_t sec = vfm_get_le32((const unsigned char *)pl + off);
 
 		for (unsigned i = 0; i < src->m->nsv; i++) {
@@ -303,6 +306,9 @@ static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 			}
 			md->dst_rt_ns[md->ndst_rt++ % VFM__DST_RT] =
 				vfm_get_le32((const unsigned char *)pl + off + 4);
+			if (ent == 12)
+				md->dst_rt2_ns[md->ndst_rt2++ % VFM__DST_RT] =
+					vfm_get_le32((const unsigned char *)pl + off + 8);
 		}
 	}
 	/* A drain's round trip also waits for the destination's backlog. */
@@ -994,17 +1000,17 @@ static void time_kick(struct source *src)
  * - dest_load: the stream's end is flushed at once, so the destination's
  *   device requests for it come after it: per device, the last data block's
  *   write (if it had data), load_config's two config writes (if it has a
- *   config region), RESUMING -> STOP and, if P2P, -> RUNNING_P2P: each a
- *   round trip to the destination's device as the destination timed it
- *   (dst_round_trip_ms, from its PONGs: a device process woken from idle);
- *   the end of stream's way there and LOADED's way back, one more such
- *   round trip (the least PING without a device). The device sleeps
- *   between the requests: traces of 16 MiB rows had 40-55 us from the
- *   request's send to the device's receive where the PONG said 0.08-0.1
- *   ms, ~10 us where it said 0.02, and dest_load ~6 x the PONG's figure
- *   either way; with the first request at that figure and the rest at this
- *   side's (arc_ns, 5 us), those rows' dest_load was 0.1-0.2 ms low. Before
- *   those, the
+ *   config region), RESUMING -> STOP and, if P2P, -> RUNNING_P2P: the
+ *   first a round trip to the destination's device as the destination
+ *   timed it (dst_round_trip_ms, from its PONGs: a device process woken
+ *   from idle), each next one as the second of the two queries it timed
+ *   (the device may sleep between requests: traces of 16 MiB rows had
+ *   40-55 us from a request's send to the device's receive where the first
+ *   query took 0.08-0.1 ms, ~10 us where it took 0.02; with the rest at
+ *   this side's figure (arc_ns, 5 us) those rows' dest_load was 0.1-0.2 ms
+ *   low, and at the first query's, 0.05-0.15 ms high in others); the end
+ *   of stream's way there and LOADED's way back, one more first-query
+ *   round trip (the least PING without a device). Before those, the
  *   destination loads what reached it in the last write of main: RAM's
  *   last pages are small records the stream holds until its buffer fills
  *   or the end's flush (tail_ms); a trace had the destination's load of the
@@ -1027,17 +1033,19 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 	memset(steps, 0, sizeof(double) * VFM_SWITCHOVER_STEPS);
 	for (unsigned i = 0; i < m->nsv; i++) {
 		const struct vfm_mig_device *md = m->sv[i].opaque;
-		double a, da;
+		double a, da, dn;
 		bool p2p;
 
 		if (m->sv[i].ops != &vfm__vfio_savable_ops)
 			continue;
 		a = (double)md->arc_ns / 1e6;
 		da = dst_round_trip_ms(md);
+		/* Each next request: as the destination's second query (an older
+		 * destination: as its first). */
+		dn = md->ndst_rt2 ? median_ms(md->dst_rt2_ns, md->ndst_rt2) : da;
 		p2p = md->flags & VFM_MIG_P2P;
 		steps[1] += a * (p2p ? 3 : 2);
-		/* Each request wakes the destination's device: its figure. */
-		steps[4] += da * (1 + p2p + 2 * md->has_config + (m->sv[i].exact_prev > 0));
+		steps[4] += da + dn * (p2p + 2 * md->has_config + (m->sv[i].exact_prev > 0));
 		hop = da > hop ? da : hop;
 		steps[6] += a;
 	}

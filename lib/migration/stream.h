@@ -48,6 +48,13 @@ enum vfm_rec_type {
 	VFM_REC_RP_LOADED = 69,      /* destination loaded everything, waits for GO */
 };
 
+/*
+ * PING flags: the destination times two state queries per device, one
+ * after the other, and its PONG (with the same flag) carries u32 section,
+ * u32 ns of the first, u32 ns of the second per device (docs/stream-format.md).
+ */
+#define VFM_PING_TWO_QUERIES 1u
+
 /* On the wire, little-endian, 24 bytes, followed by `length` payload bytes. */
 struct vfm_rec_hdr {
 	uint16_t type;

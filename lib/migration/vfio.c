@@ -174,6 +174,7 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->full_read_ns_per_byte = 0;
 	md->arc_ns = 0;
 	md->ndst_rt = 0;
+	md->ndst_rt2 = 0;
 	md->precopy_info_calls = 0;
 	md->stop_copy_size = 0;
 	md->stop_copy_known = false;
