@@ -278,6 +278,11 @@ static void run(const struct scenario *sc)
 	CHECK(st.multifd_device_bytes <= st.device_transferred_bytes);
 	if (sc->out_of_order)
 		CHECK(r.mf_out_of_order > 0);
+	/* A destination with a return path answered the PINGs' two timed
+	 * queries per device (VFM_PING_TWO_QUERIES): the expected downtime
+	 * counts its load end's next requests at the second. */
+	for (unsigned i = 0; strcmp(sc->kind, "file") && i < s.m->ndevs; i++)
+		CHECK(s.m->devs[i]->ndst_rt2 > 0 && s.m->devs[i]->ndst_rt2 == s.m->devs[i]->ndst_rt);
 	/* A queue made small must have filled: readers waited for room. */
 	if (sc->o.max_queued)
 		CHECK(r.mf_queue_waits > 0);

@@ -355,22 +355,33 @@ TEST_TIMEOUT(channel_closed_after_commit_no_split_brain, 60)
 /* A destination that delays or withholds switchover-acks                    */
 
 /* ACK_SLOW_DEV: acks at once, and its PONGs say each device section's round
- * trip here is SLOW_DEV_NS (the destination's part of the expected downtime). */
-enum ack_mode { ACK_DELAY, ACK_NEVER, ACK_SLOW_DEV };
+ * trip here is SLOW_DEV_NS (the destination's part of the expected downtime).
+ * ACK_SLOW_NEXT: acks at once; to a PING that asks for two queries
+ * (VFM_PING_TWO_QUERIES) its PONGs say the first took FAST_DEV_NS and the
+ * second SLOW_DEV_NS (a device that sleeps between requests). */
+enum ack_mode { ACK_DELAY, ACK_NEVER, ACK_SLOW_DEV, ACK_SLOW_NEXT };
 #define SLOW_DEV_NS 25000000u
+#define FAST_DEV_NS 50000u
 
 struct fake_result {
 	int32_t ok;
 	uint32_t acks_sent, init_seen;
 	uint32_t switchover_before_acks;   /* SWITCHOVER while an ack was held back */
 	uint32_t saw_switchover;
+	uint32_t pings_two;                /* PINGs that asked for two queries */
 };
+
+static void send_rp_flags(struct vfm_stream *rp, uint16_t type, uint16_t flags, uint32_t section,
+			  const void *pl, size_t len)
+{
+	vfm_stream_put_record(rp, type, flags, section, pl, len);
+	vfm_stream_flush(rp);
+}
 
 static void send_rp(struct vfm_stream *rp, uint16_t type, uint32_t section, const void *pl,
 		    size_t len)
 {
-	vfm_stream_put_record(rp, type, 0, section, pl, len);
-	vfm_stream_flush(rp);
+	send_rp_flags(rp, type, 0, section, pl, len);
 }
 
 static void fake_dest_main(const char *uri_text, enum ack_mode mode, int wfd)
@@ -414,20 +425,29 @@ static void fake_dest_main(const char *uri_text, enum ack_mode mode, int wfd)
 		if (vfm_stream_get_record(in, &h, &pl, VFM_STREAM_MAX_RECORD, &err))
 			break;   /* the source went away */
 		if (h.type == VFM_REC_PING) {
-			unsigned char pong[16 + 8 * 8];
+			unsigned char pong[16 + 12 * 8];
 			size_t plen = 16;
+			bool two = mode == ACK_SLOW_NEXT && (h.flags & VFM_PING_TWO_QUERIES);
 
+			res.pings_two += !!(h.flags & VFM_PING_TWO_QUERIES);
 			memcpy(pong, pl, 8);
 			vfm_put_le64(pong + 8, 0);
 			for (unsigned i = 0; mode == ACK_SLOW_DEV && i < ndev; i++, plen += 8) {
 				vfm_put_le32(pong + plen, dev_section[i]);
 				vfm_put_le32(pong + plen + 4, SLOW_DEV_NS);
 			}
-			send_rp(rp, VFM_REC_RP_PONG, 0, pong, plen);
+			for (unsigned i = 0; two && i < ndev; i++, plen += 12) {
+				vfm_put_le32(pong + plen, dev_section[i]);
+				vfm_put_le32(pong + plen + 4, FAST_DEV_NS);
+				vfm_put_le32(pong + plen + 8, SLOW_DEV_NS);
+			}
+			send_rp_flags(rp, VFM_REC_RP_PONG, two ? VFM_PING_TWO_QUERIES : 0, 0, pong,
+				      plen);
 		} else if (h.type == VFM_REC_SECTION) {
 			if (h.length > 8 + 5 && !memcmp((const char *)pl + 8, "vfio:", 5) && ndev < 8)
 				dev_section[ndev++] = h.section;
-		} else if (h.type == VFM_REC_INIT_DATA_SENT && mode == ACK_SLOW_DEV) {
+		} else if (h.type == VFM_REC_INIT_DATA_SENT &&
+			   (mode == ACK_SLOW_DEV || mode == ACK_SLOW_NEXT)) {
 			res.init_seen++;
 			send_rp(rp, VFM_REC_RP_ACK, h.section, NULL, 0);
 			res.acks_sent++;
@@ -627,6 +647,42 @@ TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
 	CHECK(st.expected_switchover_ms[1] < 5);   /* this side's arcs: its own device */
 	fake_result(pid, rfd, &res);
 	CHECK_EQ(res.ok, 1);
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
+}
+
+/*
+ * A destination whose device answers a first query quickly (0.05 ms) and
+ * the second, right after it, slowly (25 ms: a device that sleeps between
+ * requests): the load end's requests after the first (the device's -> P2P,
+ * two config writes, RESUMING -> STOP: at least three) cost the second
+ * figure each, >= 75 ms of dest_load, over a 20 ms limit; counted at the
+ * first figure, the switchover would come at once. The source asks every
+ * PING for the two queries. Raised live to 2 s, it completes.
+ */
+TEST_TIMEOUT(destination_next_requests_count_at_the_second_query, 60)
+{
+	struct vfm_migration_params fp = fake_params();
+	struct md_opts o = { .ndev = 1 };
+	struct md_devsrv srv[1];
+	struct vfm_migration_stats st;
+	struct vfm_error err = { 0 };
+	struct fake_result res;
+	struct md_side s;
+	char uri[256];
+	int rfd;
+	pid_t pid;
+
+	pid = fake_side(srv, &o, ACK_SLOW_NEXT, &s, uri, sizeof(uri), &rfd);
+	start_guest(&s);
+	fp.downtime_limit_ms = 20;
+	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
+	held_then_raised(&s, &fp, 3 * SLOW_DEV_NS / 1e6, &st);
+	CHECK(st.expected_switchover_ms[4] >= 3 * SLOW_DEV_NS / 1e6);   /* dest_load */
+	CHECK(st.expected_switchover_ms[4] < 8 * SLOW_DEV_NS / 1e6);
+	fake_result(pid, rfd, &res);
+	CHECK_EQ(res.ok, 1);
+	CHECK(res.pings_two >= 1);
 	md_side_free(&s);
 	md_devsrv_kill(&srv[0]);
 }
