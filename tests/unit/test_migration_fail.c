@@ -614,6 +614,34 @@ TEST_TIMEOUT(no_ack_no_switchover_then_cancel, 60) { never_acked(ACT_CANCEL); }
 TEST_TIMEOUT(channel_closed_waiting_for_switchover_ack, 60) { never_acked(ACT_CUT); }
 
 /*
+ * A migration to a fake destination in `mode` at a 20 ms limit: held (its
+ * expectation >= min_ms), then raised live to 2 s, completes. *st: the
+ * final stats; *res: what the fake saw.
+ */
+static void slow_destination(enum ack_mode mode, double min_ms, struct vfm_migration_stats *st,
+			     struct fake_result *res)
+{
+	struct vfm_migration_params fp = fake_params();
+	struct md_opts o = { .ndev = 1 };
+	struct md_devsrv srv[1];
+	struct vfm_error err = { 0 };
+	struct md_side s;
+	char uri[256];
+	int rfd;
+	pid_t pid;
+
+	pid = fake_side(srv, &o, mode, &s, uri, sizeof(uri), &rfd);
+	start_guest(&s);
+	fp.downtime_limit_ms = 20;
+	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
+	held_then_raised(&s, &fp, min_ms, st);
+	fake_result(pid, rfd, res);
+	CHECK_EQ(res->ok, 1);
+	md_side_free(&s);
+	md_devsrv_kill(&srv[0]);
+}
+
+/*
  * The destination's own device round trips (its PONGs) count in the expected
  * downtime: each request of its load end (two config writes, RESUMING ->
  * STOP, -> RUNNING_P2P; the device sleeps between them) costs what it said,
@@ -626,29 +654,13 @@ TEST_TIMEOUT(channel_closed_waiting_for_switchover_ack, 60) { never_acked(ACT_CU
  */
 TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
 {
-	struct vfm_migration_params fp = fake_params();
-	struct md_opts o = { .ndev = 1 };
-	struct md_devsrv srv[1];
 	struct vfm_migration_stats st;
-	struct vfm_error err = { 0 };
 	struct fake_result res;
-	struct md_side s;
-	char uri[256];
-	int rfd;
-	pid_t pid;
 
-	pid = fake_side(srv, &o, ACK_SLOW_DEV, &s, uri, sizeof(uri), &rfd);
-	start_guest(&s);
-	fp.downtime_limit_ms = 20;
-	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
-	held_then_raised(&s, &fp, SLOW_DEV_NS / 1e6, &st);
+	slow_destination(ACK_SLOW_DEV, SLOW_DEV_NS / 1e6, &st, &res);
 	CHECK(st.expected_switchover_ms[4] >= 5 * SLOW_DEV_NS / 1e6);   /* dest_load */
 	CHECK(st.expected_switchover_ms[6] < 5);   /* dest_resume: the device is awake */
 	CHECK(st.expected_switchover_ms[1] < 5);   /* this side's arcs: its own device */
-	fake_result(pid, rfd, &res);
-	CHECK_EQ(res.ok, 1);
-	md_side_free(&s);
-	md_devsrv_kill(&srv[0]);
 }
 
 /*
@@ -662,29 +674,13 @@ TEST_TIMEOUT(destination_device_round_trips_count_in_the_expected_downtime, 60)
  */
 TEST_TIMEOUT(destination_next_requests_count_at_the_second_query, 60)
 {
-	struct vfm_migration_params fp = fake_params();
-	struct md_opts o = { .ndev = 1 };
-	struct md_devsrv srv[1];
 	struct vfm_migration_stats st;
-	struct vfm_error err = { 0 };
 	struct fake_result res;
-	struct md_side s;
-	char uri[256];
-	int rfd;
-	pid_t pid;
 
-	pid = fake_side(srv, &o, ACK_SLOW_NEXT, &s, uri, sizeof(uri), &rfd);
-	start_guest(&s);
-	fp.downtime_limit_ms = 20;
-	CHECK_EQ(vfm_migration_start(s.m, uri, &fp, &err), 0);
-	held_then_raised(&s, &fp, 3 * SLOW_DEV_NS / 1e6, &st);
+	slow_destination(ACK_SLOW_NEXT, 3 * SLOW_DEV_NS / 1e6, &st, &res);
 	CHECK(st.expected_switchover_ms[4] >= 3 * SLOW_DEV_NS / 1e6);   /* dest_load */
 	CHECK(st.expected_switchover_ms[4] < 8 * SLOW_DEV_NS / 1e6);
-	fake_result(pid, rfd, &res);
-	CHECK_EQ(res.ok, 1);
 	CHECK(res.pings_two >= 1);
-	md_side_free(&s);
-	md_devsrv_kill(&srv[0]);
 }
 
 /*
