@@ -1046,7 +1046,8 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 		p2p = md->flags & VFM_MIG_P2P;
 		steps[1] += a * (p2p ? 3 : 2);
 		steps[4] += da + dn * (p2p + 2 * md->has_config + (m->sv[i].exact_prev > 0));
-		hop = da > hop ? da : hop;
+		if (md->ndst_rt && da > hop)   /* the destination's own figure */
+			hop = da;
 		steps[6] += a;
 	}
 	steps[2] = (double)src->sync_ns / 1e6;
@@ -1085,7 +1086,8 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
 	steps[0] = median_ms(src->kick_ns, src->nkick);
 	/* The end of stream's way there and LOADED's way back: a round trip
 	 * between processes woken from idle, as the destination's requests to
-	 * its device are now (without a device: the least PING). */
+	 * its device are now (without a device, or from a destination that
+	 * sends no device figures: the least PING). */
 	steps[4] += hop >= 0 ? hop : rtt;
 	steps[5] = (double)src->flush_min_ns / 1e6;
 	steps[6] += rtt / 2;
