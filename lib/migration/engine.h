@@ -67,7 +67,7 @@ struct vfm_mig_device {
 	uint32_t dst_rt2_ns[VFM__DST_RT];
 	unsigned ndst_rt2;
 	bool has_config;             /* a PCI config region: 2 writes at the destination's load */
-	uint64_t short_read_min_ns;  /* the least time beyond its bytes of a pre-copy
+	uint64_t short_read_fixed_ns;  /* the least time beyond its bytes of a pre-copy
 				      * read that did not fill a block (stop-copy ends
 				      * with two such; vfio_save_iterate) */
 	double full_read_ns_per_byte; /* the quickest full-block pre-copy read's */

@@ -299,11 +299,8 @@ static int measure_rtt(struct source *src, bool drain, struct vfm_error *err)
 			 * expectations before it stood in this side's figure, so
 			 * the least of them is no downtime the migration could
 			 * have had (a 25 ms destination device "needed" 1.6 ms). */
-			if (!md->ndst_rt) {
-				pthread_mutex_lock(&src->m->lock);
+			if (!md->ndst_rt)
 				src->best_exp_ms = 0;
-				pthread_mutex_unlock(&src->m->lock);
-			}
 			md->dst_rt_ns[md->ndst_rt++ % VFM__DST_RT] =
 				vfm_get_le32((const unsigned char *)pl + off + 4);
 			if (ent == 12)
@@ -597,9 +594,9 @@ static int exact_check(struct source *src, bool pass_end, uint64_t *out, struct 
 	if (src->have_exact)
 		auto_converge(src, dirtied, sent);
 	time_kick(src);
-	/* What follows is what vfm_migration_get_stats reads (under m->lock,
-	 * from another thread): this thread writes it under the lock too. */
-	pthread_mutex_lock(&m->lock);
+	/* struct source is this thread's alone: other threads see these
+	 * figures only as update_stats copies them into m->stats, under
+	 * m->lock. */
 	src->exp_ms = expect_switchover(src, src->exp_steps);
 	src->exp_known = src->exp_ms >= 0;
 	unpaced(src);
@@ -634,7 +631,6 @@ static int exact_check(struct source *src, bool pass_end, uint64_t *out, struct 
 			 src->p.downtime_limit_ms, src->best_exp_ms);
 	src->converging = src->stalled < STALL_ITERS;
 	snprintf(src->blocker, sizeof(src->blocker), "%s", top >= 0 ? m->sv[top].name : "");
-	pthread_mutex_unlock(&m->lock);
 	*out = sum;
 	return 0;
 }
@@ -828,7 +824,7 @@ static double savable_ms(const struct source *src, const struct vfm_savable *sv)
 		const struct vfm_mig_device *md = sv->opaque;
 
 		/* Two closing reads, each a round trip at least (arc_ns). */
-		fixed = 2.0 * (double)(md->short_read_min_ns > md->arc_ns ? md->short_read_min_ns
+		fixed = 2.0 * (double)(md->short_read_fixed_ns > md->arc_ns ? md->short_read_fixed_ns
 									  : md->arc_ns) / 1e6;
 	} else {
 		fixed = (double)sv->exact_min_ns / 1e6;
@@ -1105,7 +1101,6 @@ static double expect_switchover(const struct source *src, double steps[VFM_SWITC
  * device's stop-copy before it stops, so the engine says so instead: in the
  * stats (unpaced), and in a warning when it switches over on that figure.
  * Not when avail-switchover-bandwidth states the pace of the whole.
- * Called with m->lock held (exact_check): the stats read it.
  */
 static void unpaced(struct source *src)
 {
@@ -1296,10 +1291,8 @@ static int do_iterate(struct source *src, struct vfm_error *err)
 							  m->sv[i].name, m->sv[i].exact_prev,
 							  savable_pace(src, &m->sv[i]) / 1e6,
 							  savable_ms(src, &m->sv[i]));
-					pthread_mutex_lock(&m->lock);
 					src->expected_ms = src->exp_ms;
 					src->have_expected = true;
-					pthread_mutex_unlock(&m->lock);
 					if (src->unpaced[0])
 						vfm_warn(LOG, "switching over on an expected downtime of "
 							 "%.1f ms that assumes the link's %.0f MB/s for "

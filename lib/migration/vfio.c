@@ -170,7 +170,7 @@ static int vfio_save_setup(void *opaque, struct vfm_stream *s, struct vfm_error 
 	md->info_asked = false;
 	md->stop_copy_exact = false;
 	md->read_since_exact = 0;
-	md->short_read_min_ns = 0;
+	md->short_read_fixed_ns = 0;
 	md->full_read_ns_per_byte = 0;
 	md->arc_ns = 0;
 	md->ndst_rt = 0;
@@ -324,8 +324,8 @@ static int vfio_save_iterate(void *opaque, struct vfm_stream *s, uint64_t budget
 			double data = n > 0 ? (double)n * md->full_read_ns_per_byte : 0;
 			uint64_t fixed = (double)dt > data ? (uint64_t)((double)dt - data) : 1;
 
-			if (!md->short_read_min_ns || fixed < md->short_read_min_ns)
-				md->short_read_min_ns = fixed;
+			if (!md->short_read_fixed_ns || fixed < md->short_read_fixed_ns)
+				md->short_read_fixed_ns = fixed;
 		}
 		if (n > 0) {
 			sent += (uint64_t)n;
